@@ -1,0 +1,536 @@
+//! Appends: the group-commit writer task and the commit itself.
+//!
+//! Sources send [`AppendRequest`]s over a bounded channel. The writer task
+//! takes whatever has queued up (up to `max_batch_events`), commits it as one
+//! sled batch, flushes and fdatasyncs once, then answers every request: one
+//! sync serves many events. Business requests that do not fit under
+//! `max_bytes` are parked, in arrival order, and retried when space frees;
+//! their sources wait, which is the back-pressure the contract asks for.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use super::layout::{self, ChunkMeta, StoredEvent};
+use super::{encode_err, now_ms, Journal, JournalError, State};
+use crate::{CloudEvent, EventClass};
+
+/// Which sinks an event goes to: bit `n` is the sink in slot `n`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Routes(pub u64);
+
+impl Routes {
+    /// Whether the sink in `slot` receives the event.
+    pub fn contains_slot(self, slot: u8) -> bool {
+        self.0 & (1u64 << slot) != 0
+    }
+}
+
+/// An event to append: its id, class, routes and CloudEvents JSON.
+#[derive(Clone, Debug)]
+pub struct NewEvent {
+    /// Deterministic id (dedup key).
+    pub id: Uuid,
+    /// Business or telemetry.
+    pub class: EventClass,
+    /// Target sinks.
+    pub routes: Routes,
+    /// The bytes sinks send.
+    pub payload: Vec<u8>,
+}
+
+impl NewEvent {
+    /// Wraps a canonical event.
+    pub fn from_cloud_event(event: &CloudEvent, class: EventClass, routes: Routes) -> Self {
+        Self {
+            id: event.id,
+            class,
+            routes,
+            payload: event.to_json(),
+        }
+    }
+}
+
+/// A source's events plus the cursor state to store with them atomically.
+#[derive(Clone, Debug, Default)]
+pub struct AppendRequest {
+    /// Source name (keys the cursor).
+    pub source: String,
+    /// Events, in source order.
+    pub events: Vec<NewEvent>,
+    /// Opaque cursor state stored in the same batch as the events.
+    pub cursor: Option<Vec<u8>>,
+}
+
+impl AppendRequest {
+    fn is_business(&self) -> bool {
+        self.events.iter().any(|e| e.class == EventClass::Business)
+    }
+
+    fn charge(&self) -> u64 {
+        self.events
+            .iter()
+            .map(|e| (e.payload.len() + self.source.len() + 40) as u64)
+            .sum()
+    }
+}
+
+/// The answer to an append: one entry per event, `None` for a duplicate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppendOutcome {
+    /// Assigned sequence, or `None` if the id was already in the window.
+    pub seqs: Vec<Option<u64>>,
+}
+
+impl AppendOutcome {
+    /// Indexes of the events that were duplicates.
+    pub fn duplicates(&self) -> Vec<usize> {
+        self.seqs
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.is_none())
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// How many events were appended.
+    pub fn appended(&self) -> usize {
+        self.seqs.iter().filter(|s| s.is_some()).count()
+    }
+}
+
+type Reply = oneshot::Sender<Result<AppendOutcome, JournalError>>;
+
+struct Job {
+    request: AppendRequest,
+    reply: Option<Reply>,
+    parked: bool,
+}
+
+impl Job {
+    fn answer(&mut self, result: Result<AppendOutcome, JournalError>) {
+        if let Some(reply) = self.reply.take() {
+            // The source may have given up (shutdown); nothing to tell it.
+            let _ = reply.send(result);
+        }
+    }
+}
+
+/// Handle sources use to append; cheap to clone. Dropping every clone stops
+/// the writer once it has committed what it holds.
+#[derive(Clone)]
+pub struct Appender {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Appender {
+    /// Appends and waits until the events are durable (or parked until space
+    /// frees, for business events on a full journal).
+    pub async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, JournalError> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            request,
+            reply: Some(reply),
+            parked: false,
+        };
+        self.tx.send(job).await.map_err(|_| JournalError::Closed)?;
+        answer.await.map_err(|_| JournalError::Closed)?
+    }
+}
+
+/// Events of one commit, grouped into chunks as they are assigned sequences.
+pub(super) struct ChunkPlan {
+    next_seq: u64,
+    closed: Vec<(u64, ChunkMeta, Vec<StoredEvent>)>,
+    open: Option<(u64, EventClass, Vec<StoredEvent>, u64)>,
+    appended_ms: u64,
+    payload_in_open: usize,
+}
+
+impl ChunkPlan {
+    pub(super) fn new(next_seq: u64, appended_ms: u64) -> Self {
+        Self {
+            next_seq,
+            closed: Vec::new(),
+            open: None,
+            appended_ms,
+            payload_in_open: 0,
+        }
+    }
+
+    pub(super) fn push(&mut self, class: EventClass, event: StoredEvent) -> u64 {
+        let must_close = match &self.open {
+            Some((_, open_class, events, _)) => {
+                *open_class != class
+                    || events.len() >= layout::CHUNK_MAX_EVENTS
+                    || self.payload_in_open >= layout::CHUNK_TARGET_BYTES
+            }
+            None => false,
+        };
+        if must_close {
+            self.close();
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.payload_in_open += event.payload.len();
+        let charge = event.charge();
+        let open = self.open.get_or_insert_with(|| (seq, class, Vec::new(), 0));
+        open.2.push(event);
+        open.3 += charge;
+        seq
+    }
+
+    fn close(&mut self) {
+        if let Some((first, class, events, bytes)) = self.open.take() {
+            let meta = ChunkMeta {
+                last: first + events.len() as u64 - 1,
+                class,
+                appended_ms: self.appended_ms,
+                bytes,
+                dropped: false,
+            };
+            self.closed.push((first, meta, events));
+        }
+        self.payload_in_open = 0;
+    }
+
+    /// Puts the chunks and their metas into `batch` and the in-memory
+    /// index; returns the next sequence after them.
+    pub(super) fn write(
+        mut self,
+        st: &mut State,
+        batch: &mut sled::Batch,
+    ) -> Result<u64, JournalError> {
+        self.close();
+        for (first, meta, events) in self.closed {
+            let chunk = layout::encode(&events).map_err(|e| encode_err("chunk", e))?;
+            let meta_bytes = layout::encode(&meta).map_err(|e| encode_err("chunk meta", e))?;
+            batch.insert(&layout::seq_key(layout::CHUNK, first), chunk);
+            batch.insert(&layout::seq_key(layout::CHUNK_META, first), meta_bytes);
+            st.pending_bytes += meta.bytes;
+            st.counters.appended += meta.count(first);
+            st.chunks.insert(first, meta);
+        }
+        st.next_seq = self.next_seq;
+        Ok(self.next_seq)
+    }
+}
+
+impl Journal {
+    /// Starts the group-commit writer on the current tokio runtime.
+    pub fn start_writer(&self) -> (Appender, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(self.inner.config.channel_capacity.max(1));
+        let journal = self.clone();
+        let handle = tokio::spawn(async move { journal.run_writer(rx).await });
+        (Appender { tx }, handle)
+    }
+
+    async fn run_writer(self, mut rx: mpsc::Receiver<Job>) {
+        let mut parked: VecDeque<Job> = VecDeque::new();
+        let parked_limit = self.inner.config.channel_capacity.max(1);
+        let max_events = self.inner.config.max_batch_events.max(1);
+        let expiry_every = self
+            .inner
+            .config
+            .ttl
+            .map(|ttl| (ttl / 10).clamp(Duration::from_millis(50), Duration::from_secs(10)))
+            .unwrap_or(Duration::from_secs(3600));
+        let mut expiry_tick = tokio::time::interval(expiry_every);
+        expiry_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let mut jobs: Vec<Job> = Vec::new();
+            tokio::select! {
+                job = rx.recv(), if parked.len() < parked_limit => match job {
+                    Some(job) => jobs.push(job),
+                    // All appenders dropped: parked requests are answered
+                    // `Closed` by dropping them, so their sources do not ack.
+                    None => break,
+                },
+                _ = self.inner.space_freed.notified(), if !parked.is_empty() => {}
+                _ = expiry_tick.tick(), if self.inner.config.ttl.is_some() => {
+                    let journal = self.clone();
+                    match tokio::task::spawn_blocking(move || journal.expire_now()).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => tracing::error!(error = %e, "journal expiry failed"),
+                        Err(e) => tracing::error!(error = %e, "journal expiry task failed"),
+                    }
+                    continue;
+                }
+            }
+            let mut events: usize = jobs.iter().map(|j| j.request.events.len()).sum();
+            while events < max_events {
+                match rx.try_recv() {
+                    Ok(job) => {
+                        events += job.request.events.len();
+                        jobs.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let mut candidates: Vec<Job> = parked.drain(..).collect();
+            candidates.extend(jobs);
+            let journal = self.clone();
+            match tokio::task::spawn_blocking(move || journal.commit_jobs(candidates)).await {
+                Ok(still_parked) => parked.extend(still_parked),
+                Err(e) => {
+                    tracing::error!(error = %e, "journal commit task failed");
+                    self.inner.poisoned.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+    }
+
+    /// Appends directly, without the writer task (tests, tools). A business
+    /// append that does not fit is not waited for: it returns `Ok(None)` so
+    /// the caller can free space and retry.
+    pub fn append_blocking(
+        &self,
+        request: AppendRequest,
+    ) -> Result<Option<AppendOutcome>, JournalError> {
+        let (reply, mut answer) = oneshot::channel();
+        let job = Job {
+            request,
+            reply: Some(reply),
+            parked: false,
+        };
+        if !self.commit_jobs(vec![job]).is_empty() {
+            return Ok(None);
+        }
+        answer
+            .try_recv()
+            .map_err(|_| JournalError::Closed)?
+            .map(Some)
+    }
+
+    /// Commits the jobs that fit; returns the business jobs that must wait.
+    fn commit_jobs(&self, jobs: Vec<Job>) -> Vec<Job> {
+        let _commit = self.commit_guard();
+        let mut jobs = jobs;
+        if let Err(e) = self.check_poisoned() {
+            for job in &mut jobs {
+                job.answer(Err(clone_error(&e)));
+            }
+            return Vec::new();
+        }
+        // Collect first: acks that ran while the last commit held the lock
+        // left garbage, and telemetry victims below must be above the floor
+        // (GC cannot run again until we release the commit lock).
+        if let Err(e) = self.collect_garbage(&mut self.state()) {
+            tracing::error!(error = %e, "journal garbage collection failed");
+        }
+        let now = now_ms();
+        let mut batch = sled::Batch::default();
+        let mut parked_out = Vec::new();
+        let mut admitted: Vec<(Job, AppendOutcome)> = Vec::new();
+        let next_seq;
+        {
+            let mut st = self.state();
+            let max_bytes = self.inner.config.max_bytes;
+            let mut plan = ChunkPlan::new(st.next_seq, now);
+            let mut projected = st.used_bytes();
+            let mut seen_in_batch: HashSet<Uuid> = HashSet::new();
+            let mut new_ids: Vec<[u8; 16]> = Vec::new();
+            let mut blocked = false;
+            for mut job in jobs {
+                if let Some(size) = job
+                    .request
+                    .events
+                    .iter()
+                    .map(|e| e.payload.len())
+                    .find(|len| *len > layout::MAX_EVENT_BYTES)
+                {
+                    job.answer(Err(JournalError::EventTooLarge {
+                        size,
+                        max: layout::MAX_EVENT_BYTES,
+                    }));
+                    continue;
+                }
+                let charge = job.request.charge();
+                if projected + charge > max_bytes && charge > 0 {
+                    if job.request.is_business() {
+                        blocked = true;
+                    } else {
+                        let needed = projected + charge - max_bytes;
+                        projected -= drop_oldest_telemetry(&mut st, &mut batch, needed);
+                        if projected + charge > max_bytes {
+                            st.counters.dropped_telemetry += job.request.events.len() as u64;
+                            tracing::warn!(
+                                source = %job.request.source,
+                                events = job.request.events.len(),
+                                "journal full: telemetry refused"
+                            );
+                            job.answer(Err(JournalError::TelemetryDropped));
+                            continue;
+                        }
+                    }
+                }
+                // Once one business request waits, later ones wait behind it
+                // so that no source's events overtake each other.
+                if blocked && job.request.is_business() {
+                    if !job.parked {
+                        job.parked = true;
+                        st.counters.backpressured += 1;
+                    }
+                    parked_out.push(job);
+                    continue;
+                }
+                let mut seqs = Vec::with_capacity(job.request.events.len());
+                for event in &job.request.events {
+                    if st.dedup.contains(&event.id) || !seen_in_batch.insert(event.id) {
+                        st.counters.duplicates += 1;
+                        seqs.push(None);
+                        continue;
+                    }
+                    let stored = StoredEvent {
+                        id: *event.id.as_bytes(),
+                        routes: event.routes.0,
+                        source: job.request.source.clone(),
+                        payload: event.payload.clone(),
+                    };
+                    projected += stored.charge();
+                    new_ids.push(*event.id.as_bytes());
+                    seqs.push(Some(plan.push(event.class, stored)));
+                }
+                if let Some(cursor) = &job.request.cursor {
+                    batch.insert(
+                        layout::named_key(layout::SOURCE_CURSOR, &job.request.source),
+                        cursor.clone(),
+                    );
+                }
+                admitted.push((job, AppendOutcome { seqs }));
+            }
+            let start_seq = st.next_seq;
+            next_seq = match plan.write(&mut st, &mut batch) {
+                Ok(next) => next,
+                Err(e) => {
+                    drop(st);
+                    return self.fail_commit(admitted, parked_out, e);
+                }
+            };
+            if !new_ids.is_empty() {
+                let record = layout::DedupRecord {
+                    appended_ms: now,
+                    ids: new_ids.clone(),
+                };
+                match layout::encode(&record) {
+                    Ok(bytes) => batch.insert(&layout::seq_key(layout::DEDUP, start_seq), bytes),
+                    Err(e) => {
+                        drop(st);
+                        return self.fail_commit(admitted, parked_out, encode_err("dedup", e));
+                    }
+                }
+                st.dedup.insert_group(start_seq, now, new_ids);
+            }
+            for evicted in st.dedup.evict(now) {
+                batch.remove(&layout::seq_key(layout::DEDUP, evicted));
+            }
+            batch.insert(layout::NEXT_SEQ, &next_seq.to_be_bytes());
+            match Self::counters_value(&st) {
+                Ok(bytes) => batch.insert(layout::COUNTERS, bytes),
+                Err(e) => {
+                    drop(st);
+                    return self.fail_commit(admitted, parked_out, e);
+                }
+            }
+            let now_full = !parked_out.is_empty();
+            if now_full && !st.full {
+                tracing::warn!(
+                    used_bytes = st.used_bytes(),
+                    max_bytes,
+                    "JOURNAL FULL: business events are held at their sources until the backlog drains"
+                );
+            } else if !now_full && st.full {
+                tracing::info!("journal has space again; held business events are being appended");
+            }
+            st.full = now_full;
+        }
+        if admitted.is_empty() {
+            return parked_out;
+        }
+        if let Err(e) = self.inner.tree.apply_batch(batch) {
+            self.inner.poisoned.store(true, Ordering::SeqCst);
+            return self.fail_commit(admitted, parked_out, JournalError::Storage(e));
+        }
+        if let Err(e) = self.sync() {
+            return self.fail_commit(admitted, parked_out, e);
+        }
+        self.publish_durable(next_seq);
+        for (mut job, outcome) in admitted {
+            job.answer(Ok(outcome));
+        }
+        parked_out
+    }
+
+    pub(super) fn publish_durable(&self, next_seq: u64) {
+        self.state().durable_seq = next_seq;
+        self.inner.durable_tx.send_replace(next_seq);
+    }
+
+    fn fail_commit(
+        &self,
+        admitted: Vec<(Job, AppendOutcome)>,
+        parked: Vec<Job>,
+        error: JournalError,
+    ) -> Vec<Job> {
+        // The in-memory state may now be ahead of disk; refuse everything
+        // until a restart re-reads the truth from sled.
+        self.inner.poisoned.store(true, Ordering::SeqCst);
+        tracing::error!(error = %error, "journal commit failed");
+        for (mut job, _) in admitted {
+            job.answer(Err(clone_error(&error)));
+        }
+        let mut parked = parked;
+        for job in &mut parked {
+            job.answer(Err(JournalError::Poisoned));
+        }
+        Vec::new()
+    }
+}
+
+/// Drops the oldest telemetry chunks until `needed` bytes are free (or no
+/// telemetry is left); returns the bytes freed. Counted, tombstoned.
+fn drop_oldest_telemetry(st: &mut State, batch: &mut sled::Batch, needed: u64) -> u64 {
+    let mut freed = 0;
+    let victims: Vec<u64> = st
+        .chunks
+        .iter()
+        .filter(|(_, m)| m.class.is_telemetry() && !m.dropped)
+        .map(|(first, _)| *first)
+        .collect();
+    for first in victims {
+        if freed >= needed {
+            break;
+        }
+        let Some(meta) = st.chunks.get_mut(&first) else {
+            continue;
+        };
+        let count = meta.count(first);
+        freed += meta.bytes;
+        st.pending_bytes -= meta.bytes;
+        meta.bytes = 0;
+        meta.dropped = true;
+        let meta = *meta;
+        batch.remove(&layout::seq_key(layout::CHUNK, first));
+        if let Ok(bytes) = layout::encode(&meta) {
+            batch.insert(&layout::seq_key(layout::CHUNK_META, first), bytes);
+        }
+        st.counters.dropped_telemetry += count;
+        tracing::warn!(
+            first_seq = first,
+            events = count,
+            "journal full: oldest telemetry dropped"
+        );
+    }
+    freed
+}
+
+/// One failure answers many requests; errors are not `Clone` (io::Error).
+pub(super) fn clone_error(error: &JournalError) -> JournalError {
+    match error {
+        JournalError::Poisoned => JournalError::Poisoned,
+        other => JournalError::WriteFailed(other.to_string()),
+    }
+}

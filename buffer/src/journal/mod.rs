@@ -1,0 +1,685 @@
+//! The journal: a durable, bounded, deduplicating event log over sled.
+//!
+//! # Invariants
+//!
+//! 1. **Durable before answered.** An append is answered only after its
+//!    events, their dedup entries and the source's cursor state were applied
+//!    in one sled batch, `flush`ed, and sled's files `fdatasync`ed (sled's own
+//!    flush uses `sync_file_range`, which neither empties the drive cache nor
+//!    persists metadata). Sinks never see a sequence before it is durable.
+//! 2. **Removed only when done.** A chunk is deleted only when every
+//!    registered sink's cursor has passed it. A sink's cursor moves only over
+//!    a contiguous prefix of sequences that are *done* for that sink:
+//!    acknowledged, dead-lettered, not routed to it, or dropped telemetry.
+//!    Cursors never move backwards.
+//! 3. **Nothing vanishes uncounted.** Rejections and expiries become dead
+//!    letters (with sink, reason, attempts and time); telemetry dropped for
+//!    space leaves a tombstone meta and a counter. Business events are never
+//!    dropped: their appends are parked until space frees up.
+//! 4. **Same id, one append.** An id seen within the dedup window (by count
+//!    and by age) is not appended again; the answer says which were
+//!    duplicates. The source's cursor is still stored.
+//! 5. **One writer.** Sequence numbers are assigned by whoever holds the
+//!    commit lock (the group-commit task, or a requeue), so sequences are
+//!    contiguous and in commit order, which keeps each source's order.
+//!
+//! # On-disk layout
+//!
+//! One sled tree; see [`layout`] for the key families. Events are stored in
+//! *chunks* of up to 64 consecutive events of one class (≤ 16 KiB), each
+//! with a small meta entry. One key per chunk instead of one per event is
+//! what lets a batch of 1,024 events commit as ~40 sled writes, and lets open
+//! rebuild the in-memory index from the metas alone, without reading payload.
+//!
+//! # Failure
+//!
+//! A failed flush or fdatasync poisons the journal: every later write fails
+//! until the process restarts and sled recovers from its log (the lesson of
+//! PostgreSQL's fsync bug: retrying a failed fsync can report success for
+//! data that never reached the disk).
+
+mod commit;
+mod dedup;
+mod inspect;
+pub(crate) mod layout;
+mod sinks;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, Notify};
+use uuid::Uuid;
+
+use crate::EventClass;
+use dedup::DedupWindow;
+use layout::{ChunkMeta, DeadLetterRecord};
+
+pub use commit::{AppendOutcome, AppendRequest, Appender, NewEvent, Routes};
+pub use inspect::{DeadLetter, EventSummary, JournalStats, SinkStats, VerifyReport};
+pub use layout::MAX_EVENT_BYTES;
+pub use sinks::PendingEvent;
+
+/// Most sinks one journal can route to (one bit each in [`Routes`]).
+pub const MAX_SINKS: usize = 64;
+
+/// Everything that can go wrong in the journal, named after the failed step.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// The state directory could not be created.
+    #[error("creating journal directory {path}: {source}")]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// sled refused to open the directory.
+    #[error("opening journal at {path}: {reason}")]
+    Open {
+        /// The directory.
+        path: PathBuf,
+        /// sled's error, or the panic message if sled panicked.
+        reason: String,
+    },
+    /// A sled read or write failed.
+    #[error("journal storage: {0}")]
+    Storage(#[from] sled::Error),
+    /// fdatasync of sled's files failed.
+    #[error("syncing journal files: {0}")]
+    Sync(std::io::Error),
+    /// A stored record did not decode.
+    #[error("decoding {what} at key {key:?}: {message}")]
+    Decode {
+        /// Which record family.
+        what: &'static str,
+        /// Its key, hex.
+        key: String,
+        /// The decoder's message.
+        message: String,
+    },
+    /// A record could not be encoded.
+    #[error("encoding {what}: {message}")]
+    Encode {
+        /// Which record family.
+        what: &'static str,
+        /// The encoder's message.
+        message: String,
+    },
+    /// The event is larger than [`MAX_EVENT_BYTES`].
+    #[error("event of {size} bytes exceeds the {max}-byte limit")]
+    EventTooLarge {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The journal is full and the telemetry could not make room.
+    #[error("journal full: telemetry event dropped (counted)")]
+    TelemetryDropped,
+    /// No sink of that name is registered.
+    #[error("unknown sink {0:?}")]
+    UnknownSink(String),
+    /// More than [`MAX_SINKS`] sinks.
+    #[error("too many sinks: at most {MAX_SINKS}")]
+    TooManySinks,
+    /// An earlier flush or fdatasync failed.
+    #[error("journal refuses writes after a failed sync; restart the agent")]
+    Poisoned,
+    /// A commit failed (the first error, as text: it answered many requests).
+    #[error("journal write failed: {0}")]
+    WriteFailed(String),
+    /// The writer task has stopped.
+    #[error("journal writer stopped")]
+    Closed,
+    /// No dead letter with that number.
+    #[error("no dead letter {0}")]
+    NoDeadLetter(u64),
+}
+
+/// Journal settings; [`JournalConfig::new`] gives gateway-sized defaults.
+#[derive(Clone, Debug)]
+pub struct JournalConfig {
+    /// The sled directory.
+    pub path: PathBuf,
+    /// Bound on pending plus dead-lettered event bytes.
+    pub max_bytes: u64,
+    /// Pending events older than this are dead-lettered as `expired`.
+    pub ttl: Option<Duration>,
+    /// sled's page cache bound.
+    pub cache_bytes: u64,
+    /// Ids are remembered at least this long...
+    pub dedup_window: Duration,
+    /// ...and at least this many of the most recent ones.
+    pub dedup_window_count: usize,
+    /// Bound of the append channel (requests, not events).
+    pub channel_capacity: usize,
+    /// Most events one group commit takes.
+    pub max_batch_events: usize,
+    /// Sinks to register (a sink's cursor starts at the current end).
+    pub sinks: Vec<String>,
+}
+
+impl JournalConfig {
+    /// Default cache: 32 MiB suits a gateway with 512 MiB of RAM.
+    pub const DEFAULT_CACHE_BYTES: u64 = 32 * 1024 * 1024;
+    /// Default disk bound.
+    pub const DEFAULT_MAX_BYTES: u64 = 1024 * 1024 * 1024;
+    /// Default dedup age: a day covers any restart or reconnect.
+    pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(24 * 3600);
+    /// Default dedup count.
+    pub const DEFAULT_DEDUP_WINDOW_COUNT: usize = 200_000;
+    /// Default append channel bound.
+    pub const DEFAULT_CHANNEL_CAPACITY: usize = 1024;
+    /// Default group-commit bound.
+    pub const DEFAULT_MAX_BATCH_EVENTS: usize = 4096;
+
+    /// Defaults for a journal in `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            max_bytes: Self::DEFAULT_MAX_BYTES,
+            ttl: None,
+            cache_bytes: Self::DEFAULT_CACHE_BYTES,
+            dedup_window: Self::DEFAULT_DEDUP_WINDOW,
+            dedup_window_count: Self::DEFAULT_DEDUP_WINDOW_COUNT,
+            channel_capacity: Self::DEFAULT_CHANNEL_CAPACITY,
+            max_batch_events: Self::DEFAULT_MAX_BATCH_EVENTS,
+            sinks: Vec::new(),
+        }
+    }
+}
+
+/// Cumulative counters, persisted with every write batch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Events appended.
+    pub appended: u64,
+    /// Appends suppressed as duplicates.
+    pub duplicates: u64,
+    /// Events acknowledged by a sink (per sink delivery).
+    pub delivered: u64,
+    /// Events a sink rejected (to dead letters).
+    pub rejected: u64,
+    /// Events expired by TTL (to dead letters).
+    pub expired: u64,
+    /// Telemetry dropped for space (oldest dropped, or incoming refused).
+    pub dropped_telemetry: u64,
+    /// Business appends that had to wait for space.
+    pub backpressured: u64,
+    /// Dead letters requeued.
+    pub requeued: u64,
+    /// Dead letters purged.
+    pub purged: u64,
+    /// Events dead-lettered because their sink was removed from config.
+    pub orphaned: u64,
+    /// Chunks that no longer decoded, moved aside: events inside them.
+    pub quarantined: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct SinkState {
+    name: String,
+    slot: u8,
+    /// Every sequence below is done for this sink.
+    cursor: u64,
+    /// Next sequence to hand out; `cursor..read_upto` is in flight or done.
+    read_upto: u64,
+    /// Done sequences at or above `cursor`.
+    done: BTreeSet<u64>,
+}
+
+#[derive(Debug)]
+pub(crate) struct State {
+    next_seq: u64,
+    durable_seq: u64,
+    chunks: BTreeMap<u64, ChunkMeta>,
+    pending_bytes: u64,
+    dead_letter_count: u64,
+    dead_letter_bytes: u64,
+    next_dead_letter: u64,
+    sinks: Vec<SinkState>,
+    dedup: DedupWindow,
+    counters: Counters,
+    full: bool,
+}
+
+impl State {
+    fn used_bytes(&self) -> u64 {
+        self.pending_bytes + self.dead_letter_bytes
+    }
+
+    fn sink_index(&self, name: &str) -> Result<usize, JournalError> {
+        self.sinks
+            .iter()
+            .position(|s| s.name == name)
+            .ok_or_else(|| JournalError::UnknownSink(name.to_owned()))
+    }
+
+    /// Lowest cursor of all sinks: chunks wholly below it can go.
+    fn floor(&self) -> u64 {
+        self.sinks.iter().map(|s| s.cursor).min().unwrap_or(0)
+    }
+}
+
+struct FileSyncer {
+    dir: PathBuf,
+    db_file: File,
+    synced_blobs: BTreeSet<PathBuf>,
+}
+
+impl FileSyncer {
+    fn open(dir: &Path) -> std::io::Result<Self> {
+        let db_file = File::open(dir.join("db"))?;
+        File::open(dir)?.sync_all()?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            db_file,
+            synced_blobs: BTreeSet::new(),
+        })
+    }
+
+    /// fdatasync sled's log file and any blob file it wrote since last time.
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.db_file.sync_data()?;
+        let blobs = self.dir.join("blobs");
+        let Ok(entries) = std::fs::read_dir(&blobs) else {
+            return Ok(());
+        };
+        let mut present = BTreeSet::new();
+        let mut new_blob = false;
+        for entry in entries {
+            let path = entry?.path();
+            if !self.synced_blobs.contains(&path) {
+                File::open(&path)?.sync_all()?;
+                new_blob = true;
+            }
+            present.insert(path);
+        }
+        if new_blob {
+            File::open(&blobs)?.sync_all()?;
+        }
+        self.synced_blobs = present;
+        Ok(())
+    }
+}
+
+pub(crate) struct Inner {
+    config: JournalConfig,
+    tree: sled::Db,
+    state: Mutex<State>,
+    /// Held for the whole of a commit (seq assignment through fdatasync).
+    commit_lock: Mutex<()>,
+    syncer: Mutex<FileSyncer>,
+    poisoned: AtomicBool,
+    /// An ack moved a cursor while a commit ran; the commit collects.
+    gc_pending: AtomicBool,
+    durable_tx: watch::Sender<u64>,
+    /// Signalled when space is freed, to wake parked business appends.
+    space_freed: Notify,
+}
+
+/// A durable event journal; cheap to clone (shared handle).
+#[derive(Clone)]
+pub struct Journal {
+    inner: Arc<Inner>,
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn hex(key: &[u8]) -> String {
+    key.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_err(what: &'static str, key: &[u8], e: impl std::fmt::Display) -> JournalError {
+    JournalError::Decode {
+        what,
+        key: hex(key),
+        message: e.to_string(),
+    }
+}
+
+fn encode_err(what: &'static str, e: impl std::fmt::Display) -> JournalError {
+    JournalError::Encode {
+        what,
+        message: e.to_string(),
+    }
+}
+
+fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "sled panicked".to_owned()
+    }
+}
+
+impl Journal {
+    /// Opens (or creates) the journal and resumes every cursor.
+    pub fn open(config: JournalConfig) -> Result<Self, JournalError> {
+        std::fs::create_dir_all(&config.path).map_err(|source| JournalError::CreateDir {
+            path: config.path.clone(),
+            source,
+        })?;
+        let open_error = |reason: String| JournalError::Open {
+            path: config.path.clone(),
+            reason,
+        };
+        // A damaged log can make sled panic instead of returning an error;
+        // the caller must get an error it can act on (move aside), not a crash.
+        let sled_config = sled::Config::new()
+            .path(&config.path)
+            .cache_capacity(config.cache_bytes)
+            .mode(sled::Mode::HighThroughput)
+            .flush_every_ms(Some(1000));
+        let tree = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sled_config.open()))
+            .map_err(|p| open_error(panic_message(p)))?
+            .map_err(|e| open_error(e.to_string()))?;
+        let syncer = FileSyncer::open(&config.path).map_err(|e| open_error(e.to_string()))?;
+        let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Self::load_state(&tree, &config)
+        }))
+        .map_err(|p| open_error(panic_message(p)))??;
+        let (durable_tx, _) = watch::channel(loaded.durable_seq);
+        let journal = Self {
+            inner: Arc::new(Inner {
+                config,
+                tree,
+                state: Mutex::new(loaded),
+                commit_lock: Mutex::new(()),
+                syncer: Mutex::new(syncer),
+                poisoned: AtomicBool::new(false),
+                gc_pending: AtomicBool::new(false),
+                durable_tx,
+                space_freed: Notify::new(),
+            }),
+        };
+        let sinks = journal.inner.config.sinks.clone();
+        for sink in &sinks {
+            journal.register_sink(sink)?;
+        }
+        Ok(journal)
+    }
+
+    /// Opens the journal; if sled cannot open it, renames the directory to
+    /// `<dir>.unreadable-<unix-seconds>` (never deletes it) and starts a
+    /// fresh one. Returns where the old one went, if it was moved.
+    pub fn open_or_move_aside(
+        config: JournalConfig,
+    ) -> Result<(Self, Option<PathBuf>), JournalError> {
+        match Self::open(config.clone()) {
+            Ok(journal) => Ok((journal, None)),
+            Err(err @ (JournalError::Open { .. } | JournalError::Decode { .. })) => {
+                let stamp = now_ms() / 1000;
+                let mut aside = config.path.clone().into_os_string();
+                aside.push(format!(".unreadable-{stamp}"));
+                let aside = PathBuf::from(aside);
+                tracing::error!(
+                    journal = %config.path.display(),
+                    moved_to = %aside.display(),
+                    error = %err,
+                    "JOURNAL UNREADABLE: moved aside and starting a fresh journal; \
+                     the old one is kept for inspection and recovery"
+                );
+                std::fs::rename(&config.path, &aside).map_err(|e| JournalError::Open {
+                    path: config.path.clone(),
+                    reason: format!("{err}; and moving it aside failed: {e}"),
+                })?;
+                Ok((Self::open(config)?, Some(aside)))
+            }
+            Err(other) => Err(other),
+        }
+    }
+
+    fn load_state(tree: &sled::Db, config: &JournalConfig) -> Result<State, JournalError> {
+        let read_u64 = |key: &[u8]| -> Result<Option<u64>, JournalError> {
+            match tree.get(key)? {
+                None => Ok(None),
+                Some(v) => layout::u64_value(&v)
+                    .map(Some)
+                    .ok_or_else(|| decode_err("u64", key, "not 8 bytes")),
+            }
+        };
+        let mut next_seq = read_u64(layout::NEXT_SEQ)?.unwrap_or(0);
+        let next_dead_letter = read_u64(layout::NEXT_DEAD_LETTER)?.unwrap_or(0);
+        let counters = match tree.get(layout::COUNTERS)? {
+            Some(v) => {
+                layout::decode(&v).map_err(|e| decode_err("counters", layout::COUNTERS, e))?
+            }
+            None => Counters::default(),
+        };
+
+        let mut chunks = BTreeMap::new();
+        let mut pending_bytes = 0;
+        for item in tree.scan_prefix([layout::CHUNK_META]) {
+            let (key, value) = item?;
+            let first =
+                layout::key_seq(&key).ok_or_else(|| decode_err("chunk meta", &key, "short key"))?;
+            let meta: ChunkMeta =
+                layout::decode(&value).map_err(|e| decode_err("chunk meta", &key, e))?;
+            pending_bytes += meta.bytes;
+            next_seq = next_seq.max(meta.last + 1);
+            chunks.insert(first, meta);
+        }
+
+        let mut sinks = Vec::new();
+        for item in tree.scan_prefix([layout::SINK_SLOT]) {
+            let (key, value) = item?;
+            let name = String::from_utf8_lossy(&key[1..]).into_owned();
+            let slot = *value
+                .first()
+                .ok_or_else(|| decode_err("sink slot", &key, "empty"))?;
+            let cursor_key = [layout::SINK_CURSOR, slot];
+            let cursor = read_u64(&cursor_key)?.unwrap_or(next_seq).min(next_seq);
+            sinks.push(SinkState {
+                name,
+                slot,
+                cursor,
+                read_upto: cursor,
+                done: BTreeSet::new(),
+            });
+        }
+
+        let mut dedup = DedupWindow::new(config.dedup_window, config.dedup_window_count);
+        for item in tree.scan_prefix([layout::DEDUP]) {
+            let (key, value) = item?;
+            let group =
+                layout::key_seq(&key).ok_or_else(|| decode_err("dedup", &key, "short key"))?;
+            match layout::decode::<layout::DedupRecord>(&value) {
+                Ok(record) => dedup.insert_group(group, record.appended_ms, record.ids),
+                // A lost dedup group only weakens the second line of defence
+                // (source cursors are the first); say so and carry on.
+                Err(e) => {
+                    tracing::warn!(key = %hex(&key), error = %e, "skipping undecodable dedup group")
+                }
+            }
+        }
+
+        let mut dead_letter_count = 0;
+        let mut dead_letter_bytes = 0;
+        for item in tree.scan_prefix([layout::DEAD_LETTER]) {
+            let (_key, value) = item?;
+            dead_letter_count += 1;
+            dead_letter_bytes += match layout::decode::<DeadLetterRecord>(&value) {
+                Ok(record) => record.event.charge(),
+                Err(_) => value.len() as u64,
+            };
+        }
+
+        Ok(State {
+            next_seq,
+            durable_seq: next_seq,
+            chunks,
+            pending_bytes,
+            dead_letter_count,
+            dead_letter_bytes,
+            next_dead_letter,
+            sinks,
+            dedup,
+            counters,
+            full: false,
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data behind, never a
+        // half-applied sled batch (sled batches are atomic), so recover.
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn commit_guard(&self) -> MutexGuard<'_, ()> {
+        self.inner
+            .commit_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Flush sled and fdatasync its files; poisons the journal on failure.
+    fn sync(&self) -> Result<(), JournalError> {
+        let result = self
+            .inner
+            .tree
+            .flush()
+            .map_err(JournalError::from)
+            .and_then(|_| {
+                self.inner
+                    .syncer
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .sync()
+                    .map_err(JournalError::Sync)
+            });
+        if let Err(e) = &result {
+            self.inner.poisoned.store(true, Ordering::SeqCst);
+            tracing::error!(error = %e, "journal sync failed; refusing further writes");
+        }
+        result
+    }
+
+    fn check_poisoned(&self) -> Result<(), JournalError> {
+        if self.inner.poisoned.load(Ordering::SeqCst) {
+            Err(JournalError::Poisoned)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Registers a sink (no-op if known); its cursor starts at the current end.
+    pub fn register_sink(&self, name: &str) -> Result<(), JournalError> {
+        let _commit = self.commit_guard();
+        let mut st = self.state();
+        if st.sinks.iter().any(|s| s.name == name) {
+            return Ok(());
+        }
+        let slot = (0..MAX_SINKS as u8)
+            .find(|slot| !st.sinks.iter().any(|s| s.slot == *slot))
+            .ok_or(JournalError::TooManySinks)?;
+        let cursor = st.next_seq;
+        let mut batch = sled::Batch::default();
+        batch.insert(layout::named_key(layout::SINK_SLOT, name), vec![slot]);
+        batch.insert(
+            vec![layout::SINK_CURSOR, slot],
+            cursor.to_be_bytes().to_vec(),
+        );
+        self.inner.tree.apply_batch(batch)?;
+        st.sinks.push(SinkState {
+            name: name.to_owned(),
+            slot,
+            cursor,
+            read_upto: cursor,
+            done: BTreeSet::new(),
+        });
+        drop(st);
+        self.sync()
+    }
+
+    /// Names of the registered sinks.
+    pub fn sink_names(&self) -> Vec<String> {
+        self.state().sinks.iter().map(|s| s.name.clone()).collect()
+    }
+
+    /// The routes mask for the named sinks.
+    pub fn routes_for(&self, sinks: &[String]) -> Result<Routes, JournalError> {
+        let st = self.state();
+        let mut mask = 0u64;
+        for name in sinks {
+            let index = st.sink_index(name)?;
+            mask |= 1u64 << st.sinks[index].slot;
+        }
+        Ok(Routes(mask))
+    }
+
+    /// Routes to every registered sink.
+    pub fn routes_all(&self) -> Routes {
+        Routes(
+            self.state()
+                .sinks
+                .iter()
+                .fold(0, |m, s| m | (1u64 << s.slot)),
+        )
+    }
+
+    /// The cursor state a source stored with its last durable append.
+    pub fn source_cursor(&self, source: &str) -> Result<Option<Vec<u8>>, JournalError> {
+        Ok(self
+            .inner
+            .tree
+            .get(layout::named_key(layout::SOURCE_CURSOR, source))?
+            .map(|v| v.to_vec()))
+    }
+
+    /// A receiver of the durable end (next sequence); changes after each commit.
+    pub fn durable_watch(&self) -> watch::Receiver<u64> {
+        self.inner.durable_tx.subscribe()
+    }
+
+    /// The configuration this journal was opened with.
+    pub fn config(&self) -> &JournalConfig {
+        &self.inner.config
+    }
+
+    /// Whether business appends are currently waiting for space.
+    pub fn is_full(&self) -> bool {
+        self.state().full
+    }
+
+    /// Cumulative counters.
+    pub fn counters(&self) -> Counters {
+        self.state().counters
+    }
+
+    /// Flushes and syncs everything (for shutdown).
+    pub fn close(&self) -> Result<(), JournalError> {
+        let _commit = self.commit_guard();
+        if self.inner.poisoned.load(Ordering::SeqCst) {
+            return Err(JournalError::Poisoned);
+        }
+        self.sync()
+    }
+
+    fn counters_value(st: &State) -> Result<Vec<u8>, JournalError> {
+        layout::encode(&st.counters).map_err(|e| encode_err("counters", e))
+    }
+}
+
+/// Parses a hyphenated UUID (for CLI lookups).
+pub fn parse_id(text: &str) -> Option<Uuid> {
+    Uuid::parse_str(text).ok()
+}
+
+impl EventClass {
+    fn is_telemetry(self) -> bool {
+        self == EventClass::Telemetry
+    }
+}

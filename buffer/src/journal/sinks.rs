@@ -1,0 +1,487 @@
+//! The sink side: reading in order, acknowledging, rejecting, expiring, and
+//! collecting chunks every sink is done with.
+
+use std::sync::atomic::Ordering;
+
+use uuid::Uuid;
+
+use super::layout::{self, ChunkMeta, DeadLetterRecord, StoredEvent};
+use super::{decode_err, encode_err, now_ms, Journal, JournalError, State};
+use crate::EventClass;
+
+/// An event handed to a sink: its journal sequence and the bytes to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingEvent {
+    /// Journal sequence (acknowledge with this).
+    pub seq: u64,
+    /// Deterministic id (the ERP's idempotency key).
+    pub id: Uuid,
+    /// Source name.
+    pub source: String,
+    /// Business or telemetry.
+    pub class: EventClass,
+    /// When it was appended (ms since the epoch).
+    pub appended_ms: u64,
+    /// CloudEvents JSON.
+    pub payload: Vec<u8>,
+}
+
+/// Reason recorded for events whose time-to-live ran out.
+pub const EXPIRED: &str = "expired";
+/// Reason recorded for events whose sink was removed from the configuration.
+pub const SINK_REMOVED: &str = "sink-removed";
+
+impl Journal {
+    pub(super) fn load_chunk(&self, first: u64) -> Result<Option<Vec<StoredEvent>>, JournalError> {
+        let key = layout::seq_key(layout::CHUNK, first);
+        match self.inner.tree.get(key)? {
+            None => Ok(None),
+            Some(bytes) => layout::decode(&bytes)
+                .map(Some)
+                .map_err(|e| decode_err("chunk", &key, e)),
+        }
+    }
+
+    /// Chunk metas overlapping `[from, to)`, in order.
+    fn metas_between(st: &State, from: u64, to: u64) -> Vec<(u64, ChunkMeta)> {
+        let mut metas = Vec::new();
+        if let Some((first, meta)) = st.chunks.range(..=from).next_back() {
+            if meta.last >= from {
+                metas.push((*first, *meta));
+            }
+        }
+        metas.extend(
+            st.chunks
+                .range(from.saturating_add(1)..to)
+                .map(|(f, m)| (*f, *m)),
+        );
+        metas
+    }
+
+    /// Hands `sink` its next events in sequence order (at most `max`),
+    /// skipping what is not routed to it. Returns an empty batch when it is
+    /// caught up; wait on [`Journal::durable_watch`] then.
+    pub fn read_batch(&self, sink: &str, max: usize) -> Result<Vec<PendingEvent>, JournalError> {
+        let (index, slot, from, to, metas) = {
+            let st = self.state();
+            let index = st.sink_index(sink)?;
+            let s = &st.sinks[index];
+            let from = s.read_upto;
+            let to = st.durable_seq.min(from.saturating_add(max as u64));
+            (index, s.slot, from, to, Self::metas_between(&st, from, to))
+        };
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        let mut quarantine = Vec::new();
+        for (first, meta) in &metas {
+            if meta.dropped {
+                continue;
+            }
+            let events = match self.load_chunk(*first) {
+                Ok(Some(events)) => events,
+                // Dropped as telemetry between our look and our read.
+                Ok(None) => continue,
+                Err(e) => {
+                    quarantine.push((*first, e));
+                    continue;
+                }
+            };
+            let done = {
+                let st = self.state();
+                let s = &st.sinks[index];
+                let lo = from.max(*first);
+                let hi = to.min(meta.last + 1);
+                s.done.range(lo..hi).copied().collect::<Vec<_>>()
+            };
+            for (offset, event) in events.into_iter().enumerate() {
+                let seq = first + offset as u64;
+                if seq < from || seq >= to || done.binary_search(&seq).is_ok() {
+                    continue;
+                }
+                if event.routes & (1u64 << slot) == 0 {
+                    continue;
+                }
+                out.push(PendingEvent {
+                    seq,
+                    id: Uuid::from_bytes(event.id),
+                    source: event.source,
+                    class: meta.class,
+                    appended_ms: meta.appended_ms,
+                    payload: event.payload,
+                });
+            }
+        }
+        for (first, error) in quarantine {
+            self.quarantine_chunk(first, &error)?;
+        }
+        let mut st = self.state();
+        let index = st.sink_index(sink).unwrap_or(index);
+        let s = &mut st.sinks[index];
+        if s.read_upto != from {
+            // Rewound meanwhile: the next read starts over from the cursor.
+            return Ok(out);
+        }
+        let handed: std::collections::HashSet<u64> = out.iter().map(|e| e.seq).collect();
+        for seq in from..to {
+            if !handed.contains(&seq) {
+                s.done.insert(seq);
+            }
+        }
+        s.read_upto = to;
+        self.advance_and_persist(&mut st, index)?;
+        Ok(out)
+    }
+
+    /// A chunk that no longer decodes is moved to the `q` family with its
+    /// raw bytes (for recovery by hand), counted and logged, so one bad
+    /// value cannot stall every sink forever.
+    fn quarantine_chunk(&self, first: u64, error: &JournalError) -> Result<(), JournalError> {
+        let key = layout::seq_key(layout::CHUNK, first);
+        let Some(raw) = self.inner.tree.get(key)? else {
+            return Ok(());
+        };
+        let mut st = self.state();
+        let mut batch = sled::Batch::default();
+        batch.insert(&layout::seq_key(b'q', first), raw);
+        batch.remove(&key);
+        if let Some(meta) = st.chunks.get_mut(&first) {
+            meta.dropped = true;
+            let bytes = meta.bytes;
+            meta.bytes = 0;
+            if let Ok(encoded) = layout::encode(&*meta) {
+                batch.insert(&layout::seq_key(layout::CHUNK_META, first), encoded);
+            }
+            st.pending_bytes -= bytes;
+            st.counters.quarantined += meta_count(&st, first);
+        }
+        self.inner.tree.apply_batch(batch)?;
+        tracing::error!(
+            first_seq = first,
+            error = %error,
+            "journal chunk does not decode: quarantined under key family 'q' for manual recovery"
+        );
+        Ok(())
+    }
+
+    /// Marks `seqs` delivered for `sink`; the cursor advances over the
+    /// contiguous done prefix only.
+    pub fn ack(&self, sink: &str, seqs: &[u64]) -> Result<(), JournalError> {
+        let mut st = self.state();
+        let index = st.sink_index(sink)?;
+        let s = &mut st.sinks[index];
+        let mut delivered = 0;
+        for &seq in seqs {
+            if seq >= s.cursor && seq < s.read_upto && s.done.insert(seq) {
+                delivered += 1;
+            }
+        }
+        st.counters.delivered += delivered;
+        self.advance_and_persist(&mut st, index)
+    }
+
+    /// Moves one event to the dead letters for `sink`, with the reason.
+    pub fn reject(
+        &self,
+        sink: &str,
+        seq: u64,
+        reason: &str,
+        attempts: u32,
+    ) -> Result<(), JournalError> {
+        let (first, meta) = {
+            let st = self.state();
+            let index = st.sink_index(sink)?;
+            let s = &st.sinks[index];
+            if seq < s.cursor || s.done.contains(&seq) {
+                return Ok(());
+            }
+            match Self::metas_between(&st, seq, seq + 1).first() {
+                Some(found) => *found,
+                None => return Ok(()),
+            }
+        };
+        let Some(events) = self.load_chunk(first)? else {
+            return Ok(());
+        };
+        let Some(event) = events.into_iter().nth((seq - first) as usize) else {
+            return Ok(());
+        };
+        let mut st = self.state();
+        let index = st.sink_index(sink)?;
+        let mut batch = sled::Batch::default();
+        let record = DeadLetterRecord {
+            seq,
+            sink: sink.to_owned(),
+            reason: reason.to_owned(),
+            attempts,
+            dead_ms: now_ms(),
+            appended_ms: meta.appended_ms,
+            class: meta.class,
+            event,
+        };
+        Self::put_dead_letter(&mut st, &mut batch, record)?;
+        st.counters.rejected += 1;
+        st.sinks[index].done.insert(seq);
+        tracing::warn!(
+            sink,
+            seq,
+            reason,
+            attempts,
+            "event rejected: moved to dead letters"
+        );
+        self.advance_and_persist_with(&mut st, index, batch)
+    }
+
+    pub(super) fn put_dead_letter(
+        st: &mut State,
+        batch: &mut sled::Batch,
+        record: DeadLetterRecord,
+    ) -> Result<(), JournalError> {
+        let number = st.next_dead_letter;
+        st.next_dead_letter += 1;
+        st.dead_letter_count += 1;
+        st.dead_letter_bytes += record.event.charge();
+        let bytes = layout::encode(&record).map_err(|e| encode_err("dead letter", e))?;
+        batch.insert(&layout::seq_key(layout::DEAD_LETTER, number), bytes);
+        batch.insert(layout::NEXT_DEAD_LETTER, &st.next_dead_letter.to_be_bytes());
+        Ok(())
+    }
+
+    /// Forgets what is in flight for `sink`: the next read starts again at
+    /// its cursor (skipping what was acknowledged since). Used after a sink
+    /// reconnects, so unacknowledged events are re-sent from the journal.
+    pub fn rewind(&self, sink: &str) -> Result<(), JournalError> {
+        let mut st = self.state();
+        let index = st.sink_index(sink)?;
+        let s = &mut st.sinks[index];
+        s.read_upto = s.cursor;
+        Ok(())
+    }
+
+    fn advance_and_persist(&self, st: &mut State, index: usize) -> Result<(), JournalError> {
+        self.advance_and_persist_with(st, index, sled::Batch::default())
+    }
+
+    fn advance_and_persist_with(
+        &self,
+        st: &mut State,
+        index: usize,
+        mut batch: sled::Batch,
+    ) -> Result<(), JournalError> {
+        let s = &mut st.sinks[index];
+        let before = s.cursor;
+        while s.done.remove(&s.cursor) {
+            s.cursor += 1;
+        }
+        s.read_upto = s.read_upto.max(s.cursor);
+        let moved = s.cursor != before;
+        if moved {
+            batch.insert(&[layout::SINK_CURSOR, s.slot], &s.cursor.to_be_bytes());
+        }
+        batch.insert(layout::COUNTERS, Self::counters_value(st)?);
+        self.inner.tree.apply_batch(batch)?;
+        if moved {
+            // GC must not interleave with a commit's unapplied batch (which
+            // may rewrite a telemetry tombstone); if a commit is running it
+            // collects at its end instead.
+            match self.inner.commit_lock.try_lock() {
+                Ok(_commit) => self.collect_garbage(st)?,
+                Err(_) => self.inner.gc_pending.store(true, Ordering::SeqCst),
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes chunks every sink is past; wakes parked appends if space freed.
+    /// Caller holds the commit lock and the state lock.
+    pub(super) fn collect_garbage(&self, st: &mut State) -> Result<(), JournalError> {
+        self.inner.gc_pending.store(false, Ordering::SeqCst);
+        if st.sinks.is_empty() {
+            return Ok(());
+        }
+        let floor = st.floor();
+        let dead: Vec<u64> = st
+            .chunks
+            .iter()
+            .take_while(|(_, meta)| meta.last < floor)
+            .map(|(first, _)| *first)
+            .collect();
+        if dead.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        let mut freed = 0;
+        for first in &dead {
+            batch.remove(&layout::seq_key(layout::CHUNK, *first));
+            batch.remove(&layout::seq_key(layout::CHUNK_META, *first));
+        }
+        self.inner.tree.apply_batch(batch)?;
+        for first in dead {
+            if let Some(meta) = st.chunks.remove(&first) {
+                freed += meta.bytes;
+            }
+        }
+        st.pending_bytes -= freed;
+        if freed > 0 {
+            self.inner.space_freed.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Dead-letters, for every sink, the events of chunks older than the
+    /// TTL that the sink has not finished. Returns how many were expired.
+    pub fn expire_now(&self) -> Result<u64, JournalError> {
+        let Some(ttl) = self.inner.config.ttl else {
+            return Ok(0);
+        };
+        self.check_poisoned()?;
+        let _commit = self.commit_guard();
+        let deadline = now_ms().saturating_sub(ttl.as_millis() as u64);
+        let expired_chunks: Vec<(u64, ChunkMeta)> = {
+            let st = self.state();
+            let floor = st.floor();
+            st.chunks
+                .iter()
+                .filter(|(_, m)| m.last >= floor)
+                .take_while(|(_, m)| m.appended_ms < deadline)
+                .map(|(f, m)| (*f, *m))
+                .collect()
+        };
+        let mut expired = 0;
+        for (first, meta) in expired_chunks {
+            let events = if meta.dropped {
+                Vec::new()
+            } else {
+                self.load_chunk(first)?.unwrap_or_default()
+            };
+            let mut st = self.state();
+            let mut batch = sled::Batch::default();
+            for index in 0..st.sinks.len() {
+                expired += Self::dead_letter_chunk_for_sink(
+                    &mut st, &mut batch, index, first, &meta, &events, EXPIRED,
+                )?;
+            }
+            st.counters.expired += expired;
+            for index in 0..st.sinks.len() {
+                let s = &mut st.sinks[index];
+                while s.done.remove(&s.cursor) {
+                    s.cursor += 1;
+                }
+                s.read_upto = s.read_upto.max(s.cursor);
+                batch.insert(&[layout::SINK_CURSOR, s.slot], &s.cursor.to_be_bytes());
+            }
+            batch.insert(layout::COUNTERS, Self::counters_value(&st)?);
+            self.inner.tree.apply_batch(batch)?;
+            self.collect_garbage(&mut st)?;
+        }
+        if expired > 0 {
+            tracing::warn!(
+                events = expired,
+                "events older than the journal TTL moved to dead letters"
+            );
+            self.sync()?;
+        }
+        Ok(expired)
+    }
+
+    /// Marks every sequence of the chunk done for the sink, dead-lettering
+    /// the ones routed to it that it had not finished. Returns that count.
+    fn dead_letter_chunk_for_sink(
+        st: &mut State,
+        batch: &mut sled::Batch,
+        index: usize,
+        first: u64,
+        meta: &ChunkMeta,
+        events: &[StoredEvent],
+        reason: &str,
+    ) -> Result<u64, JournalError> {
+        let (slot, cursor, name) = {
+            let s = &st.sinks[index];
+            (s.slot, s.cursor, s.name.clone())
+        };
+        if cursor > meta.last {
+            return Ok(0);
+        }
+        let mut count = 0;
+        for seq in first.max(cursor)..=meta.last {
+            let event = events.get((seq - first) as usize);
+            let finished = st.sinks[index].done.contains(&seq);
+            if let Some(event) = event {
+                if !finished && event.routes & (1u64 << slot) != 0 {
+                    let record = DeadLetterRecord {
+                        seq,
+                        sink: name.clone(),
+                        reason: reason.to_owned(),
+                        attempts: 0,
+                        dead_ms: now_ms(),
+                        appended_ms: meta.appended_ms,
+                        class: meta.class,
+                        event: event.clone(),
+                    };
+                    Self::put_dead_letter(st, batch, record)?;
+                    count += 1;
+                }
+            }
+            st.sinks[index].done.insert(seq);
+        }
+        Ok(count)
+    }
+
+    /// Unregisters a sink that left the configuration. Its unfinished
+    /// events go to the dead letters (reason `sink-removed`), never into the
+    /// void. Returns how many.
+    pub fn retire_sink(&self, sink: &str) -> Result<u64, JournalError> {
+        self.check_poisoned()?;
+        let _commit = self.commit_guard();
+        let metas: Vec<(u64, ChunkMeta)> = {
+            let st = self.state();
+            let index = st.sink_index(sink)?;
+            let cursor = st.sinks[index].cursor;
+            Self::metas_between(&st, cursor, u64::MAX)
+        };
+        let mut orphaned = 0;
+        for (first, meta) in metas {
+            let events = if meta.dropped {
+                Vec::new()
+            } else {
+                self.load_chunk(first)?.unwrap_or_default()
+            };
+            let mut st = self.state();
+            let index = st.sink_index(sink)?;
+            let mut batch = sled::Batch::default();
+            orphaned += Self::dead_letter_chunk_for_sink(
+                &mut st,
+                &mut batch,
+                index,
+                first,
+                &meta,
+                &events,
+                SINK_REMOVED,
+            )?;
+            self.inner.tree.apply_batch(batch)?;
+        }
+        let mut st = self.state();
+        let index = st.sink_index(sink)?;
+        let removed = st.sinks.remove(index);
+        st.counters.orphaned += orphaned;
+        let mut batch = sled::Batch::default();
+        batch.remove(layout::named_key(layout::SINK_SLOT, sink));
+        batch.remove(&[layout::SINK_CURSOR, removed.slot]);
+        batch.insert(layout::COUNTERS, Self::counters_value(&st)?);
+        self.inner.tree.apply_batch(batch)?;
+        self.collect_garbage(&mut st)?;
+        drop(st);
+        tracing::warn!(
+            sink,
+            orphaned,
+            "sink removed from configuration: its unfinished events are in the dead letters"
+        );
+        self.sync()?;
+        Ok(orphaned)
+    }
+}
+
+fn meta_count(st: &State, first: u64) -> u64 {
+    st.chunks.get(&first).map(|m| m.count(first)).unwrap_or(0)
+}
