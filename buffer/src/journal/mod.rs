@@ -78,6 +78,13 @@ pub enum JournalError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// Another process (or a just-closed handle whose sled threads have not
+    /// finished) holds the journal's lock. Never a reason to move it aside.
+    #[error("journal at {path} is locked by another process (is another plant-edge running?)")]
+    Locked {
+        /// The directory.
+        path: PathBuf,
+    },
     /// sled refused to open the directory.
     #[error("opening journal at {path}: {reason}")]
     Open {
@@ -383,9 +390,26 @@ impl Journal {
             .cache_capacity(config.cache_bytes)
             .mode(sled::Mode::HighThroughput)
             .flush_every_ms(Some(1000));
-        let tree = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sled_config.open()))
-            .map_err(|p| open_error(panic_message(p)))?
-            .map_err(|e| open_error(e.to_string()))?;
+        // sled releases its file lock only when its background threads let
+        // go of the last handle, a moment after a close; wait that out.
+        let lock_deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let tree = loop {
+            let opened =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sled_config.open()))
+                    .map_err(|p| open_error(panic_message(p)))?;
+            match opened {
+                Ok(tree) => break tree,
+                Err(e) if e.to_string().contains("could not acquire lock") => {
+                    if std::time::Instant::now() >= lock_deadline {
+                        return Err(JournalError::Locked {
+                            path: config.path.clone(),
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(open_error(e.to_string())),
+            }
+        };
         let syncer = FileSyncer::open(&config.path).map_err(|e| open_error(e.to_string()))?;
         let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             Self::load_state(&tree, &config)

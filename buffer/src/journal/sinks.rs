@@ -50,18 +50,34 @@ impl Journal {
                 metas.push((*first, *meta));
             }
         }
-        metas.extend(
-            st.chunks
-                .range(from.saturating_add(1)..to)
-                .map(|(f, m)| (*f, *m)),
-        );
+        if from.saturating_add(1) < to {
+            metas.extend(
+                st.chunks
+                    .range(from.saturating_add(1)..to)
+                    .map(|(f, m)| (*f, *m)),
+            );
+        }
         metas
     }
 
     /// Hands `sink` its next events in sequence order (at most `max`),
-    /// skipping what is not routed to it. Returns an empty batch when it is
-    /// caught up; wait on [`Journal::durable_watch`] then.
+    /// skipping what is not routed to it. Returns an empty batch only when
+    /// it is caught up; wait on [`Journal::durable_watch`] then.
     pub fn read_batch(&self, sink: &str, max: usize) -> Result<Vec<PendingEvent>, JournalError> {
+        loop {
+            let (batch, caught_up) = self.read_window(sink, max.max(1))?;
+            if !batch.is_empty() || caught_up {
+                return Ok(batch);
+            }
+        }
+    }
+
+    /// One window of `max` sequences; also says whether it reached the end.
+    fn read_window(
+        &self,
+        sink: &str,
+        max: usize,
+    ) -> Result<(Vec<PendingEvent>, bool), JournalError> {
         let (index, slot, from, to, metas) = {
             let st = self.state();
             let index = st.sink_index(sink)?;
@@ -71,7 +87,7 @@ impl Journal {
             (index, s.slot, from, to, Self::metas_between(&st, from, to))
         };
         if from >= to {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), true));
         }
         let mut out = Vec::new();
         let mut quarantine = Vec::new();
@@ -121,7 +137,7 @@ impl Journal {
         let s = &mut st.sinks[index];
         if s.read_upto != from {
             // Rewound meanwhile: the next read starts over from the cursor.
-            return Ok(out);
+            return Ok((out, false));
         }
         let handed: std::collections::HashSet<u64> = out.iter().map(|e| e.seq).collect();
         for seq in from..to {
@@ -130,8 +146,9 @@ impl Journal {
             }
         }
         s.read_upto = to;
+        let caught_up = to >= st.durable_seq;
         self.advance_and_persist(&mut st, index)?;
-        Ok(out)
+        Ok((out, caught_up))
     }
 
     /// A chunk that no longer decodes is moved to the `q` family with its

@@ -1,0 +1,481 @@
+//! Journal behaviour, one concern per test, against a real sled directory.
+
+use std::time::Duration;
+
+use buffer::journal::JournalStats;
+use buffer::{AppendRequest, EventClass, Journal, JournalConfig, NewEvent, Routes};
+use uuid::Uuid;
+
+fn config(dir: &std::path::Path, sinks: &[&str]) -> JournalConfig {
+    let mut config = JournalConfig::new(dir.join("journal"));
+    config.sinks = sinks.iter().map(|s| s.to_string()).collect();
+    config
+}
+
+fn event(n: u64, class: EventClass, routes: Routes) -> NewEvent {
+    NewEvent {
+        id: Uuid::from_u128(n as u128 + 1),
+        class,
+        routes,
+        payload: format!(
+            "{{\"type\":\"production.completion\",\"n\":{n},\"pad\":\"{}\"}}",
+            "x".repeat(400)
+        )
+        .into_bytes(),
+    }
+}
+
+fn append(journal: &Journal, source: &str, range: std::ops::Range<u64>) -> Vec<Option<u64>> {
+    let routes = journal.routes_all();
+    journal
+        .append_blocking(AppendRequest {
+            source: source.into(),
+            events: range
+                .map(|n| event(n, EventClass::Business, routes))
+                .collect(),
+            cursor: None,
+        })
+        .expect("append")
+        .expect("fits")
+        .seqs
+}
+
+fn drain(journal: &Journal, sink: &str) -> Vec<u64> {
+    let mut seen = Vec::new();
+    loop {
+        let batch = journal.read_batch(sink, 100).expect("read");
+        if batch.is_empty() {
+            return seen;
+        }
+        let seqs: Vec<u64> = batch.iter().map(|e| e.seq).collect();
+        journal.ack(sink, &seqs).expect("ack");
+        seen.extend(seqs);
+    }
+}
+
+fn payload_n(payload: &[u8]) -> u64 {
+    let v: serde_json::Value = serde_json::from_slice(payload).expect("json");
+    v["n"].as_u64().expect("n")
+}
+
+#[test]
+fn appended_events_survive_reopen_and_are_read_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let journal = Journal::open(config(dir.path(), &["file"])).expect("open");
+        assert_eq!(
+            append(&journal, "press1", 0..300),
+            (0..300).map(Some).collect::<Vec<_>>()
+        );
+        journal.close().expect("close");
+    }
+    let journal = Journal::open(config(dir.path(), &["file"])).expect("reopen");
+    let mut got = Vec::new();
+    loop {
+        let batch = journal.read_batch("file", 128).expect("read");
+        if batch.is_empty() {
+            break;
+        }
+        got.extend(batch.iter().map(|e| payload_n(&e.payload)));
+        journal
+            .ack("file", &batch.iter().map(|e| e.seq).collect::<Vec<_>>())
+            .expect("ack");
+    }
+    assert_eq!(got, (0..300).collect::<Vec<_>>());
+    assert!(journal.verify().is_ok(), "{:?}", journal.verify());
+}
+
+#[test]
+fn duplicate_ids_are_not_appended_again_even_after_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let journal = Journal::open(config(dir.path(), &["file"])).expect("open");
+        append(&journal, "press1", 0..10);
+        let again = append(&journal, "press1", 5..15);
+        assert_eq!(again[..5], [None, None, None, None, None]);
+        assert_eq!(again[5..], (10..15).map(Some).collect::<Vec<_>>()[..]);
+    }
+    let journal = Journal::open(config(dir.path(), &["file"])).expect("reopen");
+    let after = append(&journal, "press1", 0..16);
+    assert_eq!(
+        after.iter().filter(|s| s.is_some()).count(),
+        1,
+        "only id 15 is new"
+    );
+    assert_eq!(drain(&journal, "file").len(), 16);
+    assert_eq!(journal.counters().duplicates, 5 + 15);
+}
+
+#[test]
+fn source_cursor_is_stored_with_its_events() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = Journal::open(config(dir.path(), &["file"])).expect("open");
+    let routes = journal.routes_all();
+    journal
+        .append_blocking(AppendRequest {
+            source: "press1".into(),
+            events: vec![event(1, EventClass::Business, routes)],
+            cursor: Some(b"epoch=2;value=18342".to_vec()),
+        })
+        .expect("append")
+        .expect("fits");
+    drop(journal);
+    let journal = Journal::open(config(dir.path(), &["file"])).expect("reopen");
+    assert_eq!(
+        journal.source_cursor("press1").expect("cursor").as_deref(),
+        Some(&b"epoch=2;value=18342"[..])
+    );
+    assert_eq!(journal.source_cursor("other").expect("cursor"), None);
+}
+
+#[test]
+fn ack_advances_cursor_only_over_contiguous_prefix() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let journal = Journal::open(config(dir.path(), &["file"])).expect("open");
+        append(&journal, "press1", 0..10);
+        let batch = journal.read_batch("file", 10).expect("read");
+        assert_eq!(batch.len(), 10);
+        journal.ack("file", &[0, 1, 2, 5, 6]).expect("ack");
+        assert_eq!(sink_cursor(&journal.stats(), "file"), 3);
+        journal.ack("file", &[3]).expect("ack");
+        assert_eq!(sink_cursor(&journal.stats(), "file"), 4);
+        journal.close().expect("close");
+    }
+    // After a restart, everything from the cursor on is handed out again:
+    // 5 and 6 were acknowledged above a hole, so they are re-sent (same id).
+    let journal = Journal::open(config(dir.path(), &["file"])).expect("reopen");
+    let again: Vec<u64> = journal
+        .read_batch("file", 100)
+        .expect("read")
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(again, (4..10).collect::<Vec<_>>());
+}
+
+fn sink_cursor(stats: &JournalStats, sink: &str) -> u64 {
+    stats
+        .sinks
+        .iter()
+        .find(|s| s.name == sink)
+        .expect("sink")
+        .cursor
+}
+
+#[test]
+fn rewind_resends_unacknowledged_but_not_acknowledged_events() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = Journal::open(config(dir.path(), &["mqtt"])).expect("open");
+    append(&journal, "press1", 0..6);
+    journal.read_batch("mqtt", 6).expect("read");
+    journal.ack("mqtt", &[0, 2, 4]).expect("ack");
+    journal.rewind("mqtt").expect("rewind");
+    let again: Vec<u64> = journal
+        .read_batch("mqtt", 100)
+        .expect("read")
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(again, vec![1, 3, 5]);
+}
+
+#[test]
+fn events_are_read_only_by_the_sinks_they_are_routed_to() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = Journal::open(config(dir.path(), &["a", "b"])).expect("open");
+    let only_a = journal.routes_for(&["a".into()]).expect("routes");
+    let both = journal.routes_all();
+    let events = vec![
+        event(0, EventClass::Business, only_a),
+        event(1, EventClass::Business, both),
+    ];
+    journal
+        .append_blocking(AppendRequest {
+            source: "s".into(),
+            events,
+            cursor: None,
+        })
+        .expect("append")
+        .expect("fits");
+    assert_eq!(drain(&journal, "a"), vec![0, 1]);
+    assert_eq!(drain(&journal, "b"), vec![1]);
+    let stats = journal.stats();
+    assert_eq!(
+        stats.pending_events, 0,
+        "collected once both sinks are done: {stats:?}"
+    );
+    assert_eq!(stats.pending_bytes, 0);
+}
+
+#[test]
+fn delivered_events_are_collected_and_free_their_bytes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = Journal::open(config(dir.path(), &["a", "b"])).expect("open");
+    append(&journal, "s", 0..200);
+    let before = journal.stats().pending_bytes;
+    assert!(before > 200 * 400);
+    drain(&journal, "a");
+    assert_eq!(
+        journal.stats().pending_bytes,
+        before,
+        "b has not delivered yet"
+    );
+    drain(&journal, "b");
+    // GC runs on ack when no commit holds the lock, or at the next commit.
+    append(&journal, "s", 1000..1001);
+    drain(&journal, "a");
+    drain(&journal, "b");
+    assert_eq!(journal.stats().pending_bytes, 0);
+    assert_eq!(journal.stats().pending_events, 0);
+}
+
+#[test]
+fn rejected_event_goes_to_dead_letters_and_can_be_requeued_with_its_id() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = Journal::open(config(dir.path(), &["erp"])).expect("open");
+    append(&journal, "press1", 0..3);
+    let batch = journal.read_batch("erp", 10).expect("read");
+    journal.ack("erp", &[0, 2]).expect("ack");
+    journal
+        .reject("erp", 1, "HTTP 422: unknown material", 3)
+        .expect("reject");
+    assert_eq!(
+        sink_cursor(&journal.stats(), "erp"),
+        3,
+        "reject counts as done"
+    );
+    let dead = journal.dead_letters().expect("list");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].reason, "HTTP 422: unknown material");
+    assert_eq!(dead[0].sink, "erp");
+    assert_eq!(dead[0].attempts, 3);
+    assert_eq!(dead[0].id, batch[1].id);
+    assert_eq!(journal.counters().rejected, 1);
+
+    assert_eq!(journal.requeue_dead_letters(None).expect("requeue"), 1);
+    assert!(journal.dead_letters().expect("list").is_empty());
+    let again = journal.read_batch("erp", 10).expect("read");
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].id, batch[1].id, "requeued with its original id");
+    assert_eq!(again[0].payload, batch[1].payload);
+    journal
+        .reject("erp", again[0].seq, "still bad", 1)
+        .expect("reject");
+    assert_eq!(journal.purge_dead_letters(None).expect("purge"), 1);
+    assert_eq!(journal.stats().dead_letters, 0);
+    assert_eq!(journal.counters().purged, 1);
+}
+
+#[test]
+fn expired_events_become_dead_letters_not_void() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path(), &["erp"]);
+    cfg.ttl = Some(Duration::from_millis(1));
+    let journal = Journal::open(cfg).expect("open");
+    append(&journal, "press1", 0..5);
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(journal.expire_now().expect("expire"), 5);
+    let dead = journal.dead_letters().expect("list");
+    assert_eq!(dead.len(), 5);
+    assert!(dead.iter().all(|d| d.reason == "expired"));
+    assert_eq!(journal.counters().expired, 5);
+    assert!(journal.read_batch("erp", 10).expect("read").is_empty());
+    assert_eq!(journal.stats().pending_events, 0);
+}
+
+#[test]
+fn business_appends_are_refused_when_full_and_fit_again_after_delivery() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path(), &["erp"]);
+    cfg.max_bytes = 20_000;
+    let journal = Journal::open(cfg).expect("open");
+    let routes = journal.routes_all();
+    let mut n = 0;
+    loop {
+        let outcome = journal
+            .append_blocking(AppendRequest {
+                source: "s".into(),
+                events: vec![event(n, EventClass::Business, routes)],
+                cursor: None,
+            })
+            .expect("append");
+        if outcome.is_none() {
+            break;
+        }
+        n += 1;
+        assert!(n < 1000, "bound never hit");
+    }
+    assert!(journal.stats().used_bytes <= 20_000);
+    assert!(journal.is_full());
+    assert_eq!(journal.counters().dropped_telemetry, 0);
+    drain(&journal, "erp");
+    let outcome = journal
+        .append_blocking(AppendRequest {
+            source: "s".into(),
+            events: vec![event(n, EventClass::Business, routes)],
+            cursor: None,
+        })
+        .expect("append");
+    assert!(outcome.is_some(), "space freed by delivery");
+    assert!(!journal.is_full());
+}
+
+#[test]
+fn telemetry_drops_oldest_when_full_and_counts_every_drop() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path(), &["erp"]);
+    cfg.max_bytes = 40_000;
+    let journal = Journal::open(cfg).expect("open");
+    let routes = journal.routes_all();
+    for n in 0..200 {
+        journal
+            .append_blocking(AppendRequest {
+                source: "state".into(),
+                events: vec![event(n, EventClass::Telemetry, routes)],
+                cursor: None,
+            })
+            .expect("telemetry never blocks")
+            .expect("telemetry never parks");
+    }
+    let stats = journal.stats();
+    assert!(stats.used_bytes <= 40_000, "{stats:?}");
+    let dropped = journal.counters().dropped_telemetry;
+    assert!(dropped > 100, "dropped {dropped}");
+    let delivered = drain(&journal, "erp");
+    assert_eq!(
+        delivered.len() as u64 + dropped,
+        200,
+        "every event delivered or counted"
+    );
+    assert_eq!(*delivered.last().expect("some"), 199, "the newest survive");
+    assert!(journal.verify().is_ok(), "{:?}", journal.verify());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_parks_business_appends_until_space_frees() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path(), &["erp"]);
+    cfg.max_bytes = 5_000;
+    let journal = Journal::open(cfg).expect("open");
+    let (appender, writer) = journal.start_writer();
+    let routes = journal.routes_all();
+    for n in 0..10 {
+        appender
+            .append(AppendRequest {
+                source: "s".into(),
+                events: vec![event(n, EventClass::Business, routes)],
+                cursor: None,
+            })
+            .await
+            .expect("append");
+    }
+    let blocked = {
+        let appender = appender.clone();
+        tokio::spawn(async move {
+            appender
+                .append(AppendRequest {
+                    source: "s".into(),
+                    events: vec![event(10, EventClass::Business, routes)],
+                    cursor: None,
+                })
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !blocked.is_finished(),
+        "a full journal must hold the append"
+    );
+    assert!(journal.is_full());
+    let j = journal.clone();
+    tokio::task::spawn_blocking(move || drain(&j, "erp"))
+        .await
+        .expect("drain");
+    let outcome = tokio::time::timeout(Duration::from_secs(10), blocked)
+        .await
+        .expect("unparked")
+        .expect("task")
+        .expect("append");
+    assert_eq!(outcome.appended(), 1);
+    assert_eq!(journal.counters().backpressured, 1);
+    drop(appender);
+    writer.await.expect("writer ends when appenders are gone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_sources_share_group_commits_and_keep_their_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = Journal::open(config(dir.path(), &["erp"])).expect("open");
+    let (appender, _writer) = journal.start_writer();
+    let routes = journal.routes_all();
+    let mut tasks = Vec::new();
+    for source in 0..8u64 {
+        let appender = appender.clone();
+        tasks.push(tokio::spawn(async move {
+            for n in 0..50u64 {
+                let id = source * 1000 + n;
+                appender
+                    .append(AppendRequest {
+                        source: format!("s{source}"),
+                        events: vec![event(id, EventClass::Business, routes)],
+                        cursor: Some(n.to_be_bytes().to_vec()),
+                    })
+                    .await
+                    .expect("append");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("source");
+    }
+    let mut per_source: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+    journal
+        .scan_events(0, |e| {
+            per_source
+                .entry(e.source.clone())
+                .or_default()
+                .push(payload_n(&e.payload) % 1000);
+            true
+        })
+        .expect("scan");
+    assert_eq!(per_source.len(), 8);
+    for (source, ns) in per_source {
+        assert_eq!(ns, (0..50).collect::<Vec<_>>(), "{source} out of order");
+        assert_eq!(
+            journal.source_cursor(&source).expect("cursor"),
+            Some(49u64.to_be_bytes().to_vec())
+        );
+    }
+}
+
+#[test]
+fn removed_sink_leaves_its_backlog_in_dead_letters() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = Journal::open(config(dir.path(), &["a", "b"])).expect("open");
+    append(&journal, "s", 0..7);
+    drain(&journal, "a");
+    assert_eq!(journal.retire_sink("b").expect("retire"), 7);
+    let dead = journal.dead_letters().expect("list");
+    assert_eq!(dead.len(), 7);
+    assert!(dead
+        .iter()
+        .all(|d| d.reason == "sink-removed" && d.sink == "b"));
+    assert_eq!(journal.stats().pending_events, 0);
+}
+
+#[test]
+fn oversized_event_is_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = Journal::open(config(dir.path(), &["a"])).expect("open");
+    let mut big = event(0, EventClass::Business, journal.routes_all());
+    big.payload = vec![b'x'; buffer::journal::MAX_EVENT_BYTES + 1];
+    let err = journal
+        .append_blocking(AppendRequest {
+            source: "s".into(),
+            events: vec![big],
+            cursor: None,
+        })
+        .expect_err("too large");
+    assert!(err.to_string().contains("exceeds"), "{err}");
+}
