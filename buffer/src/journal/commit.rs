@@ -187,7 +187,7 @@ impl ChunkPlan {
         if let Some((first, class, events, bytes)) = self.open.take() {
             let meta = ChunkMeta {
                 last: first + events.len() as u64 - 1,
-                class,
+                class: class.code(),
                 appended_ms: self.appended_ms,
                 bytes,
                 dropped: false,
@@ -497,7 +497,7 @@ fn drop_oldest_telemetry(st: &mut State, batch: &mut sled::Batch, needed: u64) -
     let victims: Vec<u64> = st
         .chunks
         .iter()
-        .filter(|(_, m)| m.class.is_telemetry() && !m.dropped)
+        .filter(|(_, m)| m.class().is_telemetry() && !m.dropped)
         .map(|(first, _)| *first)
         .collect();
     for first in victims {

@@ -194,7 +194,7 @@ impl Journal {
                     seq,
                     id: Uuid::from_bytes(event.id),
                     source: event.source,
-                    class: meta.class,
+                    class: meta.class(),
                     appended_ms: meta.appended_ms,
                     payload: event.payload,
                 };
@@ -301,7 +301,7 @@ impl Journal {
             st.dead_letter_count -= 1;
             st.dead_letter_bytes -= record.event.charge();
             batch.remove(&layout::seq_key(layout::DEAD_LETTER, number));
-            plan.push(record.class, record.event);
+            plan.push(EventClass::from_code(record.class), record.event);
             requeued += 1;
         }
         let next_seq = plan.write(&mut st, &mut batch)?;

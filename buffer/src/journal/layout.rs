@@ -5,9 +5,7 @@
 //! The first byte of a key names its family; numbers are big-endian so that
 //! sled's key order is numeric order.
 
-use serde::{Deserialize, Serialize};
-
-use crate::EventClass;
+use bincode::{Decode, Encode};
 
 /// `e` + first seq: a chunk of consecutive events (bincode `Vec<StoredEvent>`).
 pub(crate) const CHUNK: u8 = b'e';
@@ -34,7 +32,7 @@ pub(crate) const COUNTERS: &[u8] = b"m:counters";
 /// threshold (segment/4), so no blob file escapes our fdatasync.
 pub const MAX_EVENT_BYTES: usize = 16 * 1024;
 /// A chunk is closed once it holds this many payload bytes...
-pub(crate) const CHUNK_TARGET_BYTES: usize = 16 * 1024;
+pub(crate) const CHUNK_TARGET_BYTES: usize = 4 * 1024;
 /// ...or this many events.
 pub(crate) const CHUNK_MAX_EVENTS: usize = 64;
 
@@ -63,7 +61,7 @@ pub(crate) fn u64_value(value: &[u8]) -> Option<u64> {
 }
 
 /// One event inside a chunk. Class and append time are per chunk.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Encode, Decode, PartialEq, Eq)]
 pub(crate) struct StoredEvent {
     pub id: [u8; 16],
     pub routes: u64,
@@ -79,10 +77,10 @@ impl StoredEvent {
 }
 
 /// Index entry of a chunk, kept in memory for all pending chunks.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Encode, Decode, PartialEq, Eq)]
 pub(crate) struct ChunkMeta {
     pub last: u64,
-    pub class: EventClass,
+    pub class: u8,
     pub appended_ms: u64,
     pub bytes: u64,
     /// Set when telemetry was dropped for space: the sequences stay
@@ -91,20 +89,24 @@ pub(crate) struct ChunkMeta {
 }
 
 impl ChunkMeta {
+    pub fn class(&self) -> crate::EventClass {
+        crate::EventClass::from_code(self.class)
+    }
+
     pub fn count(&self, first: u64) -> u64 {
         self.last - first + 1
     }
 }
 
 /// Ids appended by one commit, for the dedup window.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Encode, Decode)]
 pub(crate) struct DedupRecord {
     pub appended_ms: u64,
     pub ids: Vec<[u8; 16]>,
 }
 
 /// A rejected or expired event, with why and where.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Encode, Decode, PartialEq, Eq)]
 pub(crate) struct DeadLetterRecord {
     pub seq: u64,
     pub sink: String,
@@ -112,7 +114,7 @@ pub(crate) struct DeadLetterRecord {
     pub attempts: u32,
     pub dead_ms: u64,
     pub appended_ms: u64,
-    pub class: EventClass,
+    pub class: u8,
     pub event: StoredEvent,
 }
 
@@ -120,14 +122,12 @@ fn config() -> bincode::config::Configuration {
     bincode::config::standard()
 }
 
-pub(crate) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, bincode::error::EncodeError> {
-    bincode::serde::encode_to_vec(value, config())
+pub(crate) fn encode<T: Encode>(value: &T) -> Result<Vec<u8>, bincode::error::EncodeError> {
+    bincode::encode_to_vec(value, config())
 }
 
-pub(crate) fn decode<T: serde::de::DeserializeOwned>(
-    bytes: &[u8],
-) -> Result<T, bincode::error::DecodeError> {
-    let (value, used) = bincode::serde::decode_from_slice(bytes, config())?;
+pub(crate) fn decode<T: Decode<()>>(bytes: &[u8]) -> Result<T, bincode::error::DecodeError> {
+    let (value, used) = bincode::decode_from_slice(bytes, config())?;
     if used != bytes.len() {
         return Err(bincode::error::DecodeError::OtherString(format!(
             "{} trailing bytes",

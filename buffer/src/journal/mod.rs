@@ -202,7 +202,18 @@ impl JournalConfig {
 }
 
 /// Cumulative counters, persisted with every write batch.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    bincode::Encode,
+    bincode::Decode,
+)]
 pub struct Counters {
     /// Events appended.
     pub appended: u64,

@@ -123,7 +123,7 @@ impl Journal {
                     seq,
                     id: Uuid::from_bytes(event.id),
                     source: event.source,
-                    class: meta.class,
+                    class: meta.class(),
                     appended_ms: meta.appended_ms,
                     payload: event.payload,
                 });
