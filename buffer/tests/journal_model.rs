@@ -18,11 +18,27 @@ const SINKS: [&str; 2] = ["a", "b"];
 
 #[derive(Clone, Debug)]
 enum Op {
-    Append { source: u8, count: u8, reuse: Option<u8>, only: Option<u8> },
-    Read { sink: u8, max: u8 },
-    Ack { sink: u8, pick: u8 },
-    Reject { sink: u8, pick: u8 },
-    Rewind { sink: u8 },
+    Append {
+        source: u8,
+        count: u8,
+        reuse: Option<u8>,
+        only: Option<u8>,
+    },
+    Read {
+        sink: u8,
+        max: u8,
+    },
+    Ack {
+        sink: u8,
+        pick: u8,
+    },
+    Reject {
+        sink: u8,
+        pick: u8,
+    },
+    Rewind {
+        sink: u8,
+    },
     Restart,
     Requeue,
 }
@@ -108,7 +124,13 @@ fn open(dir: &std::path::Path) -> Journal {
 }
 
 fn cursor_of(journal: &Journal, sink: usize) -> u64 {
-    journal.stats().sinks.iter().find(|s| s.name == SINKS[sink]).expect("sink").cursor
+    journal
+        .stats()
+        .sinks
+        .iter()
+        .find(|s| s.name == SINKS[sink])
+        .expect("sink")
+        .cursor
 }
 
 fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
@@ -118,7 +140,12 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let mut last_cursor = [0u64; 2];
     for op in ops {
         match op {
-            Op::Append { source, count, reuse, only } => {
+            Op::Append {
+                source,
+                count,
+                reuse,
+                only,
+            } => {
                 let routed = match only {
                     Some(sink) => {
                         let mut r = [false; 2];
@@ -128,7 +155,9 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     None => [true; 2],
                 };
                 let routes = match only {
-                    Some(sink) => journal.routes_for(&[SINKS[sink as usize].to_string()]).expect("routes"),
+                    Some(sink) => journal
+                        .routes_for(&[SINKS[sink as usize].to_string()])
+                        .expect("routes"),
                     None => journal.routes_all(),
                 };
                 let mut events = Vec::new();
@@ -144,10 +173,19 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         }
                     };
                     ids.push(id);
-                    events.push(NewEvent { id, class: EventClass::Business, routes, payload: id.to_string().into_bytes() });
+                    events.push(NewEvent {
+                        id,
+                        class: EventClass::Business,
+                        routes,
+                        payload: id.to_string().into_bytes(),
+                    });
                 }
                 let outcome = journal
-                    .append_blocking(AppendRequest { source: format!("s{source}"), events, cursor: None })
+                    .append_blocking(AppendRequest {
+                        source: format!("s{source}"),
+                        events,
+                        cursor: None,
+                    })
                     .expect("append")
                     .expect("fits");
                 let mut batch_ids = BTreeSet::new();
@@ -168,8 +206,16 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let expected = model.expected_unread(sink);
                 let got_seqs: Vec<u64> = got.iter().map(|e| e.seq).collect();
                 prop_assert!(got_seqs.len() <= max as usize);
-                prop_assert_eq!(&got_seqs[..], &expected[..got_seqs.len()], "read must be the next events in order");
-                prop_assert_eq!(got_seqs.is_empty(), expected.is_empty(), "empty only when caught up");
+                prop_assert_eq!(
+                    &got_seqs[..],
+                    &expected[..got_seqs.len()],
+                    "read must be the next events in order"
+                );
+                prop_assert_eq!(
+                    got_seqs.is_empty(),
+                    expected.is_empty(),
+                    "empty only when caught up"
+                );
                 for e in &got {
                     prop_assert_eq!(e.id, model.events[&e.seq].id);
                 }
@@ -181,7 +227,9 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 s.scanned_upto = s.scanned_upto.max(s.read_upto);
                 model.sinks[sink].in_flight.extend(got_seqs);
             }
-            Op::Ack { sink, pick } | Op::Reject { sink, pick } if model.sinks[sink as usize].in_flight.is_empty() => {
+            Op::Ack { sink, pick } | Op::Reject { sink, pick }
+                if model.sinks[sink as usize].in_flight.is_empty() =>
+            {
                 let _ = pick;
             }
             Op::Ack { sink, pick } => {
@@ -196,7 +244,9 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let sink = sink as usize;
                 let s = &mut model.sinks[sink];
                 let seq = s.in_flight.remove(pick as usize % s.in_flight.len());
-                journal.reject(SINKS[sink], seq, "model says no", 1).expect("reject");
+                journal
+                    .reject(SINKS[sink], seq, "model says no", 1)
+                    .expect("reject");
                 s.done.insert(seq);
                 model.dead.push((sink, model.events[&seq].id));
             }
@@ -231,7 +281,9 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 for (sink, id) in std::mem::take(&mut model.dead) {
                     let mut routed = [false; 2];
                     routed[sink] = true;
-                    model.events.insert(model.next_seq, ModelEvent { id, routed });
+                    model
+                        .events
+                        .insert(model.next_seq, ModelEvent { id, routed });
                     model.next_seq += 1;
                 }
             }
@@ -242,13 +294,24 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             prop_assert!(
                 lower <= cursor && cursor <= upper,
                 "cursor of {} is {}, model allows {}..={}",
-                SINKS[sink], cursor, lower, upper
+                SINKS[sink],
+                cursor,
+                lower,
+                upper
             );
             prop_assert!(cursor >= last_cursor[sink], "cursor moved backwards");
             last_cursor[sink] = cursor;
         }
-        let dead_ids: Vec<Uuid> = journal.dead_letters().expect("dead").iter().map(|d| d.id).collect();
-        prop_assert_eq!(dead_ids, model.dead.iter().map(|(_, id)| *id).collect::<Vec<_>>());
+        let dead_ids: Vec<Uuid> = journal
+            .dead_letters()
+            .expect("dead")
+            .iter()
+            .map(|d| d.id)
+            .collect();
+        prop_assert_eq!(
+            dead_ids,
+            model.dead.iter().map(|(_, id)| *id).collect::<Vec<_>>()
+        );
     }
 
     // Drain everything: each routed event is delivered or dead, nothing lost.
@@ -261,19 +324,36 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
             let seqs: Vec<u64> = batch.iter().map(|e| e.seq).collect();
             journal.ack(SINKS[sink], &seqs).expect("ack");
-            model.sinks[sink].delivered_ids.extend(batch.iter().map(|e| e.id));
+            model.sinks[sink]
+                .delivered_ids
+                .extend(batch.iter().map(|e| e.id));
         }
         let reached: BTreeSet<Uuid> = model.sinks[sink]
             .delivered_ids
             .iter()
             .copied()
-            .chain(model.dead.iter().filter(|(s, _)| *s == sink).map(|(_, id)| *id))
+            .chain(
+                model
+                    .dead
+                    .iter()
+                    .filter(|(s, _)| *s == sink)
+                    .map(|(_, id)| *id),
+            )
             .collect();
         for event in model.events.values().filter(|e| e.routed[sink]) {
-            prop_assert!(reached.contains(&event.id), "{} lost for sink {}", event.id, SINKS[sink]);
+            prop_assert!(
+                reached.contains(&event.id),
+                "{} lost for sink {}",
+                event.id,
+                SINKS[sink]
+            );
         }
     }
-    prop_assert_eq!(journal.stats().pending_events, 0, "delivered events are collected");
+    prop_assert_eq!(
+        journal.stats().pending_events,
+        0,
+        "delivered events are collected"
+    );
     let report = journal.verify();
     prop_assert!(report.is_ok(), "verify: {:?}", report.problems);
     Ok(())

@@ -1,0 +1,141 @@
+//! A damaged journal directory gives an error or a moved-aside journal,
+//! never a panic, and never silently loses what is still readable.
+
+use std::path::{Path, PathBuf};
+
+use buffer::{AppendRequest, EventClass, Journal, JournalConfig, JournalError, NewEvent};
+use uuid::Uuid;
+
+const EVENTS: u64 = 600;
+
+fn config(path: &Path) -> JournalConfig {
+    let mut config = JournalConfig::new(path);
+    config.sinks = vec!["erp".into()];
+    config
+}
+
+fn build(path: &Path) {
+    let journal = Journal::open(config(path)).expect("open");
+    let routes = journal.routes_all();
+    for chunk in 0..EVENTS / 50 {
+        let events = (chunk * 50..chunk * 50 + 50)
+            .map(|n| NewEvent {
+                id: Uuid::from_u128(n as u128 + 1),
+                class: EventClass::Business,
+                routes,
+                payload: format!("{{\"n\":{n},\"pad\":\"{}\"}}", "z".repeat(300)).into_bytes(),
+            })
+            .collect();
+        journal
+            .append_blocking(AppendRequest {
+                source: "s".into(),
+                events,
+                cursor: None,
+            })
+            .expect("append")
+            .expect("fits");
+    }
+    journal.close().expect("close");
+}
+
+/// Opens with move-aside; returns the events still readable (in order).
+fn reopen(path: &Path) -> (Vec<u64>, Option<PathBuf>) {
+    let (journal, aside) =
+        Journal::open_or_move_aside(config(path)).expect("a usable journal, old or fresh");
+    eprintln!(
+        "reopened: moved aside {aside:?}, {} chunks verified",
+        journal.verify().chunks
+    );
+    let report = journal.verify();
+    let mut ns = Vec::new();
+    let scan = journal.scan_events(0, |e| {
+        let v: serde_json::Value =
+            serde_json::from_slice(&e.payload).expect("stored payloads decode");
+        ns.push(v["n"].as_u64().expect("n"));
+        true
+    });
+    if scan.is_err() || !report.is_ok() {
+        eprintln!(
+            "journal reports problems (expected for damage): {:?} {:?}",
+            scan.err(),
+            report.problems
+        );
+    }
+    (ns, aside)
+}
+
+fn flip_bytes(file: &Path, at_fraction: f64, count: usize) {
+    let mut bytes = std::fs::read(file).expect("read");
+    let start = ((bytes.len() as f64) * at_fraction) as usize;
+    for b in bytes.iter_mut().skip(start).take(count) {
+        *b ^= 0xA5;
+    }
+    std::fs::write(file, bytes).expect("write");
+}
+
+fn assert_prefix_or_moved(ns: &[u64], aside: &Option<PathBuf>) {
+    match aside {
+        Some(old) => {
+            assert!(old.exists(), "the unreadable journal is kept, not deleted");
+            assert!(ns.is_empty(), "a fresh journal starts empty");
+        }
+        None => {
+            // What sled still reads must be a clean prefix, in order, no duplicates.
+            assert_eq!(
+                ns,
+                (0..ns.len() as u64).collect::<Vec<_>>(),
+                "readable part must be intact and in order"
+            );
+        }
+    }
+}
+
+#[test]
+fn truncated_log_recovers_a_prefix_or_moves_aside() {
+    for fraction in [0.9, 0.5, 0.1] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("journal");
+        build(&path);
+        let db = path.join("db");
+        let len = std::fs::metadata(&db).expect("db").len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&db)
+            .expect("open db")
+            .set_len((len as f64 * fraction) as u64)
+            .expect("truncate");
+        let (ns, aside) = reopen(&path);
+        assert_prefix_or_moved(&ns, &aside);
+    }
+}
+
+#[test]
+fn flipped_bytes_in_the_log_never_panic() {
+    for (fraction, count) in [(0.3, 64), (0.6, 4096), (0.95, 16)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("journal");
+        build(&path);
+        flip_bytes(&path.join("db"), fraction, count);
+        let (ns, aside) = reopen(&path);
+        assert_prefix_or_moved(&ns, &aside);
+    }
+}
+
+#[test]
+fn garbage_sled_config_moves_the_journal_aside_and_keeps_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("journal");
+    build(&path);
+    std::fs::write(path.join("conf"), b"\x00\x01this is not a sled config\xff")
+        .expect("write conf");
+    match Journal::open(config(&path)) {
+        Err(JournalError::Open { .. }) => {}
+        Err(other) => panic!("expected an open error, got {other}"),
+        Ok(_) => panic!("a garbage config must not open silently"),
+    }
+    let (ns, aside) = reopen(&path);
+    let aside = aside.expect("moved aside");
+    assert!(aside.join("db").exists(), "old log kept for recovery");
+    assert!(ns.is_empty());
+    assert!(path.join("db").exists(), "a fresh journal took its place");
+}
