@@ -1,1 +1,15 @@
-//! placeholder
+//! plant-edge's protocols: sources that turn PLC and MES signals into
+//! canonical events, sinks that deliver them, and the counter semantics
+//! every source shares.
+//!
+//! Sources never touch the journal's storage: they append through an
+//! [`buffer::Appender`] and act on the answer (acknowledge a handshake,
+//! advance a counter cursor) only once it says the events are durable.
+
+pub mod counter;
+pub mod sink;
+pub mod sinks;
+pub mod source;
+pub mod sources;
+
+pub use sink::{Sink, Verdict};

@@ -1,0 +1,51 @@
+//! The sink trait: where forwarders hand journal batches for delivery.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use buffer::PendingEvent;
+
+/// What a sink says about one event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Confirmed by the peer (PUBACK, HTTP 2xx, fsync): acknowledge it.
+    Delivered,
+    /// Not now (connection down, 5xx, 429): try again, after `after` if the
+    /// peer said when.
+    Retry {
+        /// Delay the peer asked for (Retry-After), if any.
+        after: Option<Duration>,
+        /// Why, for logs and status.
+        reason: String,
+    },
+    /// Never (4xx, refused topic): to the dead letters with the reason.
+    Rejected {
+        /// Why, kept with the dead letter.
+        reason: String,
+    },
+}
+
+impl Verdict {
+    /// A retry without a peer-given delay.
+    pub fn retry(reason: impl Into<String>) -> Self {
+        Self::Retry {
+            after: None,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A destination for events.
+///
+/// `deliver` gets events in journal order and returns one verdict per
+/// event, in the same order. A sink that must preserve order at its peer
+/// answers `Retry` for every event after the first one it could not
+/// deliver; the forwarder then re-sends exactly those, in order.
+#[async_trait]
+pub trait Sink: Send {
+    /// Delivers a batch; one verdict per event.
+    async fn deliver(&mut self, batch: &[PendingEvent]) -> Vec<Verdict>;
+
+    /// Flushes and releases resources at shutdown.
+    async fn close(&mut self) {}
+}

@@ -1,0 +1,3 @@
+//! Sink implementations.
+
+pub mod file;

@@ -1,0 +1,3 @@
+//! Source implementations.
+
+pub mod simulated;
