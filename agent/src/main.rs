@@ -1,1 +1,150 @@
-fn main() {}
+//! `plant-edge`: durable store-and-forward of production events from PLCs
+//! and MES to the ERP. See `plant-edge --help`.
+
+mod config;
+mod demo;
+mod forwarder;
+mod journal_cmd;
+mod logging;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, ConfigError, LogFormat};
+
+/// Exit code for a bad configuration (EX_CONFIG); systemd does not restart.
+const EXIT_CONFIG: u8 = 78;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "plant-edge",
+    version,
+    about = "Durable store-and-forward of production events from PLCs and MES to the ERP"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the agent until SIGTERM/SIGINT.
+    Run {
+        /// Config file.
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Log as JSON lines (overrides agent.log_format).
+        #[arg(long)]
+        json_logs: bool,
+    },
+    /// Check a config file: exit 0, or 78 naming the file, key and what was expected.
+    Validate {
+        /// Config file.
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Print a commented default configuration.
+    PrintConfig,
+    /// Inspect or repair a stopped agent's journal.
+    Journal {
+        #[command(flatten)]
+        target: journal_cmd::Target,
+        #[command(subcommand)]
+        command: journal_cmd::JournalCommand,
+    },
+    /// Run the whole pipeline locally (simulated lines → journal → archive) and reconcile.
+    Demo {
+        /// How long to produce events.
+        #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Keep the demo's state (journal, archive, config) here.
+        #[arg(long)]
+        state: Option<PathBuf>,
+    },
+}
+
+fn config_failure(e: &ConfigError) -> ExitCode {
+    eprintln!("plant-edge: invalid configuration: {e}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("plant-edge")
+        .build()
+}
+
+fn failure(e: anyhow::Error) -> ExitCode {
+    eprintln!("plant-edge: {e:#}");
+    ExitCode::FAILURE
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Validate { config } => match Config::load(&config) {
+            Ok(c) => {
+                println!(
+                    "{}: OK ({} sources, {} sinks)",
+                    config.display(),
+                    c.sources.len(),
+                    c.sinks.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => config_failure(&e),
+        },
+        Command::PrintConfig => {
+            print!("{}", config::DEFAULT_CONFIG);
+            ExitCode::SUCCESS
+        }
+        Command::Run { config, json_logs } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => return config_failure(&e),
+            };
+            logging::init(if json_logs {
+                LogFormat::Json
+            } else {
+                config.log_format
+            });
+            match runtime()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(run::run(config)))
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "plant-edge stopped on an error");
+                    failure(e)
+                }
+            }
+        }
+        Command::Journal { target, command } => {
+            logging::init(LogFormat::Text);
+            match journal_cmd::run(target, command) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => match e.downcast_ref::<ConfigError>() {
+                    Some(ce) => config_failure(ce),
+                    None => failure(e),
+                },
+            }
+        }
+        Command::Demo { duration, state } => {
+            logging::init(LogFormat::Text);
+            match runtime()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(demo::run(duration, state)))
+            {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => failure(e),
+            }
+        }
+    }
+}

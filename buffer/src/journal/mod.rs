@@ -169,6 +169,8 @@ pub struct JournalConfig {
     pub max_batch_events: usize,
     /// Sinks to register (a sink's cursor starts at the current end).
     pub sinks: Vec<String>,
+    /// How long open waits for another handle to release sled's lock.
+    pub lock_wait: Duration,
 }
 
 impl JournalConfig {
@@ -197,6 +199,7 @@ impl JournalConfig {
             channel_capacity: Self::DEFAULT_CHANNEL_CAPACITY,
             max_batch_events: Self::DEFAULT_MAX_BATCH_EVENTS,
             sinks: Vec::new(),
+            lock_wait: Duration::from_secs(5),
         }
     }
 }
@@ -403,7 +406,7 @@ impl Journal {
             .flush_every_ms(Some(1000));
         // sled releases its file lock only when its background threads let
         // go of the last handle, a moment after a close; wait that out.
-        let lock_deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let lock_deadline = std::time::Instant::now() + config.lock_wait;
         let tree = loop {
             let opened =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sled_config.open()))

@@ -1,0 +1,741 @@
+//! Configuration: TOML file → raw structs (serde, unknown keys refused) →
+//! checked [`Config`] (references resolved, bounds and paths checked).
+//!
+//! Every error names the file, the key and what was expected; `main` turns
+//! it into exit code 78 (EX_CONFIG) so systemd's `RestartPreventExitStatus`
+//! stops a restart loop on a bad config.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use protocols::counter::CounterWidth;
+use protocols::sinks::file::FileSinkConfig;
+use protocols::sources::simulated::SimulatedConfig;
+use serde::Deserialize;
+
+/// The commented default configuration (`plant-edge print-config`).
+pub const DEFAULT_CONFIG: &str = include_str!("../../packaging/plant-edge.toml");
+
+/// A configuration problem: which file, which key, what was expected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The config file.
+    pub file: PathBuf,
+    /// Dotted key path (`journal.max_bytes`), or `-` for the whole file.
+    pub key: String,
+    /// What the key should hold, or what went wrong.
+    pub expected: String,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{}: ", self.file.display(), line)?,
+            None => write!(f, "{}: ", self.file.display())?,
+        }
+        write!(f, "key `{}`: {}", self.key, self.expected)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/plant-edge")
+}
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_bytes() -> ByteSize {
+    ByteSize::gib(1)
+}
+fn default_cache() -> ByteSize {
+    ByteSize::mib(32)
+}
+fn default_dedup_window() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn default_dedup_window_count() -> usize {
+    200_000
+}
+fn default_batch_size() -> usize {
+    256
+}
+fn default_retry_initial() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_retry_max() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_rotate_bytes() -> ByteSize {
+    ByteSize::mib(64)
+}
+fn default_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_good_per_tick() -> u64 {
+    3
+}
+fn default_scrap_every() -> u64 {
+    10
+}
+fn default_counter_bits() -> u8 {
+    16
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Plain text lines (journald adds time and unit).
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    agent: RawAgent,
+    #[serde(default)]
+    journal: RawJournal,
+    #[serde(default)]
+    forwarder: RawForwarder,
+    #[serde(default)]
+    sinks: BTreeMap<String, RawSink>,
+    #[serde(default)]
+    sources: BTreeMap<String, RawSource>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    site: String,
+    gateway: String,
+    #[serde(default = "default_state_dir")]
+    state_dir: PathBuf,
+    #[serde(default)]
+    log_format: LogFormat,
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJournal {
+    #[serde(default = "default_max_bytes")]
+    max_bytes: ByteSize,
+    #[serde(default, with = "humantime_serde")]
+    ttl: Option<Duration>,
+    #[serde(default = "default_cache")]
+    cache: ByteSize,
+    #[serde(default = "default_dedup_window", with = "humantime_serde")]
+    dedup_window: Duration,
+    #[serde(default = "default_dedup_window_count")]
+    dedup_window_count: usize,
+    #[serde(default)]
+    telemetry_types: Vec<String>,
+}
+
+impl Default for RawJournal {
+    fn default() -> Self {
+        Self {
+            max_bytes: default_max_bytes(),
+            ttl: None,
+            cache: default_cache(),
+            dedup_window: default_dedup_window(),
+            dedup_window_count: default_dedup_window_count(),
+            telemetry_types: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawForwarder {
+    #[serde(default = "default_batch_size")]
+    batch_size: usize,
+    #[serde(default = "default_retry_initial", with = "humantime_serde")]
+    retry_initial: Duration,
+    #[serde(default = "default_retry_max", with = "humantime_serde")]
+    retry_max: Duration,
+    #[serde(default)]
+    max_attempts: Option<u32>,
+}
+
+impl Default for RawForwarder {
+    fn default() -> Self {
+        Self {
+            batch_size: default_batch_size(),
+            retry_initial: default_retry_initial(),
+            retry_max: default_retry_max(),
+            max_attempts: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+enum RawSink {
+    File(RawFileSink),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFileSink {
+    path: PathBuf,
+    #[serde(default = "default_rotate_bytes")]
+    rotate_bytes: ByteSize,
+    #[serde(default)]
+    keep_files: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+enum RawSource {
+    Simulated(RawSimulated),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSimulated {
+    line: String,
+    machine: String,
+    #[serde(default = "default_interval", with = "humantime_serde")]
+    interval: Duration,
+    #[serde(default = "default_good_per_tick")]
+    good_per_tick: u64,
+    #[serde(default = "default_scrap_every")]
+    scrap_every: u64,
+    #[serde(default = "default_counter_bits")]
+    counter_bits: u8,
+    #[serde(default)]
+    start: u64,
+    #[serde(default)]
+    sinks: Option<Vec<String>>,
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
+}
+
+/// Journal settings after checking.
+#[derive(Clone, Debug)]
+pub struct JournalSettings {
+    /// Bound on stored bytes.
+    pub max_bytes: u64,
+    /// Time-to-live of pending events.
+    pub ttl: Option<Duration>,
+    /// sled cache bound.
+    pub cache_bytes: u64,
+    /// Dedup window by age.
+    pub dedup_window: Duration,
+    /// Dedup window by count.
+    pub dedup_window_count: usize,
+    /// Event types treated as telemetry.
+    pub telemetry_types: BTreeSet<String>,
+}
+
+/// Forwarder settings after checking.
+#[derive(Clone, Debug)]
+pub struct ForwarderSettings {
+    /// Events per delivery.
+    pub batch_size: usize,
+    /// First retry delay.
+    pub retry_initial: Duration,
+    /// Retry delay cap.
+    pub retry_max: Duration,
+    /// Give up (dead-letter) after this many attempts; `None` retries until
+    /// the journal TTL expires the event.
+    pub max_attempts: Option<u32>,
+}
+
+/// A configured sink.
+#[derive(Clone, Debug)]
+pub enum SinkKind {
+    /// JSON-lines archive.
+    File(FileSinkConfig),
+}
+
+/// A configured sink with its name.
+#[derive(Clone, Debug)]
+pub struct SinkConfig {
+    /// Name (journal cursor key).
+    pub name: String,
+    /// What it is.
+    pub kind: SinkKind,
+}
+
+/// A configured source.
+#[derive(Clone, Debug)]
+pub enum SourceKind {
+    /// Simulated line.
+    Simulated(SimulatedConfig),
+}
+
+/// A configured source with its name and routing.
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    /// Name (cursor key, part of event ids).
+    pub name: String,
+    /// Sinks its events go to.
+    pub sinks: Vec<String>,
+    /// Static attributes.
+    pub attributes: BTreeMap<String, String>,
+    /// What it is.
+    pub kind: SourceKind,
+}
+
+/// The checked configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where it was read from.
+    pub file: PathBuf,
+    /// Site code.
+    pub site: String,
+    /// Gateway name.
+    pub gateway: String,
+    /// State directory (journal lives in `<state_dir>/journal`).
+    pub state_dir: PathBuf,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Bound on graceful shutdown.
+    pub shutdown_timeout: Duration,
+    /// Journal settings.
+    pub journal: JournalSettings,
+    /// Forwarder settings.
+    pub forwarder: ForwarderSettings,
+    /// Sinks, by name order.
+    pub sinks: Vec<SinkConfig>,
+    /// Sources, by name order.
+    pub sources: Vec<SourceConfig>,
+}
+
+impl Config {
+    /// The journal directory.
+    pub fn journal_dir(&self) -> PathBuf {
+        self.state_dir.join("journal")
+    }
+
+    /// Reads, parses and checks a config file.
+    pub fn load(file: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
+            file: file.to_owned(),
+            key: "-".into(),
+            expected: format!("a readable TOML file ({e})"),
+            line: None,
+        })?;
+        Self::parse(file, &text)
+    }
+
+    /// Parses and checks config text (`file` is for messages).
+    pub fn parse(file: &Path, text: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| toml_error(file, text, &e))?;
+        check(file, raw)
+    }
+}
+
+/// Turns a TOML/serde error into file, dotted key, line and message.
+fn toml_error(file: &Path, text: &str, error: &toml::de::Error) -> ConfigError {
+    let message = error.message().trim().to_owned();
+    let Some(span) = error.span() else {
+        return ConfigError {
+            file: file.to_owned(),
+            key: "-".into(),
+            expected: message,
+            line: None,
+        };
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line_no = before.matches('\n').count() + 1;
+    let mut table = String::new();
+    for line in before.lines() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            table = t.trim_matches(|c| c == '[' || c == ']').trim().to_owned();
+        }
+    }
+    let current = text.lines().nth(line_no - 1).unwrap_or("").trim();
+    let mut key = if current.starts_with('[') {
+        current
+            .trim_matches(|c| c == '[' || c == ']')
+            .trim()
+            .to_owned()
+    } else {
+        let name = current.split('=').next().unwrap_or("").trim();
+        match (table.is_empty(), name.is_empty()) {
+            (_, true) => table.clone(),
+            (true, false) => name.to_owned(),
+            (false, false) => format!("{table}.{name}"),
+        }
+    };
+    // serde names the offending field itself for unknown and missing ones.
+    if let Some(field) = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split('`').next())
+    {
+        if !key.ends_with(field) {
+            key = if table.is_empty() {
+                field.to_owned()
+            } else {
+                format!("{table}.{field}")
+            };
+        }
+    }
+    if let Some(field) = message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next())
+    {
+        key = if key.is_empty() {
+            field.to_owned()
+        } else {
+            format!("{key}.{field}")
+        };
+    }
+    if key.is_empty() {
+        key = "-".into();
+    }
+    ConfigError {
+        file: file.to_owned(),
+        key,
+        expected: message,
+        line: Some(line_no),
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// Whether `dir` (or, if absent, its nearest existing ancestor) accepts a
+/// new file. Probes with a real file: permission bits do not tell the whole
+/// truth (read-only mounts, ACLs, systemd's ProtectSystem).
+fn writable(dir: &Path) -> Result<(), String> {
+    let mut probe_dir = dir;
+    while !probe_dir.exists() {
+        match probe_dir.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => probe_dir = parent,
+            _ => return Ok(()),
+        }
+    }
+    if !probe_dir.is_dir() {
+        return Err(format!("{} is not a directory", probe_dir.display()));
+    }
+    let probe = probe_dir.join(format!(".plant-edge-probe-{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => Err(format!("{} is not writable: {e}", probe_dir.display())),
+    }
+}
+
+fn check(file: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
+    let err = |key: &str, expected: String| ConfigError {
+        file: file.to_owned(),
+        key: key.to_owned(),
+        expected,
+        line: None,
+    };
+    for (key, value) in [
+        ("agent.site", &raw.agent.site),
+        ("agent.gateway", &raw.agent.gateway),
+    ] {
+        if !valid_name(value) {
+            return Err(err(
+                key,
+                format!("1-64 letters, digits, '-' or '_', found {value:?}"),
+            ));
+        }
+    }
+    writable(&raw.agent.state_dir)
+        .map_err(|why| err("agent.state_dir", format!("a writable directory ({why})")))?;
+    if raw.agent.shutdown_timeout.is_zero() || raw.agent.shutdown_timeout > Duration::from_secs(300)
+    {
+        return Err(err(
+            "agent.shutdown_timeout",
+            "a duration between 1s and 5m".into(),
+        ));
+    }
+
+    let j = &raw.journal;
+    if j.max_bytes.as_u64() < ByteSize::mib(1).as_u64() {
+        return Err(err(
+            "journal.max_bytes",
+            format!("at least 1MiB, found {}", j.max_bytes),
+        ));
+    }
+    if j.cache.as_u64() < ByteSize::mib(1).as_u64() || j.cache.as_u64() > ByteSize::gib(4).as_u64()
+    {
+        return Err(err(
+            "journal.cache",
+            format!("between 1MiB and 4GiB, found {}", j.cache),
+        ));
+    }
+    if let Some(ttl) = j.ttl {
+        if ttl < Duration::from_secs(60) {
+            return Err(err(
+                "journal.ttl",
+                "at least 1m (or leave it out for no expiry)".into(),
+            ));
+        }
+    }
+    if j.dedup_window_count == 0 || j.dedup_window_count > 10_000_000 {
+        return Err(err(
+            "journal.dedup_window_count",
+            "between 1 and 10000000".into(),
+        ));
+    }
+    for t in &j.telemetry_types {
+        if t == buffer::EventType::COMPLETION || t == buffer::EventType::SCRAP {
+            return Err(err(
+                "journal.telemetry_types",
+                format!("event types that may be dropped when full; {t} is a business event and is never dropped"),
+            ));
+        }
+    }
+
+    let f = &raw.forwarder;
+    if f.batch_size == 0 || f.batch_size > 10_000 {
+        return Err(err(
+            "forwarder.batch_size",
+            format!("between 1 and 10000, found {}", f.batch_size),
+        ));
+    }
+    if f.retry_initial.is_zero() || f.retry_initial > f.retry_max {
+        return Err(err(
+            "forwarder.retry_initial",
+            "a duration above 0 and not above forwarder.retry_max".into(),
+        ));
+    }
+
+    if raw.sinks.is_empty() {
+        return Err(err(
+            "sinks",
+            "at least one sink, e.g. [sinks.archive] with kind = \"file\"".into(),
+        ));
+    }
+    if raw.sinks.len() > buffer::journal::MAX_SINKS {
+        return Err(err(
+            "sinks",
+            format!("at most {} sinks", buffer::journal::MAX_SINKS),
+        ));
+    }
+    let mut sinks = Vec::new();
+    for (name, sink) in raw.sinks {
+        let key = format!("sinks.{name}");
+        if !valid_name(&name) {
+            return Err(err(
+                &key,
+                "a name of 1-64 letters, digits, '-' or '_'".into(),
+            ));
+        }
+        let kind = match sink {
+            RawSink::File(fs) => {
+                let dir = fs.path.parent().unwrap_or(Path::new("."));
+                if fs.path.file_name().is_none() {
+                    return Err(err(&format!("{key}.path"), "a file path".into()));
+                }
+                writable(dir).map_err(|why| {
+                    err(
+                        &format!("{key}.path"),
+                        format!("a file in a writable directory ({why})"),
+                    )
+                })?;
+                if fs.rotate_bytes.as_u64() < 4096 {
+                    return Err(err(&format!("{key}.rotate_bytes"), "at least 4KiB".into()));
+                }
+                if fs.keep_files == Some(0) {
+                    return Err(err(
+                        &format!("{key}.keep_files"),
+                        "at least 1 (or leave it out to keep all)".into(),
+                    ));
+                }
+                SinkKind::File(FileSinkConfig {
+                    path: fs.path,
+                    rotate_bytes: fs.rotate_bytes.as_u64(),
+                    keep_files: fs.keep_files,
+                })
+            }
+        };
+        sinks.push(SinkConfig { name, kind });
+    }
+    let sink_names: Vec<String> = sinks.iter().map(|s| s.name.clone()).collect();
+
+    let mut sources = Vec::new();
+    for (name, source) in raw.sources {
+        let key = format!("sources.{name}");
+        if !valid_name(&name) {
+            return Err(err(
+                &key,
+                "a name of 1-64 letters, digits, '-' or '_'".into(),
+            ));
+        }
+        match source {
+            RawSource::Simulated(sim) => {
+                let routed = sim.sinks.unwrap_or_else(|| sink_names.clone());
+                if let Some(missing) = routed.iter().find(|s| !sink_names.contains(s)) {
+                    return Err(err(
+                        &format!("{key}.sinks"),
+                        format!(
+                            "names of configured sinks ({}), found {missing:?}",
+                            sink_names.join(", ")
+                        ),
+                    ));
+                }
+                if routed.is_empty() {
+                    return Err(err(&format!("{key}.sinks"), "at least one sink".into()));
+                }
+                if sim.interval < Duration::from_millis(10) {
+                    return Err(err(&format!("{key}.interval"), "at least 10ms".into()));
+                }
+                let width = match sim.counter_bits {
+                    16 => CounterWidth::U16,
+                    32 => CounterWidth::U32,
+                    64 => CounterWidth::U64,
+                    other => {
+                        return Err(err(
+                            &format!("{key}.counter_bits"),
+                            format!("16, 32 or 64, found {other}"),
+                        ))
+                    }
+                };
+                sources.push(SourceConfig {
+                    name,
+                    sinks: routed,
+                    attributes: sim.attributes,
+                    kind: SourceKind::Simulated(SimulatedConfig {
+                        line: sim.line,
+                        machine: sim.machine,
+                        interval: sim.interval,
+                        good_per_tick: sim.good_per_tick,
+                        scrap_every: sim.scrap_every,
+                        width,
+                        start: sim.start,
+                    }),
+                });
+            }
+        }
+    }
+
+    Ok(Config {
+        file: file.to_owned(),
+        site: raw.agent.site,
+        gateway: raw.agent.gateway,
+        state_dir: raw.agent.state_dir,
+        log_format: raw.agent.log_format,
+        shutdown_timeout: raw.agent.shutdown_timeout,
+        journal: JournalSettings {
+            max_bytes: j.max_bytes.as_u64(),
+            ttl: j.ttl,
+            cache_bytes: j.cache.as_u64(),
+            dedup_window: j.dedup_window,
+            dedup_window_count: j.dedup_window_count,
+            telemetry_types: j.telemetry_types.iter().cloned().collect(),
+        },
+        forwarder: ForwarderSettings {
+            batch_size: f.batch_size,
+            retry_initial: f.retry_initial,
+            retry_max: f.retry_max,
+            max_attempts: f.max_attempts,
+        },
+        sinks,
+        sources,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("test.toml"), text)
+    }
+
+    const MINIMAL: &str = r#"
+[agent]
+site = "plant1"
+gateway = "gw1"
+state_dir = "/tmp/plant-edge-config-test"
+
+[sinks.archive]
+kind = "file"
+path = "/tmp/plant-edge-config-test/archive/events.jsonl"
+"#;
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let config = parse(MINIMAL).expect("valid");
+        assert_eq!(config.journal.max_bytes, 1 << 30);
+        assert_eq!(config.journal.cache_bytes, 32 << 20);
+        assert_eq!(config.forwarder.batch_size, 256);
+        assert_eq!(config.sinks.len(), 1);
+    }
+
+    #[test]
+    fn sizes_and_durations_are_human() {
+        let text = format!("{MINIMAL}\n[journal]\nmax_bytes = \"512MiB\"\nttl = \"30d\"\ndedup_window = \"2h 30m\"\n");
+        let config = parse(&text).expect("valid");
+        assert_eq!(config.journal.max_bytes, 512 << 20);
+        assert_eq!(config.journal.ttl, Some(Duration::from_secs(30 * 86400)));
+        assert_eq!(config.journal.dedup_window, Duration::from_secs(9000));
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_table() {
+        let text = format!("{MINIMAL}\n[journal]\nmax_byte = \"1GiB\"\n");
+        let e = parse(&text).expect_err("unknown key");
+        assert_eq!(e.key, "journal.max_byte", "{e}");
+        assert!(e.expected.contains("max_bytes"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_inside_a_tagged_sink_is_refused() {
+        let text = MINIMAL.replace("kind = \"file\"", "kind = \"file\"\nrotate = 5");
+        let e = parse(&text).expect_err("unknown key");
+        assert!(e.to_string().contains("rotate"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_names_the_key() {
+        let text = format!("{MINIMAL}\n[forwarder]\nretry_max = \"soon\"\n");
+        let e = parse(&text).expect_err("bad duration");
+        assert_eq!(e.key, "forwarder.retry_max", "{e}");
+    }
+
+    #[test]
+    fn source_routed_to_missing_sink_is_refused() {
+        let text = format!("{MINIMAL}\n[sources.line1]\nkind = \"simulated\"\nline = \"L1\"\nmachine = \"m\"\nsinks = [\"erp\"]\n");
+        let e = parse(&text).expect_err("missing sink");
+        assert_eq!(e.key, "sources.line1.sinks");
+        assert!(e.expected.contains("archive"), "{e}");
+    }
+
+    #[test]
+    fn completion_cannot_be_declared_telemetry() {
+        let text = format!("{MINIMAL}\n[journal]\ntelemetry_types = [\"production.completion\"]\n");
+        assert_eq!(
+            parse(&text).expect_err("business").key,
+            "journal.telemetry_types"
+        );
+    }
+
+    #[test]
+    fn shipped_default_config_is_valid() {
+        let text =
+            DEFAULT_CONFIG.replace("/var/lib/plant-edge", "/tmp/plant-edge-default-config-test");
+        parse(&text).expect("the packaged default config must validate");
+    }
+}

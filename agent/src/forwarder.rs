@@ -1,0 +1,219 @@
+//! One forwarder per sink: read a batch at the sink's cursor, deliver it,
+//! act on each verdict. Delivered → ack; Rejected → dead letter; Retry →
+//! back off (exponential, full jitter, capped, honouring the peer's delay)
+//! and re-send exactly the events still owed, in order.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use buffer::{Journal, PendingEvent};
+use protocols::{Sink, Verdict};
+use tokio::sync::watch;
+
+use crate::config::ForwarderSettings;
+
+/// What a forwarder is doing, for progress lines and status.
+#[derive(Clone, Debug, Default)]
+pub struct ForwarderStatus {
+    /// Events this forwarder saw delivered since start.
+    pub delivered: u64,
+    /// Events it dead-lettered since start.
+    pub rejected: u64,
+    /// Retries since start.
+    pub retries: u64,
+    /// Last transient failure, while it is retrying.
+    pub retrying: Option<String>,
+}
+
+/// Shared handle to a forwarder's status.
+pub type SharedStatus = Arc<Mutex<ForwarderStatus>>;
+
+fn backoff(settings: &ForwarderSettings, attempt: u32, peer_delay: Option<Duration>) -> Duration {
+    let exp = settings
+        .retry_initial
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(settings.retry_max);
+    // Full jitter over the upper half: spreads gateways that lost the same
+    // link at the same moment, without ever retrying at once.
+    let jittered = exp / 2 + exp.mul_f64(fastrand::f64() / 2.0);
+    // A peer that names its delay (Retry-After) gets at least that, even
+    // beyond retry_max: it knows its own outage better than we do.
+    peer_delay.map_or(jittered, |d| d.max(jittered))
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(value) => value,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+/// Runs until `stop` becomes true; the batch in hand is finished first
+/// (delivered or left in the journal), never abandoned half-acknowledged.
+pub async fn run(
+    journal: Journal,
+    sink_name: String,
+    mut sink: Box<dyn Sink>,
+    settings: ForwarderSettings,
+    mut stop: watch::Receiver<bool>,
+    status: SharedStatus,
+) {
+    let mut durable = journal.durable_watch();
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        durable.borrow_and_update();
+        let batch = {
+            let (journal, name, size) = (journal.clone(), sink_name.clone(), settings.batch_size);
+            blocking(move || journal.read_batch(&name, size)).await
+        };
+        let batch = match batch {
+            Ok(batch) => batch,
+            Err(e) => {
+                tracing::error!(sink = %sink_name, error = %e, "reading the journal failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(settings.retry_max) => {}
+                    _ = stop.changed() => {}
+                }
+                continue;
+            }
+        };
+        if batch.is_empty() {
+            tokio::select! {
+                _ = durable.changed() => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
+        if !deliver_batch(
+            &journal,
+            &sink_name,
+            sink.as_mut(),
+            &settings,
+            &mut stop,
+            &status,
+            batch,
+        )
+        .await
+        {
+            break;
+        }
+    }
+    sink.close().await;
+    tracing::info!(sink = %sink_name, "forwarder stopped");
+}
+
+/// Delivers one batch to the end; returns false if stopped while backing off
+/// (the unacknowledged rest stays in the journal for the next start).
+async fn deliver_batch(
+    journal: &Journal,
+    sink_name: &str,
+    sink: &mut dyn Sink,
+    settings: &ForwarderSettings,
+    stop: &mut watch::Receiver<bool>,
+    status: &SharedStatus,
+    batch: Vec<PendingEvent>,
+) -> bool {
+    let mut owed = batch;
+    let mut attempt: u32 = 0;
+    loop {
+        let verdicts = sink.deliver(&owed).await;
+        let mut delivered = Vec::new();
+        let mut rejected = Vec::new();
+        let mut retry = Vec::new();
+        let mut peer_delay = None;
+        let mut reason = String::new();
+        for (event, verdict) in owed
+            .into_iter()
+            .zip(verdicts.into_iter().chain(std::iter::repeat(Verdict::retry(
+                "sink returned too few verdicts",
+            ))))
+        {
+            match verdict {
+                Verdict::Delivered => delivered.push(event.seq),
+                Verdict::Rejected { reason } => rejected.push((event.seq, reason)),
+                Verdict::Retry { after, reason: why } => {
+                    peer_delay = peer_delay.max(after);
+                    reason = why;
+                    retry.push(event);
+                }
+            }
+        }
+        attempt += 1;
+        if let Some(max) = settings.max_attempts {
+            if attempt >= max && !retry.is_empty() {
+                let why = format!("gave up after {attempt} attempts: {reason}");
+                rejected.extend(retry.drain(..).map(|e| (e.seq, why.clone())));
+            }
+        }
+        let (n_delivered, n_rejected) = (delivered.len() as u64, rejected.len() as u64);
+        let result = {
+            let (journal, name) = (journal.clone(), sink_name.to_owned());
+            blocking(move || -> Result<(), buffer::JournalError> {
+                journal.ack(&name, &delivered)?;
+                for (seq, why) in rejected {
+                    journal.reject(&name, seq, &why, attempt)?;
+                }
+                Ok(())
+            })
+            .await
+        };
+        if let Err(e) = result {
+            // The events stay owed; they will be re-read from the journal.
+            tracing::error!(sink = %sink_name, error = %e, "recording delivery in the journal failed");
+        }
+        {
+            let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
+            s.delivered += n_delivered;
+            s.rejected += n_rejected;
+            s.retrying = (!retry.is_empty()).then(|| reason.clone());
+            if !retry.is_empty() {
+                s.retries += 1;
+            }
+        }
+        if retry.is_empty() {
+            return true;
+        }
+        let wait = backoff(settings, attempt - 1, peer_delay);
+        tracing::warn!(sink = %sink_name, events = retry.len(), attempt, wait_ms = wait.as_millis() as u64, reason = %reason, "delivery failed; retrying");
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => {
+                if *stop.borrow() {
+                    return false;
+                }
+            }
+        }
+        owed = retry;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_honours_the_peer() {
+        let settings = ForwarderSettings {
+            batch_size: 10,
+            retry_initial: Duration::from_millis(100),
+            retry_max: Duration::from_secs(2),
+            max_attempts: None,
+        };
+        for attempt in 0..20 {
+            let d = backoff(&settings, attempt, None);
+            let cap = Duration::from_millis(100)
+                .saturating_mul(1 << attempt.min(16))
+                .min(Duration::from_secs(2));
+            assert!(
+                d >= cap / 2 && d <= cap,
+                "attempt {attempt}: {d:?} vs cap {cap:?}"
+            );
+        }
+        assert_eq!(
+            backoff(&settings, 0, Some(Duration::from_secs(30))),
+            Duration::from_secs(30)
+        );
+    }
+}

@@ -1,0 +1,286 @@
+//! `plant-edge journal ...`: inspect and repair a stopped agent's journal.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use buffer::{Journal, JournalConfig, JournalError};
+use clap::{Args, Subcommand};
+
+use crate::config::Config;
+
+/// Which journal: from a config file or a state directory.
+#[derive(Args, Debug)]
+pub struct Target {
+    /// Config file (its agent.state_dir is used).
+    #[arg(short, long, conflicts_with = "state")]
+    config: Option<PathBuf>,
+    /// State directory (holds `journal/`).
+    #[arg(long)]
+    state: Option<PathBuf>,
+}
+
+/// Journal subcommands.
+#[derive(Subcommand, Debug)]
+pub enum JournalCommand {
+    /// Figures: pending, bytes, sink cursors, dead letters, counters.
+    Stats {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pending events, oldest first.
+    List {
+        /// First sequence to list.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// Most events to list.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// One event's CloudEvents JSON, by id (UUID) or sequence number.
+    Show {
+        /// Event id or sequence.
+        id: String,
+    },
+    /// Check sequences, decoding and cursors; exit 1 on problems.
+    Verify,
+    /// Pending events as JSON lines (CloudEvents), to stdout or a file.
+    Export {
+        /// Output file (default stdout).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Rejected and expired events.
+    #[command(subcommand)]
+    DeadLetters(DeadLetterCommand),
+}
+
+/// Dead-letter subcommands.
+#[derive(Subcommand, Debug)]
+pub enum DeadLetterCommand {
+    /// One line per dead letter: number, sink, reason, id.
+    List {
+        /// Print JSON lines with the event included.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send dead letters again (same id) to the sink that refused them.
+    Requeue {
+        /// Dead-letter numbers.
+        numbers: Vec<u64>,
+        /// All of them.
+        #[arg(long, conflicts_with = "numbers")]
+        all: bool,
+    },
+    /// Delete dead letters for good.
+    Purge {
+        /// Dead-letter numbers.
+        numbers: Vec<u64>,
+        /// All of them.
+        #[arg(long, conflicts_with = "numbers")]
+        all: bool,
+    },
+}
+
+fn open(target: &Target) -> anyhow::Result<Journal> {
+    let dir = match (&target.config, &target.state) {
+        (Some(file), _) => Config::load(file)?.journal_dir(),
+        (None, Some(state)) => state.join("journal"),
+        (None, None) => bail!("say which journal: -c CONFIG or --state DIR"),
+    };
+    if !dir.join("db").exists() {
+        bail!("no journal at {}", dir.display());
+    }
+    let mut jc = JournalConfig::new(&dir);
+    jc.lock_wait = Duration::from_millis(500);
+    match Journal::open(jc) {
+        Ok(journal) => Ok(journal),
+        Err(JournalError::Locked { path }) => bail!(
+            "the journal at {} is in use; stop the agent first (systemctl stop plant-edge)",
+            path.display()
+        ),
+        Err(e) => Err(e).context("opening the journal"),
+    }
+}
+
+/// Runs a journal command; `Ok(false)` means "ran, found problems".
+pub fn run(target: Target, command: JournalCommand) -> anyhow::Result<bool> {
+    let journal = open(&target)?;
+    let mut out = std::io::stdout().lock();
+    match command {
+        JournalCommand::Stats { json } => {
+            let s = journal.stats();
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&s)?)?;
+            } else {
+                writeln!(out, "pending events     {}", s.pending_events)?;
+                writeln!(
+                    out,
+                    "pending bytes      {} of {} (with dead letters: {})",
+                    s.pending_bytes, s.max_bytes, s.used_bytes
+                )?;
+                writeln!(
+                    out,
+                    "oldest pending     {}",
+                    s.oldest_pending_age_ms
+                        .map(
+                            |ms| humantime::format_duration(Duration::from_secs(ms / 1000))
+                                .to_string()
+                        )
+                        .unwrap_or_else(|| "-".into())
+                )?;
+                writeln!(out, "next sequence      {}", s.next_seq)?;
+                writeln!(
+                    out,
+                    "dead letters       {} ({} bytes)",
+                    s.dead_letters, s.dead_letter_bytes
+                )?;
+                writeln!(out, "dedup window ids   {}", s.dedup_ids)?;
+                for sink in &s.sinks {
+                    writeln!(
+                        out,
+                        "sink {:<13} cursor {} backlog {}",
+                        sink.name, sink.cursor, sink.backlog
+                    )?;
+                }
+                let c = s.counters;
+                writeln!(out, "appended {} duplicates {} delivered {} rejected {} expired {} dropped-telemetry {} held-for-space {} requeued {} purged {} orphaned {} quarantined {}",
+                    c.appended, c.duplicates, c.delivered, c.rejected, c.expired, c.dropped_telemetry, c.backpressured, c.requeued, c.purged, c.orphaned, c.quarantined)?;
+            }
+        }
+        JournalCommand::List { from, limit } => {
+            for e in journal.list(from, limit)? {
+                writeln!(
+                    out,
+                    "{:>10}  {}  {:<24} {:<22} {:<9} {}  {} B",
+                    e.seq,
+                    e.id,
+                    e.event_type,
+                    e.source,
+                    format!("{:?}", e.class).to_lowercase(),
+                    e.appended,
+                    e.bytes
+                )?;
+            }
+        }
+        JournalCommand::Show { id } => {
+            let found = match id.parse::<u64>() {
+                Ok(seq) => journal.find(None, Some(seq))?,
+                Err(_) => {
+                    let uuid = buffer::journal::parse_id(&id).with_context(|| {
+                        format!("{id:?} is neither a sequence number nor a UUID")
+                    })?;
+                    let pending = journal.find(Some(uuid), None)?;
+                    match pending {
+                        Some(p) => Some(p),
+                        None => {
+                            if let Some(d) =
+                                journal.dead_letters()?.into_iter().find(|d| d.id == uuid)
+                            {
+                                writeln!(
+                                    out,
+                                    "# dead letter {} (sink {}, reason: {})",
+                                    d.number, d.sink, d.reason
+                                )?;
+                                out.write_all(&d.payload)?;
+                                writeln!(out)?;
+                                return Ok(true);
+                            }
+                            None
+                        }
+                    }
+                }
+            };
+            match found {
+                Some(e) => {
+                    let value: serde_json::Value =
+                        serde_json::from_slice(&e.payload).unwrap_or(serde_json::Value::Null);
+                    writeln!(out, "# seq {} source {}", e.seq, e.source)?;
+                    writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
+                }
+                None => bail!("no pending event or dead letter {id}"),
+            }
+        }
+        JournalCommand::Verify => {
+            let report = journal.verify();
+            writeln!(
+                out,
+                "{} chunks, {} pending events, {} dead letters checked",
+                report.chunks, report.events, report.dead_letters
+            )?;
+            for p in &report.problems {
+                writeln!(out, "PROBLEM: {p}")?;
+            }
+            if report.is_ok() {
+                writeln!(out, "journal OK")?;
+            }
+            return Ok(report.is_ok());
+        }
+        JournalCommand::Export { out: file } => {
+            let mut sink: Box<dyn Write> = match file {
+                Some(path) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(&path)
+                        .with_context(|| format!("creating {}", path.display()))?,
+                )),
+                None => Box::new(std::io::stdout().lock()),
+            };
+            let mut failure = None;
+            let mut count = 0u64;
+            journal.scan_events(0, |e| {
+                let r = sink
+                    .write_all(&e.payload)
+                    .and_then(|_| sink.write_all(b"\n"));
+                count += 1;
+                match r {
+                    Ok(()) => true,
+                    Err(err) => {
+                        failure = Some(err);
+                        false
+                    }
+                }
+            })?;
+            if let Some(e) = failure {
+                return Err(e).context("writing the export");
+            }
+            sink.flush()?;
+            eprintln!("exported {count} events");
+        }
+        JournalCommand::DeadLetters(cmd) => match cmd {
+            DeadLetterCommand::List { json } => {
+                for d in journal.dead_letters()? {
+                    if json {
+                        let event: serde_json::Value =
+                            serde_json::from_slice(&d.payload).unwrap_or(serde_json::Value::Null);
+                        let mut v = serde_json::to_value(&d)?;
+                        v["event"] = event;
+                        writeln!(out, "{v}")?;
+                    } else {
+                        writeln!(
+                            out,
+                            "{:>6}  {}  sink={} attempts={} at={}  {}  reason: {}",
+                            d.number, d.id, d.sink, d.attempts, d.dead_at, d.source, d.reason
+                        )?;
+                    }
+                }
+            }
+            DeadLetterCommand::Requeue { numbers, all } => {
+                if !all && numbers.is_empty() {
+                    bail!("name dead-letter numbers or pass --all");
+                }
+                let n = journal.requeue_dead_letters((!all).then_some(&numbers[..]))?;
+                writeln!(out, "requeued {n} dead letters")?;
+            }
+            DeadLetterCommand::Purge { numbers, all } => {
+                if !all && numbers.is_empty() {
+                    bail!("name dead-letter numbers or pass --all");
+                }
+                let n = journal.purge_dead_letters((!all).then_some(&numbers[..]))?;
+                writeln!(out, "purged {n} dead letters")?;
+            }
+        },
+    }
+    journal.close()?;
+    Ok(true)
+}

@@ -1,0 +1,218 @@
+//! Wiring: journal, writer, forwarders, sources; and orderly shutdown.
+//!
+//! Shutdown order keeps the contract: sources stop first (no new appends,
+//! nothing acknowledged to a PLC that is not durable), the writer commits
+//! what it holds and ends once every appender is dropped, forwarders finish
+//! the batch in hand, then the journal is synced. Everything is bounded by
+//! `agent.shutdown_timeout`; what is not delivered by then stays in the
+//! journal for the next start.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use buffer::{Journal, JournalConfig};
+use protocols::sinks::file::FileSink;
+use protocols::source::{Classifier, SourceContext};
+use protocols::sources::simulated::{self, Tally};
+use protocols::Sink;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, SinkKind, SourceKind};
+use crate::forwarder::{self, SharedStatus};
+
+/// Journal settings from the agent config.
+pub fn journal_config(config: &Config) -> JournalConfig {
+    let mut jc = JournalConfig::new(config.journal_dir());
+    jc.max_bytes = config.journal.max_bytes;
+    jc.ttl = config.journal.ttl;
+    jc.cache_bytes = config.journal.cache_bytes;
+    jc.dedup_window = config.journal.dedup_window;
+    jc.dedup_window_count = config.journal.dedup_window_count;
+    jc.sinks = config.sinks.iter().map(|s| s.name.clone()).collect();
+    jc
+}
+
+/// A started agent.
+pub struct RunningAgent {
+    /// The journal (for stats).
+    pub journal: Journal,
+    /// Parts counted per (line, type) by simulated sources.
+    pub tally: Tally,
+    /// Per-sink forwarder status.
+    pub forwarders: BTreeMap<String, SharedStatus>,
+    stop_sources: watch::Sender<bool>,
+    stop_forwarders: watch::Sender<bool>,
+    sources: Vec<JoinHandle<()>>,
+    forwarder_tasks: Vec<JoinHandle<()>>,
+    writer: JoinHandle<()>,
+    shutdown_timeout: Duration,
+}
+
+fn build_sink(kind: &SinkKind) -> anyhow::Result<Box<dyn Sink>> {
+    Ok(match kind {
+        SinkKind::File(fc) => Box::new(FileSink::open(fc.clone())?),
+    })
+}
+
+impl RunningAgent {
+    /// Opens the journal and starts everything.
+    pub async fn start(config: &Config) -> anyhow::Result<Self> {
+        let jc = journal_config(config);
+        let (journal, moved) = tokio::task::spawn_blocking(move || Journal::open_or_move_aside(jc))
+            .await
+            .context("journal open task")?
+            .with_context(|| {
+                format!("opening the journal in {}", config.journal_dir().display())
+            })?;
+        if let Some(old) = moved {
+            tracing::error!(old = %old.display(), "started with a FRESH journal; the unreadable one was kept at this path");
+        }
+        for registered in journal.sink_names() {
+            if !config.sinks.iter().any(|s| s.name == registered) {
+                let j = journal.clone();
+                let name = registered.clone();
+                let orphaned = tokio::task::spawn_blocking(move || j.retire_sink(&name)).await??;
+                tracing::warn!(sink = %registered, orphaned, "sink no longer configured; its undelivered events are in the dead letters");
+            }
+        }
+        let stats = journal.stats();
+        tracing::info!(
+            journal = %config.journal_dir().display(),
+            pending = stats.pending_events,
+            dead_letters = stats.dead_letters,
+            next_seq = stats.next_seq,
+            "journal open"
+        );
+
+        let (stop_forwarders, stop_fw_rx) = watch::channel(false);
+        let mut forwarders = BTreeMap::new();
+        let mut forwarder_tasks = Vec::new();
+        for sink in &config.sinks {
+            let built =
+                build_sink(&sink.kind).with_context(|| format!("starting sink {}", sink.name))?;
+            let status: SharedStatus = Arc::default();
+            forwarders.insert(sink.name.clone(), status.clone());
+            forwarder_tasks.push(tokio::spawn(forwarder::run(
+                journal.clone(),
+                sink.name.clone(),
+                built,
+                config.forwarder.clone(),
+                stop_fw_rx.clone(),
+                status,
+            )));
+        }
+
+        let (appender, writer) = journal.start_writer();
+        let (stop_sources, stop_src_rx) = watch::channel(false);
+        let tally: Tally = Arc::new(Mutex::new(BTreeMap::new()));
+        let classifier = Classifier {
+            telemetry_types: config.journal.telemetry_types.clone(),
+        };
+        let mut sources = Vec::new();
+        for source in &config.sources {
+            let ctx = SourceContext {
+                site: config.site.clone(),
+                gateway: config.gateway.clone(),
+                name: source.name.clone(),
+                attributes: source.attributes.clone(),
+                routes: journal.routes_for(&source.sinks)?,
+                classifier: classifier.clone(),
+                appender: appender.clone(),
+                initial_cursor: journal.source_cursor(&source.name)?,
+                shutdown: stop_src_rx.clone(),
+            };
+            match &source.kind {
+                SourceKind::Simulated(sc) => {
+                    sources.push(tokio::spawn(simulated::run(ctx, sc.clone(), tally.clone())));
+                }
+            }
+        }
+        if config.sources.is_empty() {
+            tracing::warn!(
+                "no sources configured: forwarding what the journal holds, reading nothing new"
+            );
+        }
+        tracing::info!(config = %config.file.display(), sources = config.sources.len(), sinks = config.sinks.len(), "plant-edge running");
+        Ok(Self {
+            journal,
+            tally,
+            forwarders,
+            stop_sources,
+            stop_forwarders,
+            sources,
+            forwarder_tasks,
+            writer,
+            shutdown_timeout: config.shutdown_timeout,
+        })
+    }
+
+    /// Stops sources only; forwarders keep delivering (used to drain).
+    pub async fn stop_sources(&mut self) {
+        let _ = self.stop_sources.send(true);
+        for task in self.sources.drain(..) {
+            let _ = task.await;
+        }
+    }
+
+    /// Orderly stop within the shutdown bound. Returns false if the bound
+    /// was hit (what was not delivered stays in the journal).
+    pub async fn stop(mut self) -> bool {
+        let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
+        let _ = self.stop_sources.send(true);
+        let mut in_time = true;
+        for task in self.sources.drain(..) {
+            in_time &= tokio::time::timeout_at(deadline, task).await.is_ok();
+        }
+        // Sources are gone, so every appender clone is dropped: the writer
+        // commits what it holds and ends.
+        in_time &= tokio::time::timeout_at(deadline, &mut self.writer)
+            .await
+            .is_ok();
+        let _ = self.stop_forwarders.send(true);
+        for task in self.forwarder_tasks.drain(..) {
+            in_time &= tokio::time::timeout_at(deadline, task).await.is_ok();
+        }
+        let journal = self.journal.clone();
+        match tokio::task::spawn_blocking(move || journal.close()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "final journal sync failed");
+                in_time = false;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "final journal sync task failed");
+                in_time = false;
+            }
+        }
+        if !in_time {
+            tracing::warn!(timeout = ?self.shutdown_timeout, "shutdown bound reached; undelivered events stay in the journal");
+        }
+        in_time
+    }
+}
+
+/// `plant-edge run`: until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let agent = RunningAgent::start(&config).await?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let mut report = tokio::time::interval(Duration::from_secs(60));
+    report.tick().await;
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
+            _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping"); break; }
+            _ = report.tick() => {
+                let s = agent.journal.stats();
+                tracing::info!(pending = s.pending_events, appended = s.counters.appended, delivered = s.counters.delivered,
+                    dead_letters = s.dead_letters, oldest_pending_ms = s.oldest_pending_age_ms, full = s.full, "status");
+            }
+        }
+    }
+    agent.stop().await;
+    tracing::info!("stopped");
+    Ok(())
+}
