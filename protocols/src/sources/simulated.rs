@@ -65,10 +65,14 @@ pub async fn run(ctx: SourceContext, config: SimulatedConfig, tally: Tally) {
         .as_deref()
         .and_then(|c| serde_json::from_slice(c).ok())
         .unwrap_or_default();
-    let mut plc = [
-        config.start % (config.width.max().saturating_add(1).max(1)),
-        0u64,
-    ];
+    // A real PLC keeps counting while the agent is down; model that by
+    // resuming the simulated counters where the stored cursor left them.
+    let resume = |signal: &str, default: u64| states.get(signal).map_or(default, |s| s.raw);
+    let start = match config.width {
+        CounterWidth::U64 => config.start,
+        width => config.start % (width.max() + 1),
+    };
+    let mut plc = [resume("good", start), resume("scrap", 0)];
     let mut ticker = tokio::time::interval(config.interval);
     let mut shutdown = ctx.shutdown.clone();
     let mut tick: u64 = 0;
@@ -80,15 +84,16 @@ pub async fn run(ctx: SourceContext, config: SimulatedConfig, tally: Tally) {
         if *shutdown.borrow() {
             break;
         }
-        tick += 1;
-        plc[0] = advance(
-            plc[0],
-            fastrand::u64(0..=config.good_per_tick),
-            config.width,
-        );
-        if config.scrap_every > 0 && tick % config.scrap_every == 0 {
-            plc[1] = advance(plc[1], 1, config.width);
+        // The first poll reads the counters as found (the baseline); the
+        // line produces between polls.
+        if tick > 0 {
+            let made = fastrand::u64(0..=config.good_per_tick);
+            plc[0] = advance(plc[0], made, config.width);
+            if config.scrap_every > 0 && tick % config.scrap_every == 0 {
+                plc[1] = advance(plc[1], 1, config.width);
+            }
         }
+        tick += 1;
         let read_at = SystemTime::now();
         let mut next_states = states.clone();
         let mut events = Vec::new();

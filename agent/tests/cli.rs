@@ -1,0 +1,257 @@
+//! The `plant-edge` binary as an operator uses it.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const BASE: &str = r#"[agent]
+site = "p"
+gateway = "g"
+state_dir = "STATE"
+
+[sinks.archive]
+kind = "file"
+path = "STATE/archive/events.jsonl"
+"#;
+
+fn base(state: &std::path::Path) -> String {
+    BASE.replace("STATE", &state.display().to_string())
+}
+
+#[test]
+fn validate_refuses_bad_configs_with_exit_78_naming_file_and_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases = [
+        ("unknown key", format!("{}\n[journal]\nmax_byte = \"1GiB\"\n", base(dir.path())), "journal.max_byte"),
+        ("bad duration", format!("{}\n[forwarder]\nretry_max = \"soon\"\n", base(dir.path())), "forwarder.retry_max"),
+        ("bad size", format!("{}\n[journal]\nmax_bytes = \"lots\"\n", base(dir.path())), "journal.max_bytes"),
+        (
+            "missing sink",
+            format!("{}\n[sources.l1]\nkind = \"simulated\"\nline = \"L1\"\nmachine = \"m\"\nsinks = [\"erp\"]\n", base(dir.path())),
+            "sources.l1.sinks",
+        ),
+        ("missing site", base(dir.path()).replace("site = \"p\"\n", ""), "agent.site"),
+        ("no sinks", "[agent]\nsite = \"p\"\ngateway = \"g\"\n".to_owned(), "sinks"),
+    ];
+    for (what, text, key) in cases {
+        let file = dir.path().join(format!("{}.toml", what.replace(' ', "-")));
+        std::fs::write(&file, text).expect("write");
+        let out = run(&["validate", "-c", file.to_str().expect("utf8")]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(78), "{what}: {err}");
+        assert!(
+            err.contains(&file.display().to_string()),
+            "{what}: file not named: {err}"
+        );
+        assert!(
+            err.contains(&format!("`{key}`")),
+            "{what}: key {key} not named: {err}"
+        );
+    }
+}
+
+#[test]
+fn run_with_a_bad_config_exits_78_without_starting() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = write_config(dir.path(), &format!("{}\nbogus = 1\n", base(dir.path())));
+    let out = run(&["run", "-c", file.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
+    assert!(
+        !dir.path().join("journal").exists(),
+        "nothing may start on a bad config"
+    );
+}
+
+#[test]
+fn printed_default_config_validates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = run(&["print-config"]);
+    assert!(out.status.success());
+    let text = stdout(&out).replace("/var/lib/plant-edge", &dir.path().display().to_string());
+    let file = write_config(dir.path(), &text);
+    let out = run(&["validate", "-c", file.to_str().expect("utf8")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn sigterm_stops_cleanly_and_journal_commands_read_the_state() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let file = write_config(dir.path(), &pipeline_config(&state, "20ms"));
+    let mut child = bin()
+        .args(["run", "-c", file.to_str().expect("utf8")])
+        .spawn()
+        .expect("spawn");
+    wait_for("archived events", Duration::from_secs(20), || {
+        archived_events(&state).len() >= 20
+    });
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(0), "graceful stop exits 0");
+
+    let state_arg = state.to_str().expect("utf8");
+    let out = run(&["journal", "--state", state_arg, "verify"]);
+    assert!(
+        out.status.success(),
+        "verify: {}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(stdout(&out).contains("journal OK"));
+
+    let out = run(&["journal", "--state", state_arg, "stats", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stats: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("stats json");
+    let appended = stats["counters"]["appended"].as_u64().expect("appended");
+    let delivered = stats["counters"]["delivered"].as_u64().expect("delivered");
+    let pending = stats["pending_events"].as_u64().expect("pending");
+    assert!(appended >= 20);
+    assert_eq!(
+        delivered + pending,
+        appended,
+        "every appended event is delivered or still pending"
+    );
+    let archived: std::collections::HashSet<String> = archived_events(&state)
+        .iter()
+        .map(|e| e["id"].as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(
+        archived.len() as u64,
+        delivered,
+        "the archive holds exactly the delivered ids"
+    );
+
+    let out = run(&["journal", "--state", state_arg, "export"]);
+    assert!(out.status.success());
+    assert_eq!(
+        stdout(&out).lines().count() as u64,
+        pending,
+        "export writes the pending events"
+    );
+}
+
+#[test]
+fn journal_commands_refuse_a_running_agents_journal_clearly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let file = write_config(dir.path(), &pipeline_config(&state, "100ms"));
+    let mut child = bin()
+        .args(["run", "-c", file.to_str().expect("utf8")])
+        .spawn()
+        .expect("spawn");
+    wait_for("journal", Duration::from_secs(20), || {
+        state.join("journal/db").exists()
+    });
+    let out = run(&["journal", "--state", state.to_str().expect("utf8"), "stats"]);
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    child.wait().expect("wait");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("stop the agent first"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn dead_letters_can_be_listed_requeued_and_purged_from_the_cli() {
+    use buffer::{AppendRequest, EventClass, Journal, JournalConfig, NewEvent};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut jc = JournalConfig::new(dir.path().join("journal"));
+    jc.sinks = vec!["erp".into()];
+    {
+        let journal = Journal::open(jc.clone()).expect("open");
+        let events = (0..3u128)
+            .map(|n| NewEvent {
+                id: uuid::Uuid::from_u128(n + 1),
+                class: EventClass::Business,
+                routes: journal.routes_all(),
+                payload: format!("{{\"type\":\"production.completion\",\"n\":{n}}}").into_bytes(),
+            })
+            .collect();
+        journal
+            .append_blocking(AppendRequest {
+                source: "s".into(),
+                events,
+                cursor: None,
+            })
+            .expect("append")
+            .expect("fits");
+        journal.read_batch("erp", 10).expect("read");
+        journal
+            .reject("erp", 1, "HTTP 422: material unknown", 2)
+            .expect("reject");
+        journal.close().expect("close");
+    }
+    let state = dir.path().to_str().expect("utf8");
+    let out = run(&["journal", "--state", state, "dead-letters", "list"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let listing = stdout(&out);
+    assert!(
+        listing.contains("HTTP 422: material unknown") && listing.contains("sink=erp"),
+        "{listing}"
+    );
+    assert!(
+        listing.contains(&uuid::Uuid::from_u128(2).to_string()),
+        "{listing}"
+    );
+
+    let out = run(&[
+        "journal",
+        "--state",
+        state,
+        "dead-letters",
+        "requeue",
+        "--all",
+    ]);
+    assert!(
+        stdout(&out).contains("requeued 1"),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let out = run(&[
+        "journal",
+        "--state",
+        state,
+        "show",
+        &uuid::Uuid::from_u128(2).to_string(),
+    ]);
+    assert!(
+        out.status.success() && stdout(&out).contains("\"n\": 1"),
+        "{}",
+        stdout(&out)
+    );
+
+    let journal = Journal::open(jc.clone()).expect("open");
+    let again = journal.read_batch("erp", 10).expect("read");
+    let requeued = again
+        .iter()
+        .find(|e| e.id == uuid::Uuid::from_u128(2))
+        .expect("requeued event");
+    journal
+        .reject("erp", requeued.seq, "still 422", 1)
+        .expect("reject");
+    journal.close().expect("close");
+    drop(journal);
+    let out = run(&[
+        "journal",
+        "--state",
+        state,
+        "dead-letters",
+        "purge",
+        "--all",
+    ]);
+    assert!(
+        stdout(&out).contains("purged 1"),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let out = run(&["journal", "--state", state, "dead-letters", "list"]);
+    assert!(stdout(&out).trim().is_empty());
+}
