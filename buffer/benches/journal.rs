@@ -3,6 +3,9 @@
 //! open time and peak RSS with 1,000,000 pending events (measured in a fresh
 //! child process so the peak belongs to that scenario alone).
 
+// criterion_group! generates an undocumented pub fn.
+#![allow(missing_docs)]
+
 use std::time::{Duration, Instant};
 
 use buffer::{AppendRequest, EventClass, Journal, JournalConfig, NewEvent, Routes};

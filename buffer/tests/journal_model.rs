@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use buffer::{AppendRequest, EventClass, Journal, JournalConfig, NewEvent, Routes};
+use buffer::{AppendRequest, EventClass, Journal, JournalConfig, NewEvent};
 use proptest::prelude::*;
 use uuid::Uuid;
 
@@ -263,10 +263,9 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 journal.close().expect("close");
                 drop(journal);
                 journal = open(dir.path());
-                for sink in 0..2 {
+                for (sink, &cursor) in cursors.iter().enumerate() {
                     // Only the contiguous prefix is persisted: what was
                     // acknowledged above a hole is delivered again.
-                    let cursor = cursors[sink];
                     prop_assert_eq!(cursor_of(&journal, sink), cursor, "cursor survives restart");
                     let s = &mut model.sinks[sink];
                     s.done.retain(|seq| *seq < cursor);
@@ -315,15 +314,15 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     }
 
     // Drain everything: each routed event is delivered or dead, nothing lost.
-    for sink in 0..2 {
-        journal.rewind(SINKS[sink]).expect("rewind");
+    for (sink, name) in SINKS.iter().enumerate() {
+        journal.rewind(name).expect("rewind");
         loop {
-            let batch = journal.read_batch(SINKS[sink], 64).expect("read");
+            let batch = journal.read_batch(name, 64).expect("read");
             if batch.is_empty() {
                 break;
             }
             let seqs: Vec<u64> = batch.iter().map(|e| e.seq).collect();
-            journal.ack(SINKS[sink], &seqs).expect("ack");
+            journal.ack(name, &seqs).expect("ack");
             model.sinks[sink]
                 .delivered_ids
                 .extend(batch.iter().map(|e| e.id));

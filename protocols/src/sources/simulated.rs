@@ -89,7 +89,7 @@ pub async fn run(ctx: SourceContext, config: SimulatedConfig, tally: Tally) {
         if tick > 0 {
             let made = fastrand::u64(0..=config.good_per_tick);
             plc[0] = advance(plc[0], made, config.width);
-            if config.scrap_every > 0 && tick % config.scrap_every == 0 {
+            if config.scrap_every > 0 && tick.is_multiple_of(config.scrap_every) {
                 plc[1] = advance(plc[1], 1, config.width);
             }
         }
