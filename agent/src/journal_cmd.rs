@@ -228,7 +228,7 @@ pub fn run(target: Target, command: JournalCommand) -> anyhow::Result<bool> {
             };
             let mut failure = None;
             let mut count = 0u64;
-            journal.scan_events(0, |e| {
+            journal.scan_events(journal.stats().floor, |e| {
                 let r = sink
                     .write_all(&e.payload)
                     .and_then(|_| sink.write_all(b"\n"));

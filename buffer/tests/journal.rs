@@ -479,3 +479,24 @@ fn oversized_event_is_refused_with_a_clear_error() {
         .expect_err("too large");
     assert!(err.to_string().contains("exceeds"), "{err}");
 }
+
+#[test]
+fn stats_count_only_what_sinks_still_owe_even_inside_a_chunk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = Journal::open(config(dir.path(), &["erp"])).expect("open");
+    append(&journal, "s", 0..5);
+    journal.read_batch("erp", 3).expect("read");
+    journal.ack("erp", &[0, 1, 2]).expect("ack");
+    assert_eq!(journal.stats().pending_events, 2);
+    let listed: Vec<u64> = journal
+        .list(0, 100)
+        .expect("list")
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(
+        listed,
+        vec![3, 4],
+        "delivered events are not listed as pending"
+    );
+}

@@ -140,7 +140,11 @@ impl Journal {
             .chunks
             .iter()
             .filter(|(_, m)| !m.dropped && m.last >= floor);
-        let pending_events = live.clone().map(|(f, m)| m.count(*f)).sum();
+        // A chunk straddling the floor is only partly pending.
+        let pending_events = live
+            .clone()
+            .map(|(f, m)| m.last + 1 - (*f).max(floor))
+            .sum();
         let oldest = live.map(|(_, m)| m.appended_ms).min();
         JournalStats {
             next_seq: st.next_seq,
@@ -168,7 +172,7 @@ impl Journal {
     }
 
     /// Calls `f` for every stored event from `from` on, in order, until it
-    /// returns false.
+    /// returns false. Pass [`JournalStats::floor`] for pending events only.
     pub fn scan_events(
         &self,
         from: u64,
@@ -206,9 +210,11 @@ impl Journal {
         Ok(())
     }
 
-    /// Up to `limit` stored events from `from` on.
+    /// Up to `limit` pending events from `from` on (never below the floor:
+    /// what every sink is done with is not pending, even if not yet collected).
     pub fn list(&self, from: u64, limit: usize) -> Result<Vec<EventSummary>, JournalError> {
         let mut out = Vec::new();
+        let from = from.max(self.state().floor());
         self.scan_events(from, |e| {
             out.push(EventSummary {
                 seq: e.seq,
