@@ -201,8 +201,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .context("installing the SIGTERM handler")?;
     let mut report = tokio::time::interval(Duration::from_secs(60));
     report.tick().await;
+    let mut health = tokio::time::interval(Duration::from_secs(1));
+    let mut failed = false;
     loop {
         tokio::select! {
+            _ = health.tick() => {
+                if agent.journal.is_poisoned() {
+                    // sled recovers from its log on the next start; carrying
+                    // on would only fail every append. systemd restarts us.
+                    tracing::error!("journal write failed: stopping so that a restart recovers it");
+                    failed = true;
+                    break;
+                }
+            }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping"); break; }
             _ = report.tick() => {
@@ -213,6 +224,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     agent.stop().await;
+    if failed {
+        anyhow::bail!("the journal failed a write; restart to recover it");
+    }
     tracing::info!("stopped");
     Ok(())
 }

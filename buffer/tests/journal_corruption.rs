@@ -139,3 +139,86 @@ fn garbage_sled_config_moves_the_journal_aside_and_keeps_it() {
     assert!(ns.is_empty());
     assert!(path.join("db").exists(), "a fresh journal took its place");
 }
+
+/// Overwrites one sled value of the journal, as a bad sector would.
+fn damage_value(path: &Path, family: u8, nth: usize) -> u64 {
+    let db = sled::Config::new()
+        .path(path)
+        .open()
+        .expect("raw sled open");
+    let (key, _) = db
+        .scan_prefix([family])
+        .nth(nth)
+        .expect("entry")
+        .expect("read");
+    db.insert(&key, &b"\xff\xfe garbage"[..]).expect("damage");
+    db.flush().expect("flush");
+    u64::from_be_bytes(key[1..9].try_into().expect("seq key"))
+}
+
+fn drain_all(journal: &Journal) -> Vec<u64> {
+    let mut ns = Vec::new();
+    loop {
+        let batch = journal.read_batch("erp", 100).expect("read");
+        if batch.is_empty() {
+            return ns;
+        }
+        for e in &batch {
+            let v: serde_json::Value = serde_json::from_slice(&e.payload).expect("json");
+            ns.push(v["n"].as_u64().expect("n"));
+        }
+        journal
+            .ack("erp", &batch.iter().map(|e| e.seq).collect::<Vec<_>>())
+            .expect("ack");
+    }
+}
+
+#[test]
+fn undecodable_chunk_is_quarantined_and_the_rest_still_delivered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("journal");
+    build(&path);
+    let first = damage_value(&path, b'e', 3);
+    let journal = Journal::open(config(&path)).expect("opens despite one bad chunk");
+    assert!(
+        !journal.verify().is_ok(),
+        "verify must report the damaged chunk"
+    );
+    let delivered = drain_all(&journal);
+    let lost = EVENTS - delivered.len() as u64;
+    assert!(
+        lost > 0 && lost <= 64,
+        "only the damaged chunk is held back (lost {lost})"
+    );
+    assert!(delivered.windows(2).all(|w| w[0] < w[1]), "order kept");
+    assert!(
+        !delivered.contains(&first),
+        "the damaged chunk's events are not invented"
+    );
+    assert_eq!(
+        journal.counters().quarantined,
+        lost,
+        "every held-back event is counted"
+    );
+}
+
+#[test]
+fn undecodable_index_entry_costs_only_its_chunk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("journal");
+    build(&path);
+    damage_value(&path, b'k', 2);
+    let journal = Journal::open(config(&path)).expect("opens despite one bad index entry");
+    let report = journal.verify();
+    assert!(
+        report.problems.iter().any(|p| p.contains("without meta")),
+        "{:?}",
+        report.problems
+    );
+    let delivered = drain_all(&journal);
+    assert!(
+        delivered.len() as u64 >= EVENTS - 64,
+        "the rest is delivered ({} of {EVENTS})",
+        delivered.len()
+    );
+}

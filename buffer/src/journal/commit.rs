@@ -349,7 +349,9 @@ impl Journal {
                     continue;
                 }
                 let charge = job.request.charge();
-                if projected + charge > max_bytes && charge > 0 {
+                // An empty journal takes any request, however large: waiting
+                // for space that can never come would hold the source forever.
+                if projected + charge > max_bytes && charge > 0 && projected > 0 {
                     if job.request.is_business() {
                         blocked = true;
                     } else {

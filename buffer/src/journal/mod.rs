@@ -502,10 +502,23 @@ impl Journal {
         let mut pending_bytes = 0;
         for item in tree.scan_prefix([layout::CHUNK_META]) {
             let (key, value) = item?;
-            let first =
-                layout::key_seq(&key).ok_or_else(|| decode_err("chunk meta", &key, "short key"))?;
-            let meta: ChunkMeta =
-                layout::decode(&value).map_err(|e| decode_err("chunk meta", &key, e))?;
+            let decoded = layout::key_seq(&key)
+                .ok_or_else(|| decode_err("chunk meta", &key, "short key"))
+                .and_then(|first| {
+                    layout::decode::<ChunkMeta>(&value)
+                        .map(|meta| (first, meta))
+                        .map_err(|e| decode_err("chunk meta", &key, e))
+                });
+            let (first, meta) = match decoded {
+                Ok(found) => found,
+                // One damaged index entry must not cost the readable rest of
+                // the journal: its chunk stays on disk (verify reports it as
+                // events without meta) and everything else is delivered.
+                Err(e) => {
+                    tracing::error!(error = %e, "journal chunk index entry does not decode; its chunk is skipped and kept on disk");
+                    continue;
+                }
+            };
             pending_bytes += meta.bytes;
             next_seq = next_seq.max(meta.last + 1);
             chunks.insert(first, meta);
@@ -685,6 +698,11 @@ impl Journal {
     /// The configuration this journal was opened with.
     pub fn config(&self) -> &JournalConfig {
         &self.inner.config
+    }
+
+    /// Whether a failed write made the journal refuse writes (restart needed).
+    pub fn is_poisoned(&self) -> bool {
+        self.inner.poisoned.load(Ordering::SeqCst)
     }
 
     /// Whether business appends are currently waiting for space.
