@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::Context;
 use buffer::{Journal, JournalConfig};
 use protocols::sinks::file::FileSink;
+use protocols::sinks::mqtt::MqttSink;
 use protocols::source::{Classifier, SourceContext};
 use protocols::sources::simulated::{self, Tally};
 use protocols::Sink;
@@ -54,6 +55,7 @@ pub struct RunningAgent {
 fn build_sink(kind: &SinkKind) -> anyhow::Result<Box<dyn Sink>> {
     Ok(match kind {
         SinkKind::File(fc) => Box::new(FileSink::open(fc.clone())?),
+        SinkKind::Mqtt(mc) => Box::new(MqttSink::start((**mc).clone())?),
     })
 }
 

@@ -11,5 +11,6 @@ pub mod sink;
 pub mod sinks;
 pub mod source;
 pub mod sources;
+pub mod tls;
 
 pub use sink::{Sink, Verdict};

@@ -1,5 +1,8 @@
 //! Shared helpers for plant-edge's end-to-end and crash tests.
 
+pub mod mosquitto;
+pub mod pki;
+
 pub mod crash {
     //! Names shared by the journal crash test and its child process.
 
@@ -13,5 +16,57 @@ pub mod crash {
     /// The deterministic id of the `n`th event of `source`.
     pub fn crash_event_id(source: &str, n: u64) -> Uuid {
         buffer::id::counter_event_id(source, "good", 0, n)
+    }
+}
+
+pub mod drive {
+    //! A minimal forwarder loop for sink-level tests.
+
+    use std::time::{Duration, Instant};
+
+    use buffer::Journal;
+    use protocols::{Sink, Verdict};
+
+    /// Feeds `sink` from the journal until `done` holds or `limit` passes;
+    /// returns whether `done` held.
+    pub async fn until(
+        journal: &Journal,
+        sink_name: &str,
+        sink: &mut dyn Sink,
+        limit: Duration,
+        mut done: impl FnMut(&Journal) -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if done(journal) {
+                return true;
+            }
+            let batch = journal.read_batch(sink_name, 256).expect("read");
+            if batch.is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            let verdicts = sink.deliver(&batch).await;
+            let mut retry = false;
+            for (event, verdict) in batch.iter().zip(verdicts) {
+                match verdict {
+                    Verdict::Delivered => journal.ack(sink_name, &[event.seq]).expect("ack"),
+                    Verdict::Rejected { reason } => journal
+                        .reject(sink_name, event.seq, &reason, 1)
+                        .expect("reject"),
+                    Verdict::Retry { reason, .. } => {
+                        if !retry {
+                            eprintln!("drive: retry after seq {}: {reason}", event.seq);
+                        }
+                        retry = true;
+                    }
+                }
+            }
+            if retry {
+                journal.rewind(sink_name).expect("rewind");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        done(journal)
     }
 }

@@ -1,3 +1,4 @@
 //! Sink implementations.
 
 pub mod file;
+pub mod mqtt;

@@ -1,0 +1,796 @@
+//! MQTT sink: at-least-once delivery, acknowledged to the journal only on
+//! the broker's PUBACK (QoS 1) or PUBCOMP (QoS 2).
+//!
+//! # How acknowledgements are matched
+//!
+//! rumqttc's `publish` returns when the request is queued, not when the
+//! broker confirmed it. One link task owns the event loop. Publishing
+//! pushes the journal sequence onto a FIFO and queues the request under one
+//! lock, so the FIFO order is the request order; rumqttc assigns packet ids
+//! in request order and reports each as `Outgoing::Publish(pkid)`, which the
+//! link task pairs with the FIFO head. The broker's PUBACK/PUBCOMP for that
+//! pkid then becomes the event's verdict.
+//!
+//! # Disconnects
+//!
+//! On any connection error the link task throws the rumqttc state away and
+//! answers `Retry` for everything in flight: unconfirmed events are re-sent
+//! from the journal (same event id), never from rumqttc's memory, so an
+//! agent crash loses nothing either. A fresh client state reuses packet ids
+//! from 1, which a broker holding a persistent QoS 2 session would discard
+//! as duplicates; QoS 2 therefore requires `clean_session` (the agent's
+//! `validate` enforces it).
+//!
+//! # Order and pacing
+//!
+//! Events go out in journal order (hence per-source order) through a
+//! sliding window of `inflight` unacknowledged publishes, at most
+//! `max_messages_per_second`. A backlog after an outage therefore drains at
+//! the paced rate ahead of live events, which queue behind it in order.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use buffer::PendingEvent;
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5::{
+    LastWill as LastWill5, Packet as Packet5, PubAckReason, PubCompReason, PubRecReason,
+    PublishProperties,
+};
+use rumqttc::v5::mqttbytes::QoS as QoS5;
+use tokio::sync::{mpsc, watch};
+
+use crate::sink::{Sink, Verdict};
+use crate::tls::{self, TlsSettings};
+
+/// MQTT protocol version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MqttVersion {
+    /// MQTT 3.1.1: no reason codes; a broker that refuses a publish may
+    /// still acknowledge it.
+    V311,
+    /// MQTT 5: reason codes, user properties, content type.
+    V5,
+}
+
+/// MQTT sink settings.
+#[derive(Clone, Debug)]
+pub struct MqttSinkConfig {
+    /// Broker host name (also the TLS server name).
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// Protocol version.
+    pub version: MqttVersion,
+    /// 1 or 2.
+    pub qos: u8,
+    /// Client id.
+    pub client_id: String,
+    /// Keep-alive interval.
+    pub keep_alive: Duration,
+    /// Start a clean session on every connect.
+    pub clean_session: bool,
+    /// MQTT 5 session expiry when the session is persistent.
+    pub session_expiry: Duration,
+    /// User name.
+    pub username: Option<String>,
+    /// Password (already read from its file).
+    pub password: Option<String>,
+    /// TLS, if on.
+    pub tls: Option<TlsSettings>,
+    /// Topic template: `{site}`, `{gateway}`, `{line}`, `{machine}`, `{type}`, `{source}`.
+    pub topic: String,
+    /// Status topic (already rendered): retained birth `online`, will `offline`.
+    pub status_topic: String,
+    /// Most unacknowledged publishes.
+    pub inflight: u16,
+    /// Pace: most publishes per second (`None`: unpaced).
+    pub max_messages_per_second: Option<u32>,
+    /// Give up waiting for an acknowledgement after this (the event is retried).
+    pub ack_timeout: Duration,
+    /// Site, for topics.
+    pub site: String,
+    /// Gateway, for topics and the status message.
+    pub gateway: String,
+}
+
+/// Failures starting the sink.
+#[derive(Debug, thiserror::Error)]
+pub enum MqttSinkError {
+    /// TLS material could not be loaded.
+    #[error("MQTT sink TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+}
+
+enum Client {
+    V4(rumqttc::AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+enum Loop {
+    V4(Box<rumqttc::EventLoop>),
+    V5(Box<rumqttc::v5::EventLoop>),
+}
+
+/// What the link task cares about, from either protocol version.
+enum LinkEvent {
+    Connected,
+    Sent(u16),
+    /// Final answer for a pkid: `Ok` delivered, `Err((retry, reason))`.
+    Done(u16, Result<(), (bool, String)>),
+    Other,
+}
+
+struct Publication {
+    topic: String,
+    payload: Bytes,
+    retain: bool,
+    /// MQTT 5 properties (ignored for 3.1.1).
+    properties: Option<PublishProperties>,
+}
+
+impl Client {
+    fn try_publish(&self, qos: u8, p: Publication) -> Result<(), String> {
+        match self {
+            Client::V4(c) => {
+                let qos = if qos == 2 {
+                    rumqttc::QoS::ExactlyOnce
+                } else {
+                    rumqttc::QoS::AtLeastOnce
+                };
+                c.try_publish(p.topic, qos, p.retain, p.payload)
+                    .map_err(|e| e.to_string())
+            }
+            Client::V5(c) => {
+                let qos = if qos == 2 {
+                    QoS5::ExactlyOnce
+                } else {
+                    QoS5::AtLeastOnce
+                };
+                c.try_publish_with_properties(
+                    p.topic,
+                    qos,
+                    p.retain,
+                    p.payload,
+                    p.properties.unwrap_or_default(),
+                )
+                .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    fn try_disconnect(&self) {
+        let _ = match self {
+            Client::V4(c) => c.try_disconnect().map_err(|e| e.to_string()),
+            Client::V5(c) => c.try_disconnect().map_err(|e| e.to_string()),
+        };
+    }
+}
+
+fn v5_failure(reason: &str, code: u8, transient: bool) -> Result<(), (bool, String)> {
+    Err((transient, format!("MQTT 5 reason {reason} (0x{code:02x})")))
+}
+
+impl Loop {
+    async fn poll(&mut self) -> Result<LinkEvent, String> {
+        match self {
+            Loop::V4(l) => {
+                use rumqttc::{Event, Outgoing, Packet};
+                match l.poll().await.map_err(|e| e.to_string())? {
+                    Event::Incoming(Packet::ConnAck(_)) => Ok(LinkEvent::Connected),
+                    Event::Outgoing(Outgoing::Publish(pkid)) => Ok(LinkEvent::Sent(pkid)),
+                    Event::Incoming(Packet::PubAck(a)) => Ok(LinkEvent::Done(a.pkid, Ok(()))),
+                    Event::Incoming(Packet::PubComp(c)) => Ok(LinkEvent::Done(c.pkid, Ok(()))),
+                    _ => Ok(LinkEvent::Other),
+                }
+            }
+            Loop::V5(l) => {
+                use rumqttc::v5::Event;
+                use rumqttc::Outgoing;
+                match l.poll().await.map_err(|e| e.to_string())? {
+                    Event::Incoming(Packet5::ConnAck(_)) => Ok(LinkEvent::Connected),
+                    Event::Outgoing(Outgoing::Publish(pkid)) => Ok(LinkEvent::Sent(pkid)),
+                    Event::Incoming(Packet5::PubAck(a)) => {
+                        Ok(LinkEvent::Done(a.pkid, puback_verdict(&a.reason)))
+                    }
+                    // A failed PUBREC ends the QoS 2 flow: no PUBREL, no PUBCOMP.
+                    Event::Incoming(Packet5::PubRec(r)) => match pubrec_verdict(&r.reason) {
+                        Ok(()) => Ok(LinkEvent::Other),
+                        failure => Ok(LinkEvent::Done(r.pkid, failure)),
+                    },
+                    Event::Incoming(Packet5::PubComp(c)) => Ok(LinkEvent::Done(
+                        c.pkid,
+                        match c.reason {
+                            PubCompReason::Success => Ok(()),
+                            PubCompReason::PacketIdentifierNotFound => {
+                                v5_failure("PacketIdentifierNotFound", 0x92, true)
+                            }
+                        },
+                    )),
+                    _ => Ok(LinkEvent::Other),
+                }
+            }
+        }
+    }
+}
+
+/// Permanent refusals dead-letter; quota is a "later".
+fn puback_verdict(reason: &PubAckReason) -> Result<(), (bool, String)> {
+    match reason {
+        PubAckReason::Success | PubAckReason::NoMatchingSubscribers => Ok(()),
+        PubAckReason::QuotaExceeded => v5_failure("QuotaExceeded", 0x97, true),
+        PubAckReason::PacketIdentifierInUse => v5_failure("PacketIdentifierInUse", 0x91, true),
+        PubAckReason::UnspecifiedError => v5_failure("UnspecifiedError", 0x80, false),
+        PubAckReason::ImplementationSpecificError => {
+            v5_failure("ImplementationSpecificError", 0x83, false)
+        }
+        PubAckReason::NotAuthorized => v5_failure("NotAuthorized", 0x87, false),
+        PubAckReason::TopicNameInvalid => v5_failure("TopicNameInvalid", 0x90, false),
+        PubAckReason::PayloadFormatInvalid => v5_failure("PayloadFormatInvalid", 0x99, false),
+    }
+}
+
+fn pubrec_verdict(reason: &PubRecReason) -> Result<(), (bool, String)> {
+    match reason {
+        PubRecReason::Success | PubRecReason::NoMatchingSubscribers => Ok(()),
+        PubRecReason::QuotaExceeded => v5_failure("QuotaExceeded", 0x97, true),
+        PubRecReason::PacketIdentifierInUse => v5_failure("PacketIdentifierInUse", 0x91, true),
+        PubRecReason::UnspecifiedError => v5_failure("UnspecifiedError", 0x80, false),
+        PubRecReason::ImplementationSpecificError => {
+            v5_failure("ImplementationSpecificError", 0x83, false)
+        }
+        PubRecReason::NotAuthorized => v5_failure("NotAuthorized", 0x87, false),
+        PubRecReason::TopicNameInvalid => v5_failure("TopicNameInvalid", 0x90, false),
+        PubRecReason::PayloadFormatInvalid => v5_failure("PayloadFormatInvalid", 0x99, false),
+    }
+}
+
+/// Marker in the FIFO for the agent's own status messages.
+const STATUS: Option<u64> = None;
+
+struct Shared {
+    client: Option<Client>,
+    /// Journal sequences of queued publishes, in request order.
+    fifo: VecDeque<Option<u64>>,
+}
+
+struct Link {
+    shared: Mutex<Shared>,
+    connected: AtomicBool,
+    /// Increments on every CONNACK.
+    generation: AtomicU64,
+    last_error: Mutex<String>,
+    status_acked: tokio::sync::Notify,
+}
+
+impl Link {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a publish and records its sequence, atomically.
+    fn publish(&self, qos: u8, seq: Option<u64>, p: Publication) -> Result<(), String> {
+        let mut shared = self.lock();
+        let Some(client) = shared.client.as_ref() else {
+            return Err(self.last_error());
+        };
+        let result = client.try_publish(qos, p);
+        if result.is_ok() {
+            shared.fifo.push_back(seq);
+        }
+        result
+    }
+
+    fn last_error(&self) -> String {
+        let e = self
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if e.is_empty() {
+            "not connected to the broker yet".into()
+        } else {
+            e
+        }
+    }
+}
+
+/// The MQTT sink.
+pub struct MqttSink {
+    config: MqttSinkConfig,
+    link: Arc<Link>,
+    verdicts: mpsc::UnboundedReceiver<(u64, Verdict)>,
+    stop: watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    pace: Pacer,
+    /// Current send window and the connection it was grown on.
+    window: usize,
+    window_generation: u64,
+}
+
+struct Pacer {
+    interval: Option<Duration>,
+    next: Instant,
+}
+
+impl Pacer {
+    async fn wait(&mut self) {
+        let Some(interval) = self.interval else {
+            return;
+        };
+        let now = Instant::now();
+        // Allow a burst of up to one second's worth after idling.
+        let floor = now.checked_sub(Duration::from_secs(1)).unwrap_or(now);
+        if self.next < floor {
+            self.next = floor;
+        }
+        if self.next > now {
+            tokio::time::sleep(self.next - now).await;
+        }
+        self.next += interval;
+    }
+}
+
+fn status_payload(config: &MqttSinkConfig, state: &str) -> Vec<u8> {
+    serde_json::json!({
+        "state": state,
+        "site": config.site,
+        "gateway": config.gateway,
+        "agent": "plant-edge",
+        "version": env!("CARGO_PKG_VERSION"),
+        "since": buffer::event::rfc3339_millis(std::time::SystemTime::now()),
+    })
+    .to_string()
+    .into_bytes()
+}
+
+fn new_connection(
+    config: &MqttSinkConfig,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> (Client, Loop) {
+    let transport = match tls {
+        Some(tls) => {
+            rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls.clone()))
+        }
+        None => rumqttc::Transport::tcp(),
+    };
+    // Room for a full window plus status messages: try_publish never
+    // finds the request channel full while the window is respected.
+    let capacity = config.inflight as usize + 16;
+    let will = status_payload(config, "offline");
+    match config.version {
+        MqttVersion::V311 => {
+            let mut o = rumqttc::MqttOptions::new(&config.client_id, &config.host, config.port);
+            o.set_keep_alive(config.keep_alive)
+                .set_clean_session(config.clean_session)
+                .set_inflight(config.inflight)
+                .set_transport(transport)
+                .set_last_will(rumqttc::LastWill::new(
+                    &config.status_topic,
+                    will,
+                    rumqttc::QoS::AtLeastOnce,
+                    true,
+                ));
+            if let Some(user) = &config.username {
+                o.set_credentials(user, config.password.clone().unwrap_or_default());
+            }
+            let (c, l) = rumqttc::AsyncClient::new(o, capacity);
+            (Client::V4(c), Loop::V4(Box::new(l)))
+        }
+        MqttVersion::V5 => {
+            let mut o = rumqttc::v5::MqttOptions::new(&config.client_id, &config.host, config.port);
+            o.set_keep_alive(config.keep_alive)
+                .set_clean_start(config.clean_session)
+                .set_outgoing_inflight_upper_limit(config.inflight)
+                .set_transport(transport)
+                .set_last_will(LastWill5::new(
+                    &config.status_topic,
+                    will,
+                    QoS5::AtLeastOnce,
+                    true,
+                    None,
+                ));
+            if !config.clean_session {
+                o.set_session_expiry_interval(Some(
+                    config.session_expiry.as_secs().min(u32::MAX as u64) as u32,
+                ));
+            }
+            if let Some(user) = &config.username {
+                o.set_credentials(user, config.password.clone().unwrap_or_default());
+            }
+            let (c, l) = rumqttc::v5::AsyncClient::new(o, capacity);
+            (Client::V5(c), Loop::V5(Box::new(l)))
+        }
+    }
+}
+
+fn describe_connection_error(error: &str) -> String {
+    if error.contains("certificate") || error.contains("UnknownIssuer") {
+        format!("TLS: the broker's certificate was not accepted ({error}); check ca_file and the broker's host name")
+    } else {
+        format!("broker connection: {error}")
+    }
+}
+
+async fn run_link(
+    config: MqttSinkConfig,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    link: Arc<Link>,
+    verdicts: mpsc::UnboundedSender<(u64, Verdict)>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut failures: u32 = 0;
+    loop {
+        let (client, mut event_loop) = new_connection(&config, tls.as_ref());
+        link.lock().client = Some(client);
+        let mut inflight: HashMap<u16, Option<u64>> = HashMap::new();
+        let error = loop {
+            let event = tokio::select! {
+                event = event_loop.poll() => event,
+                _ = stop.changed() => {
+                    if *stop.borrow() {
+                        // Let the offline status and DISCONNECT go out.
+                        let drain = tokio::time::timeout(Duration::from_secs(2), async {
+                            while event_loop.poll().await.is_ok() {}
+                        });
+                        let _ = drain.await;
+                        return;
+                    }
+                    continue;
+                }
+            };
+            match event {
+                Ok(LinkEvent::Connected) => {
+                    failures = 0;
+                    link.generation.fetch_add(1, Ordering::SeqCst);
+                    link.connected.store(true, Ordering::SeqCst);
+                    tracing::info!(broker = %format!("{}:{}", config.host, config.port), "MQTT connected");
+                    let birth = Publication {
+                        topic: config.status_topic.clone(),
+                        payload: status_payload(&config, "online").into(),
+                        retain: true,
+                        properties: None,
+                    };
+                    if let Err(e) = link.publish(1, STATUS, birth) {
+                        tracing::warn!(error = %e, "MQTT birth message not queued");
+                    }
+                }
+                Ok(LinkEvent::Sent(pkid)) => {
+                    let seq = link.lock().fifo.pop_front().flatten();
+                    inflight.insert(pkid, seq);
+                }
+                Ok(LinkEvent::Done(pkid, outcome)) => match inflight.remove(&pkid) {
+                    Some(Some(seq)) => {
+                        let verdict = match outcome {
+                            Ok(()) => Verdict::Delivered,
+                            Err((true, reason)) => Verdict::retry(reason),
+                            Err((false, reason)) => Verdict::Rejected {
+                                reason: format!("broker refused the publish: {reason}"),
+                            },
+                        };
+                        let _ = verdicts.send((seq, verdict));
+                    }
+                    Some(None) => link.status_acked.notify_waiters(),
+                    None => tracing::debug!(pkid, "acknowledgement for an unknown packet id"),
+                },
+                Ok(LinkEvent::Other) => {}
+                Err(e) => break describe_connection_error(&e),
+            }
+        };
+        link.connected.store(false, Ordering::SeqCst);
+        *link.last_error.lock().unwrap_or_else(|p| p.into_inner()) = error.clone();
+        let orphans: Vec<u64> = {
+            let mut shared = link.lock();
+            shared.client = None;
+            shared
+                .fifo
+                .drain(..)
+                .flatten()
+                .chain(inflight.into_values().flatten())
+                .collect()
+        };
+        for seq in orphans {
+            let _ = verdicts.send((seq, Verdict::retry(error.clone())));
+        }
+        failures = failures.saturating_add(1);
+        let backoff = Duration::from_millis(200)
+            .saturating_mul(1 << failures.min(8))
+            .min(Duration::from_secs(30));
+        let wait = backoff / 2 + backoff.mul_f64(fastrand::f64() / 2.0);
+        tracing::warn!(error = %error, retry_in_ms = wait.as_millis() as u64, "MQTT link down");
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => if *stop.borrow() { return; },
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct TopicFields {
+    #[serde(rename = "type")]
+    event_type: String,
+    source: String,
+    data: TopicData,
+}
+
+#[derive(serde::Deserialize)]
+struct TopicData {
+    #[serde(default)]
+    site: String,
+    #[serde(default)]
+    line: String,
+    #[serde(default)]
+    machine: String,
+}
+
+/// A topic level must not contain `/`, `+`, `#` or NUL.
+fn level(value: &str) -> String {
+    let cleaned: String = value
+        .chars()
+        .map(|c| {
+            if matches!(c, '/' | '+' | '#' | '\0') {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect();
+    if cleaned.is_empty() {
+        "_".into()
+    } else {
+        cleaned
+    }
+}
+
+/// Renders a topic template for one event.
+pub fn render_topic(
+    template: &str,
+    site: &str,
+    gateway: &str,
+    payload: &[u8],
+) -> Result<String, String> {
+    let fields: TopicFields =
+        serde_json::from_slice(payload).map_err(|e| format!("payload is not a CloudEvent: {e}"))?;
+    let source_name = fields.source.rsplit(':').next().unwrap_or("");
+    let site = if fields.data.site.is_empty() {
+        site
+    } else {
+        &fields.data.site
+    };
+    Ok(template
+        .replace("{site}", &level(site))
+        .replace("{gateway}", &level(gateway))
+        .replace("{line}", &level(&fields.data.line))
+        .replace("{machine}", &level(&fields.data.machine))
+        .replace("{type}", &level(&fields.event_type))
+        .replace("{source}", &level(source_name)))
+}
+
+impl MqttSink {
+    /// Starts the link task; connection happens in the background.
+    pub fn start(config: MqttSinkConfig) -> Result<Self, MqttSinkError> {
+        let tls = config.tls.as_ref().map(tls::client_config).transpose()?;
+        let link = Arc::new(Link {
+            shared: Mutex::new(Shared {
+                client: None,
+                fifo: VecDeque::new(),
+            }),
+            connected: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
+            last_error: Mutex::new(String::new()),
+            status_acked: tokio::sync::Notify::new(),
+        });
+        let (verdict_tx, verdicts) = mpsc::unbounded_channel();
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run_link(
+            config.clone(),
+            tls,
+            link.clone(),
+            verdict_tx,
+            stop_rx,
+        ));
+        let pace = Pacer {
+            interval: config
+                .max_messages_per_second
+                .filter(|r| *r > 0)
+                .map(|r| Duration::from_secs(1) / r),
+            next: Instant::now(),
+        };
+        Ok(Self {
+            config,
+            link,
+            verdicts,
+            stop,
+            task: Some(task),
+            pace,
+            window: 1,
+            window_generation: 0,
+        })
+    }
+
+    /// Whether the broker connection is up.
+    pub fn is_connected(&self) -> bool {
+        self.link.connected.load(Ordering::SeqCst)
+    }
+
+    fn publication(&self, event: &PendingEvent) -> Result<Publication, String> {
+        let topic = render_topic(
+            &self.config.topic,
+            &self.config.site,
+            &self.config.gateway,
+            &event.payload,
+        )?;
+        let properties = (self.config.version == MqttVersion::V5).then(|| PublishProperties {
+            payload_format_indicator: Some(1),
+            content_type: Some("application/cloudevents+json".into()),
+            user_properties: vec![
+                ("ce_id".into(), event.id.to_string()),
+                (
+                    "ce_type".into(),
+                    serde_json::from_slice::<TopicFields>(&event.payload)
+                        .map(|f| f.event_type)
+                        .unwrap_or_default(),
+                ),
+                (
+                    "ce_source".into(),
+                    serde_json::from_slice::<TopicFields>(&event.payload)
+                        .map(|f| f.source)
+                        .unwrap_or_default(),
+                ),
+            ],
+            ..PublishProperties::default()
+        });
+        Ok(Publication {
+            topic,
+            payload: Bytes::copy_from_slice(&event.payload),
+            retain: false,
+            properties,
+        })
+    }
+}
+
+#[async_trait]
+impl Sink for MqttSink {
+    async fn deliver(&mut self, batch: &[PendingEvent]) -> Vec<Verdict> {
+        let mut verdicts: Vec<Option<Verdict>> = vec![None; batch.len()];
+        if !self.is_connected() {
+            let reason = self.link.last_error();
+            return batch
+                .iter()
+                .map(|_| Verdict::retry(reason.clone()))
+                .collect();
+        }
+        let index: HashMap<u64, usize> =
+            batch.iter().enumerate().map(|(i, e)| (e.seq, i)).collect();
+        let mut waiting: HashSet<u64> = HashSet::new();
+        let mut next = 0;
+        let mut deadline = tokio::time::Instant::now() + self.config.ack_timeout;
+        // Slow start on every new connection: some brokers (Mosquitto 2.0)
+        // close the connection right after refusing a publish, and the
+        // reset discards the acknowledgements still in flight; a small
+        // window first keeps a refusal from costing a whole window each time.
+        let generation = self.link.generation.load(Ordering::SeqCst);
+        if generation != self.window_generation {
+            self.window_generation = generation;
+            self.window = 1;
+        }
+        let max_window = self.config.inflight.max(1) as usize;
+        loop {
+            while next < batch.len() && waiting.len() < self.window {
+                let event = &batch[next];
+                next += 1;
+                let publication = match self.publication(event) {
+                    Ok(p) => p,
+                    Err(reason) => {
+                        verdicts[next - 1] = Some(Verdict::Rejected { reason });
+                        continue;
+                    }
+                };
+                self.pace.wait().await;
+                match self
+                    .link
+                    .publish(self.config.qos, Some(event.seq), publication)
+                {
+                    Ok(()) => {
+                        waiting.insert(event.seq);
+                    }
+                    Err(reason) => {
+                        // Link gone: this and everything after it waits for
+                        // the next attempt, in order.
+                        for v in verdicts.iter_mut().skip(next - 1) {
+                            v.get_or_insert_with(|| Verdict::retry(reason.clone()));
+                        }
+                        next = batch.len();
+                    }
+                }
+            }
+            if waiting.is_empty() {
+                break;
+            }
+            match tokio::time::timeout_at(deadline, self.verdicts.recv()).await {
+                Ok(Some((seq, verdict))) => {
+                    if waiting.remove(&seq) {
+                        if verdict == Verdict::Delivered {
+                            self.window = (self.window + 1).min(max_window);
+                        }
+                        if let Some(&i) = index.get(&seq) {
+                            verdicts[i] = Some(verdict);
+                        }
+                        // Progress: the timeout bounds silence, not the batch.
+                        deadline = tokio::time::Instant::now() + self.config.ack_timeout;
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!(
+                        unacknowledged = waiting.len(),
+                        "MQTT acknowledgements timed out; events will be re-sent"
+                    );
+                    break;
+                }
+            }
+        }
+        verdicts
+            .into_iter()
+            .map(|v| {
+                v.unwrap_or_else(|| Verdict::retry("no acknowledgement from the broker in time"))
+            })
+            .collect()
+    }
+
+    async fn close(&mut self) {
+        if self.is_connected() {
+            let offline = Publication {
+                topic: self.config.status_topic.clone(),
+                payload: status_payload(&self.config, "offline").into(),
+                retain: true,
+                properties: None,
+            };
+            if self.link.publish(1, STATUS, offline).is_ok() {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(2), self.link.status_acked.notified())
+                        .await;
+            }
+            if let Some(client) = self.link.lock().client.as_ref() {
+                client.try_disconnect();
+            }
+        }
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_template_takes_fields_from_the_event_and_sanitises_levels() {
+        let payload = br#"{"type":"production.scrap","source":"urn:plant-edge:p1:gw:press1","data":{"site":"p1","line":"L1/A","machine":"m#1"}}"#;
+        let topic = render_topic(
+            "plants/{site}/{line}/{machine}/{type}/{source}",
+            "x",
+            "gw",
+            payload,
+        )
+        .expect("render");
+        assert_eq!(topic, "plants/p1/L1_A/m_1/production.scrap/press1");
+    }
+
+    #[test]
+    fn refusals_dead_letter_but_quota_retries() {
+        assert!(
+            matches!(puback_verdict(&PubAckReason::NotAuthorized), Err((false, r)) if r.contains("0x87"))
+        );
+        assert!(matches!(
+            puback_verdict(&PubAckReason::QuotaExceeded),
+            Err((true, _))
+        ));
+        assert!(puback_verdict(&PubAckReason::NoMatchingSubscribers).is_ok());
+    }
+}

@@ -1,0 +1,390 @@
+//! The MQTT sink against a real Mosquitto broker.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use buffer::event::{CounterReading, EventData, Origin, Quantity};
+use buffer::{AppendRequest, CloudEvent, EventClass, EventType, Journal, JournalConfig, NewEvent};
+use plant_edge_tests::drive;
+use plant_edge_tests::mosquitto::{subscribe_all, Broker, BrokerOptions, Received};
+use protocols::sinks::mqtt::{MqttSink, MqttSinkConfig, MqttVersion};
+use protocols::tls::TlsSettings;
+use protocols::{Sink, Verdict};
+
+const SINK: &str = "cloud";
+
+fn config(port: u16, version: MqttVersion, qos: u8) -> MqttSinkConfig {
+    MqttSinkConfig {
+        host: "127.0.0.1".into(),
+        port,
+        version,
+        qos,
+        client_id: format!("plant-edge-test-{}", fastrand::u32(..)),
+        keep_alive: Duration::from_secs(10),
+        clean_session: true,
+        session_expiry: Duration::from_secs(600),
+        username: None,
+        password: None,
+        tls: None,
+        topic: "plants/{site}/{line}/{type}".into(),
+        status_topic: "plants/site1/gw1/status".into(),
+        inflight: 100,
+        max_messages_per_second: None,
+        ack_timeout: Duration::from_secs(10),
+        site: "site1".into(),
+        gateway: "gw1".into(),
+    }
+}
+
+fn event(n: u64, line: &str) -> CloudEvent {
+    let source = buffer::event::source_urn("site1", "gw1", "press1");
+    CloudEvent::new(
+        buffer::id::counter_event_id(&source, "good", 0, n),
+        source,
+        EventType::completion(),
+        std::time::SystemTime::now(),
+        EventData {
+            site: "site1".into(),
+            line: line.into(),
+            machine: "press1".into(),
+            work_order: None,
+            material: None,
+            quantity: Quantity::Count(1),
+            unit: "EA".into(),
+            lot: None,
+            reason_code: None,
+            counter: Some(CounterReading {
+                value: n,
+                previous: n.saturating_sub(1),
+                epoch: 0,
+            }),
+            origin: Origin {
+                protocol: "test".into(),
+                endpoint: "-".into(),
+                address: "-".into(),
+                quality: "good".into(),
+                source_time: None,
+            },
+            attributes: Default::default(),
+        },
+    )
+}
+
+fn journal_with(dir: &std::path::Path, events: impl IntoIterator<Item = CloudEvent>) -> Journal {
+    let mut config = JournalConfig::new(dir.join("journal"));
+    config.sinks = vec![SINK.into()];
+    let journal = Journal::open(config).expect("journal");
+    let routes = journal.routes_all();
+    let events: Vec<NewEvent> = events
+        .into_iter()
+        .map(|e| NewEvent::from_cloud_event(&e, EventClass::Business, routes))
+        .collect();
+    for chunk in events.chunks(1000) {
+        journal
+            .append_blocking(AppendRequest {
+                source: "press1".into(),
+                events: chunk.to_vec(),
+                cursor: None,
+            })
+            .expect("append")
+            .expect("fits");
+    }
+    journal
+}
+
+fn delivered_all(journal: &Journal) -> bool {
+    journal.stats().sinks[0].backlog == 0
+}
+
+/// Event messages (not status) as (id, n), in arrival order.
+fn events_received(received: &[Received]) -> Vec<(String, u64)> {
+    received
+        .iter()
+        .filter(|r| r.topic.starts_with("plants/site1/L"))
+        .map(|r| {
+            let v: serde_json::Value = serde_json::from_slice(&r.payload).expect("CloudEvent JSON");
+            (
+                v["id"].as_str().expect("id").to_owned(),
+                v["data"]["counter"]["value"].as_u64().expect("n"),
+            )
+        })
+        .collect()
+}
+
+async fn wait_for_count(
+    received: &std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+    distinct: usize,
+    limit: Duration,
+) {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let ids: HashSet<String> = events_received(&received.lock().expect("lock"))
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        if ids.len() >= distinct || std::time::Instant::now() > deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_events_arrive_exactly_once_in_order_with_cloudevent_properties() {
+    let broker = Broker::start(BrokerOptions::default());
+    let received = subscribe_all(broker.port, "test-subscriber");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = journal_with(dir.path(), (0..10_000).map(|n| event(n, "L1")));
+    let mut sink = MqttSink::start(config(broker.port, MqttVersion::V5, 1)).expect("sink");
+    assert!(
+        drive::until(
+            &journal,
+            SINK,
+            &mut sink,
+            Duration::from_secs(120),
+            delivered_all
+        )
+        .await,
+        "journal not drained"
+    );
+    wait_for_count(&received, 10_000, Duration::from_secs(20)).await;
+    sink.close().await;
+    let received = received.lock().expect("lock").clone();
+    let got = events_received(&received);
+    assert_eq!(
+        got.len(),
+        10_000,
+        "exactly once: no loss and no duplicate without faults"
+    );
+    assert_eq!(
+        got.iter().map(|(_, n)| *n).collect::<Vec<_>>(),
+        (0..10_000).collect::<Vec<_>>(),
+        "in order"
+    );
+    let first = received
+        .iter()
+        .find(|r| r.topic == "plants/site1/L1/production.completion")
+        .expect("event topic from the template");
+    assert_eq!(
+        first.content_type.as_deref(),
+        Some("application/cloudevents+json")
+    );
+    let props: HashMap<_, _> = first.user_properties.iter().cloned().collect();
+    assert_eq!(
+        props.get("ce_type").map(String::as_str),
+        Some("production.completion")
+    );
+    assert_eq!(
+        props.get("ce_id").map(String::as_str),
+        Some(got[0].0.as_str()),
+        "id in user properties"
+    );
+    let status: Vec<&Received> = received
+        .iter()
+        .filter(|r| r.topic == "plants/site1/gw1/status")
+        .collect();
+    assert!(
+        status
+            .iter()
+            .any(|s| String::from_utf8_lossy(&s.payload).contains("\"online\"")),
+        "birth message"
+    );
+    assert!(
+        status
+            .last()
+            .is_some_and(|s| String::from_utf8_lossy(&s.payload).contains("\"offline\"")),
+        "offline on close"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_over_mqtt_311_delivers_every_event() {
+    let broker = Broker::start(BrokerOptions::default());
+    let received = subscribe_all(broker.port, "test-subscriber-311");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = journal_with(dir.path(), (0..2_000).map(|n| event(n, "L2")));
+    let mut sink = MqttSink::start(config(broker.port, MqttVersion::V311, 2)).expect("sink");
+    assert!(
+        drive::until(
+            &journal,
+            SINK,
+            &mut sink,
+            Duration::from_secs(60),
+            delivered_all
+        )
+        .await
+    );
+    wait_for_count(&received, 2_000, Duration::from_secs(20)).await;
+    sink.close().await;
+    let got = events_received(&received.lock().expect("lock"));
+    let ids: HashSet<&String> = got.iter().map(|(id, _)| id).collect();
+    assert_eq!(ids.len(), 2_000);
+    assert_eq!(got.len(), 2_000, "QoS 2 without faults: no duplicate");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restarts_mid_stream_lose_nothing_and_duplicates_keep_their_id() {
+    let mut broker = Broker::start(BrokerOptions::default());
+    let received = subscribe_all(broker.port, "test-subscriber-restarts");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let total = 6_000;
+    let journal = journal_with(dir.path(), (0..total).map(|n| event(n, "L3")));
+    let mut cfg = config(broker.port, MqttVersion::V5, 1);
+    cfg.max_messages_per_second = Some(3_000);
+    let mut sink = MqttSink::start(cfg).expect("sink");
+    let j = journal.clone();
+    let restarts = std::thread::spawn(move || {
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_millis(500));
+            assert!(
+                j.stats().sinks[0].backlog > 0,
+                "restart must happen mid-stream"
+            );
+            broker.restart();
+        }
+        broker
+    });
+    assert!(
+        drive::until(
+            &journal,
+            SINK,
+            &mut sink,
+            Duration::from_secs(120),
+            delivered_all
+        )
+        .await,
+        "drained despite restarts"
+    );
+    let _broker = restarts.join().expect("restarts");
+    wait_for_count(&received, total as usize, Duration::from_secs(30)).await;
+    sink.close().await;
+    let got = events_received(&received.lock().expect("lock"));
+    let mut by_id: HashMap<String, u64> = HashMap::new();
+    for (id, n) in &got {
+        if let Some(previous) = by_id.insert(id.clone(), *n) {
+            assert_eq!(
+                previous, *n,
+                "a duplicate carries the same id for the same fact"
+            );
+        }
+    }
+    let missing: Vec<u64> = (0..total)
+        .filter(|n| !by_id.values().any(|v| v == n))
+        .take(10)
+        .collect();
+    assert_eq!(
+        by_id.len() as u64,
+        total,
+        "nothing lost (first missing: {missing:?})"
+    );
+    eprintln!(
+        "{} messages for {total} events across 3 broker restarts",
+        got.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_denied_topic_is_dead_lettered_with_the_reason_and_the_rest_flow() {
+    let acl = "topic readwrite plants/site1/L1/#\ntopic readwrite plants/site1/gw1/status\ntopic read #\n";
+    let broker = Broker::start(BrokerOptions {
+        acl: Some(acl.into()),
+        tls: None,
+    });
+    let received = subscribe_all(broker.port, "test-subscriber-acl");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let events = (0..30).map(|n| event(n, if n % 10 == 5 { "SECRET" } else { "L1" }));
+    let journal = journal_with(dir.path(), events);
+    let mut sink = MqttSink::start(config(broker.port, MqttVersion::V5, 1)).expect("sink");
+    assert!(
+        drive::until(
+            &journal,
+            SINK,
+            &mut sink,
+            Duration::from_secs(30),
+            delivered_all
+        )
+        .await
+    );
+    wait_for_count(&received, 27, Duration::from_secs(10)).await;
+    sink.close().await;
+    let dead = journal.dead_letters().expect("dead letters");
+    assert_eq!(
+        dead.len(),
+        3,
+        "the three events for the denied topic: {dead:?}"
+    );
+    assert!(
+        dead.iter()
+            .all(|d| d.reason.contains("NotAuthorized") && d.sink == SINK),
+        "{dead:?}"
+    );
+    // Mosquitto 2.0 closes the connection after a refused publish, so some
+    // events are sent twice (same id); each must arrive at least once.
+    let ids: HashSet<String> = events_received(&received.lock().expect("lock"))
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(ids.len(), 27, "the rest were delivered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_delivers_and_a_wrong_ca_is_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = plant_edge_tests::pki::generate(dir.path(), "plant");
+    let other = plant_edge_tests::pki::generate(dir.path(), "stranger");
+    let broker = Broker::start(BrokerOptions {
+        acl: None,
+        tls: Some((
+            pki.ca.clone(),
+            pki.server_cert.clone(),
+            pki.server_key.clone(),
+        )),
+    });
+    let journal = journal_with(dir.path(), (0..50).map(|n| event(n, "L1")));
+    let mut cfg = config(broker.port, MqttVersion::V5, 1);
+    cfg.host = "localhost".into();
+    cfg.tls = Some(TlsSettings {
+        ca_file: Some(pki.ca.clone()),
+        client_cert: Some(pki.client_cert.clone()),
+        client_key: Some(pki.client_key.clone()),
+        alpn: Vec::new(),
+    });
+    let mut sink = MqttSink::start(cfg.clone()).expect("sink");
+    assert!(
+        drive::until(
+            &journal,
+            SINK,
+            &mut sink,
+            Duration::from_secs(30),
+            delivered_all
+        )
+        .await,
+        "delivered over mutual TLS"
+    );
+    sink.close().await;
+
+    cfg.tls = Some(TlsSettings {
+        ca_file: Some(other.ca.clone()),
+        ..cfg.tls.clone().expect("tls")
+    });
+    let mut wrong = MqttSink::start(cfg).expect("sink");
+    let probe = journal_with(&dir.path().join("probe"), [event(999, "L1")]);
+    let batch = probe.read_batch(SINK, 1).expect("read");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let verdicts = loop {
+        let verdicts = wrong.deliver(&batch).await;
+        let waiting = matches!(&verdicts[0], Verdict::Retry { reason, .. } if reason.contains("not connected to the broker yet"));
+        if !waiting || std::time::Instant::now() > deadline {
+            break verdicts;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    wrong.close().await;
+    match &verdicts[0] {
+        Verdict::Retry { reason, .. } => assert!(
+            reason.contains("certificate") && reason.contains("ca_file"),
+            "unclear error: {reason}"
+        ),
+        other => panic!("a wrong CA must fail the connection, got {other:?}"),
+    }
+}
