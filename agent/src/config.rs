@@ -436,11 +436,16 @@ fn toml_error(file: &Path, text: &str, error: &toml::de::Error) -> ConfigError {
         }
     }
     let current = text.lines().nth(line_no - 1).unwrap_or("").trim();
-    let mut key = if current.starts_with('[') {
-        current
+    if current.starts_with('[') {
+        // Errors inside a tagged table (a sink's or source's kind) point at
+        // its header: that header is the table the field belongs to.
+        table = current
             .trim_matches(|c| c == '[' || c == ']')
             .trim()
-            .to_owned()
+            .to_owned();
+    }
+    let mut key = if current.starts_with('[') {
+        table.clone()
     } else {
         let name = current.split('=').next().unwrap_or("").trim();
         match (table.is_empty(), name.is_empty()) {

@@ -36,6 +36,23 @@ fn validate_refuses_bad_configs_with_exit_78_naming_file_and_key() {
         ),
         ("missing site", base(dir.path()).replace("site = \"p\"\n", ""), "agent.site"),
         ("no sinks", "[agent]\nsite = \"p\"\ngateway = \"g\"\n".to_owned(), "sinks"),
+        ("mqtt qos 0", format!("{}\n[sinks.cloud]\nkind = \"mqtt\"\nhost = \"127.0.0.1\"\nqos = 0\n", base(dir.path())), "sinks.cloud.qos"),
+        (
+            "mqtt qos 2 persistent",
+            format!("{}\n[sinks.cloud]\nkind = \"mqtt\"\nhost = \"127.0.0.1\"\nqos = 2\nclean_session = false\n", base(dir.path())),
+            "sinks.cloud.clean_session",
+        ),
+        (
+            "mqtt password file missing",
+            format!("{}\n[sinks.cloud]\nkind = \"mqtt\"\nhost = \"127.0.0.1\"\nusername = \"gw\"\npassword_file = \"/nonexistent/pw\"\n", base(dir.path())),
+            "sinks.cloud.password_file",
+        ),
+        (
+            "mqtt ca file missing",
+            format!("{}\n[sinks.cloud]\nkind = \"mqtt\"\nhost = \"broker.example\"\nca_file = \"/nonexistent/ca.pem\"\n", base(dir.path())),
+            "sinks.cloud.ca_file",
+        ),
+        ("mqtt unknown key", format!("{}\n[sinks.cloud]\nkind = \"mqtt\"\nhost = \"h\"\nqso = 1\n", base(dir.path())), "sinks.cloud.qso"),
     ];
     for (what, text, key) in cases {
         let file = dir.path().join(format!("{}.toml", what.replace(' ', "-")));

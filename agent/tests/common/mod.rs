@@ -24,6 +24,16 @@ pub fn stdout(o: &Output) -> String {
 
 /// A config with simulated lines and a file archive under `state`.
 pub fn pipeline_config(state: &Path, interval: &str) -> String {
+    let archive = format!(
+        "[sinks.archive]\nkind = \"file\"\npath = \"{}/archive/events.jsonl\"\nrotate_bytes = \"64KiB\"\n",
+        state.display()
+    );
+    pipeline_config_with_sinks(state, interval, &archive)
+}
+
+/// Simulated lines (a 16-bit press counter that wraps, a 32-bit welder)
+/// feeding the given sink sections.
+pub fn pipeline_config_with_sinks(state: &Path, interval: &str, sinks: &str) -> String {
     format!(
         r#"[agent]
 site = "test-plant"
@@ -31,10 +41,7 @@ gateway = "gw"
 state_dir = "{state}"
 shutdown_timeout = "5s"
 
-[sinks.archive]
-kind = "file"
-path = "{state}/archive/events.jsonl"
-rotate_bytes = "64KiB"
+{sinks}
 
 [sources.press]
 kind = "simulated"
@@ -103,4 +110,115 @@ pub fn archived_events(state: &Path) -> Vec<serde_json::Value> {
         }
     }
     events
+}
+
+#[derive(Debug, PartialEq)]
+struct Step {
+    epoch: u64,
+    total: u64,
+    quantity: u64,
+}
+
+/// Checks, per counter, that the distinct events form an unbroken chain
+/// from the baseline of [`pipeline_config`] to the cursor the journal
+/// stored: a lost event or a double count breaks it. Returns the parts.
+pub fn check_counter_chains(
+    by_id: &std::collections::BTreeMap<String, serde_json::Value>,
+    journal: &buffer::Journal,
+) -> u64 {
+    use std::collections::BTreeMap;
+    // (source urn, counter signal) -> steps
+    let mut chains: BTreeMap<(String, String), Vec<Step>> = BTreeMap::new();
+    for event in by_id.values() {
+        let signal = match event["type"].as_str() {
+            Some("production.completion") => "good",
+            Some("production.scrap") => "scrap",
+            other => panic!("unexpected type {other:?}"),
+        };
+        let source = event["source"].as_str().expect("source").to_owned();
+        chains
+            .entry((source, signal.to_owned()))
+            .or_default()
+            .push(Step {
+                epoch: event["data"]["counter"]["epoch"].as_u64().expect("epoch"),
+                total: event["sequence"]
+                    .as_str()
+                    .expect("sequence")
+                    .parse()
+                    .expect("total"),
+                quantity: event["data"]["quantity"].as_u64().expect("quantity"),
+            });
+    }
+    assert!(
+        chains.len() >= 3,
+        "expected press good/scrap and weld good chains, got {:?}",
+        chains.keys()
+    );
+    let mut parts = 0;
+    for ((source, signal), mut steps) in chains {
+        steps.sort_by_key(|s| (s.epoch, s.total));
+        let name = source.rsplit(':').next().expect("name");
+        let cursor = journal
+            .source_cursor(name)
+            .expect("cursor")
+            .expect("source has a cursor");
+        let cursor: serde_json::Value = serde_json::from_slice(&cursor).expect("cursor json");
+        let baseline = match (name, signal.as_str()) {
+            ("press", "good") => 65500,
+            _ => 0,
+        };
+        let mut expected_from = baseline;
+        for step in &steps {
+            assert_eq!(
+                step.epoch, 0,
+                "{source}/{signal}: a restart must not look like a counter reset"
+            );
+            assert_eq!(
+                step.total - step.quantity,
+                expected_from,
+                "{source}/{signal}: chain broken at total {} (parts lost or counted twice)",
+                step.total
+            );
+            expected_from = step.total;
+            parts += step.quantity;
+        }
+        assert_eq!(
+            cursor[&signal]["total"].as_u64(),
+            Some(expected_from),
+            "{source}/{signal}: the stored cursor must end where the events end"
+        );
+    }
+    parts
+}
+
+/// Distinct events by id; a repeat must describe the same fact.
+#[derive(Default)]
+pub struct Distinct {
+    /// Events by id.
+    pub by_id: std::collections::BTreeMap<String, serde_json::Value>,
+    /// Deliveries of an id already seen.
+    pub repeated: usize,
+}
+
+impl Distinct {
+    /// Adds one delivered or pending event.
+    pub fn add(&mut self, event: serde_json::Value) {
+        let id = event["id"].as_str().expect("id").to_owned();
+        match self.by_id.get(&id) {
+            Some(seen) => {
+                assert_eq!(
+                    seen["data"]["quantity"], event["data"]["quantity"],
+                    "same id, different fact"
+                );
+                assert_eq!(
+                    seen["sequence"], event["sequence"],
+                    "same id, different fact"
+                );
+                self.repeated += 1;
+            }
+            None => {
+                self.by_id.insert(id, event);
+            }
+        }
+    }
 }

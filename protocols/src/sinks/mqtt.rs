@@ -29,7 +29,7 @@
 //! the paced rate ahead of live events, which queue behind it in order.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -259,7 +259,7 @@ struct Shared {
 
 struct Link {
     shared: Mutex<Shared>,
-    connected: AtomicBool,
+    connected: watch::Sender<bool>,
     /// Increments on every CONNACK.
     generation: AtomicU64,
     last_error: Mutex<String>,
@@ -446,7 +446,7 @@ async fn run_link(
                 Ok(LinkEvent::Connected) => {
                     failures = 0;
                     link.generation.fetch_add(1, Ordering::SeqCst);
-                    link.connected.store(true, Ordering::SeqCst);
+                    link.connected.send_replace(true);
                     tracing::info!(broker = %format!("{}:{}", config.host, config.port), "MQTT connected");
                     let birth = Publication {
                         topic: config.status_topic.clone(),
@@ -480,7 +480,7 @@ async fn run_link(
                 Err(e) => break describe_connection_error(&e),
             }
         };
-        link.connected.store(false, Ordering::SeqCst);
+        link.connected.send_replace(false);
         *link.last_error.lock().unwrap_or_else(|p| p.into_inner()) = error.clone();
         let orphans: Vec<u64> = {
             let mut shared = link.lock();
@@ -578,7 +578,7 @@ impl MqttSink {
                 client: None,
                 fifo: VecDeque::new(),
             }),
-            connected: AtomicBool::new(false),
+            connected: watch::channel(false).0,
             generation: AtomicU64::new(0),
             last_error: Mutex::new(String::new()),
             status_acked: tokio::sync::Notify::new(),
@@ -613,7 +613,7 @@ impl MqttSink {
 
     /// Whether the broker connection is up.
     pub fn is_connected(&self) -> bool {
-        self.link.connected.load(Ordering::SeqCst)
+        *self.link.connected.borrow()
     }
 
     fn publication(&self, event: &PendingEvent) -> Result<Publication, String> {
@@ -657,11 +657,19 @@ impl Sink for MqttSink {
     async fn deliver(&mut self, batch: &[PendingEvent]) -> Vec<Verdict> {
         let mut verdicts: Vec<Option<Verdict>> = vec![None; batch.len()];
         if !self.is_connected() {
-            let reason = self.link.last_error();
-            return batch
-                .iter()
-                .map(|_| Verdict::retry(reason.clone()))
-                .collect();
+            // Wait a little for the link rather than bouncing straight back
+            // into the forwarder's backoff: delivery resumes as soon as the
+            // broker is back, not a backoff period later.
+            let mut connected = self.link.connected.subscribe();
+            let patience = self.config.ack_timeout.min(Duration::from_secs(5));
+            let up = tokio::time::timeout(patience, connected.wait_for(|c| *c)).await;
+            if !matches!(up, Ok(Ok(_))) {
+                let reason = self.link.last_error();
+                return batch
+                    .iter()
+                    .map(|_| Verdict::retry(reason.clone()))
+                    .collect();
+            }
         }
         let index: HashMap<u64, usize> =
             batch.iter().enumerate().map(|(i, e)| (e.seq, i)).collect();
