@@ -48,9 +48,10 @@ pub mod drive {
             }
             let verdicts = sink.deliver(&batch).await;
             let mut retry = false;
+            let mut delivered = Vec::with_capacity(batch.len());
             for (event, verdict) in batch.iter().zip(verdicts) {
                 match verdict {
-                    Verdict::Delivered => journal.ack(sink_name, &[event.seq]).expect("ack"),
+                    Verdict::Delivered => delivered.push(event.seq),
                     Verdict::Rejected { reason } => journal
                         .reject(sink_name, event.seq, &reason, 1)
                         .expect("reject"),
@@ -62,6 +63,7 @@ pub mod drive {
                     }
                 }
             }
+            journal.ack(sink_name, &delivered).expect("ack");
             if retry {
                 journal.rewind(sink_name).expect("rewind");
                 tokio::time::sleep(Duration::from_millis(100)).await;

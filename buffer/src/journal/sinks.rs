@@ -247,7 +247,7 @@ impl Journal {
             attempts,
             "event rejected: moved to dead letters"
         );
-        self.advance_and_persist_with(&mut st, index, batch)
+        self.advance_and_persist_with(&mut st, index, Some(batch))
     }
 
     pub(super) fn put_dead_letter(
@@ -277,14 +277,14 @@ impl Journal {
     }
 
     fn advance_and_persist(&self, st: &mut State, index: usize) -> Result<(), JournalError> {
-        self.advance_and_persist_with(st, index, sled::Batch::default())
+        self.advance_and_persist_with(st, index, None)
     }
 
     fn advance_and_persist_with(
         &self,
         st: &mut State,
         index: usize,
-        mut batch: sled::Batch,
+        batch: Option<sled::Batch>,
     ) -> Result<(), JournalError> {
         let s = &mut st.sinks[index];
         let before = s.cursor;
@@ -293,11 +293,24 @@ impl Journal {
         }
         s.read_upto = s.read_upto.max(s.cursor);
         let moved = s.cursor != before;
-        if moved {
-            batch.insert(&[layout::SINK_CURSOR, s.slot], &s.cursor.to_be_bytes());
+        let cursor_key = [layout::SINK_CURSOR, s.slot];
+        let cursor = s.cursor.to_be_bytes();
+        match batch {
+            // A dead letter and the cursor over it must land together.
+            Some(mut batch) => {
+                batch.insert(&cursor_key, &cursor);
+                batch.insert(layout::COUNTERS, Self::counters_value(st)?);
+                self.inner.tree.apply_batch(batch)?;
+            }
+            // A plain ack needs no atomicity (a lost cursor write only
+            // resends), and plain inserts do not force sled to seal and
+            // write an I/O buffer the way every batch does.
+            None if moved => {
+                self.inner.tree.insert(cursor_key, &cursor)?;
+                self.inner.tree.insert(layout::COUNTERS, Self::counters_value(st)?)?;
+            }
+            None => {}
         }
-        batch.insert(layout::COUNTERS, Self::counters_value(st)?);
-        self.inner.tree.apply_batch(batch)?;
         if moved {
             // GC must not interleave with a commit's unapplied batch (which
             // may rewrite a telemetry tombstone); if a commit is running it

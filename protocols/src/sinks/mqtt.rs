@@ -377,7 +377,8 @@ fn new_connection(
             if let Some(user) = &config.username {
                 o.set_credentials(user, config.password.clone().unwrap_or_default());
             }
-            let (c, l) = rumqttc::AsyncClient::new(o, capacity);
+            let (c, mut l) = rumqttc::AsyncClient::new(o, capacity);
+            l.set_network_options(network_options());
             (Client::V4(c), Loop::V4(Box::new(l)))
         }
         MqttVersion::V5 => {
@@ -401,10 +402,21 @@ fn new_connection(
             if let Some(user) = &config.username {
                 o.set_credentials(user, config.password.clone().unwrap_or_default());
             }
+            o.set_network_options(network_options());
             let (c, l) = rumqttc::v5::AsyncClient::new(o, capacity);
             (Client::V5(c), Loop::V5(Box::new(l)))
         }
     }
+}
+
+/// Nagle stays on: it packs a window of small publishes into few segments.
+/// The 40 ms stall seen at the end of each batch comes from the broker's
+/// side (its last PUBACKs wait for our delayed ACK); Mosquitto's
+/// `set_tcp_nodelay true` removes it (README, "MQTT sink").
+fn network_options() -> rumqttc::NetworkOptions {
+    let mut options = rumqttc::NetworkOptions::new();
+    options.set_connection_timeout(10);
+    options
 }
 
 fn describe_connection_error(error: &str) -> String {
@@ -545,28 +557,30 @@ fn level(value: &str) -> String {
     }
 }
 
-/// Renders a topic template for one event.
-pub fn render_topic(
-    template: &str,
-    site: &str,
-    gateway: &str,
-    payload: &[u8],
-) -> Result<String, String> {
-    let fields: TopicFields =
-        serde_json::from_slice(payload).map_err(|e| format!("payload is not a CloudEvent: {e}"))?;
+/// The envelope fields topics and properties are made of.
+fn topic_fields(payload: &[u8]) -> Result<TopicFields, String> {
+    serde_json::from_slice(payload).map_err(|e| format!("payload is not a CloudEvent: {e}"))
+}
+
+fn render_fields(template: &str, site: &str, gateway: &str, fields: &TopicFields) -> String {
     let source_name = fields.source.rsplit(':').next().unwrap_or("");
     let site = if fields.data.site.is_empty() {
         site
     } else {
         &fields.data.site
     };
-    Ok(template
+    template
         .replace("{site}", &level(site))
         .replace("{gateway}", &level(gateway))
         .replace("{line}", &level(&fields.data.line))
         .replace("{machine}", &level(&fields.data.machine))
         .replace("{type}", &level(&fields.event_type))
-        .replace("{source}", &level(source_name)))
+        .replace("{source}", &level(source_name))
+}
+
+/// Renders a topic template for one event.
+pub fn render_topic(template: &str, site: &str, gateway: &str, payload: &[u8]) -> Result<String, String> {
+    Ok(render_fields(template, site, gateway, &topic_fields(payload)?))
 }
 
 impl MqttSink {
@@ -617,29 +631,15 @@ impl MqttSink {
     }
 
     fn publication(&self, event: &PendingEvent) -> Result<Publication, String> {
-        let topic = render_topic(
-            &self.config.topic,
-            &self.config.site,
-            &self.config.gateway,
-            &event.payload,
-        )?;
+        let fields = topic_fields(&event.payload)?;
+        let topic = render_fields(&self.config.topic, &self.config.site, &self.config.gateway, &fields);
         let properties = (self.config.version == MqttVersion::V5).then(|| PublishProperties {
             payload_format_indicator: Some(1),
             content_type: Some("application/cloudevents+json".into()),
             user_properties: vec![
                 ("ce_id".into(), event.id.to_string()),
-                (
-                    "ce_type".into(),
-                    serde_json::from_slice::<TopicFields>(&event.payload)
-                        .map(|f| f.event_type)
-                        .unwrap_or_default(),
-                ),
-                (
-                    "ce_source".into(),
-                    serde_json::from_slice::<TopicFields>(&event.payload)
-                        .map(|f| f.source)
-                        .unwrap_or_default(),
-                ),
+                ("ce_type".into(), fields.event_type),
+                ("ce_source".into(), fields.source),
             ],
             ..PublishProperties::default()
         });

@@ -1,0 +1,159 @@
+//! Drain of a 1,000,000-event journal backlog into a local Mosquitto at
+//! QoS 1 and QoS 2 through the MQTT sink, with CPU% and peak RSS of this
+//! process while draining, against a bare rumqttc publisher that sends the
+//! same payloads without any journal (the ratio is the cost of durability).
+//!
+//! Run: `cargo bench -p plant-edge-tests --bench mqtt_drain`
+//! (`PLANT_EDGE_BENCH_EVENTS` overrides the count.)
+
+use std::time::{Duration, Instant};
+
+use buffer::{AppendRequest, EventClass, Journal, JournalConfig, NewEvent};
+use plant_edge_tests::drive;
+use plant_edge_tests::mosquitto::{Broker, BrokerOptions};
+use protocols::sinks::mqtt::{MqttSink, MqttSinkConfig, MqttVersion};
+use protocols::Sink;
+
+const SINK: &str = "cloud";
+
+fn events() -> u64 {
+    std::env::var("PLANT_EDGE_BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000)
+}
+
+fn payload(n: u64) -> Vec<u8> {
+    let mut p = format!(
+        "{{\"specversion\":\"1.0\",\"id\":\"{}\",\"source\":\"urn:plant-edge:p:g:press\",\"type\":\"production.completion\",\"data\":{{\"site\":\"p\",\"line\":\"L1\",\"machine\":\"m\",\"n\":{n},\"pad\":\"",
+        uuid::Uuid::from_u128(n as u128 + 1)
+    )
+    .into_bytes();
+    p.resize(498, b'x');
+    p.extend_from_slice(b"\"}}");
+    p
+}
+
+fn open(dir: &std::path::Path) -> Journal {
+    let mut config = JournalConfig::new(dir.join("journal"));
+    config.sinks = vec![SINK.into()];
+    config.max_bytes = 4 << 30;
+    Journal::open(config).expect("journal")
+}
+
+fn fill(dir: &std::path::Path, total: u64) {
+    let journal = open(dir);
+    let routes = journal.routes_all();
+    let mut n = 0;
+    while n < total {
+        let events = (n..(n + 1024).min(total))
+            .map(|i| NewEvent { id: uuid::Uuid::from_u128(i as u128 + 1), class: EventClass::Business, routes, payload: payload(i) })
+            .collect();
+        journal.append_blocking(AppendRequest { source: "press".into(), events, cursor: None }).expect("append").expect("fits");
+        n += 1024;
+    }
+    journal.close().expect("close");
+}
+
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn sink_config(port: u16, qos: u8) -> MqttSinkConfig {
+    MqttSinkConfig {
+        host: "127.0.0.1".into(),
+        port,
+        version: MqttVersion::V5,
+        qos,
+        client_id: format!("bench-{qos}"),
+        keep_alive: Duration::from_secs(30),
+        clean_session: true,
+        session_expiry: Duration::from_secs(60),
+        username: None,
+        password: None,
+        tls: None,
+        topic: "plants/{site}/{line}/{type}".into(),
+        status_topic: "plants/p/g/status".into(),
+        inflight: 100,
+        max_messages_per_second: None,
+        ack_timeout: Duration::from_secs(30),
+        site: "p".into(),
+        gateway: "g".into(),
+    }
+}
+
+async fn drain(port: u16, qos: u8, total: u64) -> f64 {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let exe = std::env::current_exe().expect("exe");
+    let status = std::process::Command::new(exe).env("PLANT_EDGE_BENCH_FILL", dir.path()).status().expect("fill child");
+    assert!(status.success(), "fill failed");
+    let journal = open(dir.path());
+    let mut sink = MqttSink::start(sink_config(port, qos)).expect("sink");
+    let (cpu0, started) = (cpu_seconds(), Instant::now());
+    let drained = drive::until(&journal, SINK, &mut sink, Duration::from_secs(1800), |j| j.stats().sinks[0].backlog == 0).await;
+    let secs = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
+    sink.close().await;
+    assert!(drained, "backlog not drained");
+    let rate = total as f64 / secs;
+    println!(
+        "plant-edge MQTT sink, QoS {qos}: {total} events in {secs:.1} s = {rate:.0} events/s; CPU {:.0}% of one core; peak RSS {:.1} MiB",
+        cpu / secs * 100.0,
+        peak_rss_mib()
+    );
+    rate
+}
+
+async fn bare_rumqttc(port: u16, total: u64) -> f64 {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let mut options = MqttOptions::new("bench-bare", "127.0.0.1", port);
+    options.set_outgoing_inflight_upper_limit(100).set_keep_alive(Duration::from_secs(30));
+    let (client, mut event_loop) = AsyncClient::new(options, 200);
+    let publisher = tokio::spawn(async move {
+        for n in 0..total {
+            client.publish("plants/p/L1/production.completion", QoS::AtLeastOnce, false, payload(n)).await.expect("publish");
+        }
+        client
+    });
+    let started = Instant::now();
+    let mut acked = 0;
+    while acked < total {
+        if let Event::Incoming(Packet::PubAck(_)) = event_loop.poll().await.expect("poll") {
+            acked += 1;
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    drop(publisher.await);
+    let rate = total as f64 / secs;
+    println!("bare rumqttc publisher (no journal), QoS 1: {total} messages in {secs:.1} s = {rate:.0} messages/s");
+    rate
+}
+
+fn main() {
+    if let Some(dir) = std::env::var_os("PLANT_EDGE_BENCH_FILL") {
+        fill(std::path::Path::new(&dir), events());
+        return;
+    }
+    let total = events();
+    let broker = Broker::start(BrokerOptions { quiet: true, ..BrokerOptions::default() });
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        let bare = bare_rumqttc(broker.port, total).await;
+        let qos1 = drain(broker.port, 1, total).await;
+        let qos2 = drain(broker.port, 2, total).await;
+        println!("ratio plant-edge QoS 1 / bare rumqttc: {:.2}; QoS 2 / QoS 1: {:.2}", qos1 / bare, qos2 / qos1);
+    });
+}
