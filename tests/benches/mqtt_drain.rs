@@ -17,7 +17,10 @@ use protocols::Sink;
 const SINK: &str = "cloud";
 
 fn events() -> u64 {
-    std::env::var("PLANT_EDGE_BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000)
+    std::env::var("PLANT_EDGE_BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000)
 }
 
 fn payload(n: u64) -> Vec<u8> {
@@ -44,9 +47,21 @@ fn fill(dir: &std::path::Path, total: u64) {
     let mut n = 0;
     while n < total {
         let events = (n..(n + 1024).min(total))
-            .map(|i| NewEvent { id: uuid::Uuid::from_u128(i as u128 + 1), class: EventClass::Business, routes, payload: payload(i) })
+            .map(|i| NewEvent {
+                id: uuid::Uuid::from_u128(i as u128 + 1),
+                class: EventClass::Business,
+                routes,
+                payload: payload(i),
+            })
             .collect();
-        journal.append_blocking(AppendRequest { source: "press".into(), events, cursor: None }).expect("append").expect("fits");
+        journal
+            .append_blocking(AppendRequest {
+                source: "press".into(),
+                events,
+                cursor: None,
+            })
+            .expect("append")
+            .expect("fits");
         n += 1024;
     }
     journal.close().expect("close");
@@ -54,9 +69,20 @@ fn fill(dir: &std::path::Path, total: u64) {
 
 fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields
+        .get(11)
+        .and_then(|u| u.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|s| s.parse::<f64>().ok())
+            .unwrap_or(0.0);
     ticks / 100.0
 }
 
@@ -96,12 +122,18 @@ fn sink_config(port: u16, qos: u8) -> MqttSinkConfig {
 async fn drain(port: u16, qos: u8, total: u64) -> f64 {
     let dir = tempfile::tempdir().expect("tempdir");
     let exe = std::env::current_exe().expect("exe");
-    let status = std::process::Command::new(exe).env("PLANT_EDGE_BENCH_FILL", dir.path()).status().expect("fill child");
+    let status = std::process::Command::new(exe)
+        .env("PLANT_EDGE_BENCH_FILL", dir.path())
+        .status()
+        .expect("fill child");
     assert!(status.success(), "fill failed");
     let journal = open(dir.path());
     let mut sink = MqttSink::start(sink_config(port, qos)).expect("sink");
     let (cpu0, started) = (cpu_seconds(), Instant::now());
-    let drained = drive::until(&journal, SINK, &mut sink, Duration::from_secs(1800), |j| j.stats().sinks[0].backlog == 0).await;
+    let drained = drive::until(&journal, SINK, &mut sink, Duration::from_secs(1800), |j| {
+        j.backlog(SINK).expect("backlog") == 0
+    })
+    .await;
     let secs = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu0;
     sink.close().await;
@@ -120,11 +152,21 @@ async fn bare_rumqttc(port: u16, total: u64) -> f64 {
     use rumqttc::v5::mqttbytes::QoS;
     use rumqttc::v5::{AsyncClient, Event, MqttOptions};
     let mut options = MqttOptions::new("bench-bare", "127.0.0.1", port);
-    options.set_outgoing_inflight_upper_limit(100).set_keep_alive(Duration::from_secs(30));
+    options
+        .set_outgoing_inflight_upper_limit(100)
+        .set_keep_alive(Duration::from_secs(30));
     let (client, mut event_loop) = AsyncClient::new(options, 200);
     let publisher = tokio::spawn(async move {
         for n in 0..total {
-            client.publish("plants/p/L1/production.completion", QoS::AtLeastOnce, false, payload(n)).await.expect("publish");
+            client
+                .publish(
+                    "plants/p/L1/production.completion",
+                    QoS::AtLeastOnce,
+                    false,
+                    payload(n),
+                )
+                .await
+                .expect("publish");
         }
         client
     });
@@ -148,12 +190,22 @@ fn main() {
         return;
     }
     let total = events();
-    let broker = Broker::start(BrokerOptions { quiet: true, ..BrokerOptions::default() });
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let broker = Broker::start(BrokerOptions {
+        quiet: true,
+        ..BrokerOptions::default()
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     runtime.block_on(async {
         let bare = bare_rumqttc(broker.port, total).await;
         let qos1 = drain(broker.port, 1, total).await;
         let qos2 = drain(broker.port, 2, total).await;
-        println!("ratio plant-edge QoS 1 / bare rumqttc: {:.2}; QoS 2 / QoS 1: {:.2}", qos1 / bare, qos2 / qos1);
+        println!(
+            "ratio plant-edge QoS 1 / bare rumqttc: {:.2}; QoS 2 / QoS 1: {:.2}",
+            qos1 / bare,
+            qos2 / qos1
+        );
     });
 }

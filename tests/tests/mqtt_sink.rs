@@ -93,7 +93,7 @@ fn journal_with(dir: &std::path::Path, events: impl IntoIterator<Item = CloudEve
 }
 
 fn delivered_all(journal: &Journal) -> bool {
-    journal.stats().sinks[0].backlog == 0
+    journal.backlog(SINK).expect("backlog") == 0
 }
 
 /// Event messages (not status) as (id, n), in arrival order.
@@ -237,7 +237,7 @@ async fn broker_restarts_mid_stream_lose_nothing_and_duplicates_keep_their_id() 
         for _ in 0..3 {
             std::thread::sleep(Duration::from_millis(500));
             assert!(
-                j.stats().sinks[0].backlog > 0,
+                j.backlog(SINK).expect("backlog") > 0,
                 "restart must happen mid-stream"
             );
             broker.restart();
@@ -288,7 +288,7 @@ async fn acl_denied_topic_is_dead_lettered_with_the_reason_and_the_rest_flow() {
     let acl = "topic readwrite plants/site1/L1/#\ntopic readwrite plants/site1/gw1/status\ntopic read #\n";
     let broker = Broker::start(BrokerOptions {
         acl: Some(acl.into()),
-        tls: None,
+        ..BrokerOptions::default()
     });
     let received = subscribe_all(broker.port, "test-subscriber-acl");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -333,6 +333,7 @@ async fn mutual_tls_delivers_and_a_wrong_ca_is_a_clear_error() {
     let pki = plant_edge_tests::pki::generate(dir.path(), "plant");
     let other = plant_edge_tests::pki::generate(dir.path(), "stranger");
     let broker = Broker::start(BrokerOptions {
+        quiet: false,
         acl: None,
         tls: Some((
             pki.ca.clone(),

@@ -307,7 +307,9 @@ impl Journal {
             // write an I/O buffer the way every batch does.
             None if moved => {
                 self.inner.tree.insert(cursor_key, &cursor)?;
-                self.inner.tree.insert(layout::COUNTERS, Self::counters_value(st)?)?;
+                self.inner
+                    .tree
+                    .insert(layout::COUNTERS, Self::counters_value(st)?)?;
             }
             None => {}
         }

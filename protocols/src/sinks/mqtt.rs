@@ -579,8 +579,18 @@ fn render_fields(template: &str, site: &str, gateway: &str, fields: &TopicFields
 }
 
 /// Renders a topic template for one event.
-pub fn render_topic(template: &str, site: &str, gateway: &str, payload: &[u8]) -> Result<String, String> {
-    Ok(render_fields(template, site, gateway, &topic_fields(payload)?))
+pub fn render_topic(
+    template: &str,
+    site: &str,
+    gateway: &str,
+    payload: &[u8],
+) -> Result<String, String> {
+    Ok(render_fields(
+        template,
+        site,
+        gateway,
+        &topic_fields(payload)?,
+    ))
 }
 
 impl MqttSink {
@@ -632,7 +642,12 @@ impl MqttSink {
 
     fn publication(&self, event: &PendingEvent) -> Result<Publication, String> {
         let fields = topic_fields(&event.payload)?;
-        let topic = render_fields(&self.config.topic, &self.config.site, &self.config.gateway, &fields);
+        let topic = render_fields(
+            &self.config.topic,
+            &self.config.site,
+            &self.config.gateway,
+            &fields,
+        );
         let properties = (self.config.version == MqttVersion::V5).then(|| PublishProperties {
             payload_format_indicator: Some(1),
             content_type: Some("application/cloudevents+json".into()),
