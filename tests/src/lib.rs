@@ -2,6 +2,7 @@
 
 pub mod mosquitto;
 pub mod pki;
+pub mod plc;
 
 pub mod crash {
     //! Names shared by the journal crash test and its child process.

@@ -1,3 +1,4 @@
 //! Source implementations.
 
+pub mod modbus;
 pub mod simulated;

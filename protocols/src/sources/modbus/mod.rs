@@ -1,0 +1,665 @@
+//! Modbus source: production counters and handshake records from PLCs,
+//! over Modbus TCP or RTU.
+//!
+//! # Invariants
+//!
+//! - A counter's new state (epoch, raw, total) is stored in the journal in
+//!   the same batch as the events it produced and adopted only once that
+//!   batch is durable; parts made while the agent was down are counted on
+//!   the first poll after start, once.
+//! - A handshake record is acknowledged to the PLC (ack coil or register
+//!   written) only after the journal answered that its event is durable.
+//!   If the journal cannot take it (full), no ack: the PLC holds the record.
+//! - A transport error means "reconnect" (capped exponential backoff with
+//!   jitter); a Modbus exception means "the device said no": the values are
+//!   bad, counted, no event, the connection stays. Every request runs
+//!   under a timeout.
+
+pub mod map;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use buffer::event::{EventData, Origin, Quantity};
+use buffer::{AppendRequest, CloudEvent, EventType, JournalError};
+use tokio_modbus::client::{Context, Reader, Writer};
+use tokio_modbus::{ExceptionCode, Slave};
+
+use crate::counter::{CounterRules, CounterState, CounterWidth};
+use crate::source::{CounterSignal, SourceContext};
+use map::{decode, plan, Address, Format, Order, Read, Table, Value};
+
+/// Where the device is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `tcp://host:port`.
+    Tcp(String),
+    /// `rtu:///dev/ttyUSB0` with serial settings.
+    Rtu(SerialSettings),
+}
+
+/// Serial line settings for Modbus RTU.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SerialSettings {
+    /// Device path.
+    pub path: String,
+    /// Baud rate.
+    pub baud: u32,
+    /// `none`, `even`, `odd`.
+    pub parity: String,
+    /// 7 or 8.
+    pub data_bits: u8,
+    /// 1 or 2.
+    pub stop_bits: u8,
+}
+
+/// A production counter in the PLC.
+#[derive(Clone, Debug)]
+pub struct CounterSpec {
+    /// Signal name (part of the id, key of its state).
+    pub signal: String,
+    /// Event type of its increases.
+    pub event_type: EventType,
+    /// Where it is.
+    pub address: Address,
+    /// u16/i16/u32/i32.
+    pub format: Format,
+    /// Word and byte order.
+    pub order: Order,
+    /// Most parts plausible between two polls (wrap window).
+    pub max_step: u64,
+    /// Unit of measure.
+    pub unit: String,
+    /// Quantity = increase × scale (1.0: whole pieces).
+    pub scale: f64,
+}
+
+/// A field of a handshake record.
+#[derive(Clone, Debug)]
+pub struct FieldSpec {
+    /// `work_order`, `material`, `quantity`, `lot`, `reason_code`, `sequence`, or any
+    /// other name (stamped into the event's attributes).
+    pub name: String,
+    /// Where it is.
+    pub address: Address,
+    /// How it is encoded.
+    pub format: Format,
+    /// Word and byte order.
+    pub order: Order,
+}
+
+/// A handshake record: the PLC fills the fields and sets `ready`; the agent
+/// appends, waits for durable, writes `ack`; the PLC clears `ready`; the
+/// agent clears `ack`.
+#[derive(Clone, Debug)]
+pub struct RecordSpec {
+    /// Signal name (part of the id).
+    pub signal: String,
+    /// Event type.
+    pub event_type: EventType,
+    /// Data-ready flag (coil, discrete input or register bit).
+    pub ready: Address,
+    /// Ack: a coil (set true) or a holding register (set 1).
+    pub ack: Address,
+    /// The record's fields.
+    pub fields: Vec<FieldSpec>,
+    /// Field names whose values identify the record (its id).
+    pub key: Vec<String>,
+    /// Unit of measure of `quantity`.
+    pub unit: String,
+}
+
+/// One Modbus device.
+#[derive(Clone, Debug)]
+pub struct ModbusConfig {
+    /// Where.
+    pub endpoint: Endpoint,
+    /// Unit (slave) id.
+    pub unit: u8,
+    /// Poll interval.
+    pub poll_interval: Duration,
+    /// Timeout of each request (and of connecting).
+    pub timeout: Duration,
+    /// Registers that may be read in between to merge requests.
+    pub max_gap: u16,
+    /// Line.
+    pub line: String,
+    /// Machine.
+    pub machine: String,
+    /// Counters.
+    pub counters: Vec<CounterSpec>,
+    /// Handshake records.
+    pub records: Vec<RecordSpec>,
+}
+
+/// What a Modbus source counts (shared with status output).
+#[derive(Debug, Default)]
+pub struct ModbusStats {
+    /// Polls done.
+    pub polls: AtomicU64,
+    /// Polls that did not finish within the interval (skipped, not stacked).
+    pub overruns: AtomicU64,
+    /// Exception responses (device said no).
+    pub exceptions: AtomicU64,
+    /// Transport errors and timeouts (reconnect).
+    pub transport_errors: AtomicU64,
+    /// Values that did not decode.
+    pub bad_values: AtomicU64,
+    /// Events appended.
+    pub events: AtomicU64,
+    /// Records acknowledged to the PLC.
+    pub records_acked: AtomicU64,
+}
+
+/// Why a poll stopped.
+#[derive(Debug)]
+enum PollError {
+    /// Connection is unusable: reconnect.
+    Transport(String),
+    /// The journal is gone (shutdown).
+    Stopped,
+}
+
+fn endpoint_text(endpoint: &Endpoint) -> String {
+    match endpoint {
+        Endpoint::Tcp(addr) => format!("tcp://{addr}"),
+        Endpoint::Rtu(s) => format!("rtu://{}", s.path),
+    }
+}
+
+/// Opens the connection (TCP or serial) to one unit.
+pub async fn connect(endpoint: &Endpoint, unit: u8, timeout: Duration) -> Result<Context, String> {
+    match endpoint {
+        Endpoint::Tcp(addr) => {
+            let connect = async {
+                let stream = tokio::net::TcpStream::connect(addr.as_str()).await?;
+                stream.set_nodelay(true)?;
+                Ok::<_, std::io::Error>(tokio_modbus::client::tcp::attach_slave(
+                    stream,
+                    Slave(unit),
+                ))
+            };
+            match tokio::time::timeout(timeout, connect).await {
+                Ok(Ok(ctx)) => Ok(ctx),
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    Err(format!("connection refused by {addr}"))
+                }
+                Ok(Err(e)) => Err(format!("connecting to {addr}: {e}")),
+                Err(_) => Err(format!("no answer from {addr} within {timeout:?}")),
+            }
+        }
+        Endpoint::Rtu(s) => {
+            use tokio_serial::SerialPortBuilderExt;
+            let parity = match s.parity.as_str() {
+                "even" | "E" => tokio_serial::Parity::Even,
+                "odd" | "O" => tokio_serial::Parity::Odd,
+                _ => tokio_serial::Parity::None,
+            };
+            let port = tokio_serial::new(&s.path, s.baud)
+                .parity(parity)
+                .data_bits(if s.data_bits == 7 {
+                    tokio_serial::DataBits::Seven
+                } else {
+                    tokio_serial::DataBits::Eight
+                })
+                .stop_bits(if s.stop_bits == 2 {
+                    tokio_serial::StopBits::Two
+                } else {
+                    tokio_serial::StopBits::One
+                })
+                .timeout(timeout)
+                .open_native_async()
+                .map_err(|e| format!("opening {}: {e}", s.path))?;
+            Ok(tokio_modbus::client::rtu::attach_slave(port, Slave(unit)))
+        }
+    }
+}
+
+/// Reads one group; bits come back as 0/1 words. Outer error: transport;
+/// inner: the device's exception.
+pub async fn read(
+    ctx: &mut Context,
+    r: Read,
+    timeout: Duration,
+) -> Result<Result<Vec<u16>, ExceptionCode>, String> {
+    let bits = |v: Vec<bool>| v.into_iter().map(u16::from).collect::<Vec<u16>>();
+    let call = async {
+        Ok::<_, tokio_modbus::Error>(match r.table {
+            Table::Holding => ctx.read_holding_registers(r.start, r.count).await?,
+            Table::Input => ctx.read_input_registers(r.start, r.count).await?,
+            Table::Coil => ctx.read_coils(r.start, r.count).await?.map(bits),
+            Table::Discrete => ctx.read_discrete_inputs(r.start, r.count).await?.map(bits),
+        })
+    };
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(result)) => Ok(result),
+        Ok(Err(e)) => Err(format!(
+            "reading {} {}+{}: {e}",
+            table_name(r.table),
+            r.start,
+            r.count
+        )),
+        Err(_) => Err(format!(
+            "no answer within {timeout:?} reading {} {}",
+            table_name(r.table),
+            r.start
+        )),
+    }
+}
+
+fn table_name(table: Table) -> &'static str {
+    match table {
+        Table::Coil => "coils",
+        Table::Discrete => "discrete inputs",
+        Table::Input => "input registers",
+        Table::Holding => "holding registers",
+    }
+}
+
+/// Values read in one poll, by address; `None` for addresses whose request
+/// the device answered with an exception.
+struct Snapshot {
+    words: BTreeMap<(Table, u16), Option<u16>>,
+}
+
+impl Snapshot {
+    fn value(
+        &self,
+        address: Address,
+        format: Format,
+        order: Order,
+    ) -> Result<Option<Value>, String> {
+        let mut words = Vec::with_capacity(format.width() as usize);
+        for i in 0..format.width() {
+            match self.words.get(&(address.table, address.offset + i)) {
+                Some(Some(w)) => words.push(*w),
+                Some(None) => return Ok(None),
+                None => return Err(format!("{address} was not read")),
+            }
+        }
+        if let Some(bit) = address.bit {
+            return Ok(Some(Value::Bool(words[0] & (1 << bit) != 0)));
+        }
+        if address.table == Table::Coil || address.table == Table::Discrete {
+            return Ok(Some(Value::Bool(words[0] != 0)));
+        }
+        decode(format, order, &words).map(Some)
+    }
+}
+
+async fn read_spans(
+    ctx: &mut Context,
+    spans: &[(Address, u16)],
+    config: &ModbusConfig,
+    stats: &ModbusStats,
+) -> Result<Snapshot, PollError> {
+    let mut snapshot = Snapshot {
+        words: BTreeMap::new(),
+    };
+    for r in plan(spans, config.max_gap) {
+        match read(ctx, r, config.timeout).await {
+            Ok(Ok(words)) => {
+                for (i, w) in words.into_iter().take(r.count as usize).enumerate() {
+                    snapshot
+                        .words
+                        .insert((r.table, r.start + i as u16), Some(w));
+                }
+            }
+            Ok(Err(code)) => {
+                stats.exceptions.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(device = %endpoint_text(&config.endpoint), unit = config.unit, table = table_name(r.table), start = r.start, count = r.count, exception = ?code, "device refused the read: values marked bad");
+                for i in 0..r.count {
+                    snapshot.words.insert((r.table, r.start + i), None);
+                }
+            }
+            Err(e) => {
+                stats.transport_errors.fetch_add(1, Ordering::Relaxed);
+                return Err(PollError::Transport(e));
+            }
+        }
+    }
+    Ok(snapshot)
+}
+
+/// The Modbus source task: polls until shutdown.
+pub async fn run(ctx: SourceContext, config: ModbusConfig, stats: Arc<ModbusStats>) {
+    let mut states: BTreeMap<String, CounterState> = ctx
+        .initial_cursor
+        .as_deref()
+        .and_then(|c| serde_json::from_slice(c).ok())
+        .unwrap_or_default();
+    let mut shutdown = ctx.shutdown.clone();
+    let mut failures: u32 = 0;
+    let mut bridged = false;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let mut link = match connect(&config.endpoint, config.unit, config.timeout).await {
+            Ok(link) => link,
+            Err(e) => {
+                stats.transport_errors.fetch_add(1, Ordering::Relaxed);
+                failures = failures.saturating_add(1);
+                let cap = Duration::from_millis(250)
+                    .saturating_mul(1 << failures.min(7))
+                    .min(Duration::from_secs(30));
+                let wait = cap / 2 + cap.mul_f64(fastrand::f64() / 2.0);
+                tracing::warn!(source = %ctx.name, error = %e, retry_in_ms = wait.as_millis() as u64, "PLC unreachable");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.changed() => {}
+                }
+                bridged = true;
+                continue;
+            }
+        };
+        tracing::info!(source = %ctx.name, device = %endpoint_text(&config.endpoint), unit = config.unit, "PLC connected");
+        failures = 0;
+        let mut ticker = tokio::time::interval(config.poll_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut acked: BTreeMap<String, bool> = BTreeMap::new();
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = shutdown.changed() => {}
+            }
+            if *shutdown.borrow() {
+                return;
+            }
+            let started = tokio::time::Instant::now();
+            let result = poll(
+                &mut link,
+                &ctx,
+                &config,
+                &stats,
+                &mut states,
+                &mut acked,
+                bridged,
+            )
+            .await;
+            stats.polls.fetch_add(1, Ordering::Relaxed);
+            if started.elapsed() > config.poll_interval {
+                stats.overruns.fetch_add(1, Ordering::Relaxed);
+            }
+            match result {
+                Ok(()) => bridged = false,
+                Err(PollError::Stopped) => return,
+                Err(PollError::Transport(e)) => {
+                    tracing::warn!(source = %ctx.name, error = %e, "PLC link lost; reconnecting");
+                    bridged = true;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn counter_signal(spec: &CounterSpec, config: &ModbusConfig) -> CounterSignal {
+    CounterSignal {
+        name: spec.signal.clone(),
+        event_type: spec.event_type.clone(),
+        unit: spec.unit.clone(),
+        line: config.line.clone(),
+        machine: config.machine.clone(),
+        rules: CounterRules {
+            width: if spec.format.width() == 1 {
+                CounterWidth::U16
+            } else {
+                CounterWidth::U32
+            },
+            max_step: spec.max_step,
+        },
+    }
+}
+
+async fn poll(
+    link: &mut Context,
+    ctx: &SourceContext,
+    config: &ModbusConfig,
+    stats: &ModbusStats,
+    states: &mut BTreeMap<String, CounterState>,
+    acked: &mut BTreeMap<String, bool>,
+    bridged: bool,
+) -> Result<(), PollError> {
+    if !config.counters.is_empty() {
+        let spans: Vec<(Address, u16)> = config
+            .counters
+            .iter()
+            .map(|c| (c.address, c.format.width()))
+            .collect();
+        let snapshot = read_spans(link, &spans, config, stats).await?;
+        let read_at = SystemTime::now();
+        let mut next_states = states.clone();
+        let mut events = Vec::new();
+        for spec in &config.counters {
+            let raw = match snapshot.value(spec.address, spec.format, spec.order) {
+                Ok(Some(value)) => value.counter_raw(spec.format),
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(source = %ctx.name, signal = %spec.signal, error = %e, "counter value unusable");
+                    None
+                }
+            };
+            let Some(raw) = raw else {
+                stats.bad_values.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let signal = counter_signal(spec, config);
+            let observation = signal.rules.observe(states.get(&spec.signal).copied(), raw);
+            next_states.insert(spec.signal.clone(), observation.next);
+            let origin = Origin {
+                protocol: "modbus".into(),
+                endpoint: endpoint_text(&config.endpoint),
+                address: format!("unit {} {}", config.unit, spec.address),
+                quality: "good".into(),
+                source_time: None,
+            };
+            if let Some(mut event) = signal.event_for(ctx, &observation, origin, read_at) {
+                if spec.scale != 1.0 {
+                    event.data.quantity = Quantity::Measure(observation.delta as f64 * spec.scale);
+                }
+                if bridged {
+                    // The increase spans a link outage: one event carries
+                    // everything made while the PLC was unreachable.
+                    event
+                        .data
+                        .attributes
+                        .insert("bridged_outage".into(), "true".into());
+                }
+                events.push(ctx.new_event(&event));
+            }
+        }
+        if next_states != *states {
+            let count = events.len() as u64;
+            let request = AppendRequest {
+                source: ctx.name.clone(),
+                events,
+                cursor: serde_json::to_vec(&next_states).ok(),
+            };
+            match ctx.appender.append(request).await {
+                Ok(_) => {
+                    *states = next_states;
+                    stats.events.fetch_add(count, Ordering::Relaxed);
+                }
+                Err(JournalError::Closed) => return Err(PollError::Stopped),
+                // Not adopted: the next poll counts the same parts again.
+                Err(e) => {
+                    tracing::error!(source = %ctx.name, error = %e, "append failed; counting again next poll")
+                }
+            }
+        }
+    }
+    for record in &config.records {
+        handle_record(link, ctx, config, stats, record, acked).await?;
+    }
+    Ok(())
+}
+
+async fn write_ack(
+    link: &mut Context,
+    ack: Address,
+    on: bool,
+    timeout: Duration,
+) -> Result<Result<(), ExceptionCode>, String> {
+    let call = async {
+        match ack.table {
+            Table::Coil => link.write_single_coil(ack.offset, on).await,
+            _ => link.write_single_register(ack.offset, u16::from(on)).await,
+        }
+    };
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(result)) => Ok(result),
+        Ok(Err(e)) => Err(format!("writing ack {ack}: {e}")),
+        Err(_) => Err(format!("no answer within {timeout:?} writing ack {ack}")),
+    }
+}
+
+async fn handle_record(
+    link: &mut Context,
+    ctx: &SourceContext,
+    config: &ModbusConfig,
+    stats: &ModbusStats,
+    record: &RecordSpec,
+    acked: &mut BTreeMap<String, bool>,
+) -> Result<(), PollError> {
+    let flags = read_spans(link, &[(record.ready, 1), (record.ack, 1)], config, stats).await?;
+    let flag = |a: Address| {
+        flags
+            .value(a, Format::Bool, Order::default())
+            .ok()
+            .flatten()
+            .map(|v| v == Value::Bool(true))
+    };
+    let (Some(ready), Some(ack_set)) = (flag(record.ready), flag(record.ack)) else {
+        return Ok(());
+    };
+    acked.insert(record.signal.clone(), ack_set);
+    if !ready {
+        if ack_set {
+            // The PLC took the ack and cleared ready: release the ack.
+            match write_ack(link, record.ack, false, config.timeout).await {
+                Ok(Ok(())) => {}
+                Ok(Err(code)) => {
+                    stats.exceptions.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(source = %ctx.name, signal = %record.signal, exception = ?code, "device refused clearing the ack");
+                }
+                Err(e) => return Err(PollError::Transport(e)),
+            }
+        }
+        return Ok(());
+    }
+    if ack_set {
+        // Acknowledged already; waiting for the PLC to clear ready.
+        return Ok(());
+    }
+    let spans: Vec<(Address, u16)> = record
+        .fields
+        .iter()
+        .map(|f| (f.address, f.format.width()))
+        .collect();
+    let snapshot = read_spans(link, &spans, config, stats).await?;
+    let mut values = BTreeMap::new();
+    for field in &record.fields {
+        match snapshot.value(field.address, field.format, field.order) {
+            Ok(Some(v)) => {
+                values.insert(field.name.clone(), v);
+            }
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                // Not acknowledged: the PLC keeps the record and the line's
+                // alarm shows it; nothing is lost, nothing invented.
+                stats.bad_values.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(source = %ctx.name, signal = %record.signal, field = %field.name, error = %e, "record field unusable; record not acknowledged");
+                return Ok(());
+            }
+        }
+    }
+    let event = record_event(ctx, config, record, &values);
+    let request = AppendRequest {
+        source: ctx.name.clone(),
+        events: vec![ctx.new_event(&event)],
+        cursor: None,
+    };
+    match ctx.appender.append(request).await {
+        Ok(outcome) => {
+            if outcome.appended() > 0 {
+                stats.events.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Err(JournalError::Closed) => return Err(PollError::Stopped),
+        Err(e) => {
+            tracing::error!(source = %ctx.name, signal = %record.signal, error = %e, "record not stored; not acknowledged");
+            return Ok(());
+        }
+    }
+    // Durable (or a duplicate of a durable one): only now tell the PLC.
+    match write_ack(link, record.ack, true, config.timeout).await {
+        Ok(Ok(())) => {
+            stats.records_acked.fetch_add(1, Ordering::Relaxed);
+            acked.insert(record.signal.clone(), true);
+            Ok(())
+        }
+        Ok(Err(code)) => {
+            stats.exceptions.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(source = %ctx.name, signal = %record.signal, exception = ?code, "device refused the ack");
+            Ok(())
+        }
+        Err(e) => Err(PollError::Transport(e)),
+    }
+}
+
+fn record_event(
+    ctx: &SourceContext,
+    config: &ModbusConfig,
+    record: &RecordSpec,
+    values: &BTreeMap<String, Value>,
+) -> CloudEvent {
+    let urn = ctx.urn();
+    let key: Vec<String> = record
+        .key
+        .iter()
+        .map(|k| values.get(k).map(Value::text).unwrap_or_default())
+        .collect();
+    let key_refs: Vec<&str> = key.iter().map(String::as_str).collect();
+    let id = buffer::id::record_event_id(&urn, &record.signal, &key_refs);
+    let text = |name: &str| values.get(name).map(Value::text).filter(|t| !t.is_empty());
+    let quantity = match values.get("quantity") {
+        Some(Value::Int(n)) if *n >= 0 => Quantity::Count(*n as u64),
+        Some(Value::Float(f)) => Quantity::Measure(*f),
+        _ => Quantity::Count(1),
+    };
+    let mut attributes = ctx.attributes.clone();
+    for (name, value) in values {
+        if !matches!(
+            name.as_str(),
+            "work_order" | "material" | "quantity" | "lot" | "reason_code"
+        ) {
+            attributes.insert(name.clone(), value.text());
+        }
+    }
+    let data = EventData {
+        site: ctx.site.clone(),
+        line: config.line.clone(),
+        machine: config.machine.clone(),
+        work_order: text("work_order"),
+        material: text("material"),
+        quantity,
+        unit: record.unit.clone(),
+        lot: text("lot"),
+        reason_code: text("reason_code"),
+        counter: None,
+        origin: Origin {
+            protocol: "modbus".into(),
+            endpoint: endpoint_text(&config.endpoint),
+            address: format!("unit {} record {}", config.unit, record.signal),
+            quality: "good".into(),
+            source_time: None,
+        },
+        attributes,
+    };
+    let mut event = CloudEvent::new(id, urn, record.event_type.clone(), SystemTime::now(), data);
+    event.sequence = text("sequence");
+    event
+}

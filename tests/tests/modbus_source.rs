@@ -1,0 +1,490 @@
+//! The Modbus source against a simulated PLC (a real Modbus TCP server on
+//! loopback) and a real journal.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use buffer::{EventType, Journal, JournalConfig};
+use plant_edge_tests::plc::Plc;
+use protocols::source::{Classifier, SourceContext};
+use protocols::sources::modbus::map::{Format, Order};
+use protocols::sources::modbus::{
+    self, CounterSpec, Endpoint, FieldSpec, ModbusConfig, ModbusStats, RecordSpec,
+};
+use tokio::sync::watch;
+
+const SOURCE: &str = "press1";
+
+struct Rig {
+    journal: Journal,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    stats: Arc<ModbusStats>,
+    _dir: tempfile::TempDir,
+}
+
+fn counter(signal: &str, event_type: EventType, address: &str, format: Format) -> CounterSpec {
+    CounterSpec {
+        signal: signal.into(),
+        event_type,
+        address: address.parse().expect("address"),
+        format,
+        order: Order::default(),
+        max_step: 1000,
+        unit: "EA".into(),
+        scale: 1.0,
+    }
+}
+
+fn device(
+    addr: std::net::SocketAddr,
+    counters: Vec<CounterSpec>,
+    records: Vec<RecordSpec>,
+) -> ModbusConfig {
+    ModbusConfig {
+        endpoint: Endpoint::Tcp(addr.to_string()),
+        unit: 1,
+        poll_interval: Duration::from_millis(20),
+        timeout: Duration::from_millis(500),
+        max_gap: 8,
+        line: "L1".into(),
+        machine: "press1".into(),
+        counters,
+        records,
+    }
+}
+
+fn start(config: ModbusConfig, max_bytes: Option<u64>) -> Rig {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut jc = JournalConfig::new(dir.path().join("journal"));
+    jc.sinks = vec!["erp".into()];
+    if let Some(max) = max_bytes {
+        jc.max_bytes = max;
+    }
+    let journal = Journal::open(jc).expect("journal");
+    start_on(journal, config, dir)
+}
+
+fn start_on(journal: Journal, config: ModbusConfig, dir: tempfile::TempDir) -> Rig {
+    let (appender, _writer) = journal.start_writer();
+    let (stop, shutdown) = watch::channel(false);
+    let stats = Arc::new(ModbusStats::default());
+    let ctx = SourceContext {
+        site: "site1".into(),
+        gateway: "gw1".into(),
+        name: SOURCE.into(),
+        attributes: [("cost_center".to_owned(), "4711".to_owned())].into(),
+        routes: journal.routes_all(),
+        classifier: Classifier::default(),
+        appender,
+        initial_cursor: journal.source_cursor(SOURCE).expect("cursor"),
+        shutdown,
+    };
+    let task = tokio::spawn(modbus::run(ctx, config, stats.clone()));
+    Rig {
+        journal,
+        stop,
+        task,
+        stats,
+        _dir: dir,
+    }
+}
+
+impl Rig {
+    fn events(&self) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        self.journal
+            .scan_events(0, |e| {
+                out.push(serde_json::from_slice(&e.payload).expect("json"));
+                true
+            })
+            .expect("scan");
+        out
+    }
+
+    /// Waits until the stored counter state of `signal` has raw value `raw`.
+    async fn counted_up_to(&self, signal: &str, raw: u64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let cursor: Option<serde_json::Value> = self
+                .journal
+                .source_cursor(SOURCE)
+                .expect("cursor")
+                .map(|c| serde_json::from_slice(&c).expect("json"));
+            if cursor.as_ref().and_then(|c| c[signal]["raw"].as_u64()) == Some(raw) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{signal} never reached {raw}; cursor {cursor:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn stop(self) -> Journal {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+        self.journal
+    }
+}
+
+fn quantities(events: &[serde_json::Value], event_type: &str) -> Vec<(u64, u64)> {
+    events
+        .iter()
+        .filter(|e| e["type"] == event_type)
+        .map(|e| {
+            (
+                e["data"]["quantity"].as_u64().expect("quantity"),
+                e["data"]["counter"]["epoch"].as_u64().expect("epoch"),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counter_increases_become_events_across_16_and_32_bit_wraps_and_resets() {
+    let plc = Plc::start().await;
+    plc.mem().holding.insert(0, 65_530);
+    plc.mem().set_u32(10, 0xFFFF_FFFE);
+    let rig = start(
+        device(
+            plc.addr,
+            vec![
+                counter("good", EventType::completion(), "holding:0", Format::U16),
+                counter("scrap", EventType::scrap(), "holding:10", Format::U32),
+            ],
+            vec![],
+        ),
+        None,
+    );
+    rig.counted_up_to("good", 65_530).await;
+    plc.mem().holding.insert(0, 65_534);
+    rig.counted_up_to("good", 65_534).await;
+    plc.mem().holding.insert(0, 3);
+    plc.mem().set_u32(10, 1);
+    rig.counted_up_to("good", 3).await;
+    rig.counted_up_to("scrap", 1).await;
+    plc.mem().holding.insert(0, 20_000);
+    rig.counted_up_to("good", 20_000).await; // a big jump forward is production, not a reset
+    plc.mem().holding.insert(0, 7);
+    rig.counted_up_to("good", 7).await; // an implausible drop is a reset
+    let events = rig.events();
+    assert_eq!(
+        quantities(&events, "production.completion"),
+        vec![(4, 0), (5, 0), (19_997, 0), (7, 1)]
+    );
+    assert_eq!(quantities(&events, "production.scrap"), vec![(3, 0)]);
+    let first = &events[0];
+    assert_eq!(
+        first["data"]["attributes"]["cost_center"], "4711",
+        "static attributes stamped"
+    );
+    assert_eq!(first["data"]["line"], "L1");
+    assert!(first["data"]["origin"]["endpoint"]
+        .as_str()
+        .expect("endpoint")
+        .starts_with("tcp://127.0.0.1:"));
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_counts_parts_made_meanwhile_once() {
+    let plc = Plc::start().await;
+    plc.mem().holding.insert(0, 100);
+    let config = device(
+        plc.addr,
+        vec![counter(
+            "good",
+            EventType::completion(),
+            "holding:0",
+            Format::U16,
+        )],
+        vec![],
+    );
+    let rig = start(config.clone(), None);
+    rig.counted_up_to("good", 100).await;
+    plc.mem().holding.insert(0, 110);
+    rig.counted_up_to("good", 110).await;
+    let dir = rig._dir;
+    let _ = rig.stop.send(true);
+    let _ = rig.task.await;
+    let journal = rig.journal;
+    // Agent down, the line keeps producing.
+    plc.mem().holding.insert(0, 135);
+    let rig = start_on(journal, config, dir);
+    rig.counted_up_to("good", 135).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        quantities(&rig.events(), "production.completion"),
+        vec![(10, 0), (25, 0)],
+        "made while down: counted once"
+    );
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exceptions_and_a_silent_device_are_counted_without_events_or_crash() {
+    let plc = Plc::start().await;
+    plc.mem().holding.insert(0, 5);
+    plc.mem().refuse_holding.push(0..2);
+    let rig = start(
+        device(
+            plc.addr,
+            vec![counter(
+                "good",
+                EventType::completion(),
+                "holding:0",
+                Format::U16,
+            )],
+            vec![],
+        ),
+        None,
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while rig.stats.exceptions.load(Ordering::Relaxed) < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "exceptions not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(rig.events().is_empty(), "no event from a refused read");
+    assert_eq!(
+        rig.stats.transport_errors.load(Ordering::Relaxed),
+        0,
+        "an exception keeps the connection"
+    );
+    plc.mem().refuse_holding.clear();
+    rig.counted_up_to("good", 5).await;
+    rig.stop().await;
+
+    // A device that accepts TCP and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = silent.local_addr().expect("addr");
+    let rig = start(
+        device(
+            addr,
+            vec![counter(
+                "good",
+                EventType::completion(),
+                "holding:0",
+                Format::U16,
+            )],
+            vec![],
+        ),
+        None,
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while rig.stats.transport_errors.load(Ordering::Relaxed) < 2 {
+        assert!(std::time::Instant::now() < deadline, "timeouts not counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(rig.events().is_empty());
+    assert!(!rig.task.is_finished(), "the source keeps trying");
+    rig.stop().await;
+    drop(silent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plc_link_outage_is_bridged_by_one_event_without_loss_or_duplicate() {
+    let mut plc = Plc::start().await;
+    plc.mem().holding.insert(0, 1_000);
+    let rig = start(
+        device(
+            plc.addr,
+            vec![counter(
+                "good",
+                EventType::completion(),
+                "holding:0",
+                Format::U16,
+            )],
+            vec![],
+        ),
+        None,
+    );
+    rig.counted_up_to("good", 1_000).await;
+    plc.mem().holding.insert(0, 1_004);
+    rig.counted_up_to("good", 1_004).await;
+    plc.stop().await;
+    plc.mem().holding.insert(0, 1_050);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    plc.restart().await;
+    rig.counted_up_to("good", 1_050).await;
+    let events = rig.events();
+    assert_eq!(
+        quantities(&events, "production.completion"),
+        vec![(4, 0), (46, 0)]
+    );
+    assert_eq!(
+        events[1]["data"]["attributes"]["bridged_outage"], "true",
+        "the bridging event says so"
+    );
+    assert!(rig.stats.transport_errors.load(Ordering::Relaxed) > 0);
+    rig.stop().await;
+}
+
+fn record_spec() -> RecordSpec {
+    let field = |name: &str, address: &str, format: Format| FieldSpec {
+        name: name.into(),
+        address: address.parse().expect("address"),
+        format,
+        order: Order::default(),
+    };
+    RecordSpec {
+        signal: "completion".into(),
+        event_type: EventType::completion(),
+        ready: "coil:0".parse().expect("ready"),
+        ack: "coil:1".parse().expect("ack"),
+        fields: vec![
+            field("sequence", "holding:100", Format::U16),
+            field("work_order", "holding:101", Format::String(4)),
+            field("material", "holding:105", Format::String(4)),
+            field("quantity", "holding:109", Format::U16),
+            field("reason_code", "holding:110", Format::Bcd),
+        ],
+        key: vec!["sequence".into(), "work_order".into()],
+        unit: "EA".into(),
+    }
+}
+
+/// Plays the PLC side of the handshake for record `n`.
+async fn plc_hands_over(plc: &Plc, n: u16) {
+    {
+        let mut m = plc.mem();
+        m.holding.insert(100, n);
+        m.set_string(101, 4, &format!("WO-{n}"));
+        m.set_string(105, 4, "MAT-9");
+        m.holding.insert(109, n * 10);
+        m.holding.insert(110, 0x0042);
+        m.coils.insert(0, true);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !plc.mem().coils.get(&1).copied().unwrap_or(false) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "record {n} never acknowledged"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    plc.mem().coils.insert(0, false);
+    while plc.mem().coils.get(&1).copied().unwrap_or(false) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ack of record {n} never released"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_record_is_acknowledged_only_after_it_is_durable() {
+    let plc = Plc::start().await;
+    let rig = start(device(plc.addr, vec![], vec![record_spec()]), None);
+    let violated = Arc::new(AtomicBool::new(false));
+    let checked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    {
+        let (journal, violated, checked) = (rig.journal.clone(), violated.clone(), checked.clone());
+        plc.on_write(Box::new(move |m, table, address, value| {
+            if table == 'c' && address == 1 && value == 1 {
+                // The PLC asks the journal: is the record it is being told
+                // about already stored?
+                let sequence = m.holding.get(&100).copied().unwrap_or(0).to_string();
+                let found = journal.list(0, 10_000).expect("list").iter().any(|e| {
+                    journal
+                        .find(Some(e.id), None)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|p| {
+                            String::from_utf8_lossy(&p.payload)
+                                .contains(&format!("\"sequence\":\"{sequence}\""))
+                        })
+                });
+                if !found {
+                    violated.store(true, Ordering::SeqCst);
+                }
+                checked.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    for n in 1..=5 {
+        plc_hands_over(&plc, n).await;
+    }
+    assert!(
+        !violated.load(Ordering::SeqCst),
+        "an ack was written before the record was in the journal"
+    );
+    assert_eq!(checked.load(Ordering::SeqCst), 5);
+    let events = rig.events();
+    assert_eq!(events.len(), 5);
+    assert_eq!(events[2]["data"]["work_order"], "WO-3");
+    assert_eq!(events[2]["data"]["material"], "MAT-9");
+    assert_eq!(events[2]["data"]["quantity"], 30);
+    assert_eq!(events[2]["data"]["reason_code"], "42");
+    assert_eq!(events[2]["subject"], "L1/WO-3");
+    assert_eq!(rig.stats.records_acked.load(Ordering::Relaxed), 5);
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_journal_holds_the_record_at_the_plc_until_space_frees() {
+    let plc = Plc::start().await;
+    let rig = start(device(plc.addr, vec![], vec![record_spec()]), Some(3_000));
+    // Fill the journal with business events so the record cannot fit.
+    let routes = rig.journal.routes_all();
+    let mut n = 0u128;
+    while rig
+        .journal
+        .append_blocking(buffer::AppendRequest {
+            source: "filler".into(),
+            events: vec![buffer::NewEvent {
+                id: uuid::Uuid::from_u128(n + 1_000_000),
+                class: buffer::EventClass::Business,
+                routes,
+                payload: vec![b'{'; 400].into_iter().chain(*b"}").collect(),
+            }],
+            cursor: None,
+        })
+        .expect("append")
+        .is_some()
+    {
+        n += 1;
+    }
+    {
+        let mut m = plc.mem();
+        m.holding.insert(100, 1);
+        m.set_string(101, 4, "WO-1");
+        m.holding.insert(109, 1);
+        m.coils.insert(0, true);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !plc.mem().coils.get(&1).copied().unwrap_or(false),
+        "no ack while the journal is full"
+    );
+    assert!(rig.journal.is_full(), "the condition is reported");
+    // The ERP link delivers the backlog: space frees, the record goes in.
+    loop {
+        let batch = rig.journal.read_batch("erp", 100).expect("read");
+        if batch.is_empty() {
+            break;
+        }
+        rig.journal
+            .ack("erp", &batch.iter().map(|e| e.seq).collect::<Vec<_>>())
+            .expect("ack");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !plc.mem().coils.get(&1).copied().unwrap_or(false) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "record not acknowledged after space freed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(rig
+        .events()
+        .iter()
+        .any(|e| e["data"]["work_order"] == "WO-1"));
+    rig.stop().await;
+}
