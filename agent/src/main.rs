@@ -6,6 +6,7 @@ mod demo;
 mod forwarder;
 mod journal_cmd;
 mod logging;
+mod probe;
 mod run;
 
 use std::path::PathBuf;
@@ -56,6 +57,9 @@ enum Command {
         #[command(subcommand)]
         command: journal_cmd::JournalCommand,
     },
+    /// Ask a device what it holds, without touching any journal.
+    #[command(subcommand)]
+    Probe(ProbeCommand),
     /// Run the whole pipeline locally (simulated lines → journal → archive) and reconcile.
     Demo {
         /// How long to produce events.
@@ -64,6 +68,33 @@ enum Command {
         /// Keep the demo's state (journal, archive, config) here.
         #[arg(long)]
         state: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ProbeCommand {
+    /// Read registers, coils or inputs from a Modbus device.
+    Modbus {
+        /// tcp://HOST[:PORT] or rtu:///dev/ttyUSB0?baud=19200&parity=E
+        endpoint: String,
+        /// Unit (slave) id.
+        #[arg(long, default_value_t = 1)]
+        unit: u8,
+        /// What to read: holding:100..110, input:0..4, coil:5, discrete:0..8 (end exclusive).
+        #[arg(long)]
+        read: String,
+        /// Decode registers as u16, i16, u32, i32, f32, bcd or string.
+        #[arg(long = "as", default_value = "u16")]
+        decode_as: String,
+        /// Low word first for 32-bit values.
+        #[arg(long)]
+        low_word_first: bool,
+        /// Swap the bytes inside each register.
+        #[arg(long)]
+        byte_swap: bool,
+        /// Per-request timeout.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
     },
 }
 
@@ -133,6 +164,32 @@ fn main() -> ExitCode {
                     Some(ce) => config_failure(ce),
                     None => failure(e),
                 },
+            }
+        }
+        Command::Probe(ProbeCommand::Modbus {
+            endpoint,
+            unit,
+            read,
+            decode_as,
+            low_word_first,
+            byte_swap,
+            timeout,
+        }) => {
+            let probe = probe::modbus(
+                &endpoint,
+                unit,
+                &read,
+                &decode_as,
+                low_word_first,
+                byte_swap,
+                timeout,
+            );
+            match runtime()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(probe))
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => failure(e),
             }
         }
         Command::Demo { duration, state } => {

@@ -130,6 +130,14 @@ impl RunningAgent {
                 SourceKind::Simulated(sc) => {
                     sources.push(tokio::spawn(simulated::run(ctx, sc.clone(), tally.clone())));
                 }
+                SourceKind::Modbus(mc) => {
+                    let stats = Arc::new(protocols::sources::modbus::ModbusStats::default());
+                    sources.push(tokio::spawn(protocols::sources::modbus::run(
+                        ctx,
+                        (**mc).clone(),
+                        stats,
+                    )));
+                }
             }
         }
         if config.sources.is_empty() {

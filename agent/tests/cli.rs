@@ -272,3 +272,52 @@ fn dead_letters_can_be_listed_requeued_and_purged_from_the_cli() {
     let out = run(&["journal", "--state", state, "dead-letters", "list"]);
     assert!(stdout(&out).trim().is_empty());
 }
+
+#[test]
+fn validate_names_the_signal_of_an_overlapping_or_out_of_range_modbus_map() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = |counters: &str| {
+        format!(
+            "{}\n[sources.press]\nkind = \"modbus\"\nendpoint = \"tcp://10.0.0.5\"\nline = \"L1\"\nmachine = \"m\"\n{counters}",
+            base(dir.path())
+        )
+    };
+    let counter = |signal: &str, address: &str, format: &str| {
+        format!("[[sources.press.counters]]\nsignal = \"{signal}\"\ntype = \"production.completion\"\naddress = \"{address}\"\nformat = \"{format}\"\n")
+    };
+    let cases = [
+        (
+            source(
+                &(counter("good", "holding:100", "u32") + &counter("scrap", "holding:101", "u16")),
+            ),
+            "sources.press.counters[0]",
+            "\"scrap\"",
+        ),
+        (
+            source(&counter("good", "holding:65535", "u32")),
+            "sources.press.counters[0]",
+            "\"good\"",
+        ),
+        (
+            source(&counter("good", "coil:3", "u16")),
+            "sources.press.counters[0].address",
+            "\"good\"",
+        ),
+        (
+            source(&counter("good", "holding:1", "f64")),
+            "sources.press.counters[0].format",
+            "\"good\"",
+        ),
+    ];
+    for (i, (text, key, signal)) in cases.into_iter().enumerate() {
+        let file = dir.path().join(format!("modbus-{i}.toml"));
+        std::fs::write(&file, text).expect("write");
+        let out = run(&["validate", "-c", file.to_str().expect("utf8")]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(78), "case {i}: {err}");
+        assert!(
+            err.contains(&format!("`{key}`")) && err.contains(signal),
+            "case {i}: {err}"
+        );
+    }
+}

@@ -1,0 +1,225 @@
+//! The agent with a Modbus source against a simulated PLC (a real Modbus
+//! TCP server in this test process), and the `probe` command.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use plant_edge_tests::plc::Plc;
+
+fn modbus_config(state: &std::path::Path, port: u16) -> String {
+    format!(
+        r#"[agent]
+site = "p1"
+gateway = "gw"
+state_dir = "{state}"
+shutdown_timeout = "5s"
+
+[sinks.archive]
+kind = "file"
+path = "{state}/archive/events.jsonl"
+
+[sources.press1]
+kind = "modbus"
+endpoint = "tcp://127.0.0.1:{port}"
+unit = 1
+poll_interval = "20ms"
+timeout = "500ms"
+line = "L1"
+machine = "press1"
+
+[[sources.press1.counters]]
+signal = "good"
+type = "production.completion"
+address = "holding:0"
+format = "u16"
+max_step = 5000
+
+[[sources.press1.counters]]
+signal = "scrap"
+type = "production.scrap"
+address = "holding:2"
+format = "u32"
+"#,
+        state = state.display()
+    )
+}
+
+async fn run_async(args: Vec<String>) -> std::process::Output {
+    tokio::task::spawn_blocking(move || common::bin().args(&args).output().expect("run"))
+        .await
+        .expect("join")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_prints_values_and_says_why_it_cannot_read() {
+    let plc = Plc::start().await;
+    {
+        let mut m = plc.mem();
+        m.holding.insert(0, 7);
+        m.set_u32(2, 100_000);
+        m.set_string(10, 3, "WO-7");
+        m.refuse_holding.push(50..60);
+    }
+    let target = format!("tcp://{}", plc.addr);
+    let out = run_async(vec![
+        "probe".into(),
+        "modbus".into(),
+        target.clone(),
+        "--read".into(),
+        "holding:0..1".into(),
+    ])
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "holding:0 = 7 (0x0007)");
+    let out = run_async(vec![
+        "probe".into(),
+        "modbus".into(),
+        target.clone(),
+        "--read".into(),
+        "holding:2..4".into(),
+        "--as".into(),
+        "u32".into(),
+    ])
+    .await;
+    assert!(
+        stdout(&out).contains("holding:2 = 100000"),
+        "{}",
+        stdout(&out)
+    );
+    let out = run_async(vec![
+        "probe".into(),
+        "modbus".into(),
+        target.clone(),
+        "--read".into(),
+        "holding:10..13".into(),
+        "--as".into(),
+        "string".into(),
+    ])
+    .await;
+    assert!(stdout(&out).contains("= WO-7"), "{}", stdout(&out));
+    let out = run_async(vec![
+        "probe".into(),
+        "modbus".into(),
+        target,
+        "--read".into(),
+        "holding:50..52".into(),
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("IllegalDataAddress"),
+        "{}",
+        stderr(&out)
+    );
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let out = run_async(vec![
+        "probe".into(),
+        "modbus".into(),
+        format!("tcp://{closed}"),
+        "--read".into(),
+        "holding:0".into(),
+    ])
+    .await;
+    assert!(
+        stderr(&out).contains("connection refused"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_agent_counts_parts_made_while_it_was_down_exactly_once() {
+    let plc = Plc::start().await;
+    plc.mem().holding.insert(0, 64_000);
+    plc.mem().set_u32(2, 10);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let file = write_config(dir.path(), &modbus_config(&state, plc.addr.port()));
+    let config = file.to_str().expect("utf8").to_owned();
+    let (mut good, mut scrap) = (64_000u32, 10u32);
+    let (mut made_good, mut made_scrap) = (0u64, 0u64);
+    for round in 0..6 {
+        let mut child = common::bin()
+            .args(["run", "-c", &config])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn");
+        if round == 0 {
+            // Parts made before the agent first saw the counter are not its
+            // to count (the first reading is the baseline): wait for it.
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while plc.mem().reads < 3 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the agent never polled the PLC"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        // The line produces while the agent runs (16-bit counter wraps)...
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(fastrand::u64(20..80))).await;
+            let step = fastrand::u32(0..300);
+            good = (good + step) % 65_536;
+            made_good += step as u64;
+            scrap += 1;
+            made_scrap += 1;
+            plc.mem().holding.insert(0, good as u16);
+            plc.mem().set_u32(2, scrap);
+        }
+        if round == 5 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+            assert_eq!(child.wait().expect("wait").code(), Some(0));
+        } else {
+            child.kill().expect("SIGKILL");
+            child.wait().expect("reap");
+            // ...and while it is down.
+            let step = fastrand::u32(0..300);
+            good = (good + step) % 65_536;
+            made_good += step as u64;
+            plc.mem().holding.insert(0, good as u16);
+        }
+    }
+    let mut distinct = Distinct::default();
+    for event in archived_events(&state) {
+        distinct.add(event);
+    }
+    let mut jc = buffer::JournalConfig::new(state.join("journal"));
+    jc.lock_wait = Duration::from_secs(5);
+    let journal = buffer::Journal::open(jc).expect("journal");
+    journal
+        .scan_events(0, |e| {
+            distinct.add(serde_json::from_slice(&e.payload).expect("json"));
+            true
+        })
+        .expect("scan");
+    let sum = |t: &str| -> u64 {
+        distinct
+            .by_id
+            .values()
+            .filter(|e| e["type"] == t)
+            .map(|e| e["data"]["quantity"].as_u64().expect("quantity"))
+            .sum()
+    };
+    assert!(
+        distinct
+            .by_id
+            .values()
+            .all(|e| e["data"]["counter"]["epoch"] == 0),
+        "no restart may look like a reset"
+    );
+    assert_eq!(
+        sum("production.completion"),
+        made_good,
+        "good parts: counted once each, across wraps and restarts"
+    );
+    assert_eq!(sum("production.scrap"), made_scrap, "scrap parts");
+}
