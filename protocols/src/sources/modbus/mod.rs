@@ -323,6 +323,41 @@ async fn read_spans(
     Ok(snapshot)
 }
 
+/// A serial line shared by every device task on it: one request at a time,
+/// whatever the unit id, with the line quiet between transactions.
+pub struct Bus {
+    settings: SerialSettings,
+    port: tokio::sync::Mutex<Option<Context>>,
+}
+
+impl Bus {
+    /// Silence after a transaction: 3.5 character times (11 bits each),
+    /// at least 1.75 ms as the Modbus RTU spec fixes above 19200 baud.
+    fn frame_gap(&self) -> Duration {
+        let per_char = Duration::from_secs_f64(11.0 / self.settings.baud.max(300) as f64);
+        per_char.mul_f64(3.5).max(Duration::from_micros(1750))
+    }
+}
+
+/// The bus for a serial device path, shared while any task holds it.
+fn bus_for(settings: &SerialSettings) -> Arc<Bus> {
+    static BUSES: std::sync::OnceLock<std::sync::Mutex<BTreeMap<String, std::sync::Weak<Bus>>>> =
+        std::sync::OnceLock::new();
+    let mut buses = BUSES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(bus) = buses.get(&settings.path).and_then(std::sync::Weak::upgrade) {
+        return bus;
+    }
+    let bus = Arc::new(Bus {
+        settings: settings.clone(),
+        port: tokio::sync::Mutex::new(None),
+    });
+    buses.insert(settings.path.clone(), Arc::downgrade(&bus));
+    bus
+}
+
 /// The Modbus source task: polls until shutdown.
 pub async fn run(ctx: SourceContext, config: ModbusConfig, stats: Arc<ModbusStats>) {
     let mut states: BTreeMap<String, CounterState> = ctx
@@ -331,67 +366,91 @@ pub async fn run(ctx: SourceContext, config: ModbusConfig, stats: Arc<ModbusStat
         .and_then(|c| serde_json::from_slice(c).ok())
         .unwrap_or_default();
     let mut shutdown = ctx.shutdown.clone();
+    let bus = match &config.endpoint {
+        Endpoint::Rtu(settings) => Some(bus_for(settings)),
+        Endpoint::Tcp(_) => None,
+    };
+    let mut own: Option<Context> = None;
     let mut failures: u32 = 0;
+    let mut retry_at = tokio::time::Instant::now();
     let mut bridged = false;
+    let mut acked: BTreeMap<String, bool> = BTreeMap::new();
+    let mut ticker = tokio::time::interval(config.poll_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => {}
+        }
         if *shutdown.borrow() {
             return;
         }
-        let mut link = match connect(&config.endpoint, config.unit, config.timeout).await {
-            Ok(link) => link,
-            Err(e) => {
-                stats.transport_errors.fetch_add(1, Ordering::Relaxed);
-                failures = failures.saturating_add(1);
-                let cap = Duration::from_millis(250)
-                    .saturating_mul(1 << failures.min(7))
-                    .min(Duration::from_secs(30));
-                let wait = cap / 2 + cap.mul_f64(fastrand::f64() / 2.0);
-                tracing::warn!(source = %ctx.name, error = %e, retry_in_ms = wait.as_millis() as u64, "PLC unreachable");
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = shutdown.changed() => {}
-                }
-                bridged = true;
-                continue;
-            }
+        if tokio::time::Instant::now() < retry_at {
+            continue;
+        }
+        let mut bus_port = match &bus {
+            Some(bus) => Some(bus.port.lock().await),
+            None => None,
         };
-        tracing::info!(source = %ctx.name, device = %endpoint_text(&config.endpoint), unit = config.unit, "PLC connected");
-        failures = 0;
-        let mut ticker = tokio::time::interval(config.poll_interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let mut acked: BTreeMap<String, bool> = BTreeMap::new();
-        loop {
-            tokio::select! {
-                _ = ticker.tick() => {}
-                _ = shutdown.changed() => {}
-            }
-            if *shutdown.borrow() {
-                return;
-            }
-            let started = tokio::time::Instant::now();
-            let result = poll(
-                &mut link,
-                &ctx,
-                &config,
-                &stats,
-                &mut states,
-                &mut acked,
-                bridged,
-            )
-            .await;
-            stats.polls.fetch_add(1, Ordering::Relaxed);
-            if started.elapsed() > config.poll_interval {
-                stats.overruns.fetch_add(1, Ordering::Relaxed);
-            }
-            match result {
-                Ok(()) => bridged = false,
-                Err(PollError::Stopped) => return,
-                Err(PollError::Transport(e)) => {
-                    tracing::warn!(source = %ctx.name, error = %e, "PLC link lost; reconnecting");
+        let slot: &mut Option<Context> = match bus_port.as_deref_mut() {
+            Some(port) => port,
+            None => &mut own,
+        };
+        if slot.is_none() {
+            match connect(&config.endpoint, config.unit, config.timeout).await {
+                Ok(link) => {
+                    tracing::info!(source = %ctx.name, device = %endpoint_text(&config.endpoint), unit = config.unit, "PLC connected");
+                    *slot = Some(link);
+                }
+                Err(e) => {
+                    stats.transport_errors.fetch_add(1, Ordering::Relaxed);
+                    failures = failures.saturating_add(1);
+                    let cap = Duration::from_millis(250)
+                        .saturating_mul(1 << failures.min(7))
+                        .min(Duration::from_secs(30));
+                    let wait = cap / 2 + cap.mul_f64(fastrand::f64() / 2.0);
+                    tracing::warn!(source = %ctx.name, error = %e, retry_in_ms = wait.as_millis() as u64, "PLC unreachable");
+                    retry_at = tokio::time::Instant::now() + wait;
                     bridged = true;
-                    break;
+                    continue;
                 }
             }
+        }
+        let Some(link) = slot.as_mut() else { continue };
+        if bus.is_some() {
+            use tokio_modbus::prelude::SlaveContext;
+            link.set_slave(Slave(config.unit));
+        }
+        let started = tokio::time::Instant::now();
+        let result = poll(
+            link,
+            &ctx,
+            &config,
+            &stats,
+            &mut states,
+            &mut acked,
+            bridged,
+        )
+        .await;
+        stats.polls.fetch_add(1, Ordering::Relaxed);
+        if started.elapsed() > config.poll_interval {
+            stats.overruns.fetch_add(1, Ordering::Relaxed);
+        }
+        match result {
+            Ok(()) => {
+                failures = 0;
+                bridged = false;
+            }
+            Err(PollError::Stopped) => return,
+            Err(PollError::Transport(e)) => {
+                tracing::warn!(source = %ctx.name, error = %e, "PLC link lost; reconnecting");
+                // A half-read frame may sit in the codec: start clean.
+                *slot = None;
+                bridged = true;
+            }
+        }
+        if let Some(bus) = &bus {
+            tokio::time::sleep(bus.frame_gap()).await;
         }
     }
 }
