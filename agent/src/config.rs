@@ -953,7 +953,16 @@ fn check_modbus(file: &Path, key: &str, m: RawModbus) -> Result<ModbusConfig, Co
             "i16" => Format::I16,
             "u32" => Format::U32,
             "i32" => Format::I32,
-            other => return Err(err(format!("{ckey}.format"), format!("u16, i16, u32 or i32 for counter {:?}, found {other:?} (float counters are not supported yet)", c.signal))),
+            "f32" => Format::F32,
+            other => {
+                return Err(err(
+                    format!("{ckey}.format"),
+                    format!(
+                        "u16, i16, u32, i32 or f32 for counter {:?}, found {other:?}",
+                        c.signal
+                    ),
+                ))
+            }
         };
         let order = order_of(
             c.word_order.as_deref().unwrap_or(&m.word_order),

@@ -139,6 +139,33 @@ impl CounterRules {
     }
 }
 
+/// A measured counter (kg of scrap as a float): it only grows; any drop is
+/// a reset (floats have no wrap). The state keeps the last value's bits in
+/// `raw`; ids use those bits, unique within an epoch because the value
+/// only grows.
+pub fn observe_measure(state: Option<CounterState>, value: f64) -> (Step, f64, CounterState) {
+    let next = |epoch| CounterState {
+        epoch,
+        raw: value.to_bits(),
+        total: 0,
+    };
+    let Some(state) = state else {
+        return (Step::Baseline, 0.0, next(0));
+    };
+    let previous = f64::from_bits(state.raw);
+    if value > previous {
+        (Step::Increase, value - previous, next(state.epoch))
+    } else if value == previous {
+        (Step::Unchanged, 0.0, state)
+    } else {
+        (
+            Step::Reset,
+            value.max(0.0),
+            next(state.epoch.wrapping_add(1)),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,6 +232,16 @@ mod tests {
         };
         let o = rules.observe(state(0, u32::MAX as u64 - 1, 5), 3);
         assert_eq!((o.step, o.delta), (Step::Wrap, 5));
+    }
+
+    #[test]
+    fn measured_counter_counts_growth_and_treats_any_drop_as_a_reset() {
+        let (step, delta, st) = observe_measure(None, 1.5);
+        assert_eq!((step, delta), (Step::Baseline, 0.0));
+        let (step, delta, st) = observe_measure(Some(st), 4.0);
+        assert_eq!((step, delta, st.epoch), (Step::Increase, 2.5, 0));
+        let (step, delta, st) = observe_measure(Some(st), 0.5);
+        assert_eq!((step, delta, st.epoch), (Step::Reset, 0.5, 1));
     }
 
     proptest! {

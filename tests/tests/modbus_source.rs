@@ -488,3 +488,58 @@ async fn a_full_journal_holds_the_record_at_the_plc_until_space_frees() {
         .any(|e| e["data"]["work_order"] == "WO-1"));
     rig.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_float_scrap_counter_in_kg_reports_measured_quantities() {
+    let plc = Plc::start().await;
+    let set = |plc: &Plc, kg: f32| {
+        let bits = kg.to_bits();
+        let mut m = plc.mem();
+        m.holding.insert(20, (bits >> 16) as u16);
+        m.holding.insert(21, bits as u16);
+    };
+    set(&plc, 1.5);
+    let mut spec = counter("scrap_kg", EventType::scrap(), "holding:20", Format::F32);
+    spec.unit = "KG".into();
+    let rig = start(device(plc.addr, vec![spec], vec![]), None);
+    let wait_events = |n: usize| {
+        let journal = rig.journal.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while journal.stats().pending_events < n as u64 {
+                assert!(std::time::Instant::now() < deadline, "expected {n} events");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    // The first poll takes the baseline (stored as the source cursor).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while rig.journal.source_cursor(SOURCE).expect("cursor").is_none() {
+        assert!(std::time::Instant::now() < deadline, "no baseline");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    set(&plc, 4.0);
+    wait_events(1).await;
+    set(&plc, 0.5);
+    wait_events(2).await;
+    let events = rig.events();
+    let got: Vec<(f64, String)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["data"]["quantity"].as_f64().expect("q"),
+                e["data"]["attributes"]["counter_epoch"]
+                    .as_str()
+                    .expect("epoch")
+                    .to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![(2.5, "0".to_owned()), (0.5, "1".to_owned())],
+        "growth, then a reset counted from zero"
+    );
+    assert_eq!(events[0]["data"]["unit"], "KG");
+    rig.stop().await;
+}

@@ -64,7 +64,7 @@ pub struct CounterSpec {
     pub event_type: EventType,
     /// Where it is.
     pub address: Address,
-    /// u16/i16/u32/i32.
+    /// u16/i16/u32/i32, or f32 for a measured amount (kg) that only grows.
     pub format: Format,
     /// Word and byte order.
     pub order: Order,
@@ -493,6 +493,26 @@ async fn poll(
         let mut next_states = states.clone();
         let mut events = Vec::new();
         for spec in &config.counters {
+            if spec.format == Format::F32 {
+                match snapshot.value(spec.address, spec.format, spec.order) {
+                    Ok(Some(Value::Float(v))) if v >= 0.0 => {
+                        let (_, delta, next) =
+                            crate::counter::observe_measure(states.get(&spec.signal).copied(), v);
+                        next_states.insert(spec.signal.clone(), next);
+                        if delta > 0.0 {
+                            events.push(ctx.new_event(&measure_event(
+                                ctx, config, spec, delta, v, next, bridged, read_at,
+                            )));
+                        }
+                    }
+                    Ok(None) => {}
+                    other => {
+                        stats.bad_values.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(source = %ctx.name, signal = %spec.signal, value = ?other, "measured counter value unusable");
+                    }
+                }
+                continue;
+            }
             let raw = match snapshot.value(spec.address, spec.format, spec.order) {
                 Ok(Some(value)) => value.counter_raw(spec.format),
                 Ok(None) => continue,
@@ -554,6 +574,48 @@ async fn poll(
         handle_record(link, ctx, config, stats, record, acked).await?;
     }
     Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn measure_event(
+    ctx: &SourceContext,
+    config: &ModbusConfig,
+    spec: &CounterSpec,
+    delta: f64,
+    value: f64,
+    next: CounterState,
+    bridged: bool,
+    read_at: SystemTime,
+) -> CloudEvent {
+    let urn = ctx.urn();
+    let id = buffer::id::counter_event_id(&urn, &spec.signal, next.epoch, next.raw);
+    let mut attributes = ctx.attributes.clone();
+    attributes.insert("counter_value".into(), value.to_string());
+    attributes.insert("counter_epoch".into(), next.epoch.to_string());
+    if bridged {
+        attributes.insert("bridged_outage".into(), "true".into());
+    }
+    let data = EventData {
+        site: ctx.site.clone(),
+        line: config.line.clone(),
+        machine: config.machine.clone(),
+        work_order: None,
+        material: None,
+        quantity: Quantity::Measure(delta * spec.scale),
+        unit: spec.unit.clone(),
+        lot: None,
+        reason_code: None,
+        counter: None,
+        origin: Origin {
+            protocol: "modbus".into(),
+            endpoint: endpoint_text(&config.endpoint),
+            address: format!("unit {} {}", config.unit, spec.address),
+            quality: "good".into(),
+            source_time: None,
+        },
+        attributes,
+    };
+    CloudEvent::new(id, urn, spec.event_type.clone(), read_at, data)
 }
 
 async fn write_ack(
