@@ -349,6 +349,8 @@ struct RawModbus {
     counters: Vec<RawCounter>,
     #[serde(default)]
     records: Vec<RawRecord>,
+    #[serde(default)]
+    context: BTreeMap<String, RawField>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1066,6 +1068,44 @@ fn check_modbus(file: &Path, key: &str, m: RawModbus) -> Result<ModbusConfig, Co
             unit: r.unit,
         });
     }
+    let mut context = Vec::new();
+    let mut context_spans = Vec::new();
+    for (name, f) in &m.context {
+        let fkey = format!("context.{name}");
+        if !matches!(name.as_str(), "work_order" | "material" | "lot") {
+            return Err(err(fkey, "work_order, material or lot".into()));
+        }
+        let address: Address = f
+            .address
+            .parse()
+            .map_err(|e| err(format!("{fkey}.address"), e))?;
+        let format =
+            Format::parse(&f.format, f.length).map_err(|e| err(format!("{fkey}.format"), e))?;
+        if !matches!(address.table, Table::Holding | Table::Input)
+            || address.bit.is_some()
+            || format == Format::Bool
+        {
+            return Err(err(
+                format!("{fkey}.address"),
+                "a holding or input register".into(),
+            ));
+        }
+        let order = order_of(
+            f.word_order.as_deref().unwrap_or(&m.word_order),
+            f.byte_swap.unwrap_or(m.byte_swap),
+        )
+        .map_err(|e| err(format!("{fkey}.word_order"), e))?;
+        context_spans.push(span(address, format.width()));
+        context.push(FieldSpec {
+            name: name.clone(),
+            address,
+            format,
+            order,
+        });
+    }
+    if !context_spans.is_empty() {
+        signals.push(("context".into(), "context".into(), context_spans));
+    }
     for (signal, skey, spans) in &signals {
         for (table, _, end) in spans {
             if *end > 65_536 {
@@ -1104,6 +1144,7 @@ fn check_modbus(file: &Path, key: &str, m: RawModbus) -> Result<ModbusConfig, Co
         machine: m.machine,
         counters,
         records,
+        context,
     })
 }
 

@@ -86,6 +86,7 @@ fn device(path: &str, unit: u8) -> ModbusConfig {
             scale: 1.0,
         }],
         records: vec![],
+        context: vec![],
     }
 }
 

@@ -52,6 +52,7 @@ fn device(
         machine: "press1".into(),
         counters,
         records,
+        context: vec![],
     }
 }
 
@@ -541,5 +542,36 @@ async fn a_float_scrap_counter_in_kg_reports_measured_quantities() {
         "growth, then a reset counted from zero"
     );
     assert_eq!(events[0]["data"]["unit"], "KG");
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counter_events_carry_the_work_order_read_in_the_same_poll() {
+    let plc = Plc::start().await;
+    plc.mem().holding.insert(0, 10);
+    plc.mem().set_string(40, 4, "WO-55");
+    let mut config = device(
+        plc.addr,
+        vec![counter(
+            "good",
+            EventType::completion(),
+            "holding:0",
+            Format::U16,
+        )],
+        vec![],
+    );
+    config.context = vec![FieldSpec {
+        name: "work_order".into(),
+        address: "holding:40".parse().expect("address"),
+        format: Format::String(4),
+        order: Order::default(),
+    }];
+    let rig = start(config, None);
+    rig.counted_up_to("good", 10).await;
+    plc.mem().holding.insert(0, 13);
+    rig.counted_up_to("good", 13).await;
+    let events = rig.events();
+    assert_eq!(events[0]["data"]["work_order"], "WO-55");
+    assert_eq!(events[0]["subject"], "L1/WO-55");
     rig.stop().await;
 }

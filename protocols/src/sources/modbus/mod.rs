@@ -132,6 +132,9 @@ pub struct ModbusConfig {
     pub counters: Vec<CounterSpec>,
     /// Handshake records.
     pub records: Vec<RecordSpec>,
+    /// Registers read in the same poll as the counters and stamped into
+    /// their events: `work_order`, `material`, `lot`.
+    pub context: Vec<FieldSpec>,
 }
 
 /// What a Modbus source counts (shared with status output).
@@ -487,8 +490,17 @@ async fn poll(
             .counters
             .iter()
             .map(|c| (c.address, c.format.width()))
+            .chain(config.context.iter().map(|f| (f.address, f.format.width())))
             .collect();
         let snapshot = read_spans(link, &spans, config, stats).await?;
+        let context: BTreeMap<&str, String> = config
+            .context
+            .iter()
+            .filter_map(|f| match snapshot.value(f.address, f.format, f.order) {
+                Ok(Some(v)) => Some((f.name.as_str(), v.text())).filter(|(_, t)| !t.is_empty()),
+                _ => None,
+            })
+            .collect();
         let read_at = SystemTime::now();
         let mut next_states = states.clone();
         let mut events = Vec::new();
@@ -500,9 +512,10 @@ async fn poll(
                             crate::counter::observe_measure(states.get(&spec.signal).copied(), v);
                         next_states.insert(spec.signal.clone(), next);
                         if delta > 0.0 {
-                            events.push(ctx.new_event(&measure_event(
-                                ctx, config, spec, delta, v, next, bridged, read_at,
-                            )));
+                            let mut event =
+                                measure_event(ctx, config, spec, delta, v, next, bridged, read_at);
+                            stamp_context(&mut event, &context);
+                            events.push(ctx.new_event(&event));
                         }
                     }
                     Ok(None) => {}
@@ -547,6 +560,7 @@ async fn poll(
                         .attributes
                         .insert("bridged_outage".into(), "true".into());
                 }
+                stamp_context(&mut event, &context);
                 events.push(ctx.new_event(&event));
             }
         }
@@ -574,6 +588,20 @@ async fn poll(
         handle_record(link, ctx, config, stats, record, acked).await?;
     }
     Ok(())
+}
+
+/// Work order, material and lot read in the same poll as the counter.
+fn stamp_context(event: &mut CloudEvent, context: &BTreeMap<&str, String>) {
+    if let Some(order) = context.get("work_order") {
+        event.data.work_order = Some(order.clone());
+        event.subject = Some(format!("{}/{}", event.data.line, order));
+    }
+    if let Some(material) = context.get("material") {
+        event.data.material = Some(material.clone());
+    }
+    if let Some(lot) = context.get("lot") {
+        event.data.lot = Some(lot.clone());
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
