@@ -1,4 +1,5 @@
 //! Sink implementations.
 
 pub mod file;
+pub mod https;
 pub mod mqtt;

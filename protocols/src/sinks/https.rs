@@ -1,0 +1,423 @@
+//! HTTPS sink: batched, idempotent delivery to an ERP endpoint.
+//!
+//! Every request carries an `Idempotency-Key` (the event id; for a batch a
+//! UUIDv5 over its ids in order) and the ids in the body, so the ERP can
+//! post exactly once whatever the retries. Verdicts: 2xx delivered; 408,
+//! 425, 429, 5xx, timeouts and connection errors retried (honouring
+//! `Retry-After`); any other 4xx rejects, but a batch is split in halves
+//! until the refused events are isolated, so one poison event never takes
+//! its 499 neighbours to the dead letters. Requests go one at a time in
+//! journal order, which keeps each source's order at the ERP.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use buffer::PendingEvent;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use reqwest::StatusCode;
+
+use crate::sink::{Sink, Verdict};
+use crate::tls::{self, TlsSettings};
+
+/// One event per request, or batches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HttpsMode {
+    /// `application/cloudevents+json`, one event per request.
+    Single,
+    /// `application/cloudevents-batch+json`, bounded by count and bytes.
+    Batch {
+        /// Most events per request.
+        max_events: usize,
+        /// Most body bytes per request (before gzip).
+        max_bytes: usize,
+    },
+}
+
+/// How requests authenticate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HttpsAuth {
+    /// None.
+    None,
+    /// `Authorization: Bearer <token>`, the token read from a file and
+    /// re-read when the file changes (rotated by another process).
+    BearerFile(PathBuf),
+    /// HTTP basic.
+    Basic {
+        /// User.
+        user: String,
+        /// Password (already read from its file).
+        password: String,
+    },
+    /// OAuth2 client credentials.
+    OAuth2 {
+        /// Token endpoint.
+        token_url: String,
+        /// Client id.
+        client_id: String,
+        /// Client secret (already read from its file).
+        client_secret: String,
+        /// Scope, if the server wants one.
+        scope: Option<String>,
+    },
+}
+
+/// HTTPS sink settings.
+#[derive(Clone, Debug)]
+pub struct HttpsSinkConfig {
+    /// Where to POST.
+    pub url: String,
+    /// Single or batch.
+    pub mode: HttpsMode,
+    /// Extra headers.
+    pub headers: Vec<(String, String)>,
+    /// gzip request bodies.
+    pub gzip: bool,
+    /// Authentication.
+    pub auth: HttpsAuth,
+    /// CA file and client certificate.
+    pub tls: TlsSettings,
+    /// Accept any server certificate (loudly logged; for commissioning only).
+    pub insecure_skip_verify: bool,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Whole-request timeout.
+    pub request_timeout: Duration,
+    /// Pace: most events per second (`None`: unpaced).
+    pub max_events_per_second: Option<u32>,
+}
+
+/// Failures starting the sink.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpsSinkError {
+    /// TLS material could not be loaded.
+    #[error("HTTPS sink TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    /// The HTTP client could not be built.
+    #[error("HTTPS client: {0}")]
+    Client(#[from] reqwest::Error),
+    /// A configured header is not valid HTTP.
+    #[error("HTTPS header {0:?} is not valid")]
+    Header(String),
+}
+
+/// Outcome of one request.
+enum Sent {
+    Ok,
+    /// Try later (with the peer's delay, if any).
+    Later(Option<Duration>, String),
+    /// Refused for good.
+    Refused(String),
+}
+
+#[derive(Default)]
+struct Token {
+    value: Option<String>,
+    expires: Option<Instant>,
+    /// Bearer file: modification time of the value read.
+    modified: Option<SystemTime>,
+}
+
+/// The HTTPS sink.
+pub struct HttpsSink {
+    config: HttpsSinkConfig,
+    client: reqwest::Client,
+    token: Token,
+    next_send: Instant,
+}
+
+struct DangerAcceptAny(Arc<rustls::crypto::CryptoProvider>);
+
+impl std::fmt::Debug for DangerAcceptAny {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DangerAcceptAny")
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for DangerAcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds.min(3600)));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(when.duration_since(SystemTime::now()).unwrap_or_default().min(Duration::from_secs(3600)))
+}
+
+/// A UUIDv5 over the ids in order: the same batch always has the same key.
+pub fn batch_key(events: &[PendingEvent]) -> uuid::Uuid {
+    let mut bytes = Vec::with_capacity(events.len() * 16);
+    for e in events {
+        bytes.extend_from_slice(e.id.as_bytes());
+    }
+    uuid::Uuid::new_v5(&buffer::id::NAMESPACE, &bytes)
+}
+
+fn describe(error: &reqwest::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    if text.contains("certificate") || text.contains("UnknownIssuer") {
+        format!("TLS: the server's certificate was not accepted ({text}); check ca_file and the URL's host name")
+    } else if error.is_timeout() {
+        format!("timeout: {text}")
+    } else {
+        format!("connection: {text}")
+    }
+}
+
+impl HttpsSink {
+    /// Builds the client (ring-backed rustls; no OpenSSL).
+    pub fn new(config: HttpsSinkConfig) -> Result<Self, HttpsSinkError> {
+        let tls_config = if config.insecure_skip_verify {
+            tracing::warn!(url = %config.url, "HTTPS sink: TLS CERTIFICATE VERIFICATION IS OFF (insecure_skip_verify); anyone on the path can read and forge postings");
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .map_err(tls::TlsError::from)?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(DangerAcceptAny(provider)));
+            Arc::new(builder.with_no_client_auth())
+        } else {
+            tls::client_config(&config.tls)?
+        };
+        let mut headers = HeaderMap::new();
+        for (name, value) in &config.headers {
+            let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| HttpsSinkError::Header(name.clone()))?;
+            let value = HeaderValue::from_str(value).map_err(|_| HttpsSinkError::Header(name.to_string()))?;
+            headers.insert(name, value);
+        }
+        let client = reqwest::Client::builder()
+            .tls_backend_preconfigured((*tls_config).clone())
+            .user_agent(concat!("plant-edge/", env!("CARGO_PKG_VERSION")))
+            .default_headers(headers)
+            .connect_timeout(config.connect_timeout)
+            .timeout(config.request_timeout)
+            .pool_max_idle_per_host(4)
+            .build()?;
+        Ok(Self { config, client, token: Token::default(), next_send: Instant::now() })
+    }
+
+    async fn pace(&mut self, events: usize) {
+        let Some(rate) = self.config.max_events_per_second.filter(|r| *r > 0) else { return };
+        let now = Instant::now();
+        if self.next_send > now {
+            tokio::time::sleep(self.next_send - now).await;
+        }
+        let floor = Instant::now().checked_sub(Duration::from_secs(1)).unwrap_or(now);
+        self.next_send = self.next_send.max(floor) + Duration::from_secs_f64(events as f64 / rate as f64);
+    }
+
+    /// The Authorization header value, fetching or re-reading as needed.
+    async fn authorization(&mut self, refresh: bool) -> Result<Option<String>, String> {
+        match self.config.auth.clone() {
+            HttpsAuth::None => Ok(None),
+            // Basic is applied by reqwest per request (see `post`).
+            HttpsAuth::Basic { .. } => Ok(None),
+            HttpsAuth::BearerFile(path) => {
+                let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+                if refresh || self.token.value.is_none() || modified != self.token.modified {
+                    let token = std::fs::read_to_string(&path).map_err(|e| format!("reading bearer token file {}: {e}", path.display()))?;
+                    self.token = Token { value: Some(token.trim().to_owned()), expires: None, modified };
+                }
+                Ok(self.token.value.as_ref().map(|t| format!("Bearer {t}")))
+            }
+            HttpsAuth::OAuth2 { token_url, client_id, client_secret, scope } => {
+                let fresh = self.token.expires.is_some_and(|e| e > Instant::now() + Duration::from_secs(30));
+                if refresh || !fresh || self.token.value.is_none() {
+                    let mut form = vec![("grant_type", "client_credentials".to_owned()), ("client_id", client_id), ("client_secret", client_secret)];
+                    if let Some(scope) = scope {
+                        form.push(("scope", scope));
+                    }
+                    let response = self
+                        .client
+                        .post(&token_url)
+                        .form(&form)
+                        .send()
+                        .await
+                        .map_err(|e| format!("OAuth2 token request: {}", describe(&e)))?;
+                    let status = response.status();
+                    let bytes = response.bytes().await.map_err(|e| format!("OAuth2 token response: {}", describe(&e)))?;
+                    if !status.is_success() {
+                        return Err(format!("OAuth2 token endpoint answered {status}"));
+                    }
+                    #[derive(serde::Deserialize)]
+                    struct TokenResponse {
+                        access_token: String,
+                        #[serde(default)]
+                        expires_in: Option<u64>,
+                    }
+                    let token: TokenResponse = serde_json::from_slice(&bytes).map_err(|e| format!("OAuth2 token response is not JSON with access_token: {e}"))?;
+                    let lifetime = Duration::from_secs(token.expires_in.unwrap_or(300));
+                    self.token = Token { value: Some(token.access_token), expires: Some(Instant::now() + lifetime), modified: None };
+                    tracing::debug!(lifetime_s = lifetime.as_secs(), "OAuth2 token obtained");
+                }
+                Ok(self.token.value.as_ref().map(|t| format!("Bearer {t}")))
+            }
+        }
+    }
+
+    /// One POST of `events` (one or a batch); a 401 refreshes the
+    /// credentials and tries once more.
+    async fn post(&mut self, events: &[PendingEvent]) -> Sent {
+        let (content_type, key, mut body) = match self.config.mode {
+            HttpsMode::Single if events.len() == 1 => ("application/cloudevents+json", events[0].id, events[0].payload.clone()),
+            _ => {
+                let mut body = Vec::with_capacity(events.iter().map(|e| e.payload.len() + 1).sum::<usize>() + 2);
+                body.push(b'[');
+                for (i, e) in events.iter().enumerate() {
+                    if i > 0 {
+                        body.push(b',');
+                    }
+                    body.extend_from_slice(&e.payload);
+                }
+                body.push(b']');
+                ("application/cloudevents-batch+json", batch_key(events), body)
+            }
+        };
+        if self.config.gzip {
+            use std::io::Write;
+            let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            if encoder.write_all(&body).is_ok() {
+                if let Ok(zipped) = encoder.finish() {
+                    body = zipped;
+                }
+            }
+        }
+        self.pace(events.len()).await;
+        for attempt in 0..2 {
+            let authorization = match self.authorization(attempt > 0).await {
+                Ok(a) => a,
+                Err(e) => return Sent::Later(None, e),
+            };
+            let mut request = self
+                .client
+                .post(&self.config.url)
+                .header(reqwest::header::CONTENT_TYPE, content_type)
+                .header("Idempotency-Key", key.to_string())
+                .body(body.clone());
+            if self.config.gzip {
+                request = request.header(reqwest::header::CONTENT_ENCODING, "gzip");
+            }
+            if let Some(a) = authorization {
+                request = request.header(reqwest::header::AUTHORIZATION, a);
+            }
+            if let HttpsAuth::Basic { user, password } = &self.config.auth {
+                request = request.basic_auth(user, Some(password));
+            }
+            let response = match request.send().await {
+                Ok(r) => r,
+                Err(e) => return Sent::Later(None, describe(&e)),
+            };
+            let status = response.status();
+            if status.is_success() {
+                return Sent::Ok;
+            }
+            if status == StatusCode::UNAUTHORIZED && attempt == 0 && self.config.auth != HttpsAuth::None {
+                tracing::info!(url = %self.config.url, "HTTP 401: refreshing credentials and trying once more");
+                continue;
+            }
+            let delay = retry_after(response.headers());
+            let text = response.text().await.unwrap_or_default();
+            let start: String = text.chars().take(200).collect();
+            let reason = format!("HTTP {}: {}", status.as_u16(), start.trim());
+            let transient = matches!(status.as_u16(), 408 | 425 | 429 | 401) || status.is_server_error();
+            return if transient { Sent::Later(delay, reason) } else { Sent::Refused(reason) };
+        }
+        Sent::Later(None, "HTTP 401 after refreshing credentials".into())
+    }
+
+    /// Sends `events`; on refusal splits until the refused ones are alone.
+    /// Fills `verdicts` (indexed like `events`); returns false if delivery
+    /// must stop here (transient failure: the rest waits, in order).
+    async fn deliver_isolating(&mut self, events: &[PendingEvent], verdicts: &mut [Option<Verdict>]) -> bool {
+        match self.post(events).await {
+            Sent::Ok => {
+                verdicts.iter_mut().for_each(|v| *v = Some(Verdict::Delivered));
+                true
+            }
+            Sent::Later(after, reason) => {
+                verdicts.iter_mut().for_each(|v| *v = Some(Verdict::Retry { after, reason: reason.clone() }));
+                false
+            }
+            Sent::Refused(reason) if events.len() == 1 => {
+                verdicts[0] = Some(Verdict::Rejected { reason });
+                true
+            }
+            Sent::Refused(reason) => {
+                tracing::warn!(events = events.len(), reason = %reason, "batch refused; splitting it to find the refused events");
+                let mid = events.len() / 2;
+                let (left_v, right_v) = verdicts.split_at_mut(mid);
+                if !Box::pin(self.deliver_isolating(&events[..mid], left_v)).await {
+                    right_v.iter_mut().for_each(|v| *v = Some(Verdict::retry("waiting behind an earlier retry")));
+                    return false;
+                }
+                Box::pin(self.deliver_isolating(&events[mid..], right_v)).await
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Sink for HttpsSink {
+    async fn deliver(&mut self, batch: &[PendingEvent]) -> Vec<Verdict> {
+        let mut verdicts: Vec<Option<Verdict>> = vec![None; batch.len()];
+        let (max_events, max_bytes) = match self.config.mode {
+            HttpsMode::Single => (1, usize::MAX),
+            HttpsMode::Batch { max_events, max_bytes } => (max_events.max(1), max_bytes.max(1)),
+        };
+        let mut start = 0;
+        while start < batch.len() {
+            let mut end = start;
+            let mut bytes = 2;
+            while end < batch.len() && end - start < max_events && (end == start || bytes + batch[end].payload.len() < max_bytes) {
+                bytes += batch[end].payload.len() + 1;
+                end += 1;
+            }
+            if !self.deliver_isolating(&batch[start..end], &mut verdicts[start..end]).await {
+                break;
+            }
+            start = end;
+        }
+        verdicts
+            .into_iter()
+            .map(|v| v.unwrap_or_else(|| Verdict::retry("waiting behind an earlier retry")))
+            .collect()
+    }
+}
