@@ -4,6 +4,8 @@ pub mod mosquitto;
 pub mod pki;
 pub mod plc;
 
+pub mod erp;
+
 pub mod crash {
     //! Names shared by the journal crash test and its child process.
 

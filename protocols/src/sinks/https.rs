@@ -152,7 +152,12 @@ impl rustls::client::danger::ServerCertVerifier for DangerAcceptAny {
         cert: &rustls::pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
     fn verify_tls13_signature(
         &self,
@@ -160,7 +165,12 @@ impl rustls::client::danger::ServerCertVerifier for DangerAcceptAny {
         cert: &rustls::pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
@@ -168,12 +178,20 @@ impl rustls::client::danger::ServerCertVerifier for DangerAcceptAny {
 }
 
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
     if let Ok(seconds) = value.parse::<u64>() {
         return Some(Duration::from_secs(seconds.min(3600)));
     }
     let when = httpdate::parse_http_date(value).ok()?;
-    Some(when.duration_since(SystemTime::now()).unwrap_or_default().min(Duration::from_secs(3600)))
+    Some(
+        when.duration_since(SystemTime::now())
+            .unwrap_or_default()
+            .min(Duration::from_secs(3600)),
+    )
 }
 
 /// A UUIDv5 over the ids in order: the same batch always has the same key.
@@ -219,8 +237,10 @@ impl HttpsSink {
         };
         let mut headers = HeaderMap::new();
         for (name, value) in &config.headers {
-            let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| HttpsSinkError::Header(name.clone()))?;
-            let value = HeaderValue::from_str(value).map_err(|_| HttpsSinkError::Header(name.to_string()))?;
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| HttpsSinkError::Header(name.clone()))?;
+            let value = HeaderValue::from_str(value)
+                .map_err(|_| HttpsSinkError::Header(name.to_string()))?;
             headers.insert(name, value);
         }
         let client = reqwest::Client::builder()
@@ -231,17 +251,27 @@ impl HttpsSink {
             .timeout(config.request_timeout)
             .pool_max_idle_per_host(4)
             .build()?;
-        Ok(Self { config, client, token: Token::default(), next_send: Instant::now() })
+        Ok(Self {
+            config,
+            client,
+            token: Token::default(),
+            next_send: Instant::now(),
+        })
     }
 
     async fn pace(&mut self, events: usize) {
-        let Some(rate) = self.config.max_events_per_second.filter(|r| *r > 0) else { return };
+        let Some(rate) = self.config.max_events_per_second.filter(|r| *r > 0) else {
+            return;
+        };
         let now = Instant::now();
         if self.next_send > now {
             tokio::time::sleep(self.next_send - now).await;
         }
-        let floor = Instant::now().checked_sub(Duration::from_secs(1)).unwrap_or(now);
-        self.next_send = self.next_send.max(floor) + Duration::from_secs_f64(events as f64 / rate as f64);
+        let floor = Instant::now()
+            .checked_sub(Duration::from_secs(1))
+            .unwrap_or(now);
+        self.next_send =
+            self.next_send.max(floor) + Duration::from_secs_f64(events as f64 / rate as f64);
     }
 
     /// The Authorization header value, fetching or re-reading as needed.
@@ -253,15 +283,33 @@ impl HttpsSink {
             HttpsAuth::BearerFile(path) => {
                 let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
                 if refresh || self.token.value.is_none() || modified != self.token.modified {
-                    let token = std::fs::read_to_string(&path).map_err(|e| format!("reading bearer token file {}: {e}", path.display()))?;
-                    self.token = Token { value: Some(token.trim().to_owned()), expires: None, modified };
+                    let token = std::fs::read_to_string(&path).map_err(|e| {
+                        format!("reading bearer token file {}: {e}", path.display())
+                    })?;
+                    self.token = Token {
+                        value: Some(token.trim().to_owned()),
+                        expires: None,
+                        modified,
+                    };
                 }
                 Ok(self.token.value.as_ref().map(|t| format!("Bearer {t}")))
             }
-            HttpsAuth::OAuth2 { token_url, client_id, client_secret, scope } => {
-                let fresh = self.token.expires.is_some_and(|e| e > Instant::now() + Duration::from_secs(30));
+            HttpsAuth::OAuth2 {
+                token_url,
+                client_id,
+                client_secret,
+                scope,
+            } => {
+                let fresh = self
+                    .token
+                    .expires
+                    .is_some_and(|e| e > Instant::now() + Duration::from_secs(30));
                 if refresh || !fresh || self.token.value.is_none() {
-                    let mut form = vec![("grant_type", "client_credentials".to_owned()), ("client_id", client_id), ("client_secret", client_secret)];
+                    let mut form = vec![
+                        ("grant_type", "client_credentials".to_owned()),
+                        ("client_id", client_id),
+                        ("client_secret", client_secret),
+                    ];
                     if let Some(scope) = scope {
                         form.push(("scope", scope));
                     }
@@ -273,7 +321,10 @@ impl HttpsSink {
                         .await
                         .map_err(|e| format!("OAuth2 token request: {}", describe(&e)))?;
                     let status = response.status();
-                    let bytes = response.bytes().await.map_err(|e| format!("OAuth2 token response: {}", describe(&e)))?;
+                    let bytes = response
+                        .bytes()
+                        .await
+                        .map_err(|e| format!("OAuth2 token response: {}", describe(&e)))?;
                     if !status.is_success() {
                         return Err(format!("OAuth2 token endpoint answered {status}"));
                     }
@@ -283,9 +334,15 @@ impl HttpsSink {
                         #[serde(default)]
                         expires_in: Option<u64>,
                     }
-                    let token: TokenResponse = serde_json::from_slice(&bytes).map_err(|e| format!("OAuth2 token response is not JSON with access_token: {e}"))?;
+                    let token: TokenResponse = serde_json::from_slice(&bytes).map_err(|e| {
+                        format!("OAuth2 token response is not JSON with access_token: {e}")
+                    })?;
                     let lifetime = Duration::from_secs(token.expires_in.unwrap_or(300));
-                    self.token = Token { value: Some(token.access_token), expires: Some(Instant::now() + lifetime), modified: None };
+                    self.token = Token {
+                        value: Some(token.access_token),
+                        expires: Some(Instant::now() + lifetime),
+                        modified: None,
+                    };
                     tracing::debug!(lifetime_s = lifetime.as_secs(), "OAuth2 token obtained");
                 }
                 Ok(self.token.value.as_ref().map(|t| format!("Bearer {t}")))
@@ -297,9 +354,15 @@ impl HttpsSink {
     /// credentials and tries once more.
     async fn post(&mut self, events: &[PendingEvent]) -> Sent {
         let (content_type, key, mut body) = match self.config.mode {
-            HttpsMode::Single if events.len() == 1 => ("application/cloudevents+json", events[0].id, events[0].payload.clone()),
+            HttpsMode::Single if events.len() == 1 => (
+                "application/cloudevents+json",
+                events[0].id,
+                events[0].payload.clone(),
+            ),
             _ => {
-                let mut body = Vec::with_capacity(events.iter().map(|e| e.payload.len() + 1).sum::<usize>() + 2);
+                let mut body = Vec::with_capacity(
+                    events.iter().map(|e| e.payload.len() + 1).sum::<usize>() + 2,
+                );
                 body.push(b'[');
                 for (i, e) in events.iter().enumerate() {
                     if i > 0 {
@@ -308,12 +371,17 @@ impl HttpsSink {
                     body.extend_from_slice(&e.payload);
                 }
                 body.push(b']');
-                ("application/cloudevents-batch+json", batch_key(events), body)
+                (
+                    "application/cloudevents-batch+json",
+                    batch_key(events),
+                    body,
+                )
             }
         };
         if self.config.gzip {
             use std::io::Write;
-            let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            let mut encoder =
+                flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
             if encoder.write_all(&body).is_ok() {
                 if let Ok(zipped) = encoder.finish() {
                     body = zipped;
@@ -349,7 +417,10 @@ impl HttpsSink {
             if status.is_success() {
                 return Sent::Ok;
             }
-            if status == StatusCode::UNAUTHORIZED && attempt == 0 && self.config.auth != HttpsAuth::None {
+            if status == StatusCode::UNAUTHORIZED
+                && attempt == 0
+                && self.config.auth != HttpsAuth::None
+            {
                 tracing::info!(url = %self.config.url, "HTTP 401: refreshing credentials and trying once more");
                 continue;
             }
@@ -357,8 +428,13 @@ impl HttpsSink {
             let text = response.text().await.unwrap_or_default();
             let start: String = text.chars().take(200).collect();
             let reason = format!("HTTP {}: {}", status.as_u16(), start.trim());
-            let transient = matches!(status.as_u16(), 408 | 425 | 429 | 401) || status.is_server_error();
-            return if transient { Sent::Later(delay, reason) } else { Sent::Refused(reason) };
+            let transient =
+                matches!(status.as_u16(), 408 | 425 | 429 | 401) || status.is_server_error();
+            return if transient {
+                Sent::Later(delay, reason)
+            } else {
+                Sent::Refused(reason)
+            };
         }
         Sent::Later(None, "HTTP 401 after refreshing credentials".into())
     }
@@ -366,14 +442,25 @@ impl HttpsSink {
     /// Sends `events`; on refusal splits until the refused ones are alone.
     /// Fills `verdicts` (indexed like `events`); returns false if delivery
     /// must stop here (transient failure: the rest waits, in order).
-    async fn deliver_isolating(&mut self, events: &[PendingEvent], verdicts: &mut [Option<Verdict>]) -> bool {
+    async fn deliver_isolating(
+        &mut self,
+        events: &[PendingEvent],
+        verdicts: &mut [Option<Verdict>],
+    ) -> bool {
         match self.post(events).await {
             Sent::Ok => {
-                verdicts.iter_mut().for_each(|v| *v = Some(Verdict::Delivered));
+                verdicts
+                    .iter_mut()
+                    .for_each(|v| *v = Some(Verdict::Delivered));
                 true
             }
             Sent::Later(after, reason) => {
-                verdicts.iter_mut().for_each(|v| *v = Some(Verdict::Retry { after, reason: reason.clone() }));
+                verdicts.iter_mut().for_each(|v| {
+                    *v = Some(Verdict::Retry {
+                        after,
+                        reason: reason.clone(),
+                    })
+                });
                 false
             }
             Sent::Refused(reason) if events.len() == 1 => {
@@ -385,7 +472,9 @@ impl HttpsSink {
                 let mid = events.len() / 2;
                 let (left_v, right_v) = verdicts.split_at_mut(mid);
                 if !Box::pin(self.deliver_isolating(&events[..mid], left_v)).await {
-                    right_v.iter_mut().for_each(|v| *v = Some(Verdict::retry("waiting behind an earlier retry")));
+                    right_v
+                        .iter_mut()
+                        .for_each(|v| *v = Some(Verdict::retry("waiting behind an earlier retry")));
                     return false;
                 }
                 Box::pin(self.deliver_isolating(&events[mid..], right_v)).await
@@ -400,17 +489,26 @@ impl Sink for HttpsSink {
         let mut verdicts: Vec<Option<Verdict>> = vec![None; batch.len()];
         let (max_events, max_bytes) = match self.config.mode {
             HttpsMode::Single => (1, usize::MAX),
-            HttpsMode::Batch { max_events, max_bytes } => (max_events.max(1), max_bytes.max(1)),
+            HttpsMode::Batch {
+                max_events,
+                max_bytes,
+            } => (max_events.max(1), max_bytes.max(1)),
         };
         let mut start = 0;
         while start < batch.len() {
             let mut end = start;
             let mut bytes = 2;
-            while end < batch.len() && end - start < max_events && (end == start || bytes + batch[end].payload.len() < max_bytes) {
+            while end < batch.len()
+                && end - start < max_events
+                && (end == start || bytes + batch[end].payload.len() < max_bytes)
+            {
                 bytes += batch[end].payload.len() + 1;
                 end += 1;
             }
-            if !self.deliver_isolating(&batch[start..end], &mut verdicts[start..end]).await {
+            if !self
+                .deliver_isolating(&batch[start..end], &mut verdicts[start..end])
+                .await
+            {
                 break;
             }
             start = end;
