@@ -13,6 +13,7 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use protocols::counter::CounterWidth;
 use protocols::sinks::file::FileSinkConfig;
+use protocols::sinks::https::{HttpsAuth, HttpsMode, HttpsSinkConfig};
 use protocols::sinks::mqtt::{MqttSinkConfig, MqttVersion};
 use protocols::sources::modbus::map::{Address, Format, Order, Table};
 use protocols::sources::modbus::{
@@ -190,6 +191,71 @@ impl Default for RawForwarder {
 enum RawSink {
     File(RawFileSink),
     Mqtt(Box<RawMqttSink>),
+    Https(Box<RawHttpsSink>),
+}
+
+fn default_https_mode() -> String {
+    "batch".into()
+}
+fn default_batch_events() -> usize {
+    500
+}
+fn default_batch_bytes() -> ByteSize {
+    ByteSize::mib(1)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOAuth2 {
+    token_url: String,
+    client_id: String,
+    client_secret_file: PathBuf,
+    #[serde(default)]
+    scope: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttpsSink {
+    url: String,
+    #[serde(default = "default_https_mode")]
+    mode: String,
+    #[serde(default = "default_batch_events")]
+    batch_events: usize,
+    #[serde(default = "default_batch_bytes")]
+    batch_bytes: ByteSize,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    #[serde(default)]
+    gzip: bool,
+    #[serde(default)]
+    bearer_token_file: Option<PathBuf>,
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    password_file: Option<PathBuf>,
+    #[serde(default)]
+    oauth2: Option<RawOAuth2>,
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
+    #[serde(default)]
+    client_cert: Option<PathBuf>,
+    #[serde(default)]
+    client_key: Option<PathBuf>,
+    #[serde(default)]
+    insecure_skip_verify: bool,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    connect_timeout: Duration,
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    request_timeout: Duration,
+    #[serde(default)]
+    max_events_per_second: u32,
 }
 
 fn default_mqtt_protocol() -> String {
@@ -465,6 +531,8 @@ pub enum SinkKind {
     File(FileSinkConfig),
     /// MQTT broker.
     Mqtt(Box<MqttSinkConfig>),
+    /// HTTPS endpoint (ERP).
+    Https(Box<HttpsSinkConfig>),
 }
 
 /// A configured sink with its name.
@@ -682,6 +750,147 @@ fn read_secret(path: &Path) -> Result<String, String> {
     std::fs::read_to_string(&path)
         .map(|s| s.trim_end_matches(['\n', '\r']).to_owned())
         .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn check_https(file: &Path, key: &str, h: RawHttpsSink) -> Result<HttpsSinkConfig, ConfigError> {
+    let err = |sub: &str, expected: String| ConfigError {
+        file: file.to_owned(),
+        key: format!("{key}.{sub}"),
+        expected,
+        line: None,
+    };
+    let host = h
+        .url
+        .strip_prefix("https://")
+        .or_else(|| h.url.strip_prefix("http://"))
+        .and_then(|rest| rest.split(['/', ':']).next())
+        .filter(|host| !host.is_empty())
+        .ok_or_else(|| err("url", format!("an https:// URL, found {:?}", h.url)))?;
+    if h.url.starts_with("http://") && !is_loopback(host) {
+        return Err(err(
+            "url",
+            "https:// (plain http is allowed only to a loopback address)".into(),
+        ));
+    }
+    let mode = match h.mode.as_str() {
+        "single" => HttpsMode::Single,
+        "batch" => {
+            if h.batch_events == 0 || h.batch_events > 10_000 {
+                return Err(err("batch_events", "between 1 and 10000".into()));
+            }
+            HttpsMode::Batch {
+                max_events: h.batch_events,
+                max_bytes: h.batch_bytes.as_u64().max(1024) as usize,
+            }
+        }
+        other => {
+            return Err(err(
+                "mode",
+                format!("\"single\" or \"batch\", found {other:?}"),
+            ))
+        }
+    };
+    let methods = [
+        h.bearer_token_file.is_some(),
+        h.username.is_some() || h.password_file.is_some(),
+        h.oauth2.is_some(),
+    ];
+    if methods.iter().filter(|m| **m).count() > 1 {
+        return Err(err(
+            "oauth2",
+            "one authentication method: bearer_token_file, username/password_file, or oauth2"
+                .into(),
+        ));
+    }
+    let auth = if let Some(path) = h.bearer_token_file {
+        readable_file(&path).map_err(|why| {
+            err(
+                "bearer_token_file",
+                format!("a readable file holding the token ({why})"),
+            )
+        })?;
+        HttpsAuth::BearerFile(path)
+    } else if let Some(o) = h.oauth2 {
+        let client_secret = read_secret(&o.client_secret_file).map_err(|why| {
+            err(
+                "oauth2.client_secret_file",
+                format!("a readable file holding the client secret ({why})"),
+            )
+        })?;
+        HttpsAuth::OAuth2 {
+            token_url: o.token_url,
+            client_id: o.client_id,
+            client_secret,
+            scope: o.scope,
+        }
+    } else if let Some(user) = h.username {
+        let path = h
+            .password_file
+            .ok_or_else(|| err("password_file", "set with username".into()))?;
+        let password = read_secret(&path).map_err(|why| {
+            err(
+                "password_file",
+                format!("a readable file holding the password ({why})"),
+            )
+        })?;
+        HttpsAuth::Basic { user, password }
+    } else if h.password_file.is_some() {
+        return Err(err("username", "set when password_file is set".into()));
+    } else {
+        HttpsAuth::None
+    };
+    if h.client_cert.is_some() != h.client_key.is_some() {
+        return Err(err(
+            "client_key",
+            "set together with client_cert (mutual TLS needs both)".into(),
+        ));
+    }
+    for (sub, path) in [
+        ("ca_file", &h.ca_file),
+        ("client_cert", &h.client_cert),
+        ("client_key", &h.client_key),
+    ] {
+        if let Some(path) = path {
+            readable_file(path).map_err(|why| err(sub, format!("a readable PEM file ({why})")))?;
+        }
+    }
+    if h.insecure_skip_verify {
+        eprintln!(
+            "plant-edge: WARNING: {}: `{key}.insecure_skip_verify = true` turns TLS certificate checks off; \
+             anyone on the path can read and forge postings. Use ca_file instead.",
+            file.display()
+        );
+    }
+    if h.connect_timeout.is_zero() || h.request_timeout.is_zero() {
+        return Err(err("request_timeout", "durations above 0".into()));
+    }
+    for name in h.headers.keys() {
+        if name.eq_ignore_ascii_case("authorization")
+            || name.eq_ignore_ascii_case("idempotency-key")
+        {
+            return Err(err(
+                &format!("headers.{name}"),
+                "a header plant-edge does not set itself".into(),
+            ));
+        }
+    }
+    Ok(HttpsSinkConfig {
+        url: h.url,
+        mode,
+        headers: h.headers.into_iter().collect(),
+        gzip: h.gzip,
+        auth,
+        tls: TlsSettings {
+            ca_file: h.ca_file,
+            client_cert: h.client_cert,
+            client_key: h.client_key,
+            alpn: Vec::new(),
+        },
+        insecure_skip_verify: h.insecure_skip_verify,
+        connect_timeout: h.connect_timeout,
+        request_timeout: h.request_timeout,
+        max_events_per_second: (h.max_events_per_second > 0).then_some(h.max_events_per_second),
+    })
 }
 
 fn check_mqtt(
@@ -1276,6 +1485,7 @@ fn check(file: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
                 })
             }
             RawSink::Mqtt(m) => SinkKind::Mqtt(Box::new(check_mqtt(file, &key, *m, &raw.agent)?)),
+            RawSink::Https(h) => SinkKind::Https(Box::new(check_https(file, &key, *h)?)),
         };
         sinks.push(SinkConfig { name, kind });
     }

@@ -126,7 +126,7 @@ pub async fn run(duration: Duration, state: Option<PathBuf>) -> anyhow::Result<b
     let config = Config::load(&config_path)?;
     let archive = match &config.sinks[0].kind {
         crate::config::SinkKind::File(fc) => fc.path.clone(),
-        crate::config::SinkKind::Mqtt(_) => {
+        crate::config::SinkKind::Mqtt(_) | crate::config::SinkKind::Https(_) => {
             anyhow::bail!("the demo config's first sink is the archive")
         }
     };

@@ -56,6 +56,7 @@ fn build_sink(kind: &SinkKind) -> anyhow::Result<Box<dyn Sink>> {
     Ok(match kind {
         SinkKind::File(fc) => Box::new(FileSink::open(fc.clone())?),
         SinkKind::Mqtt(mc) => Box::new(MqttSink::start((**mc).clone())?),
+        SinkKind::Https(hc) => Box::new(protocols::sinks::https::HttpsSink::new((**hc).clone())?),
     })
 }
 

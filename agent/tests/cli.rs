@@ -337,3 +337,48 @@ fn the_readme_modbus_example_validates() {
     let out = run(&["validate", "-c", file.to_str().expect("utf8")]);
     assert!(out.status.success(), "README example: {}", stderr(&out));
 }
+
+#[test]
+fn https_sink_config_is_checked_and_insecure_skip_verify_is_warned_about() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = |body: &str| {
+        format!(
+            "{}\n[sinks.erp]\nkind = \"https\"\n{body}",
+            base(dir.path())
+        )
+    };
+    let cases = [
+        (sink("url = \"http://erp.example.com/events\"\n"), "sinks.erp.url"),
+        (sink("url = \"https://erp.example.com/events\"\nmode = \"bulk\"\n"), "sinks.erp.mode"),
+        (sink("url = \"https://erp.example.com/events\"\nbearer_token_file = \"/nonexistent/token\"\n"), "sinks.erp.bearer_token_file"),
+        (
+            sink("url = \"https://erp.example.com/events\"\nusername = \"u\"\npassword_file = \"/nonexistent/pw\"\n"),
+            "sinks.erp.password_file",
+        ),
+        (sink("url = \"https://erp.example.com/events\"\nheaders = { Authorization = \"x\" }\n"), "sinks.erp.headers.Authorization"),
+    ];
+    for (i, (text, key)) in cases.into_iter().enumerate() {
+        let file = dir.path().join(format!("https-{i}.toml"));
+        std::fs::write(&file, text).expect("write");
+        let out = run(&["validate", "-c", file.to_str().expect("utf8")]);
+        assert_eq!(out.status.code(), Some(78), "case {i}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&format!("`{key}`")),
+            "case {i}: {}",
+            stderr(&out)
+        );
+    }
+    let file = dir.path().join("insecure.toml");
+    std::fs::write(
+        &file,
+        sink("url = \"https://erp.example.com/events\"\ninsecure_skip_verify = true\n"),
+    )
+    .expect("write");
+    let out = run(&["validate", "-c", file.to_str().expect("utf8")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("WARNING") && stderr(&out).contains("insecure_skip_verify"),
+        "{}",
+        stderr(&out)
+    );
+}

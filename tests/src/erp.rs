@@ -29,6 +29,8 @@ pub enum Scripted {
 pub struct ErpState {
     /// Event ids posted, in arrival order, after dedup by Idempotency-Key.
     pub posted: Mutex<Vec<(String, String)>>,
+    /// The events themselves, in the same order.
+    pub events: Mutex<Vec<serde_json::Value>>,
     /// Idempotency keys already posted.
     pub keys: Mutex<HashSet<String>>,
     /// Requests received (including refused and repeated ones).
@@ -132,6 +134,7 @@ async fn events(State(state): State<Arc<ErpState>>, headers: HeaderMap, body: By
     }
     if state.keys.lock().expect("state").insert(key) {
         state.posted.lock().expect("state").extend(ids);
+        state.events.lock().expect("state").extend(list);
     }
     StatusCode::OK.into_response()
 }
