@@ -323,19 +323,25 @@ fn validate_names_the_signal_of_an_overlapping_or_out_of_range_modbus_map() {
 }
 
 #[test]
-fn the_readme_modbus_example_validates() {
+fn the_readme_modbus_and_https_examples_validate() {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
         .expect("README");
-    let block = readme
-        .split("```toml")
-        .skip(1)
-        .filter_map(|b| b.split("```").next())
-        .find(|b| b.contains("kind = \"modbus\""))
-        .expect("a Modbus example in the README");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let file = write_config(dir.path(), &format!("{}\n{block}", base(dir.path())));
-    let out = run(&["validate", "-c", file.to_str().expect("utf8")]);
-    assert!(out.status.success(), "README example: {}", stderr(&out));
+    for kind in ["modbus", "https"] {
+        let block = readme
+            .split("```toml")
+            .skip(1)
+            .filter_map(|b| b.split("```").next())
+            .find(|b| b.contains(&format!("kind = \"{kind}\"")))
+            .unwrap_or_else(|| panic!("a {kind} example in the README"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = write_config(dir.path(), &format!("{}\n{block}", base(dir.path())));
+        let out = run(&["validate", "-c", file.to_str().expect("utf8")]);
+        assert!(
+            out.status.success(),
+            "README {kind} example: {}",
+            stderr(&out)
+        );
+    }
 }
 
 #[test]
