@@ -185,4 +185,5 @@ fn main() {
         .await;
     });
     let _ = server.kill();
+    let _ = server.wait();
 }
