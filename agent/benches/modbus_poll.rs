@@ -13,38 +13,11 @@
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use plant_edge_tests::measure::{cpu_seconds_of, peak_rss_mib_of};
 use plant_edge_tests::plc::Plc;
 
 const DEVICES: usize = 50;
 const COUNTERS: u16 = 20;
-
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    fields
-        .get(11)
-        .and_then(|u| u.parse::<u64>().ok())
-        .unwrap_or(0)
-        + fields
-            .get(12)
-            .and_then(|s| s.parse::<u64>().ok())
-            .unwrap_or(0)
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
-}
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -96,7 +69,7 @@ fn main() {
         let pid = agent.id();
         // Let every device take its baseline.
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let ticks0 = cpu_ticks(pid);
+        let cpu0 = cpu_seconds_of(pid);
         let started = std::time::Instant::now();
         // change_ms[k] = when the counters were set to value k + 1.
         let mut change_ms = Vec::new();
@@ -118,8 +91,8 @@ fn main() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         let wall = started.elapsed().as_secs_f64();
-        let cpu = (cpu_ticks(pid) - ticks0) as f64 / 100.0;
-        let rss = rss_mib(pid);
+        let cpu = cpu_seconds_of(pid) - cpu0;
+        let rss = peak_rss_mib_of(pid);
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
         agent.wait().expect("agent exit");
 

@@ -752,6 +752,30 @@ fn read_secret(path: &Path) -> Result<String, String> {
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// CA file, client certificate and key: readable, and cert and key together.
+fn check_tls_files(
+    ca_file: &Option<PathBuf>,
+    client_cert: &Option<PathBuf>,
+    client_key: &Option<PathBuf>,
+) -> Result<(), (&'static str, String)> {
+    if client_cert.is_some() != client_key.is_some() {
+        return Err((
+            "client_key",
+            "set together with client_cert (mutual TLS needs both)".into(),
+        ));
+    }
+    for (sub, path) in [
+        ("ca_file", ca_file),
+        ("client_cert", client_cert),
+        ("client_key", client_key),
+    ] {
+        if let Some(path) = path {
+            readable_file(path).map_err(|why| (sub, format!("a readable PEM file ({why})")))?;
+        }
+    }
+    Ok(())
+}
+
 fn check_https(file: &Path, key: &str, h: RawHttpsSink) -> Result<HttpsSinkConfig, ConfigError> {
     let err = |sub: &str, expected: String| ConfigError {
         file: file.to_owned(),
@@ -839,21 +863,8 @@ fn check_https(file: &Path, key: &str, h: RawHttpsSink) -> Result<HttpsSinkConfi
     } else {
         HttpsAuth::None
     };
-    if h.client_cert.is_some() != h.client_key.is_some() {
-        return Err(err(
-            "client_key",
-            "set together with client_cert (mutual TLS needs both)".into(),
-        ));
-    }
-    for (sub, path) in [
-        ("ca_file", &h.ca_file),
-        ("client_cert", &h.client_cert),
-        ("client_key", &h.client_key),
-    ] {
-        if let Some(path) = path {
-            readable_file(path).map_err(|why| err(sub, format!("a readable PEM file ({why})")))?;
-        }
-    }
+    check_tls_files(&h.ca_file, &h.client_cert, &h.client_key)
+        .map_err(|(sub, why)| err(sub, why))?;
     if h.insecure_skip_verify {
         eprintln!(
             "plant-edge: WARNING: {}: `{key}.insecure_skip_verify = true` turns TLS certificate checks off; \
@@ -945,21 +956,8 @@ fn check_mqtt(
             "true when ca_file, client_cert or client_key is set".into(),
         ));
     }
-    if m.client_cert.is_some() != m.client_key.is_some() {
-        return Err(err(
-            "client_key",
-            "set together with client_cert (mutual TLS needs both)".into(),
-        ));
-    }
-    for (sub, path) in [
-        ("ca_file", &m.ca_file),
-        ("client_cert", &m.client_cert),
-        ("client_key", &m.client_key),
-    ] {
-        if let Some(path) = path {
-            readable_file(path).map_err(|why| err(sub, format!("a readable PEM file ({why})")))?;
-        }
-    }
+    check_tls_files(&m.ca_file, &m.client_cert, &m.client_key)
+        .map_err(|(sub, why)| err(sub, why))?;
     let password = match &m.password_file {
         Some(path) => Some(read_secret(path).map_err(|why| {
             err(
@@ -1066,6 +1064,43 @@ fn span(address: Address, width: u16) -> (Table, u32, u32) {
         address.offset as u32,
         address.offset as u32 + width as u32,
     )
+}
+
+/// A register-backed field (record field or counter context).
+fn check_field(
+    file: &Path,
+    key: &str,
+    fkey: &str,
+    name: &str,
+    f: &RawField,
+    word_order: &str,
+    byte_swap: bool,
+) -> Result<FieldSpec, ConfigError> {
+    let err = |sub: &str, expected: String| ConfigError {
+        file: file.to_owned(),
+        key: format!("{key}.{fkey}.{sub}"),
+        expected,
+        line: None,
+    };
+    let address: Address = f.address.parse().map_err(|e| err("address", e))?;
+    let format = Format::parse(&f.format, f.length).map_err(|e| err("format", e))?;
+    if !matches!(address.table, Table::Holding | Table::Input)
+        || address.bit.is_some()
+        || format == Format::Bool
+    {
+        return Err(err("address", "a holding or input register".into()));
+    }
+    let order = order_of(
+        f.word_order.as_deref().unwrap_or(word_order),
+        f.byte_swap.unwrap_or(byte_swap),
+    )
+    .map_err(|e| err("word_order", e))?;
+    Ok(FieldSpec {
+        name: name.to_owned(),
+        address,
+        format,
+        order,
+    })
 }
 
 fn check_modbus(file: &Path, key: &str, m: RawModbus) -> Result<ModbusConfig, ConfigError> {
@@ -1230,34 +1265,17 @@ fn check_modbus(file: &Path, key: &str, m: RawModbus) -> Result<ModbusConfig, Co
         let mut spans = vec![span(ready, 1), span(ack, 1)];
         let mut fields = Vec::new();
         for (name, f) in &r.fields {
-            let fkey = format!("{rkey}.fields.{name}");
-            let address: Address = f
-                .address
-                .parse()
-                .map_err(|e| err(format!("{fkey}.address"), e))?;
-            let format =
-                Format::parse(&f.format, f.length).map_err(|e| err(format!("{fkey}.format"), e))?;
-            if !matches!(address.table, Table::Holding | Table::Input)
-                || address.bit.is_some()
-                || format == Format::Bool
-            {
-                return Err(err(
-                    format!("{fkey}.address"),
-                    "a holding or input register".into(),
-                ));
-            }
-            let order = order_of(
-                f.word_order.as_deref().unwrap_or(&m.word_order),
-                f.byte_swap.unwrap_or(m.byte_swap),
-            )
-            .map_err(|e| err(format!("{fkey}.word_order"), e))?;
-            spans.push(span(address, format.width()));
-            fields.push(FieldSpec {
-                name: name.clone(),
-                address,
-                format,
-                order,
-            });
+            let field = check_field(
+                file,
+                key,
+                &format!("{rkey}.fields.{name}"),
+                name,
+                f,
+                &m.word_order,
+                m.byte_swap,
+            )?;
+            spans.push(span(field.address, field.format.width()));
+            fields.push(field);
         }
         let key_fields = r.key.unwrap_or_else(|| r.fields.keys().cloned().collect());
         if let Some(missing) = key_fields.iter().find(|k| !r.fields.contains_key(*k)) {
@@ -1284,33 +1302,9 @@ fn check_modbus(file: &Path, key: &str, m: RawModbus) -> Result<ModbusConfig, Co
         if !matches!(name.as_str(), "work_order" | "material" | "lot") {
             return Err(err(fkey, "work_order, material or lot".into()));
         }
-        let address: Address = f
-            .address
-            .parse()
-            .map_err(|e| err(format!("{fkey}.address"), e))?;
-        let format =
-            Format::parse(&f.format, f.length).map_err(|e| err(format!("{fkey}.format"), e))?;
-        if !matches!(address.table, Table::Holding | Table::Input)
-            || address.bit.is_some()
-            || format == Format::Bool
-        {
-            return Err(err(
-                format!("{fkey}.address"),
-                "a holding or input register".into(),
-            ));
-        }
-        let order = order_of(
-            f.word_order.as_deref().unwrap_or(&m.word_order),
-            f.byte_swap.unwrap_or(m.byte_swap),
-        )
-        .map_err(|e| err(format!("{fkey}.word_order"), e))?;
-        context_spans.push(span(address, format.width()));
-        context.push(FieldSpec {
-            name: name.clone(),
-            address,
-            format,
-            order,
-        });
+        let field = check_field(file, key, &fkey, name, f, &m.word_order, m.byte_swap)?;
+        context_spans.push(span(field.address, field.format.width()));
+        context.push(field);
     }
     if !context_spans.is_empty() {
         signals.push(("context".into(), "context".into(), context_spans));

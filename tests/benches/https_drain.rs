@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use buffer::{AppendRequest, EventClass, Journal, JournalConfig, NewEvent};
 use plant_edge_tests::drive;
+use plant_edge_tests::measure::{cpu_seconds, peak_rss_mib};
 use protocols::sinks::https::{HttpsAuth, HttpsMode, HttpsSink, HttpsSinkConfig};
 use protocols::tls::TlsSettings;
 
@@ -55,29 +56,6 @@ fn fill(dir: &std::path::Path, total: u64) {
         n += 1024;
     }
     journal.close().expect("close");
-}
-
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let f: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    (f.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0))
-        / 100.0
-}
-
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
 }
 
 async fn drain(url: &str, ca: &std::path::Path, mode: HttpsMode, total: u64, label: &str) {

@@ -75,3 +75,55 @@ pub mod drive {
         done(journal)
     }
 }
+
+pub mod measure {
+    //! CPU time and peak RSS from /proc, for the benchmarks.
+
+    fn stat_ticks(pid: &str) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the command name, which is in parentheses.
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        let field = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        field(11) + field(12)
+    }
+
+    fn hwm_mib(pid: &str) -> f64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+            .unwrap_or(f64::NAN)
+    }
+
+    /// User + system CPU seconds of this process.
+    pub fn cpu_seconds() -> f64 {
+        stat_ticks("self") as f64 / 100.0
+    }
+
+    /// User + system CPU seconds of another process.
+    pub fn cpu_seconds_of(pid: u32) -> f64 {
+        stat_ticks(&pid.to_string()) as f64 / 100.0
+    }
+
+    /// Peak resident set of this process, MiB.
+    pub fn peak_rss_mib() -> f64 {
+        hwm_mib("self")
+    }
+
+    /// Peak resident set of another process, MiB.
+    pub fn peak_rss_mib_of(pid: u32) -> f64 {
+        hwm_mib(&pid.to_string())
+    }
+}
