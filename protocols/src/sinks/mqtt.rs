@@ -607,6 +607,11 @@ impl MqttSink {
             last_error: Mutex::new(String::new()),
             status_acked: tokio::sync::Notify::new(),
         });
+        // Unbounded by type, bounded by construction: a verdict exists only
+        // for a publish `deliver` made, at most `inflight` per call, and
+        // each call drains what is queued (stale ones included) while it
+        // waits. A bounded channel could deadlock: the link task would
+        // block on send while the forwarder sleeps in its backoff.
         let (verdict_tx, verdicts) = mpsc::unbounded_channel();
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(run_link(
