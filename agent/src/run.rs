@@ -205,9 +205,54 @@ impl RunningAgent {
     }
 }
 
+/// One STATUS= line for systemd: what an operator wants from
+/// `systemctl status plant-edge`.
+fn status_line(journal: &Journal) -> String {
+    let s = journal.stats();
+    format!(
+        "backlog {} events, oldest {}s, dead letters {}{}",
+        s.pending_events,
+        s.oldest_pending_age_ms.unwrap_or(0) / 1000,
+        s.dead_letters,
+        if s.full {
+            ", JOURNAL FULL: sources held"
+        } else {
+            ""
+        }
+    )
+}
+
+/// The watchdog is fed only when the agent can still do its job: the
+/// journal accepts writes and answers a state query promptly from a
+/// blocking thread (a deadlock or a starved runtime stops the pings, and
+/// systemd restarts the service).
+async fn healthy(journal: &Journal) -> bool {
+    if journal.is_poisoned() {
+        return false;
+    }
+    let j = journal.clone();
+    let probe = tokio::task::spawn_blocking(move || j.stats().next_seq);
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), probe).await,
+        Ok(Ok(_))
+    )
+}
+
 /// `plant-edge run`: until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let agent = RunningAgent::start(&config).await?;
+    // READY only now: the journal is open and sources and sinks started.
+    let status = status_line(&agent.journal);
+    if let Err(e) = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status),
+    ]) {
+        tracing::warn!(error = %e, "sd_notify READY failed");
+    }
+    let watchdog = sd_notify::watchdog_enabled();
+    let mut feed = tokio::time::interval(watchdog.map_or(Duration::from_secs(10), |w| {
+        (w / 2).max(Duration::from_millis(10))
+    }));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     let mut report = tokio::time::interval(Duration::from_secs(60));
@@ -216,6 +261,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut failed = false;
     loop {
         tokio::select! {
+            _ = feed.tick() => {
+                if healthy(&agent.journal).await {
+                    let status = status_line(&agent.journal);
+                    let mut states = vec![sd_notify::NotifyState::Status(&status)];
+                    if watchdog.is_some() {
+                        states.push(sd_notify::NotifyState::Watchdog);
+                    }
+                    let _ = sd_notify::notify(&states);
+                } else {
+                    tracing::error!("agent unhealthy: not feeding the systemd watchdog");
+                }
+            }
             _ = health.tick() => {
                 if agent.journal.is_poisoned() {
                     // sled recovers from its log on the next start; carrying
@@ -234,6 +291,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         }
     }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     agent.stop().await;
     if failed {
         anyhow::bail!("the journal failed a write; restart to recover it");
