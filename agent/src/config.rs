@@ -130,6 +130,17 @@ struct RawAgent {
     log_format: LogFormat,
     #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
     shutdown_timeout: Duration,
+    #[serde(default = "default_metrics_listen")]
+    metrics_listen: String,
+    #[serde(default = "default_ready_max_age", with = "humantime_serde")]
+    ready_max_backlog_age: Duration,
+}
+
+fn default_metrics_listen() -> String {
+    "127.0.0.1:9464".into()
+}
+fn default_ready_max_age() -> Duration {
+    Duration::from_secs(15 * 60)
 }
 
 #[derive(Debug, Deserialize)]
@@ -581,6 +592,10 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Bound on graceful shutdown.
     pub shutdown_timeout: Duration,
+    /// Metrics and health endpoint (`None`: off).
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// `/readyz` fails when the oldest pending event is older.
+    pub ready_max_backlog_age: Duration,
     /// Journal settings.
     pub journal: JournalSettings,
     /// Forwarder settings.
@@ -1379,6 +1394,15 @@ fn check(file: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         ));
     }
 
+    let metrics_listen = match raw.agent.metrics_listen.as_str() {
+        "off" | "" => None,
+        text => Some(text.parse::<std::net::SocketAddr>().map_err(|_| {
+            err(
+                "agent.metrics_listen",
+                format!("an address like 127.0.0.1:9464, or \"off\"; found {text:?}"),
+            )
+        })?),
+    };
     let j = &raw.journal;
     if j.max_bytes.as_u64() < ByteSize::mib(1).as_u64() {
         return Err(err(
@@ -1559,6 +1583,8 @@ fn check(file: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         state_dir: raw.agent.state_dir,
         log_format: raw.agent.log_format,
         shutdown_timeout: raw.agent.shutdown_timeout,
+        metrics_listen,
+        ready_max_backlog_age: raw.agent.ready_max_backlog_age,
         journal: JournalSettings {
             max_bytes: j.max_bytes.as_u64(),
             ttl: j.ttl,

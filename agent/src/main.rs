@@ -6,6 +6,7 @@ mod demo;
 mod forwarder;
 mod journal_cmd;
 mod logging;
+mod metrics;
 mod probe;
 mod run;
 
@@ -57,6 +58,12 @@ enum Command {
         #[command(subcommand)]
         command: journal_cmd::JournalCommand,
     },
+    /// One-screen summary from a running agent (its metrics endpoint).
+    Status {
+        /// Config file (its agent.metrics_listen is asked).
+        #[arg(short, long)]
+        config: PathBuf,
+    },
     /// Ask a device what it holds, without touching any journal.
     #[command(subcommand)]
     Probe(ProbeCommand),
@@ -98,6 +105,28 @@ enum ProbeCommand {
     },
 }
 
+async fn status(config: Config) -> anyhow::Result<()> {
+    let addr = config.metrics_listen.ok_or_else(|| {
+        anyhow::anyhow!(
+            "agent.metrics_listen is off in {}: no endpoint to ask",
+            config.file.display()
+        )
+    })?;
+    let url = format!("http://{addr}/status");
+    let body = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("no agent answering at {url} ({e}); is plant-edge running?"))?
+        .text()
+        .await?;
+    let value: serde_json::Value = serde_json::from_str(&body)?;
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    Ok(())
+}
+
 fn config_failure(e: &ConfigError) -> ExitCode {
     eprintln!("plant-edge: invalid configuration: {e}");
     ExitCode::from(EXIT_CONFIG)
@@ -116,6 +145,8 @@ fn failure(e: anyhow::Error) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    // One TLS stack for every client in the process: rustls with ring.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     match cli.command {
         Command::Validate { config } => match Config::load(&config) {
@@ -164,6 +195,19 @@ fn main() -> ExitCode {
                     Some(ce) => config_failure(ce),
                     None => failure(e),
                 },
+            }
+        }
+        Command::Status { config } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => return config_failure(&e),
+            };
+            match runtime()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(status(config)))
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => failure(e),
             }
         }
         Command::Probe(ProbeCommand::Modbus {

@@ -115,6 +115,7 @@ impl RunningAgent {
             telemetry_types: config.journal.telemetry_types.clone(),
         };
         let mut sources = Vec::new();
+        let mut modbus = Vec::new();
         for source in &config.sources {
             let ctx = SourceContext {
                 site: config.site.clone(),
@@ -133,6 +134,7 @@ impl RunningAgent {
                 }
                 SourceKind::Modbus(mc) => {
                     let stats = Arc::new(protocols::sources::modbus::ModbusStats::default());
+                    modbus.push((source.name.clone(), stats.clone()));
                     sources.push(tokio::spawn(protocols::sources::modbus::run(
                         ctx,
                         (**mc).clone(),
@@ -147,6 +149,15 @@ impl RunningAgent {
             );
         }
         tracing::info!(config = %config.file.display(), sources = config.sources.len(), sinks = config.sinks.len(), "plant-edge running");
+        if let Some(addr) = config.metrics_listen {
+            let metrics = Arc::new(crate::metrics::Metrics {
+                journal: journal.clone(),
+                forwarders: forwarders.clone(),
+                modbus,
+                ready_max_age: config.ready_max_backlog_age,
+            });
+            tokio::spawn(crate::metrics::serve(addr, metrics, stop_fw_rx.clone()));
+        }
         Ok(Self {
             journal,
             tally,

@@ -1,0 +1,313 @@
+//! The metrics and health endpoint: `/metrics` (Prometheus text),
+//! `/healthz` (process alive), `/readyz` (journal writable, not full,
+//! backlog younger than the threshold), `/status` (JSON for `plant-edge
+//! status`). Loopback by default; values are read at scrape time from the
+//! journal and the tasks' own counters, so nothing is counted twice.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use buffer::Journal;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::registry::Registry;
+use protocols::sources::modbus::ModbusStats;
+use tokio::sync::watch;
+
+use crate::forwarder::SharedStatus;
+
+/// What the endpoint reads.
+pub struct Metrics {
+    /// The journal.
+    pub journal: Journal,
+    /// Forwarder status per sink.
+    pub forwarders: BTreeMap<String, SharedStatus>,
+    /// Modbus counters per source.
+    pub modbus: Vec<(String, Arc<ModbusStats>)>,
+    /// `/readyz` fails when the oldest pending event is older than this.
+    pub ready_max_age: Duration,
+}
+
+type Labels = Vec<(String, String)>;
+
+impl Metrics {
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut registry = Registry::with_prefix("plant_edge");
+        let s = self.journal.stats();
+        let c = s.counters;
+        let counters: [(&str, &str, u64); 10] = [
+            (
+                "journal_appended",
+                "Events appended to the journal",
+                c.appended,
+            ),
+            (
+                "journal_duplicates",
+                "Appends suppressed as duplicates (same id)",
+                c.duplicates,
+            ),
+            (
+                "journal_delivered",
+                "Events acknowledged by a sink",
+                c.delivered,
+            ),
+            (
+                "journal_rejected",
+                "Events a sink refused (dead-lettered)",
+                c.rejected,
+            ),
+            (
+                "journal_expired",
+                "Events expired by TTL (dead-lettered)",
+                c.expired,
+            ),
+            (
+                "journal_dropped_telemetry",
+                "Telemetry dropped for space (business events never are)",
+                c.dropped_telemetry,
+            ),
+            (
+                "journal_backpressured",
+                "Business appends held for space",
+                c.backpressured,
+            ),
+            (
+                "journal_orphaned",
+                "Events dead-lettered because their sink was removed",
+                c.orphaned,
+            ),
+            (
+                "journal_quarantined",
+                "Events in chunks that no longer decoded",
+                c.quarantined,
+            ),
+            ("journal_requeued", "Dead letters requeued", c.requeued),
+        ];
+        for (name, help, value) in counters {
+            registry.register(name, help, ConstCounter::new(value));
+        }
+        let gauges: [(&str, &str, i64); 7] = [
+            (
+                "journal_pending_events",
+                "Events not yet done by every sink",
+                s.pending_events as i64,
+            ),
+            (
+                "journal_pending_bytes",
+                "Bytes of pending events",
+                s.pending_bytes as i64,
+            ),
+            (
+                "journal_used_bytes",
+                "Pending plus dead-letter bytes (bounded by max_bytes)",
+                s.used_bytes as i64,
+            ),
+            (
+                "journal_max_bytes",
+                "The journal's disk bound",
+                s.max_bytes as i64,
+            ),
+            (
+                "journal_dead_letters",
+                "Dead letters kept",
+                s.dead_letters as i64,
+            ),
+            (
+                "journal_oldest_pending_age_seconds",
+                "Age of the oldest pending event",
+                (s.oldest_pending_age_ms.unwrap_or(0) / 1000) as i64,
+            ),
+            (
+                "journal_full",
+                "1 while business sources are held for space",
+                i64::from(s.full),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            registry.register(name, help, ConstGauge::new(value));
+        }
+        let backlog = Family::<Labels, Gauge>::default();
+        for sink in &s.sinks {
+            backlog
+                .get_or_create(&vec![("sink".into(), sink.name.clone())])
+                .set(sink.backlog as i64);
+        }
+        registry.register(
+            "sink_backlog_events",
+            "Sequences between a sink's cursor and the journal end",
+            backlog,
+        );
+        let delivered = Family::<Labels, Gauge>::default();
+        let rejected = Family::<Labels, Gauge>::default();
+        let retries = Family::<Labels, Gauge>::default();
+        let up = Family::<Labels, Gauge>::default();
+        for (name, status) in &self.forwarders {
+            let st = status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let labels = vec![("sink".to_owned(), name.clone())];
+            delivered.get_or_create(&labels).set(st.delivered as i64);
+            rejected.get_or_create(&labels).set(st.rejected as i64);
+            retries.get_or_create(&labels).set(st.retries as i64);
+            up.get_or_create(&labels)
+                .set(i64::from(st.retrying.is_none()));
+        }
+        registry.register(
+            "sink_delivered_events",
+            "Events delivered by this process, per sink",
+            delivered,
+        );
+        registry.register(
+            "sink_rejected_events",
+            "Events dead-lettered by this process, per sink",
+            rejected,
+        );
+        registry.register(
+            "sink_retries",
+            "Delivery retries by this process, per sink",
+            retries,
+        );
+        registry.register("sink_up", "1 unless the sink is retrying", up);
+        let modbus = Family::<Labels, Gauge>::default();
+        for (source, stats) in &self.modbus {
+            for (kind, value) in [
+                ("polls", &stats.polls),
+                ("overruns", &stats.overruns),
+                ("exceptions", &stats.exceptions),
+                ("transport_errors", &stats.transport_errors),
+                ("bad_values", &stats.bad_values),
+                ("events", &stats.events),
+                ("records_acked", &stats.records_acked),
+            ] {
+                modbus
+                    .get_or_create(&vec![
+                        ("source".into(), source.clone()),
+                        ("kind".into(), kind.into()),
+                    ])
+                    .set(value.load(Ordering::Relaxed) as i64);
+            }
+        }
+        registry.register(
+            "modbus_source",
+            "Modbus source counters by kind since start",
+            modbus,
+        );
+        let info = Family::<Labels, Gauge>::default();
+        info.get_or_create(&vec![("version".into(), env!("CARGO_PKG_VERSION").into())])
+            .set(1);
+        registry.register("build_info", "Build of the running agent", info);
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &registry);
+        out
+    }
+
+    /// `Ok` when the agent does its job; otherwise why not.
+    pub fn ready(&self) -> Result<(), String> {
+        if self.journal.is_poisoned() {
+            return Err("journal refuses writes after a failed sync".into());
+        }
+        let s = self.journal.stats();
+        if s.full {
+            return Err("journal full: business sources are held".into());
+        }
+        let age = Duration::from_millis(s.oldest_pending_age_ms.unwrap_or(0));
+        if age > self.ready_max_age {
+            return Err(format!("oldest pending event is {}s old", age.as_secs()));
+        }
+        Ok(())
+    }
+
+    /// One-screen summary for `plant-edge status`.
+    pub fn status(&self) -> serde_json::Value {
+        let s = self.journal.stats();
+        let sinks: Vec<serde_json::Value> = s
+            .sinks
+            .iter()
+            .map(|sink| {
+                let retrying = self
+                    .forwarders
+                    .get(&sink.name)
+                    .and_then(|st| st.lock().unwrap_or_else(|p| p.into_inner()).retrying.clone());
+                serde_json::json!({"sink": sink.name, "backlog": sink.backlog, "retrying": retrying})
+            })
+            .collect();
+        serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "ready": self.ready().err().unwrap_or_else(|| "ready".into()),
+            "pending_events": s.pending_events,
+            "oldest_pending_age_s": s.oldest_pending_age_ms.unwrap_or(0) / 1000,
+            "used_bytes": s.used_bytes,
+            "max_bytes": s.max_bytes,
+            "dead_letters": s.dead_letters,
+            "full": s.full,
+            "sinks": sinks,
+            "counters": s.counters,
+        })
+    }
+}
+
+async fn metrics_text(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    let body = tokio::task::spawn_blocking(move || m.render())
+        .await
+        .unwrap_or_default();
+    (
+        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+        body,
+    )
+}
+
+async fn ready_check(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    match tokio::task::spawn_blocking(move || m.ready()).await {
+        Ok(Ok(())) => (StatusCode::OK, "ready\n".to_owned()),
+        Ok(Err(why)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
+    }
+}
+
+async fn status_json(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    let body = tokio::task::spawn_blocking(move || m.status().to_string())
+        .await
+        .unwrap_or_default();
+    ([("content-type", "application/json")], body)
+}
+
+/// Serves until `stop`; a port already taken is logged, not fatal (the
+/// agent's job matters more than its metrics).
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, mut stop: watch::Receiver<bool>) {
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(%addr, error = %e, "metrics endpoint not started");
+            return;
+        }
+    };
+    tracing::info!(%addr, "metrics and health endpoint listening");
+    let app = Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready_check))
+        .route("/status", get(status_json))
+        .with_state(metrics);
+    let shutdown = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        tracing::error!(error = %e, "metrics endpoint failed");
+    }
+}
