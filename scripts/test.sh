@@ -33,3 +33,7 @@ fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo nextest run --workspace --no-fail-fast
+
+# The .deb as an OT team meets it: built, installed on this machine,
+# upgraded over itself, purged (needs root, as CI and the dev machines are).
+packaging/test-deb.sh
