@@ -10,6 +10,18 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use plant_edge_tests::erp::{Erp, Scripted};
 
+/// Waits until the ERP has recorded at least `n` events.
+async fn wait_for_posted(erp: &Erp, n: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while erp.state.posted.lock().expect("posted").len() < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ERP never received {n} events"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_posts_every_part_to_the_erp_through_failures_and_a_kill() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -36,7 +48,8 @@ async fn agent_posts_every_part_to_the_erp_through_failures_and_a_kill() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("spawn");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Kill once the ERP has taken some events (past the scripted failures).
+    wait_for_posted(&erp, 20).await;
     child.kill().expect("SIGKILL");
     child.wait().expect("reap");
     let mut child = bin()
@@ -44,7 +57,8 @@ async fn agent_posts_every_part_to_the_erp_through_failures_and_a_kill() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("spawn");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = erp.state.posted.lock().expect("posted").len();
+    wait_for_posted(&erp, before + 20).await;
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
     assert_eq!(child.wait().expect("wait").code(), Some(0));
 

@@ -175,7 +175,16 @@ async fn killed_agent_counts_parts_made_while_it_was_down_exactly_once() {
             plc.mem().set_u32(2, scrap);
         }
         if round == 5 {
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            // Let the agent poll the final values before the graceful stop.
+            let reads = plc.mem().reads;
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while plc.mem().reads < reads + 6 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the agent stopped polling"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
             assert_eq!(child.wait().expect("wait").code(), Some(0));
         } else {
