@@ -500,3 +500,43 @@ fn stats_count_only_what_sinks_still_owe_even_inside_a_chunk() {
         "delivered events are not listed as pending"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_refused_at_their_source_are_kept_as_dead_letters_per_sink_not_sent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = Journal::open(config(dir.path(), &["erp", "archive"])).expect("open");
+    let (appender, writer) = journal.start_writer();
+    let routes = journal.routes_all();
+    let request = |n: u64| AppendRequest {
+        source: "mes".into(),
+        events: vec![event(n, EventClass::Business, routes)],
+        cursor: None,
+    };
+    let stored = appender
+        .dead_letter(request(7), "record: missing field quantity")
+        .await
+        .expect("dead letter");
+    assert_eq!(stored, 1);
+    let again = appender
+        .dead_letter(request(7), "record: missing field quantity")
+        .await
+        .expect("dead letter");
+    assert_eq!(again, 0, "the same record seen again is not stored twice");
+    drop(appender);
+    writer.await.expect("writer");
+
+    assert!(journal.read_batch("erp", 10).expect("read").is_empty());
+    assert!(journal.read_batch("archive", 10).expect("read").is_empty());
+    drop(journal);
+    let journal = Journal::open(config(dir.path(), &["erp", "archive"])).expect("reopen");
+    let dead = journal.dead_letters().expect("list");
+    let mut sinks: Vec<&str> = dead.iter().map(|d| d.sink.as_str()).collect();
+    sinks.sort_unstable();
+    assert_eq!(sinks, ["archive", "erp"], "one dead letter per routed sink");
+    assert!(dead
+        .iter()
+        .all(|d| d.reason == "record: missing field quantity" && d.id == Uuid::from_u128(8)));
+    assert_eq!(journal.requeue_dead_letters(None).expect("requeue"), 2);
+    assert_eq!(journal.read_batch("erp", 10).expect("read").len(), 1);
+    assert_eq!(journal.read_batch("archive", 10).expect("read").len(), 1);
+}

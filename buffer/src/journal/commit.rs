@@ -108,6 +108,9 @@ struct Job {
     request: AppendRequest,
     reply: Option<Reply>,
     parked: bool,
+    /// Set for events a source could not make sense of: they go straight
+    /// to the dead letters of their sinks with this reason.
+    dead_letter: Option<String>,
 }
 
 impl Job {
@@ -135,9 +138,32 @@ impl Appender {
             request,
             reply: Some(reply),
             parked: false,
+            dead_letter: None,
         };
         self.tx.send(job).await.map_err(|_| JournalError::Closed)?;
         answer.await.map_err(|_| JournalError::Closed)?
+    }
+
+    /// Stores events a source could not make sense of (a malformed record)
+    /// straight into the dead letters of every sink they are routed to,
+    /// with `reason`, durably. Nothing is sent; an operator sees them in
+    /// `journal dead-letters list` and can requeue or purge them. Ids are
+    /// deduplicated like appends. Returns how many events were stored.
+    pub async fn dead_letter(
+        &self,
+        request: AppendRequest,
+        reason: &str,
+    ) -> Result<usize, JournalError> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            request,
+            reply: Some(reply),
+            parked: false,
+            dead_letter: Some(reason.to_owned()),
+        };
+        self.tx.send(job).await.map_err(|_| JournalError::Closed)?;
+        let outcome = answer.await.map_err(|_| JournalError::Closed)??;
+        Ok(outcome.appended())
     }
 }
 
@@ -295,6 +321,7 @@ impl Journal {
             request,
             reply: Some(reply),
             parked: false,
+            dead_letter: None,
         };
         if !self.commit_jobs(vec![job]).is_empty() {
             return Ok(None);
@@ -394,6 +421,22 @@ impl Journal {
                     };
                     projected += stored.charge();
                     new_ids.push(*event.id.as_bytes());
+                    if let Some(reason) = &job.dead_letter {
+                        if let Err(e) = dead_letter_at_source(
+                            &mut st,
+                            &mut batch,
+                            stored,
+                            event.class,
+                            reason,
+                            now,
+                        ) {
+                            drop(st);
+                            return self.fail_commit(admitted, parked_out, e);
+                        }
+                        // Sequence 0: never queued for delivery.
+                        seqs.push(Some(0));
+                        continue;
+                    }
                     seqs.push(Some(plan.push(event.class, stored)));
                 }
                 if let Some(cursor) = &job.request.cursor {
@@ -490,6 +533,39 @@ impl Journal {
         }
         Vec::new()
     }
+}
+
+/// One dead letter per routed sink for an event refused at its source.
+fn dead_letter_at_source(
+    st: &mut State,
+    batch: &mut sled::Batch,
+    event: StoredEvent,
+    class: EventClass,
+    reason: &str,
+    now: u64,
+) -> Result<(), JournalError> {
+    let sinks: Vec<(String, u8)> = st.sink_slots();
+    for (sink, slot) in sinks {
+        if event.routes & (1u64 << slot) == 0 {
+            continue;
+        }
+        let mut routed = event.clone();
+        routed.routes = 1u64 << slot;
+        let record = layout::DeadLetterRecord {
+            seq: 0,
+            sink: sink.clone(),
+            reason: reason.to_owned(),
+            attempts: 0,
+            dead_ms: now,
+            appended_ms: now,
+            class: class.code(),
+            event: routed,
+        };
+        Journal::put_dead_letter(st, batch, record)?;
+        st.counters.rejected += 1;
+        tracing::warn!(source = %event.source, sink, reason, "event refused at its source: stored in dead letters");
+    }
+    Ok(())
 }
 
 /// Drops the oldest telemetry chunks until `needed` bytes are free (or no

@@ -281,6 +281,14 @@ impl State {
             .ok_or_else(|| JournalError::UnknownSink(name.to_owned()))
     }
 
+    /// Every registered sink's name and route slot.
+    pub(crate) fn sink_slots(&self) -> Vec<(String, u8)> {
+        self.sinks
+            .iter()
+            .map(|s| (s.name.clone(), s.slot))
+            .collect()
+    }
+
     /// Lowest cursor of all sinks: chunks wholly below it can go.
     fn floor(&self) -> u64 {
         self.sinks.iter().map(|s| s.cursor).min().unwrap_or(0)
