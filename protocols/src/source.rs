@@ -122,3 +122,117 @@ impl CounterSignal {
         Some(event)
     }
 }
+
+/// A value read for a record field or a context value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FieldValue {
+    /// Integer (counters, quantities, sequences).
+    Int(i64),
+    /// Float.
+    Float(f64),
+    /// Text.
+    Text(String),
+    /// Bit.
+    Bool(bool),
+}
+
+impl FieldValue {
+    /// Text form, for ids and event fields.
+    pub fn text(&self) -> String {
+        match self {
+            FieldValue::Int(v) => v.to_string(),
+            FieldValue::Float(v) => v.to_string(),
+            FieldValue::Text(s) => s.clone(),
+            FieldValue::Bool(b) => b.to_string(),
+        }
+    }
+}
+
+/// Field names with a place of their own in the canonical event; any other
+/// field of a record goes into the event's attributes.
+const RECORD_FIELDS: [&str; 5] = ["work_order", "material", "quantity", "lot", "reason_code"];
+
+/// A record signal: a completion or scrap the PLC or MES reports as a whole
+/// (order, material, quantity, ...), identified by some of its fields.
+#[derive(Clone, Debug)]
+pub struct RecordSignal {
+    /// Signal name (part of the id).
+    pub name: String,
+    /// Event type.
+    pub event_type: EventType,
+    /// Unit of measure of `quantity`.
+    pub unit: String,
+    /// Line.
+    pub line: String,
+    /// Machine.
+    pub machine: String,
+    /// Field names whose values identify the record.
+    pub key: Vec<String>,
+}
+
+impl RecordSignal {
+    /// The id the record gets: from its key fields, so the same record read
+    /// twice (re-poll, restart, republish) is the same event.
+    pub fn id_for(&self, ctx: &SourceContext, values: &BTreeMap<String, FieldValue>) -> uuid::Uuid {
+        let key: Vec<String> = self
+            .key
+            .iter()
+            .map(|k| values.get(k).map(FieldValue::text).unwrap_or_default())
+            .collect();
+        let key_refs: Vec<&str> = key.iter().map(String::as_str).collect();
+        buffer::id::record_event_id(&ctx.urn(), &self.name, &key_refs)
+    }
+
+    /// The canonical event for one record.
+    pub fn event_for(
+        &self,
+        ctx: &SourceContext,
+        values: &BTreeMap<String, FieldValue>,
+        origin: Origin,
+        time: SystemTime,
+    ) -> CloudEvent {
+        let text = |name: &str| {
+            values
+                .get(name)
+                .map(FieldValue::text)
+                .filter(|t| !t.is_empty())
+        };
+        let quantity = match values.get("quantity") {
+            Some(FieldValue::Int(n)) if *n >= 0 => Quantity::Count(*n as u64),
+            Some(FieldValue::Float(f)) => Quantity::Measure(*f),
+            _ => Quantity::Count(1),
+        };
+        let mut attributes = ctx.attributes.clone();
+        for (name, value) in values {
+            if !RECORD_FIELDS.contains(&name.as_str()) && name != "sequence" {
+                attributes.insert(name.clone(), value.text());
+            }
+        }
+        let data = EventData {
+            site: ctx.site.clone(),
+            line: self.line.clone(),
+            machine: self.machine.clone(),
+            work_order: text("work_order"),
+            material: text("material"),
+            quantity,
+            unit: self.unit.clone(),
+            lot: text("lot"),
+            reason_code: text("reason_code"),
+            counter: None,
+            origin,
+            attributes,
+        };
+        let mut event = CloudEvent::new(
+            self.id_for(ctx, values),
+            ctx.urn(),
+            self.event_type.clone(),
+            time,
+            data,
+        );
+        if let Some(order) = &event.data.work_order {
+            event.subject = Some(format!("{}/{order}", self.line));
+        }
+        event.sequence = text("sequence");
+        event
+    }
+}

@@ -1,4 +1,5 @@
 //! Source implementations.
 
 pub mod modbus;
+pub mod opcua;
 pub mod simulated;

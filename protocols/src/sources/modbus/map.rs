@@ -158,38 +158,16 @@ pub struct Order {
     pub swap_bytes: bool,
 }
 
-/// A decoded value.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Value {
-    /// Integer (counters, quantities, sequences).
-    Int(i64),
-    /// Float.
-    Float(f64),
-    /// Text.
-    Text(String),
-    /// Bit.
-    Bool(bool),
-}
+/// A decoded value (the record value type every source shares).
+pub use crate::source::FieldValue as Value;
 
-impl Value {
-    /// The raw bit pattern of an integer counter, as unsigned.
-    pub fn counter_raw(&self, format: Format) -> Option<u64> {
-        match (self, format) {
-            (Value::Int(v), Format::I16) => Some(*v as i16 as u16 as u64),
-            (Value::Int(v), Format::I32) => Some(*v as i32 as u32 as u64),
-            (Value::Int(v), _) if *v >= 0 => Some(*v as u64),
-            _ => None,
-        }
-    }
-
-    /// Text form, for ids and event fields.
-    pub fn text(&self) -> String {
-        match self {
-            Value::Int(v) => v.to_string(),
-            Value::Float(v) => v.to_string(),
-            Value::Text(s) => s.clone(),
-            Value::Bool(b) => b.to_string(),
-        }
+/// The raw bit pattern of an integer counter, as unsigned.
+pub fn counter_raw(value: &Value, format: Format) -> Option<u64> {
+    match (value, format) {
+        (Value::Int(v), Format::I16) => Some(*v as i16 as u16 as u64),
+        (Value::Int(v), Format::I32) => Some(*v as i32 as u32 as u64),
+        (Value::Int(v), _) if *v >= 0 => Some(*v as u64),
+        _ => None,
     }
 }
 
@@ -371,7 +349,7 @@ mod tests {
             decode(Format::I16, Order::default(), &[0xFFFF]),
             Ok(Value::Int(-1))
         );
-        assert_eq!(Value::Int(-1).counter_raw(Format::I16), Some(0xFFFF));
+        assert_eq!(counter_raw(&Value::Int(-1), Format::I16), Some(0xFFFF));
     }
 
     #[test]

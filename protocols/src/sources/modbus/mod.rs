@@ -28,7 +28,7 @@ use tokio_modbus::client::{Context, Reader, Writer};
 use tokio_modbus::{ExceptionCode, Slave};
 
 use crate::counter::{CounterRules, CounterState, CounterWidth};
-use crate::source::{CounterSignal, SourceContext};
+use crate::source::{CounterSignal, RecordSignal, SourceContext};
 use map::{decode, plan, Address, Format, Order, Read, Table, Value};
 
 /// Where the device is.
@@ -527,7 +527,7 @@ async fn poll(
                 continue;
             }
             let raw = match snapshot.value(spec.address, spec.format, spec.order) {
-                Ok(Some(value)) => value.counter_raw(spec.format),
+                Ok(Some(value)) => map::counter_raw(&value, spec.format),
                 Ok(None) => continue,
                 Err(e) => {
                     tracing::warn!(source = %ctx.name, signal = %spec.signal, error = %e, "counter value unusable");
@@ -765,50 +765,20 @@ fn record_event(
     record: &RecordSpec,
     values: &BTreeMap<String, Value>,
 ) -> CloudEvent {
-    let urn = ctx.urn();
-    let key: Vec<String> = record
-        .key
-        .iter()
-        .map(|k| values.get(k).map(Value::text).unwrap_or_default())
-        .collect();
-    let key_refs: Vec<&str> = key.iter().map(String::as_str).collect();
-    let id = buffer::id::record_event_id(&urn, &record.signal, &key_refs);
-    let text = |name: &str| values.get(name).map(Value::text).filter(|t| !t.is_empty());
-    let quantity = match values.get("quantity") {
-        Some(Value::Int(n)) if *n >= 0 => Quantity::Count(*n as u64),
-        Some(Value::Float(f)) => Quantity::Measure(*f),
-        _ => Quantity::Count(1),
-    };
-    let mut attributes = ctx.attributes.clone();
-    for (name, value) in values {
-        if !matches!(
-            name.as_str(),
-            "work_order" | "material" | "quantity" | "lot" | "reason_code"
-        ) {
-            attributes.insert(name.clone(), value.text());
-        }
-    }
-    let data = EventData {
-        site: ctx.site.clone(),
+    let signal = RecordSignal {
+        name: record.signal.clone(),
+        event_type: record.event_type.clone(),
+        unit: record.unit.clone(),
         line: config.line.clone(),
         machine: config.machine.clone(),
-        work_order: text("work_order"),
-        material: text("material"),
-        quantity,
-        unit: record.unit.clone(),
-        lot: text("lot"),
-        reason_code: text("reason_code"),
-        counter: None,
-        origin: Origin {
-            protocol: "modbus".into(),
-            endpoint: endpoint_text(&config.endpoint),
-            address: format!("unit {} record {}", config.unit, record.signal),
-            quality: "good".into(),
-            source_time: None,
-        },
-        attributes,
+        key: record.key.clone(),
     };
-    let mut event = CloudEvent::new(id, urn, record.event_type.clone(), SystemTime::now(), data);
-    event.sequence = text("sequence");
-    event
+    let origin = Origin {
+        protocol: "modbus".into(),
+        endpoint: endpoint_text(&config.endpoint),
+        address: format!("unit {} record {}", config.unit, record.signal),
+        quality: "good".into(),
+        source_time: None,
+    };
+    signal.event_for(ctx, values, origin, SystemTime::now())
 }

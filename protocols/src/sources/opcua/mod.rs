@@ -1,0 +1,1187 @@
+//! OPC UA source: production counters and completion records from an MES
+//! or PLC, by subscription (or cyclic Read), over secure sessions.
+//!
+//! # Invariants
+//!
+//! - Counter and record state (counter epochs/totals, each record signal's
+//!   last stored id and sequence) is the source's cursor, stored in the
+//!   same journal batch as the events it produced and adopted only once
+//!   that batch is durable. The shared rules in [`crate::counter`] decide
+//!   increase, wrap and reset, exactly as for Modbus counters.
+//! - A record's acknowledgement (node write or method call) is made only
+//!   after the journal answered that the record is durable (or a duplicate
+//!   of a durable one). A crash between the two re-reads the record after
+//!   restart, finds its id stored, and acknowledges it without a second
+//!   event.
+//! - After every (re)connect, and whenever notifications may have been
+//!   missed (a gap in notification sequence numbers that Republish could
+//!   not fill, or the bounded notification queue overflowed), every
+//!   counter and record node is read once: counters catch up by delta,
+//!   records by their id.
+//! - Values older than the last one processed for the same node (a late
+//!   republish after a fresh read) are skipped, so they cannot look like a
+//!   counter reset.
+//! - Bad status codes are counted and make no event; a malformed record
+//!   (bad JSON, missing field, wrong type) is stored as a dead letter with
+//!   the reason, counted, and not acknowledged.
+
+pub mod record;
+pub mod session;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use buffer::event::{EventData, Origin, Quantity};
+use buffer::{AppendRequest, CloudEvent, EventType, JournalError};
+use opcua::client::{MonitoredItemMap, OnSubscriptionNotificationCore, Session};
+use opcua::types::{
+    AttributeId, CallMethodRequest, DataChangeNotification, DataValue, MonitoredItemCreateRequest,
+    MonitoringMode, MonitoringParameters, NodeId, NotificationMessage, ReadValueId,
+    StatusChangeNotification, StatusCode, TimestampsToReturn, Variant, WriteValue,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::counter::{CounterRules, CounterState};
+use crate::source::{CounterSignal, FieldValue, RecordSignal, SourceContext};
+use record::{CounterValue, JsonField};
+pub use session::{Connection, UserIdentity};
+
+/// Subscription or cyclic Read.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Acquisition {
+    /// Monitored items in one subscription.
+    Subscription {
+        /// How often the server sends what changed.
+        publishing_interval: Duration,
+        /// How often the server samples each node.
+        sampling_interval: Duration,
+        /// Values the server queues per node between publishes (records:
+        /// discard-oldest is off, so a full queue keeps the oldest).
+        queue_size: u32,
+        /// Publishing intervals without data before a keep-alive.
+        keep_alive_count: u32,
+        /// Publishing intervals without a publish request before the
+        /// server drops the subscription (at least 3 × keep-alive).
+        lifetime_count: u32,
+    },
+    /// Read every node each interval (servers with unreliable subscriptions).
+    Polling {
+        /// Read interval.
+        interval: Duration,
+    },
+}
+
+/// A counter node.
+#[derive(Clone, Debug)]
+pub struct NodeCounter {
+    /// Signal name (part of the id, key of its state).
+    pub signal: String,
+    /// Event type of its increases.
+    pub event_type: EventType,
+    /// The node.
+    pub node: NodeId,
+    /// Most parts plausible between two readings (wrap window).
+    pub max_step: u64,
+    /// Unit of measure.
+    pub unit: String,
+    /// Quantity = increase × scale.
+    pub scale: f64,
+}
+
+/// How a record's fields are published.
+#[derive(Clone, Debug)]
+pub enum RecordLayout {
+    /// The trigger node is a String holding a JSON object.
+    Json(Vec<JsonField>),
+    /// The trigger node is the record's sequence; the fields are nodes
+    /// read together once the sequence changes.
+    Nodes(Vec<(String, NodeId)>),
+}
+
+/// Where an acknowledgement value comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AckValue {
+    /// A field of the record (typically `sequence`).
+    Field(String),
+    /// A fixed value.
+    Fixed(FieldValue),
+}
+
+/// An acknowledgement argument or written value, with its OPC UA type.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AckArgument {
+    /// The value.
+    pub value: AckValue,
+    /// `Boolean`, `Int16`, `UInt16`, `Int32`, `UInt32`, `Int64`, `UInt64`,
+    /// `Double`, `String`; `None`: the written node's current type.
+    pub data_type: Option<String>,
+}
+
+/// How the MES is told a record is stored.
+#[derive(Clone, Debug)]
+pub enum Ack {
+    /// Write a value to a node.
+    Write {
+        /// The node.
+        node: NodeId,
+        /// What to write.
+        value: AckArgument,
+    },
+    /// Call a method.
+    Call {
+        /// Object the method belongs to.
+        object: NodeId,
+        /// The method.
+        method: NodeId,
+        /// Input arguments.
+        arguments: Vec<AckArgument>,
+    },
+}
+
+/// A completion or scrap record node.
+#[derive(Clone, Debug)]
+pub struct NodeRecord {
+    /// Signal name (part of the id).
+    pub signal: String,
+    /// Event type.
+    pub event_type: EventType,
+    /// Node whose change announces a record (JSON string or sequence).
+    pub trigger: NodeId,
+    /// Field mapping.
+    pub layout: RecordLayout,
+    /// Field names that identify the record (default: `sequence`).
+    pub key: Vec<String>,
+    /// Unit of `quantity`.
+    pub unit: String,
+    /// Acknowledgement after durable, if the MES waits for one.
+    pub ack: Option<Ack>,
+}
+
+/// One OPC UA server.
+#[derive(Clone, Debug)]
+pub struct OpcUaConfig {
+    /// Endpoint, security, identity, PKI.
+    pub connection: Connection,
+    /// Subscription or polling.
+    pub acquisition: Acquisition,
+    /// Line.
+    pub line: String,
+    /// Machine.
+    pub machine: String,
+    /// Counter nodes.
+    pub counters: Vec<NodeCounter>,
+    /// Record nodes.
+    pub records: Vec<NodeRecord>,
+}
+
+/// What an OPC UA source counts (shared with metrics and status).
+#[derive(Debug, Default)]
+pub struct OpcUaStats {
+    /// Session up.
+    pub connected: AtomicBool,
+    /// Sessions established.
+    pub connects: AtomicU64,
+    /// Failed connects and lost sessions.
+    pub connection_errors: AtomicU64,
+    /// Data change notifications received.
+    pub notifications: AtomicU64,
+    /// Full reads of every node (start, reconnect, gap, poll).
+    pub full_reads: AtomicU64,
+    /// Notification messages missing from the sequence.
+    pub sequence_gaps: AtomicU64,
+    /// Missing notification messages recovered by Republish.
+    pub republished: AtomicU64,
+    /// Notifications not queued (queue full; a full read follows).
+    pub notifications_dropped: AtomicU64,
+    /// Values with a bad status code (no event).
+    pub bad_status: AtomicU64,
+    /// Values older than the one already processed (skipped).
+    pub stale_values: AtomicU64,
+    /// Counter values of an unusable type.
+    pub bad_values: AtomicU64,
+    /// Malformed records, stored as dead letters.
+    pub malformed_records: AtomicU64,
+    /// Records whose sequence jumped (the MES overwrote unread records).
+    pub records_missed: AtomicU64,
+    /// Events appended.
+    pub events: AtomicU64,
+    /// Records acknowledged to the MES.
+    pub records_acked: AtomicU64,
+    /// Acknowledgements the server refused.
+    pub ack_failures: AtomicU64,
+}
+
+/// Cursor stored with every append.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+struct Cursor {
+    counters: BTreeMap<String, CounterState>,
+    records: BTreeMap<String, RecordMark>,
+}
+
+/// The last record stored for a record signal.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct RecordMark {
+    id: String,
+    sequence: Option<i64>,
+}
+
+/// A watched node: what it is for.
+#[derive(Clone, Copy, Debug)]
+enum Item {
+    Counter(usize),
+    Record(usize),
+}
+
+/// From the subscription callback to the source task.
+#[derive(Debug)]
+enum Notice {
+    Value(u32, DataValue),
+    Gap {
+        subscription: u32,
+        missing: Vec<u32>,
+    },
+    SubscriptionLost(StatusCode),
+}
+
+/// Most notification messages the source asks to republish for one gap;
+/// beyond that a full read is cheaper.
+const MAX_REPUBLISH: u32 = 32;
+/// Bound of the callback → task queue.
+const NOTICE_QUEUE: usize = 8192;
+
+struct Notifier {
+    tx: mpsc::Sender<Notice>,
+    last_sequence: Option<u32>,
+    subscription: Arc<AtomicU64>,
+    overflow: Arc<AtomicBool>,
+    stats: Arc<OpcUaStats>,
+}
+
+impl Notifier {
+    fn send(&self, notice: Notice) {
+        if self.tx.try_send(notice).is_err() {
+            self.stats
+                .notifications_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            self.overflow.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+impl OnSubscriptionNotificationCore for Notifier {
+    fn on_subscription_notification(
+        &mut self,
+        message: NotificationMessage,
+        _items: MonitoredItemMap<'_>,
+    ) {
+        let seq = message.sequence_number;
+        let has_data = message
+            .notification_data
+            .as_ref()
+            .is_some_and(|d| !d.is_empty());
+        if !has_data {
+            return;
+        }
+        if let Some(last) = self.last_sequence {
+            if seq > last.wrapping_add(1) && seq > last {
+                let missing: Vec<u32> = (last + 1..seq).collect();
+                self.send(Notice::Gap {
+                    subscription: self.subscription.load(Ordering::SeqCst) as u32,
+                    missing,
+                });
+            }
+        }
+        // A recreated subscription starts again at 1.
+        self.last_sequence = Some(seq);
+        for (handle, value) in values_of(message) {
+            match value {
+                Ok(value) => self.send(Notice::Value(handle, value)),
+                Err(code) => self.send(Notice::SubscriptionLost(code)),
+            }
+        }
+    }
+}
+
+/// Data change values in a notification message (status changes as `Err`).
+fn values_of(message: NotificationMessage) -> Vec<(u32, Result<DataValue, StatusCode>)> {
+    let mut out = Vec::new();
+    for object in message.notification_data.into_iter().flatten() {
+        if let Some(change) = object.inner_as::<DataChangeNotification>() {
+            for item in change.monitored_items.iter().flatten() {
+                out.push((item.client_handle, Ok(item.value.clone())));
+            }
+        } else if let Some(status) = object.inner_as::<StatusChangeNotification>() {
+            if status.status.is_bad() {
+                out.push((0, Err(status.status)));
+            }
+        }
+    }
+    out
+}
+
+/// A record's fields decoded, and as read (for acknowledgements that echo
+/// a field with its original type).
+type Fields = (BTreeMap<String, FieldValue>, BTreeMap<String, Variant>);
+
+/// Why serving a session stopped.
+enum Stop {
+    Shutdown,
+    Lost(String),
+}
+
+/// The OPC UA source task: connects, subscribes (or polls), reconnects
+/// with capped backoff, until shutdown.
+pub async fn run(ctx: SourceContext, config: OpcUaConfig, stats: Arc<OpcUaStats>) {
+    let mut cursor: Cursor = ctx
+        .initial_cursor
+        .as_deref()
+        .and_then(|c| serde_json::from_slice(c).ok())
+        .unwrap_or_default();
+    let mut shutdown = ctx.shutdown.clone();
+    let mut failures: u32 = 0;
+    let mut client = None;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let result = async {
+            if client.is_none() {
+                client = Some(session::client(&config.connection)?);
+            }
+            let Some(client) = client.as_mut() else {
+                return Err("no client".to_owned());
+            };
+            session::open(client, &config.connection).await
+        }
+        .await;
+        let stop = match result {
+            Ok((session, event_loop)) => {
+                let (link_tx, mut link_rx) = mpsc::channel(16);
+                let driver = session::drive(event_loop, link_tx);
+                let stop = match session::connected(&session, &mut link_rx, &config.connection)
+                    .await
+                {
+                    Ok(()) => {
+                        failures = 0;
+                        stats.connects.fetch_add(1, Ordering::Relaxed);
+                        stats.connected.store(true, Ordering::SeqCst);
+                        tracing::info!(source = %ctx.name, endpoint = %config.connection.endpoint, policy = %config.connection.security_policy, mode = %config.connection.security_mode, "OPC UA session established");
+                        let stop =
+                            serve(&ctx, &config, &stats, &session, &mut link_rx, &mut cursor).await;
+                        stats.connected.store(false, Ordering::SeqCst);
+                        stop
+                    }
+                    Err(e) => Stop::Lost(e),
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(2), session.disconnect()).await;
+                driver.abort();
+                stop
+            }
+            Err(e) => Stop::Lost(e),
+        };
+        match stop {
+            Stop::Shutdown => return,
+            Stop::Lost(reason) => {
+                stats.connection_errors.fetch_add(1, Ordering::Relaxed);
+                failures = failures.saturating_add(1);
+                let cap = Duration::from_millis(250)
+                    .saturating_mul(1 << failures.min(7))
+                    .min(Duration::from_secs(30));
+                let wait = cap / 2 + cap.mul_f64(fastrand::f64() / 2.0);
+                tracing::warn!(source = %ctx.name, endpoint = %config.connection.endpoint, error = %reason, retry_in_ms = wait.as_millis() as u64, "OPC UA server unreachable");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.changed() => {}
+                }
+            }
+        }
+    }
+}
+
+/// The nodes watched, in client-handle order (handle = index + 1).
+fn watched(config: &OpcUaConfig) -> Vec<(NodeId, Item)> {
+    config
+        .counters
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.node.clone(), Item::Counter(i)))
+        .chain(
+            config
+                .records
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (r.trigger.clone(), Item::Record(i))),
+        )
+        .collect()
+}
+
+struct Served<'a> {
+    ctx: &'a SourceContext,
+    config: &'a OpcUaConfig,
+    stats: &'a OpcUaStats,
+    session: &'a Session,
+    cursor: &'a mut Cursor,
+    items: Vec<(NodeId, Item)>,
+    /// Newest timestamp processed per item (ticks), against stale values.
+    newest: Vec<i64>,
+    /// Record ids acknowledged during this session.
+    acked: BTreeMap<String, String>,
+}
+
+async fn serve(
+    ctx: &SourceContext,
+    config: &OpcUaConfig,
+    stats: &Arc<OpcUaStats>,
+    session: &Session,
+    link: &mut mpsc::Receiver<session::LinkEvent>,
+    cursor: &mut Cursor,
+) -> Stop {
+    let items = watched(config);
+    let mut served = Served {
+        ctx,
+        config,
+        stats,
+        session,
+        cursor,
+        newest: vec![i64::MIN; items.len()],
+        items,
+        acked: BTreeMap::new(),
+    };
+    let mut shutdown = ctx.shutdown.clone();
+    let overflow = Arc::new(AtomicBool::new(false));
+    let subscription = Arc::new(AtomicU64::new(0));
+    let (tx, mut notices) = mpsc::channel(NOTICE_QUEUE);
+    let poll_every = match &config.acquisition {
+        Acquisition::Subscription {
+            publishing_interval,
+            sampling_interval,
+            queue_size,
+            keep_alive_count,
+            lifetime_count,
+        } => {
+            let notifier = Notifier {
+                tx,
+                last_sequence: None,
+                subscription: subscription.clone(),
+                overflow: overflow.clone(),
+                stats: stats.clone(),
+            };
+            let created = session
+                .create_subscription(
+                    *publishing_interval,
+                    *lifetime_count,
+                    *keep_alive_count,
+                    0,
+                    0,
+                    true,
+                    notifier,
+                )
+                .await;
+            let id = match created {
+                Ok(id) => id,
+                Err(e) => return Stop::Lost(format!("creating subscription: {e}")),
+            };
+            subscription.store(u64::from(id), Ordering::SeqCst);
+            let requests: Vec<MonitoredItemCreateRequest> = served
+                .items
+                .iter()
+                .enumerate()
+                .map(|(i, (node, item))| MonitoredItemCreateRequest {
+                    item_to_monitor: ReadValueId {
+                        node_id: node.clone(),
+                        attribute_id: AttributeId::Value as u32,
+                        ..Default::default()
+                    },
+                    monitoring_mode: MonitoringMode::Reporting,
+                    requested_parameters: MonitoringParameters {
+                        client_handle: i as u32 + 1,
+                        sampling_interval: sampling_interval.as_secs_f64() * 1000.0,
+                        queue_size: *queue_size,
+                        // A record overwritten before it was published must
+                        // not push out the one before it.
+                        discard_oldest: !matches!(item, Item::Record(_)),
+                        ..Default::default()
+                    },
+                })
+                .collect();
+            match session
+                .create_monitored_items(id, TimestampsToReturn::Both, requests)
+                .await
+            {
+                Ok(results) => {
+                    for (result, (node, _)) in results.iter().zip(&served.items) {
+                        if result.result.status_code.is_bad() {
+                            tracing::error!(source = %ctx.name, node = %node, status = %result.result.status_code, "node cannot be monitored; check the node id with `plant-edge probe opcua`");
+                        }
+                    }
+                }
+                Err(e) => return Stop::Lost(format!("creating monitored items: {e}")),
+            }
+            // Sequence numbers, gaps and queues are per subscription; a
+            // full read after it exists closes any window before it.
+            Duration::from_secs(1)
+        }
+        Acquisition::Polling { interval } => {
+            drop(tx);
+            *interval
+        }
+    };
+    let polling = matches!(config.acquisition, Acquisition::Polling { .. });
+    if let Err(stop) = served.full_read().await {
+        return stop;
+    }
+    let mut tick = tokio::time::interval(poll_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => {
+                if *shutdown.borrow() {
+                    return Stop::Shutdown;
+                }
+            }
+            event = link.recv() => match event {
+                Some(session::LinkEvent::Connected) => {
+                    if let Err(stop) = served.full_read().await {
+                        return stop;
+                    }
+                }
+                Some(session::LinkEvent::Lost(code)) | Some(session::LinkEvent::Ended(code)) => {
+                    return Stop::Lost(session::explain(code, &config.connection, ""));
+                }
+                None => return Stop::Lost("session ended".into()),
+            },
+            notice = notices.recv(), if !polling => match notice {
+                Some(Notice::Value(handle, value)) => {
+                    stats.notifications.fetch_add(1, Ordering::Relaxed);
+                    if let Err(stop) = served.on_value(handle, value).await {
+                        return stop;
+                    }
+                }
+                Some(Notice::Gap { subscription, missing }) => {
+                    if let Err(stop) = served.fill_gap(subscription, missing).await {
+                        return stop;
+                    }
+                }
+                Some(Notice::SubscriptionLost(code)) => {
+                    return Stop::Lost(format!("subscription ended by the server ({code})"));
+                }
+                None => return Stop::Lost("subscription closed".into()),
+            },
+            _ = tick.tick() => {
+                if polling || overflow.swap(false, Ordering::SeqCst) {
+                    if let Err(stop) = served.full_read().await {
+                        return stop;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Served<'_> {
+    fn endpoint(&self) -> &str {
+        &self.config.connection.endpoint
+    }
+
+    /// Reads every watched node once and processes the values.
+    async fn full_read(&mut self) -> Result<(), Stop> {
+        self.stats.full_reads.fetch_add(1, Ordering::Relaxed);
+        let nodes: Vec<ReadValueId> = self
+            .items
+            .iter()
+            .map(|(node, _)| ReadValueId {
+                node_id: node.clone(),
+                attribute_id: AttributeId::Value as u32,
+                ..Default::default()
+            })
+            .collect();
+        let mut values = Vec::with_capacity(nodes.len());
+        for chunk in nodes.chunks(500) {
+            match self
+                .session
+                .read(chunk, TimestampsToReturn::Both, 0.0)
+                .await
+            {
+                Ok(v) => values.extend(v),
+                Err(e) => {
+                    return Err(Stop::Lost(session::explain(
+                        e.status(),
+                        &self.config.connection,
+                        &e.to_string(),
+                    )))
+                }
+            }
+        }
+        for (i, value) in values.into_iter().enumerate() {
+            self.on_value(i as u32 + 1, value).await?;
+        }
+        Ok(())
+    }
+
+    /// Asks the server to resend missing notification messages; a full
+    /// read covers whatever it no longer has.
+    async fn fill_gap(&mut self, subscription: u32, missing: Vec<u32>) -> Result<(), Stop> {
+        self.stats
+            .sequence_gaps
+            .fetch_add(missing.len() as u64, Ordering::Relaxed);
+        tracing::warn!(source = %self.ctx.name, missing = missing.len(), first = missing.first().copied().unwrap_or_default(), "notifications missing; asking the server to republish");
+        if missing.len() as u32 > MAX_REPUBLISH {
+            return self.full_read().await;
+        }
+        for seq in missing {
+            match self.session.republish(subscription, seq).await {
+                Ok(message) => {
+                    self.stats.republished.fetch_add(1, Ordering::Relaxed);
+                    for (handle, value) in values_of(message) {
+                        if let Ok(value) = value {
+                            self.on_value(handle, value).await?;
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(source = %self.ctx.name, sequence = seq, status = %e.status(), "republish not possible; reading every node");
+                    return self.full_read().await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_value(&mut self, handle: u32, value: DataValue) -> Result<(), Stop> {
+        let index = handle.wrapping_sub(1) as usize;
+        let Some((node, item)) = self.items.get(index).cloned() else {
+            return Ok(());
+        };
+        if let Some(status) = value.status {
+            if status.is_bad() {
+                self.stats.bad_status.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(source = %self.ctx.name, node = %node, status = %status, "bad value: no event");
+                return Ok(());
+            }
+        }
+        let stamp = value
+            .source_timestamp
+            .or(value.server_timestamp)
+            .map(|t| t.checked_ticks())
+            .unwrap_or(i64::MIN);
+        if stamp != i64::MIN {
+            if stamp < self.newest[index] {
+                self.stats.stale_values.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            self.newest[index] = stamp;
+        }
+        match item {
+            Item::Counter(i) => self.on_counter(i, &node, value).await,
+            Item::Record(i) => self.on_record(i, &node, value).await,
+        }
+    }
+
+    /// Where the value came from; `source_time` is the device's or the
+    /// server's timestamp, absent when only the gateway clock was known.
+    fn origin(&self, node: &NodeId, value: &DataValue) -> Origin {
+        let quality = match value.status {
+            Some(s) if s.is_uncertain() => "uncertain",
+            _ => "good",
+        };
+        let source_time = match record::value_time(value, SystemTime::now()) {
+            (_, record::TimeSource::Gateway) => None,
+            (time, _) => Some(buffer::event::rfc3339_millis(time)),
+        };
+        Origin {
+            protocol: "opcua".into(),
+            endpoint: self.endpoint().to_owned(),
+            address: node.to_string(),
+            quality: quality.into(),
+            source_time,
+        }
+    }
+
+    async fn append(&mut self, events: Vec<CloudEvent>, next: Cursor) -> Result<bool, Stop> {
+        let count = events.len() as u64;
+        let request = AppendRequest {
+            source: self.ctx.name.clone(),
+            events: events.iter().map(|e| self.ctx.new_event(e)).collect(),
+            cursor: serde_json::to_vec(&next).ok(),
+        };
+        match self.ctx.appender.append(request).await {
+            Ok(_) => {
+                *self.cursor = next;
+                self.stats.events.fetch_add(count, Ordering::Relaxed);
+                Ok(true)
+            }
+            Err(JournalError::Closed) => Err(Stop::Shutdown),
+            Err(e) => {
+                // Not adopted: the next reading counts the same parts again.
+                tracing::error!(source = %self.ctx.name, error = %e, "append failed; the value is taken again on the next reading");
+                Ok(false)
+            }
+        }
+    }
+
+    async fn on_counter(
+        &mut self,
+        index: usize,
+        node: &NodeId,
+        value: DataValue,
+    ) -> Result<(), Stop> {
+        let spec = &self.config.counters[index];
+        let Some(variant) = value.value.as_ref() else {
+            self.stats.bad_values.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        };
+        let reading = match record::counter_value(variant) {
+            Ok(reading) => reading,
+            Err(e) => {
+                self.stats.bad_values.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(source = %self.ctx.name, signal = %spec.signal, node = %node, error = %e, "counter value unusable");
+                return Ok(());
+            }
+        };
+        let (time, time_source) = record::value_time(&value, SystemTime::now());
+        let origin = self.origin(node, &value);
+        let previous = self.cursor.counters.get(&spec.signal).copied();
+        let mut next = self.cursor.clone();
+        let event = match reading {
+            CounterValue::Count(raw, width) => {
+                let signal = CounterSignal {
+                    name: spec.signal.clone(),
+                    event_type: spec.event_type.clone(),
+                    unit: spec.unit.clone(),
+                    line: self.config.line.clone(),
+                    machine: self.config.machine.clone(),
+                    rules: CounterRules {
+                        width,
+                        max_step: spec.max_step,
+                    },
+                };
+                let observation = signal.rules.observe(previous, raw);
+                next.counters.insert(spec.signal.clone(), observation.next);
+                signal
+                    .event_for(self.ctx, &observation, origin, time)
+                    .map(|mut event| {
+                        if spec.scale != 1.0 {
+                            event.data.quantity =
+                                Quantity::Measure(observation.delta as f64 * spec.scale);
+                        }
+                        event
+                    })
+            }
+            CounterValue::Measure(v) => {
+                let (_, delta, state) = crate::counter::observe_measure(previous, v);
+                next.counters.insert(spec.signal.clone(), state);
+                (delta > 0.0).then(|| {
+                    measure_event(self.ctx, self.config, spec, delta, v, state, origin, time)
+                })
+            }
+        };
+        let mut events: Vec<CloudEvent> = event.into_iter().collect();
+        for event in &mut events {
+            event
+                .data
+                .attributes
+                .insert("time_source".into(), time_source.as_str().into());
+        }
+        if next != *self.cursor {
+            self.append(events, next).await?;
+        }
+        Ok(())
+    }
+
+    async fn on_record(
+        &mut self,
+        index: usize,
+        node: &NodeId,
+        value: DataValue,
+    ) -> Result<(), Stop> {
+        let spec = &self.config.records[index];
+        let signal = RecordSignal {
+            name: spec.signal.clone(),
+            event_type: spec.event_type.clone(),
+            unit: spec.unit.clone(),
+            line: self.config.line.clone(),
+            machine: self.config.machine.clone(),
+            key: spec.key.clone(),
+        };
+        let Some(variant) = value.value.clone().filter(|v| !matches!(v, Variant::Empty)) else {
+            // The MES cleared the record node: nothing announced.
+            return Ok(());
+        };
+        let decoded: Result<Fields, String> = match &spec.layout {
+            RecordLayout::Json(fields) => match &variant {
+                Variant::String(s) if s.is_empty() || s.as_ref().trim().is_empty() => return Ok(()),
+                Variant::String(s) => {
+                    record::json_record(s.as_ref(), fields).map(|v| (v, BTreeMap::new()))
+                }
+                other => Err(format!(
+                    "record node holds {}, expected a JSON string",
+                    record::describe(other)
+                )),
+            },
+            RecordLayout::Nodes(fields) => match self.read_fields(fields, &variant).await {
+                Ok(Some(found)) => Ok(found),
+                Ok(None) => return Ok(()),
+                Err(e) => Err(e),
+            },
+        };
+        let (time, time_source) = record::value_time(&value, SystemTime::now());
+        let mut origin = self.origin(node, &value);
+        let (values, raw) = match decoded {
+            Ok(found) => found,
+            Err(reason) => {
+                self.malformed(spec, &variant, &reason, origin, time)
+                    .await?;
+                return Ok(());
+            }
+        };
+        origin.address = format!("{node} record {}", spec.signal);
+        let mut event = signal.event_for(self.ctx, &values, origin, time);
+        event
+            .data
+            .attributes
+            .insert("time_source".into(), time_source.as_str().into());
+        let id = event.id.to_string();
+        let sequence = match values.get("sequence") {
+            Some(FieldValue::Int(n)) => Some(*n),
+            _ => None,
+        };
+        let already = self
+            .cursor
+            .records
+            .get(&spec.signal)
+            .is_some_and(|m| m.id == id);
+        if !already {
+            if let (Some(seq), Some(Some(last))) = (
+                sequence,
+                self.cursor.records.get(&spec.signal).map(|m| m.sequence),
+            ) {
+                if seq > last + 1 {
+                    let missed = (seq - last - 1) as u64;
+                    self.stats
+                        .records_missed
+                        .fetch_add(missed, Ordering::Relaxed);
+                    tracing::error!(source = %self.ctx.name, signal = %spec.signal, last_stored = last, now = seq, missed, "records were overwritten before they could be read; configure an acknowledgement (the MES then waits) or a larger queue_size");
+                }
+            }
+            let mut next = self.cursor.clone();
+            next.records.insert(
+                spec.signal.clone(),
+                RecordMark {
+                    id: id.clone(),
+                    sequence,
+                },
+            );
+            if !self.append(vec![event], next).await? {
+                return Ok(());
+            }
+        }
+        // Durable (now or before): only now tell the MES.
+        if let Some(ack) = &spec.ack {
+            if self.acked.get(&spec.signal) != Some(&id) {
+                match self.acknowledge(ack, &values, &raw).await {
+                    Ok(()) => {
+                        self.stats.records_acked.fetch_add(1, Ordering::Relaxed);
+                        self.acked.insert(spec.signal.clone(), id);
+                    }
+                    Err(e) => {
+                        self.stats.ack_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(source = %self.ctx.name, signal = %spec.signal, error = %e, "acknowledgement refused; retried on the next reading");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Node layout: the trigger is the sequence; fields are read together.
+    /// `Ok(None)`: a field is momentarily bad (retried on the next read).
+    async fn read_fields(
+        &mut self,
+        fields: &[(String, NodeId)],
+        sequence: &Variant,
+    ) -> Result<Option<Fields>, String> {
+        let mut values = BTreeMap::new();
+        let mut raw = BTreeMap::new();
+        values.insert(
+            "sequence".to_owned(),
+            record::field_value(sequence).map_err(|e| format!("field sequence: {e}"))?,
+        );
+        raw.insert("sequence".to_owned(), sequence.clone());
+        let nodes: Vec<ReadValueId> = fields
+            .iter()
+            .map(|(_, node)| ReadValueId {
+                node_id: node.clone(),
+                attribute_id: AttributeId::Value as u32,
+                ..Default::default()
+            })
+            .collect();
+        let read = match self
+            .session
+            .read(&nodes, TimestampsToReturn::Neither, 0.0)
+            .await
+        {
+            Ok(read) => read,
+            Err(e) => {
+                tracing::warn!(source = %self.ctx.name, error = %e, "reading record fields failed; retried");
+                return Ok(None);
+            }
+        };
+        for ((name, node), value) in fields.iter().zip(read) {
+            if value.status.is_some_and(|s| s.is_bad()) {
+                self.stats.bad_status.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(source = %self.ctx.name, field = %name, node = %node, status = %value.status.unwrap_or(StatusCode::Good), "record field has a bad status; record not taken yet");
+                return Ok(None);
+            }
+            match value.value {
+                None | Some(Variant::Empty) => {}
+                Some(v) => {
+                    values.insert(
+                        name.clone(),
+                        record::field_value(&v)
+                            .map_err(|e| format!("field {name} ({node}): {e}"))?,
+                    );
+                    raw.insert(name.clone(), v);
+                }
+            }
+        }
+        record::check_fields(&values)?;
+        Ok(Some((values, raw)))
+    }
+
+    async fn malformed(
+        &mut self,
+        spec: &NodeRecord,
+        variant: &Variant,
+        reason: &str,
+        origin: Origin,
+        time: SystemTime,
+    ) -> Result<(), Stop> {
+        self.stats.malformed_records.fetch_add(1, Ordering::Relaxed);
+        let raw = match variant {
+            Variant::String(s) => s.as_ref().to_owned(),
+            other => format!("{other:?}"),
+        };
+        tracing::error!(source = %self.ctx.name, signal = %spec.signal, reason, "malformed record: kept as a dead letter, not acknowledged");
+        let urn = self.ctx.urn();
+        let id = buffer::id::record_event_id(&urn, &spec.signal, &["malformed", &raw]);
+        let mut attributes = self.ctx.attributes.clone();
+        attributes.insert("malformed".into(), reason.to_owned());
+        attributes.insert("raw_record".into(), raw.chars().take(4096).collect());
+        let data = EventData {
+            site: self.ctx.site.clone(),
+            line: self.config.line.clone(),
+            machine: self.config.machine.clone(),
+            work_order: None,
+            material: None,
+            quantity: Quantity::Count(0),
+            unit: spec.unit.clone(),
+            lot: None,
+            reason_code: None,
+            counter: None,
+            origin,
+            attributes,
+        };
+        let event = CloudEvent::new(id, urn, spec.event_type.clone(), time, data);
+        let request = AppendRequest {
+            source: self.ctx.name.clone(),
+            events: vec![self.ctx.new_event(&event)],
+            cursor: None,
+        };
+        match self
+            .ctx
+            .appender
+            .dead_letter(request, &format!("malformed record: {reason}"))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(JournalError::Closed) => Err(Stop::Shutdown),
+            Err(e) => {
+                tracing::error!(source = %self.ctx.name, error = %e, "malformed record could not be stored");
+                Ok(())
+            }
+        }
+    }
+
+    async fn acknowledge(
+        &mut self,
+        ack: &Ack,
+        values: &BTreeMap<String, FieldValue>,
+        raw: &BTreeMap<String, Variant>,
+    ) -> Result<(), String> {
+        let timeout = self.config.connection.timeout;
+        match ack {
+            Ack::Write { node, value } => {
+                let like = if value.data_type.is_none() {
+                    let read = ReadValueId {
+                        node_id: node.clone(),
+                        attribute_id: AttributeId::Value as u32,
+                        ..Default::default()
+                    };
+                    self.session
+                        .read(&[read], TimestampsToReturn::Neither, 0.0)
+                        .await
+                        .map_err(|e| format!("reading ack node {node}: {e}"))?
+                        .into_iter()
+                        .next()
+                        .and_then(|v| v.value)
+                } else {
+                    None
+                };
+                let variant = ack_variant(value, values, raw, like.as_ref())?;
+                let write = WriteValue {
+                    node_id: node.clone(),
+                    attribute_id: AttributeId::Value as u32,
+                    value: DataValue::value_only(variant),
+                    ..Default::default()
+                };
+                let result = tokio::time::timeout(timeout, self.session.write(&[write]))
+                    .await
+                    .map_err(|_| format!("no answer writing {node} within {timeout:?}"))?
+                    .map_err(|e| format!("writing {node}: {e}"))?;
+                match result.first() {
+                    Some(code) if code.is_good() => Ok(()),
+                    Some(code) => Err(format!("server refused writing {node}: {code}")),
+                    None => Err(format!("no result writing {node}")),
+                }
+            }
+            Ack::Call {
+                object,
+                method,
+                arguments,
+            } => {
+                let args = arguments
+                    .iter()
+                    .map(|a| ack_variant(a, values, raw, None))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let request = CallMethodRequest {
+                    object_id: object.clone(),
+                    method_id: method.clone(),
+                    input_arguments: Some(args),
+                };
+                let result = tokio::time::timeout(timeout, self.session.call_one(request))
+                    .await
+                    .map_err(|_| format!("no answer calling {method} within {timeout:?}"))?
+                    .map_err(|e| format!("calling {method}: {e}"))?;
+                if result.status_code.is_good() {
+                    Ok(())
+                } else {
+                    Err(format!("method {method} answered {}", result.status_code))
+                }
+            }
+        }
+    }
+}
+
+/// The acknowledgement value as the server expects it.
+fn ack_variant(
+    argument: &AckArgument,
+    values: &BTreeMap<String, FieldValue>,
+    raw: &BTreeMap<String, Variant>,
+    like: Option<&Variant>,
+) -> Result<Variant, String> {
+    let value = match &argument.value {
+        AckValue::Field(name) => {
+            if argument.data_type.is_none() && like.is_none() {
+                if let Some(v) = raw.get(name) {
+                    return Ok(v.clone());
+                }
+            }
+            values.get(name).cloned().ok_or_else(|| {
+                format!("acknowledgement uses field {name}, which the record lacks")
+            })?
+        }
+        AckValue::Fixed(v) => v.clone(),
+    };
+    let type_name = match (&argument.data_type, like) {
+        (Some(t), _) => t.clone(),
+        (None, Some(v)) => format!("{:?}", v.type_id()),
+        (None, None) => match &value {
+            FieldValue::Bool(_) => "Boolean".into(),
+            FieldValue::Int(_) => "Int64".into(),
+            FieldValue::Float(_) => "Double".into(),
+            FieldValue::Text(_) => "String".into(),
+        },
+    };
+    convert(&value, &type_name)
+}
+
+/// Converts a value to an OPC UA built-in type by name.
+pub fn convert(value: &FieldValue, type_name: &str) -> Result<Variant, String> {
+    let int = || match value {
+        FieldValue::Int(n) => Ok(*n),
+        FieldValue::Bool(b) => Ok(i64::from(*b)),
+        FieldValue::Text(t) => t
+            .trim()
+            .parse::<i64>()
+            .map_err(|_| format!("{t:?} is not an integer")),
+        FieldValue::Float(f) if f.fract() == 0.0 => Ok(*f as i64),
+        FieldValue::Float(f) => Err(format!("{f} is not an integer")),
+    };
+    let range = |e| format!("{} does not fit {type_name}: {e}", value.text());
+    Ok(match type_name {
+        "Boolean" => Variant::Boolean(match value {
+            FieldValue::Bool(b) => *b,
+            _ => int()? != 0,
+        }),
+        "Int16" => Variant::Int16(i16::try_from(int()?).map_err(range)?),
+        "UInt16" => Variant::UInt16(u16::try_from(int()?).map_err(range)?),
+        "Int32" => Variant::Int32(i32::try_from(int()?).map_err(range)?),
+        "UInt32" => Variant::UInt32(u32::try_from(int()?).map_err(range)?),
+        "Int64" => Variant::Int64(int()?),
+        "UInt64" => Variant::UInt64(u64::try_from(int()?).map_err(range)?),
+        "Double" => Variant::Double(match value {
+            FieldValue::Float(f) => *f,
+            _ => int()? as f64,
+        }),
+        "String" => Variant::String(value.text().into()),
+        other => return Err(format!("unsupported acknowledgement type {other}")),
+    })
+}
+
+/// The OPC UA type names an acknowledgement may be written as.
+pub const ACK_TYPES: [&str; 9] = [
+    "Boolean", "Int16", "UInt16", "Int32", "UInt32", "Int64", "UInt64", "Double", "String",
+];
+
+#[allow(clippy::too_many_arguments)]
+fn measure_event(
+    ctx: &SourceContext,
+    config: &OpcUaConfig,
+    spec: &NodeCounter,
+    delta: f64,
+    value: f64,
+    next: CounterState,
+    origin: Origin,
+    time: SystemTime,
+) -> CloudEvent {
+    let urn = ctx.urn();
+    let id = buffer::id::counter_event_id(&urn, &spec.signal, next.epoch, next.raw);
+    let mut attributes = ctx.attributes.clone();
+    attributes.insert("counter_value".into(), value.to_string());
+    attributes.insert("counter_epoch".into(), next.epoch.to_string());
+    let data = EventData {
+        site: ctx.site.clone(),
+        line: config.line.clone(),
+        machine: config.machine.clone(),
+        work_order: None,
+        material: None,
+        quantity: Quantity::Measure(delta * spec.scale),
+        unit: spec.unit.clone(),
+        lot: None,
+        reason_code: None,
+        counter: None,
+        origin,
+        attributes,
+    };
+    CloudEvent::new(id, urn, spec.event_type.clone(), time, data)
+}
+
+/// Default PKI directory inside the state directory.
+pub fn default_pki_dir(state_dir: &std::path::Path) -> PathBuf {
+    state_dir.join("pki")
+}
