@@ -1,5 +1,6 @@
 //! Shared helpers for plant-edge's end-to-end and crash tests.
 
+pub mod mes;
 pub mod mosquitto;
 pub mod pki;
 pub mod plc;

@@ -430,6 +430,10 @@ struct Served<'a> {
     newest: Vec<i64>,
     /// Record ids acknowledged during this session.
     acked: BTreeMap<String, String>,
+    /// Read every node again on the next tick.
+    resync: bool,
+    /// Last record id whose acknowledgement failed (logged once).
+    ack_failed: BTreeMap<String, String>,
 }
 
 async fn serve(
@@ -450,6 +454,8 @@ async fn serve(
         newest: vec![i64::MIN; items.len()],
         items,
         acked: BTreeMap::new(),
+        resync: false,
+        ack_failed: BTreeMap::new(),
     };
     let mut shutdown = ctx.shutdown.clone();
     let overflow = Arc::new(AtomicBool::new(false));
@@ -573,7 +579,8 @@ async fn serve(
                 None => return Stop::Lost("subscription closed".into()),
             },
             _ = tick.tick() => {
-                if polling || overflow.swap(false, Ordering::SeqCst) {
+                let resync = std::mem::take(&mut served.resync);
+                if polling || overflow.swap(false, Ordering::SeqCst) || resync {
                     if let Err(stop) = served.full_read().await {
                         return stop;
                     }
@@ -719,6 +726,7 @@ impl Served<'_> {
             Err(e) => {
                 // Not adopted: the next reading counts the same parts again.
                 tracing::error!(source = %self.ctx.name, error = %e, "append failed; the value is taken again on the next reading");
+                self.resync = true;
                 Ok(false)
             }
         }
@@ -825,7 +833,10 @@ impl Served<'_> {
             },
             RecordLayout::Nodes(fields) => match self.read_fields(fields, &variant).await {
                 Ok(Some(found)) => Ok(found),
-                Ok(None) => return Ok(()),
+                Ok(None) => {
+                    self.resync = true;
+                    return Ok(());
+                }
                 Err(e) => Err(e),
             },
         };
@@ -890,7 +901,12 @@ impl Served<'_> {
                     }
                     Err(e) => {
                         self.stats.ack_failures.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(source = %self.ctx.name, signal = %spec.signal, error = %e, "acknowledgement refused; retried on the next reading");
+                        // The record node may not change again: read it anew.
+                        self.resync = true;
+                        if self.ack_failed.get(&spec.signal) != Some(&id) {
+                            tracing::warn!(source = %self.ctx.name, signal = %spec.signal, error = %e, "acknowledgement refused; retried on each reading until it is taken");
+                            self.ack_failed.insert(spec.signal.clone(), id);
+                        }
                     }
                 }
             }
@@ -1099,7 +1115,24 @@ fn ack_variant(
     };
     let type_name = match (&argument.data_type, like) {
         (Some(t), _) => t.clone(),
-        (None, Some(v)) => format!("{:?}", v.type_id()),
+        (None, Some(v)) => match v {
+            Variant::Boolean(_) => "Boolean",
+            Variant::Int16(_) => "Int16",
+            Variant::UInt16(_) => "UInt16",
+            Variant::Int32(_) => "Int32",
+            Variant::UInt32(_) => "UInt32",
+            Variant::Int64(_) => "Int64",
+            Variant::UInt64(_) => "UInt64",
+            Variant::Float(_) | Variant::Double(_) => "Double",
+            Variant::String(_) => "String",
+            other => {
+                return Err(format!(
+                    "acknowledgement node holds {}; set the ack's data_type",
+                    record::describe(other)
+                ))
+            }
+        }
+        .to_owned(),
         (None, None) => match &value {
             FieldValue::Bool(_) => "Boolean".into(),
             FieldValue::Int(_) => "Int64".into(),

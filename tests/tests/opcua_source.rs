@@ -1,0 +1,618 @@
+//! The OPC UA source against a simulated MES (a real async-opcua server on
+//! loopback) and a real journal on disk.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use buffer::{EventType, Journal, JournalConfig};
+use plant_edge_tests::mes::{Mes, MesOptions, PASSWORD, USER};
+use protocols::source::{Classifier, SourceContext};
+use protocols::sources::opcua::record::JsonField;
+use protocols::sources::opcua::{
+    self, session, Ack, AckArgument, AckValue, Acquisition, Connection, NodeCounter, NodeRecord,
+    OpcUaConfig, OpcUaStats, RecordLayout, UserIdentity,
+};
+use tokio::sync::watch;
+
+const SOURCE: &str = "mes1";
+
+struct Rig {
+    journal: Journal,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    stats: Arc<OpcUaStats>,
+}
+
+fn connection(mes: &Mes, pki: &Path) -> Connection {
+    Connection {
+        endpoint: mes.endpoint(),
+        security_policy: "None".into(),
+        security_mode: "None".into(),
+        identity: UserIdentity::Anonymous,
+        pki_dir: pki.to_owned(),
+        trust_unknown_server: false,
+        application_uri: "urn:plant-edge:site1:gw1".into(),
+        timeout: Duration::from_secs(2),
+    }
+}
+
+fn counter(mes: &Mes, signal: &str, event_type: EventType, name: &str) -> NodeCounter {
+    NodeCounter {
+        signal: signal.into(),
+        event_type,
+        node: mes.node(name).parse().expect("node id"),
+        max_step: 1000,
+        unit: "EA".into(),
+        scale: 1.0,
+    }
+}
+
+fn json_fields() -> Vec<JsonField> {
+    let f = |name: &str, pointer: &str, required| JsonField {
+        name: name.into(),
+        pointer: pointer.into(),
+        required,
+    };
+    vec![
+        f("sequence", "/seq", true),
+        f("work_order", "/order", true),
+        f("material", "/material", false),
+        f("quantity", "/qty", true),
+        f("lot", "/lot", false),
+    ]
+}
+
+fn json_record(mes: &Mes, ack: bool) -> NodeRecord {
+    NodeRecord {
+        signal: "completion".into(),
+        event_type: EventType::completion(),
+        trigger: mes.node("Line1.Record").parse().expect("node id"),
+        layout: RecordLayout::Json(json_fields()),
+        key: vec!["sequence".into()],
+        unit: "EA".into(),
+        ack: ack.then(|| Ack::Write {
+            node: mes.node("Line1.Ack").parse().expect("node id"),
+            value: AckArgument {
+                value: AckValue::Field("sequence".into()),
+                data_type: None,
+            },
+        }),
+    }
+}
+
+fn subscription() -> Acquisition {
+    Acquisition::Subscription {
+        publishing_interval: Duration::from_millis(50),
+        sampling_interval: Duration::from_millis(25),
+        queue_size: 100,
+        keep_alive_count: 10,
+        lifetime_count: 60,
+    }
+}
+
+fn config(
+    connection: Connection,
+    counters: Vec<NodeCounter>,
+    records: Vec<NodeRecord>,
+) -> OpcUaConfig {
+    OpcUaConfig {
+        connection,
+        acquisition: subscription(),
+        line: "L1".into(),
+        machine: "filler1".into(),
+        counters,
+        records,
+    }
+}
+
+fn start(dir: &Path, config: OpcUaConfig) -> Rig {
+    // Shown by the test runner only when a test fails.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn,protocols=debug")
+        .with_test_writer()
+        .try_init();
+    let mut jc = JournalConfig::new(dir.join("journal"));
+    jc.sinks = vec!["erp".into()];
+    let journal = Journal::open(jc).expect("journal");
+    let (appender, _writer) = journal.start_writer();
+    let (stop, shutdown) = watch::channel(false);
+    let stats = Arc::new(OpcUaStats::default());
+    let ctx = SourceContext {
+        site: "site1".into(),
+        gateway: "gw1".into(),
+        name: SOURCE.into(),
+        attributes: [("cost_center".to_owned(), "4711".to_owned())].into(),
+        routes: journal.routes_all(),
+        classifier: Classifier::default(),
+        appender,
+        initial_cursor: journal.source_cursor(SOURCE).expect("cursor"),
+        shutdown,
+    };
+    let task = tokio::spawn(opcua::run(ctx, config, stats.clone()));
+    Rig {
+        journal,
+        stop,
+        task,
+        stats,
+    }
+}
+
+impl Rig {
+    fn events(&self) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        self.journal
+            .scan_events(0, |e| {
+                out.push(serde_json::from_slice(&e.payload).expect("json"));
+                true
+            })
+            .expect("scan");
+        out
+    }
+
+    fn cursor(&self) -> serde_json::Value {
+        self.journal
+            .source_cursor(SOURCE)
+            .expect("cursor")
+            .map(|c| serde_json::from_slice(&c).expect("json"))
+            .unwrap_or_default()
+    }
+
+    /// Waits until `check` holds for the stored cursor.
+    async fn until(
+        &self,
+        what: &str,
+        check: impl Fn(&serde_json::Value, &[serde_json::Value]) -> bool,
+    ) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let cursor = self.cursor();
+            if check(&cursor, &self.events()) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never saw {what}; cursor {cursor}; stats {:?}",
+                self.stats
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn counted(&self, signal: &str, raw: u64) {
+        self.until(&format!("{signal} = {raw}"), |c, _| {
+            c["counters"][signal]["raw"].as_u64() == Some(raw)
+        })
+        .await;
+    }
+
+    async fn stop(self) -> Journal {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+        self.journal
+    }
+}
+
+fn of_type<'a>(events: &'a [serde_json::Value], t: &str) -> Vec<&'a serde_json::Value> {
+    events.iter().filter(|e| e["type"] == t).collect()
+}
+
+fn record_json(seq: u32, order: &str, qty: f64) -> String {
+    format!(r#"{{"seq":{seq},"order":"{order}","material":"M-100","qty":{qty},"lot":"L{seq}"}}"#)
+}
+
+fn options(dir: &Path) -> MesOptions {
+    MesOptions {
+        port: 0,
+        pki_dir: dir.join("mes-pki"),
+        trust_clients: true,
+        require_user: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_turns_counter_changes_and_records_into_events_and_acks_after_durable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mes = Mes::start(&options(dir.path())).await;
+    mes.set("Line1.Good", 100u32);
+    mes.set("Line1.Scrap", 65_530u16);
+    let rig = start(
+        dir.path(),
+        config(
+            connection(&mes, &dir.path().join("pki")),
+            vec![
+                counter(&mes, "good", EventType::completion(), "Line1.Good"),
+                counter(&mes, "scrap", EventType::scrap(), "Line1.Scrap"),
+            ],
+            vec![json_record(&mes, true)],
+        ),
+    );
+    rig.counted("good", 100).await;
+    rig.counted("scrap", 65_530).await;
+    mes.set("Line1.Good", 105u32);
+    rig.counted("good", 105).await;
+    mes.set("Line1.Good", 112u32);
+    mes.set("Line1.Scrap", 3u16); // wraps: 65530 → 3 is 9 parts
+    rig.counted("good", 112).await;
+    rig.counted("scrap", 3).await;
+    for seq in 1..=3u32 {
+        mes.set(
+            "Line1.Record",
+            record_json(seq, &format!("WO-{seq}"), 10.0 * seq as f64),
+        );
+        mes.wait_acks(&format!("ack {seq}"), Duration::from_secs(10), |a| {
+            a.written.len() == seq as usize
+        })
+        .await;
+        // The ack arrived: the record must already be in the journal.
+        let events = rig.events();
+        assert!(
+            events.iter().any(|e| e["sequence"] == seq.to_string()),
+            "record {seq} acknowledged before it was stored"
+        );
+    }
+    let events = rig.events();
+    let good: Vec<u64> = of_type(&events, "production.completion")
+        .iter()
+        .filter(|e| e["data"]["counter"].is_object())
+        .map(|e| e["data"]["quantity"].as_u64().expect("quantity"))
+        .collect();
+    assert_eq!(good, vec![5, 7], "baseline 100 not counted, then +5, +7");
+    let scrap: Vec<u64> = of_type(&events, "production.scrap")
+        .iter()
+        .map(|e| e["data"]["quantity"].as_u64().expect("quantity"))
+        .collect();
+    assert_eq!(scrap, vec![9], "16-bit wrap counted across the top");
+    let records: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| {
+            e["data"]["origin"]["address"]
+                .as_str()
+                .is_some_and(|a| a.contains("record"))
+        })
+        .collect();
+    assert_eq!(records.len(), 3);
+    assert_eq!(records[1]["data"]["work_order"], "WO-2");
+    assert_eq!(records[1]["data"]["material"], "M-100");
+    assert_eq!(records[1]["data"]["lot"], "L2");
+    assert_eq!(records[1]["data"]["quantity"], 20.0);
+    assert_eq!(records[1]["data"]["attributes"]["cost_center"], "4711");
+    assert_eq!(records[1]["data"]["origin"]["protocol"], "opcua");
+    assert_eq!(records[1]["data"]["attributes"]["time_source"], "source");
+    assert!(records[1]["data"]["origin"]["source_time"].is_string());
+    let written: Vec<_> = mes.acks().written;
+    assert_eq!(
+        written,
+        vec![opcua_types_u32(1), opcua_types_u32(2), opcua_types_u32(3)],
+        "each record acknowledged once, with its sequence, as UInt32 like the node"
+    );
+    assert_eq!(rig.stats.records_acked.load(Ordering::Relaxed), 3);
+    rig.stop().await;
+    mes.stop().await;
+}
+
+fn opcua_types_u32(n: u32) -> ::opcua::types::Variant {
+    ::opcua::types::Variant::UInt32(n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_restart_mid_stream_loses_nothing_and_duplicates_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = options(dir.path());
+    let mes = Mes::start(&opts).await;
+    let port = mes.addr.port();
+    mes.set("Line1.Good", 1_000u32);
+    let rig = start(
+        dir.path(),
+        config(
+            connection(&mes, &dir.path().join("pki")),
+            vec![counter(&mes, "good", EventType::completion(), "Line1.Good")],
+            vec![json_record(&mes, true)],
+        ),
+    );
+    rig.counted("good", 1_000).await;
+    mes.set("Line1.Good", 1_010u32);
+    mes.set("Line1.Record", record_json(1, "WO-1", 5.0));
+    mes.wait_acks("ack 1", Duration::from_secs(10), |a| a.written.len() == 1)
+        .await;
+    rig.counted("good", 1_010).await;
+    mes.stop().await;
+    // The line keeps producing while the MES server restarts.
+    let mes = Mes::start(&MesOptions {
+        port,
+        ..opts.clone()
+    })
+    .await;
+    mes.set("Line1.Good", 1_042u32);
+    mes.set("Line1.Record", record_json(1, "WO-1", 5.0)); // still showing the last record
+    rig.counted("good", 1_042).await;
+    mes.set("Line1.Record", record_json(2, "WO-2", 6.0));
+    mes.wait_acks("ack 2 after restart", Duration::from_secs(20), |a| {
+        a.written.contains(&opcua_types_u32(2))
+    })
+    .await;
+    mes.set("Line1.Good", 1_050u32);
+    rig.counted("good", 1_050).await;
+    assert!(
+        rig.stats.connects.load(Ordering::Relaxed) >= 2,
+        "reconnected"
+    );
+    let events = rig.events();
+    let counted: u64 = events
+        .iter()
+        .filter(|e| e["data"]["counter"].is_object())
+        .map(|e| e["data"]["quantity"].as_u64().expect("quantity"))
+        .sum();
+    assert_eq!(
+        counted, 50,
+        "every part from 1000 to 1050 counted exactly once"
+    );
+    let sequences: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e["sequence"].as_str())
+        .filter(|_| true)
+        .collect();
+    let record_seqs: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["data"]["work_order"].is_string())
+        .collect();
+    assert_eq!(
+        record_seqs.len(),
+        2,
+        "record 1 seen again after restart is not a second event; {sequences:?}"
+    );
+    let mut ids: Vec<&str> = events
+        .iter()
+        .map(|e| e["id"].as_str().expect("id"))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), events.len(), "no duplicate ids");
+    assert!(
+        !mes.acks().written.contains(&opcua_types_u32(1)) || mes.acks().written.len() <= 2,
+        "record 1 acknowledged again at most once after the restart"
+    );
+    rig.stop().await;
+    mes.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_records_are_dead_lettered_with_the_reason_and_not_acknowledged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mes = Mes::start(&options(dir.path())).await;
+    let rig = start(
+        dir.path(),
+        config(
+            connection(&mes, &dir.path().join("pki")),
+            vec![],
+            vec![json_record(&mes, true)],
+        ),
+    );
+    rig.until("connected", |_, _| {
+        rig.stats.connected.load(Ordering::SeqCst)
+    })
+    .await;
+    let bad = [
+        "{this is not json",
+        r#"{"seq":1,"qty":3}"#,
+        r#"{"seq":1,"order":"WO-1","qty":"three"}"#,
+    ];
+    for (i, text) in bad.iter().enumerate() {
+        mes.set("Line1.Record", *text);
+        rig.until("dead letter", |_, _| {
+            rig.journal.dead_letters().expect("dead letters").len() == i + 1
+        })
+        .await;
+    }
+    mes.set("Line1.Record", 42u32); // wrong type altogether
+    rig.until("dead letter for a number", |_, _| {
+        rig.journal.dead_letters().expect("dead letters").len() == 4
+    })
+    .await;
+    mes.set("Line1.Record", record_json(1, "WO-1", 3.0));
+    mes.wait_acks("ack of the good record", Duration::from_secs(10), |a| {
+        !a.written.is_empty()
+    })
+    .await;
+    let dead = rig.journal.dead_letters().expect("dead letters");
+    let reasons: Vec<&str> = dead.iter().map(|d| d.reason.as_str()).collect();
+    assert!(reasons[0].contains("not JSON"), "{reasons:?}");
+    assert!(
+        reasons[1].contains("missing field work_order"),
+        "{reasons:?}"
+    );
+    assert!(reasons[2].contains("quantity is text"), "{reasons:?}");
+    assert!(reasons[3].contains("expected a JSON string"), "{reasons:?}");
+    assert_eq!(rig.stats.malformed_records.load(Ordering::Relaxed), 4);
+    assert_eq!(
+        mes.acks().written,
+        vec![opcua_types_u32(1)],
+        "only the good record acknowledged"
+    );
+    assert_eq!(rig.events().len(), 1, "only the good record is an event");
+    rig.stop().await;
+    mes.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_records_acknowledged_by_method_call_and_polling_mode_counts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mes = Mes::start(&options(dir.path())).await;
+    mes.set("Line1.Good", 7u32);
+    mes.set("Line1.Weight", 10.5f64);
+    let node = |n: &str| mes.node(n).parse().expect("node id");
+    let record = NodeRecord {
+        signal: "completion".into(),
+        event_type: EventType::completion(),
+        trigger: node("Line1.Seq"),
+        layout: RecordLayout::Nodes(vec![
+            ("work_order".into(), node("Line1.Order")),
+            ("quantity".into(), node("Line1.Qty")),
+        ]),
+        key: vec!["sequence".into()],
+        unit: "KG".into(),
+        ack: Some(Ack::Call {
+            object: node("Line1"),
+            method: node("Line1.Acknowledge"),
+            arguments: vec![AckArgument {
+                value: AckValue::Field("sequence".into()),
+                data_type: Some("UInt32".into()),
+            }],
+        }),
+    };
+    let mut cfg = config(
+        connection(&mes, &dir.path().join("pki")),
+        vec![
+            counter(&mes, "good", EventType::completion(), "Line1.Good"),
+            NodeCounter {
+                unit: "KG".into(),
+                ..counter(&mes, "weight", EventType::scrap(), "Line1.Weight")
+            },
+        ],
+        vec![record],
+    );
+    cfg.acquisition = Acquisition::Polling {
+        interval: Duration::from_millis(50),
+    };
+    let rig = start(dir.path(), cfg);
+    rig.counted("good", 7).await;
+    mes.set("Line1.Good", 9u32);
+    mes.set("Line1.Weight", 12.0f64);
+    rig.counted("good", 9).await;
+    rig.until("weight", |c, _| {
+        c["counters"]["weight"]["raw"].as_u64() == Some(12.0f64.to_bits())
+    })
+    .await;
+    mes.set("Line1.Order", "WO-77");
+    mes.set("Line1.Qty", 4.25f64);
+    mes.set("Line1.Seq", 5u32);
+    mes.wait_acks("method ack", Duration::from_secs(10), |a| {
+        !a.called.is_empty()
+    })
+    .await;
+    mes.set_bad("Line1.Good");
+    rig.until("bad status counted", |_, _| {
+        rig.stats.bad_status.load(Ordering::Relaxed) > 0
+    })
+    .await;
+    let events = rig.events();
+    let record = events
+        .iter()
+        .find(|e| e["data"]["work_order"] == "WO-77")
+        .expect("record event");
+    assert_eq!(record["data"]["quantity"], 4.25);
+    assert_eq!(record["data"]["unit"], "KG");
+    assert_eq!(record["sequence"], "5");
+    assert_eq!(mes.acks().called, vec![vec![opcua_types_u32(5)]]);
+    let weight: Vec<f64> = of_type(&events, "production.scrap")
+        .iter()
+        .map(|e| e["data"]["quantity"].as_f64().expect("quantity"))
+        .collect();
+    assert_eq!(weight, vec![1.5]);
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e["data"]["counter"].is_object())
+            .count(),
+        1,
+        "good 7 → 9 once; the bad status made no event"
+    );
+    rig.stop().await;
+    mes.stop().await;
+}
+
+/// Connects once with the given security and identity; `Err` is the
+/// operator-facing message.
+async fn try_connect(connection: &Connection) -> Result<(), String> {
+    let mut client = session::client(connection)?;
+    let (session, event_loop) = session::open(&mut client, connection).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let driver = session::drive(event_loop, tx);
+    let result = session::connected(&session, &mut rx, connection).await;
+    if result.is_ok() {
+        let read = session
+            .read(
+                &[::opcua::types::ReadValueId {
+                    node_id: ::opcua::types::VariableId::Server_ServerStatus_State.into(),
+                    attribute_id: ::opcua::types::AttributeId::Value as u32,
+                    ..Default::default()
+                }],
+                ::opcua::types::TimestampsToReturn::Neither,
+                0.0,
+            )
+            .await
+            .map_err(|e| format!("read over the secure session: {e}"))?;
+        assert!(read[0].value.is_some(), "server state readable");
+        let _ = session.disconnect().await;
+    }
+    driver.abort();
+    result
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secure_sessions_need_a_trusted_server_certificate_and_the_right_user() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mes = Mes::start(&MesOptions {
+        require_user: true,
+        ..options(dir.path())
+    })
+    .await;
+    let pki = dir.path().join("pki");
+    let mut secure = connection(&mes, &pki);
+    secure.security_policy = "Basic256Sha256".into();
+    secure.security_mode = "SignAndEncrypt".into();
+    secure.identity = UserIdentity::UserName {
+        user: USER.into(),
+        password: PASSWORD.into(),
+    };
+    let refused = try_connect(&secure)
+        .await
+        .expect_err("untrusted server must be refused");
+    assert!(
+        refused.contains("server's certificate is not trusted")
+            && refused.contains("rejected")
+            && refused.contains("trusted"),
+        "documented message: {refused}"
+    );
+    let rejected = session::newest_rejected(&pki).expect("server certificate copied to rejected/");
+    std::fs::rename(
+        &rejected,
+        pki.join("trusted")
+            .join(rejected.file_name().expect("name")),
+    )
+    .expect("operator moves it to trusted/");
+    try_connect(&secure)
+        .await
+        .expect("Basic256Sha256 SignAndEncrypt with user/password after trusting");
+
+    for (policy, mode) in [
+        ("Aes128_Sha256_RsaOaep", "SignAndEncrypt"),
+        ("Aes256_Sha256_RsaPss", "Sign"),
+    ] {
+        let mut other = secure.clone();
+        other.security_policy = policy.into();
+        other.security_mode = mode.into();
+        try_connect(&other)
+            .await
+            .unwrap_or_else(|e| panic!("{policy} {mode}: {e}"));
+    }
+
+    let mut wrong = secure.clone();
+    wrong.identity = UserIdentity::UserName {
+        user: USER.into(),
+        password: "not-the-password".into(),
+    };
+    let denied = try_connect(&wrong)
+        .await
+        .expect_err("wrong password refused");
+    assert!(denied.contains("refused the user identity"), "{denied}");
+
+    let mut anonymous = secure.clone();
+    anonymous.identity = UserIdentity::Anonymous;
+    assert!(
+        try_connect(&anonymous).await.is_err(),
+        "anonymous not offered"
+    );
+    mes.stop().await;
+}
