@@ -103,6 +103,41 @@ enum ProbeCommand {
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Browse, read or watch nodes of an OPC UA server.
+    Opcua {
+        /// opc.tcp://HOST:PORT[/PATH]
+        endpoint: String,
+        /// POLICY:MODE, e.g. Basic256Sha256:SignAndEncrypt (default None:None).
+        #[arg(long, default_value = "None:None")]
+        security: String,
+        /// User name (with --password-file).
+        #[arg(long)]
+        user: Option<String>,
+        /// File holding the password.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// PKI directory (own certificate, trusted/, rejected/).
+        #[arg(long, default_value = "/var/lib/plant-edge/pki")]
+        pki_dir: PathBuf,
+        /// Trust the server's certificate without it being in trusted/.
+        #[arg(long)]
+        trust_server: bool,
+        /// List the children of this node (ns=2;s=Line1, or i=85 for Objects).
+        #[arg(long, group = "what")]
+        browse: Option<String>,
+        /// Print one value with status and timestamps.
+        #[arg(long, group = "what")]
+        read: Option<String>,
+        /// Subscribe and print changes (Ctrl-C or --for ends it).
+        #[arg(long, group = "what")]
+        watch: Option<String>,
+        /// How long --watch runs.
+        #[arg(long = "for", default_value = "0s", value_parser = humantime::parse_duration)]
+        watch_for: Duration,
+        /// Per-request timeout.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
 }
 
 async fn status(config: Config) -> anyhow::Result<()> {
@@ -231,6 +266,40 @@ fn main() -> ExitCode {
             match runtime()
                 .map_err(anyhow::Error::from)
                 .and_then(|rt| rt.block_on(probe))
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => failure(e),
+            }
+        }
+        Command::Probe(ProbeCommand::Opcua {
+            endpoint,
+            security,
+            user,
+            password_file,
+            pki_dir,
+            trust_server,
+            browse,
+            read,
+            watch,
+            watch_for,
+            timeout,
+        }) => {
+            let request = probe::OpcUaProbe {
+                endpoint,
+                security,
+                user,
+                password_file,
+                pki_dir,
+                trust_server,
+                browse,
+                read,
+                watch,
+                watch_for,
+                timeout,
+            };
+            match runtime()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(probe::opcua(request)))
             {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => failure(e),

@@ -22,6 +22,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 use protocols::sources::modbus::ModbusStats;
+use protocols::sources::opcua::OpcUaStats;
 use tokio::sync::watch;
 
 use crate::forwarder::SharedStatus;
@@ -34,6 +35,8 @@ pub struct Metrics {
     pub forwarders: BTreeMap<String, SharedStatus>,
     /// Modbus counters per source.
     pub modbus: Vec<(String, Arc<ModbusStats>)>,
+    /// OPC UA counters per source.
+    pub opcua: Vec<(String, Arc<OpcUaStats>)>,
     /// `/readyz` fails when the oldest pending event is older than this.
     pub ready_max_age: Duration,
 }
@@ -200,6 +203,47 @@ impl Metrics {
             "modbus_source",
             "Modbus source counters by kind since start",
             modbus,
+        );
+        let opcua = Family::<Labels, Gauge>::default();
+        let opcua_up = Family::<Labels, Gauge>::default();
+        for (source, stats) in &self.opcua {
+            for (kind, value) in [
+                ("connects", &stats.connects),
+                ("connection_errors", &stats.connection_errors),
+                ("notifications", &stats.notifications),
+                ("full_reads", &stats.full_reads),
+                ("sequence_gaps", &stats.sequence_gaps),
+                ("republished", &stats.republished),
+                ("notifications_dropped", &stats.notifications_dropped),
+                ("bad_status", &stats.bad_status),
+                ("stale_values", &stats.stale_values),
+                ("bad_values", &stats.bad_values),
+                ("malformed_records", &stats.malformed_records),
+                ("records_missed", &stats.records_missed),
+                ("events", &stats.events),
+                ("records_acked", &stats.records_acked),
+                ("ack_failures", &stats.ack_failures),
+            ] {
+                opcua
+                    .get_or_create(&vec![
+                        ("source".into(), source.clone()),
+                        ("kind".into(), kind.into()),
+                    ])
+                    .set(value.load(Ordering::Relaxed) as i64);
+            }
+            opcua_up
+                .get_or_create(&vec![("source".into(), source.clone())])
+                .set(i64::from(stats.connected.load(Ordering::Relaxed)));
+        }
+        registry.register(
+            "opcua_source",
+            "OPC UA source counters by kind since start",
+            opcua,
+        );
+        registry.register(
+            "opcua_source_up",
+            "1 while the OPC UA session is active",
+            opcua_up,
         );
         let info = Family::<Labels, Gauge>::default();
         info.get_or_create(&vec![("version".into(), env!("CARGO_PKG_VERSION").into())])

@@ -116,6 +116,7 @@ impl RunningAgent {
         };
         let mut sources = Vec::new();
         let mut modbus = Vec::new();
+        let mut opcua = Vec::new();
         for source in &config.sources {
             let ctx = SourceContext {
                 site: config.site.clone(),
@@ -141,6 +142,15 @@ impl RunningAgent {
                         stats,
                     )));
                 }
+                SourceKind::OpcUa(oc) => {
+                    let stats = Arc::new(protocols::sources::opcua::OpcUaStats::default());
+                    opcua.push((source.name.clone(), stats.clone()));
+                    sources.push(tokio::spawn(protocols::sources::opcua::run(
+                        ctx,
+                        (**oc).clone(),
+                        stats,
+                    )));
+                }
             }
         }
         if config.sources.is_empty() {
@@ -154,6 +164,7 @@ impl RunningAgent {
                 journal: journal.clone(),
                 forwarders: forwarders.clone(),
                 modbus,
+                opcua,
                 ready_max_age: config.ready_max_backlog_age,
             });
             tokio::spawn(crate::metrics::serve(addr, metrics, stop_fw_rx.clone()));

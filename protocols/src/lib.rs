@@ -13,4 +13,8 @@ pub mod source;
 pub mod sources;
 pub mod tls;
 
+/// The OPC UA library (async-opcua), for the agent's probe and tests.
+pub use opcua as opcua_lib;
+/// OPC UA node id, as configurations and the OPC UA source use it.
+pub use opcua::types::NodeId;
 pub use sink::{Sink, Verdict};
