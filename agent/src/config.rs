@@ -2194,6 +2194,73 @@ path = "/tmp/plant-edge-config-test/archive/events.jsonl"
         assert!(e.to_string().contains("rotate"), "{e}");
     }
 
+    const OPCUA: &str = r#"
+[sources.mes1]
+kind = "opcua"
+endpoint = "opc.tcp://127.0.0.1:4840/"
+line = "L1"
+machine = "filler1"
+counters = [{ signal = "good", type = "production.completion", node = "ns=2;s=Line1.Good" }]
+records = [{ signal = "completion", type = "production.completion", node = "ns=2;s=Line1.Record", fields = { sequence = "/seq", quantity = "/qty" }, ack = { write = "ns=2;s=Line1.Ack", field = "sequence" } }]
+"#;
+
+    #[test]
+    fn opcua_source_is_checked_and_mistakes_name_their_key() {
+        let config = parse(&format!("{MINIMAL}{OPCUA}")).expect("valid opcua source");
+        let SourceKind::OpcUa(source) = &config.sources[0].kind else {
+            panic!("opcua source expected");
+        };
+        assert_eq!(source.records[0].key, vec!["sequence".to_owned()]);
+        assert!(source.connection.pki_dir.ends_with("pki"));
+        let cases = [
+            (
+                "ns=2;s=Line1.Good\"",
+                "nonsense\"",
+                "sources.mes1.counters[0].node",
+            ),
+            (
+                "endpoint = \"opc.tcp://",
+                "endpoint = \"http://",
+                "sources.mes1.endpoint",
+            ),
+            (
+                "line = \"L1\"",
+                "line = \"L1\"\nsecurity_policy = \"Basic128\"",
+                "sources.mes1.security_policy",
+            ),
+            (
+                "line = \"L1\"",
+                "line = \"L1\"\nsecurity_policy = \"Basic256Sha256\"",
+                "sources.mes1.security_mode",
+            ),
+            (
+                "line = \"L1\"",
+                "line = \"L1\"\nlifetime_count = 5",
+                "sources.mes1.lifetime_count",
+            ),
+            (
+                "\"/qty\" }",
+                "\"qty\" }",
+                "sources.mes1.records[0].fields.quantity",
+            ),
+            (
+                "field = \"sequence\"",
+                "field = \"batch\"",
+                "sources.mes1.records[0].ack.field",
+            ),
+            (
+                "line = \"L1\"",
+                "line = \"L1\"\nuser = \"gw\"",
+                "sources.mes1.password_file",
+            ),
+        ];
+        for (from, to, key) in cases {
+            let text = format!("{MINIMAL}{}", OPCUA.replacen(from, to, 1));
+            let e = parse(&text).expect_err(key);
+            assert_eq!(e.key, key, "{e}");
+        }
+    }
+
     #[test]
     fn bad_duration_names_the_key() {
         let text = format!("{MINIMAL}\n[forwarder]\nretry_max = \"soon\"\n");
