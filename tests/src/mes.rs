@@ -176,6 +176,42 @@ impl Mes {
             .expect("set MES value");
     }
 
+    /// Adds `n` UInt32 counters `Bench.C0..` under `Line1` (benchmarks);
+    /// returns their node ids as the config writes them.
+    pub fn add_counters(&self, n: usize) -> Vec<String> {
+        let mut space = self.manager.address_space().write();
+        let line = NodeId::new(self.ns, "Line1");
+        let variables = (0..n)
+            .map(|i| {
+                let name = format!("Bench.C{i}");
+                VariableBuilder::new(
+                    &NodeId::new(self.ns, name.as_str()),
+                    name.as_str(),
+                    name.as_str(),
+                )
+                .data_type(DataTypeId::UInt32)
+                .value(Variant::UInt32(0))
+                .build()
+            })
+            .collect();
+        space.add_variables(variables, &line);
+        (0..n).map(|i| self.node(&format!("Bench.C{i}"))).collect()
+    }
+
+    /// Sets every counter made by [`Mes::add_counters`] to `value` at once.
+    pub fn set_counters(&self, n: usize, value: u32) {
+        let ids: Vec<NodeId> = (0..n)
+            .map(|i| NodeId::new(self.ns, format!("Bench.C{i}")))
+            .collect();
+        self.manager
+            .set_values(
+                self.handle.subscriptions(),
+                ids.iter()
+                    .map(|id| (id, None, DataValue::new_now(Variant::UInt32(value)))),
+            )
+            .expect("set MES counters");
+    }
+
     /// Sets a variable with a bad status (no value).
     pub fn set_bad(&self, name: &str) {
         let id = NodeId::new(self.ns, name);

@@ -434,6 +434,8 @@ struct Served<'a> {
     resync: bool,
     /// Last record id whose acknowledgement failed (logged once).
     ack_failed: BTreeMap<String, String>,
+    /// Last malformed record text per signal (counted once).
+    malformed_seen: BTreeMap<String, String>,
 }
 
 async fn serve(
@@ -456,6 +458,7 @@ async fn serve(
         acked: BTreeMap::new(),
         resync: false,
         ack_failed: BTreeMap::new(),
+        malformed_seen: BTreeMap::new(),
     };
     let mut shutdown = ctx.shutdown.clone();
     let overflow = Arc::new(AtomicBool::new(false));
@@ -977,11 +980,17 @@ impl Served<'_> {
         origin: Origin,
         time: SystemTime,
     ) -> Result<(), Stop> {
-        self.stats.malformed_records.fetch_add(1, Ordering::Relaxed);
         let raw = match variant {
             Variant::String(s) => s.as_ref().to_owned(),
             other => format!("{other:?}"),
         };
+        // The same bad record read again (subscription start, full read)
+        // is one malformed record, not two.
+        if self.malformed_seen.get(&spec.signal) == Some(&raw) {
+            return Ok(());
+        }
+        self.malformed_seen.insert(spec.signal.clone(), raw.clone());
+        self.stats.malformed_records.fetch_add(1, Ordering::Relaxed);
         tracing::error!(source = %self.ctx.name, signal = %spec.signal, reason, "malformed record: kept as a dead letter, not acknowledged");
         let urn = self.ctx.urn();
         let id = buffer::id::record_event_id(&urn, &spec.signal, &["malformed", &raw]);

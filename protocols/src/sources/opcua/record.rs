@@ -70,7 +70,11 @@ pub fn describe(value: &Variant) -> String {
     match value {
         Variant::Empty => "an empty value".into(),
         Variant::String(s) => format!("String {:?}", s.as_ref()),
-        other => format!("{:?}", other.type_id()),
+        other => match other.type_id() {
+            opcua::types::VariantTypeId::Scalar(t) => format!("{t:?}"),
+            opcua::types::VariantTypeId::Array(t, _) => format!("an array of {t:?}"),
+            opcua::types::VariantTypeId::Empty => "an empty value".into(),
+        },
     }
 }
 
