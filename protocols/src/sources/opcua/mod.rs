@@ -250,6 +250,8 @@ enum Notice {
 /// Most notification messages the source asks to republish for one gap;
 /// beyond that a full read is cheaper.
 const MAX_REPUBLISH: u32 = 32;
+/// Most values folded into one durable append.
+const MAX_BATCH: usize = 4096;
 /// Bound of the callback → task queue.
 const NOTICE_QUEUE: usize = 8192;
 
@@ -321,6 +323,24 @@ fn values_of(message: NotificationMessage) -> Vec<(u32, Result<DataValue, Status
         }
     }
     out
+}
+
+/// Events and cursor not yet appended, and acknowledgements that wait for
+/// them to be durable.
+#[derive(Default)]
+struct Pending {
+    events: Vec<CloudEvent>,
+    next: Option<Cursor>,
+    acks: Vec<AckDue>,
+}
+
+/// An acknowledgement to send once its record is durable.
+struct AckDue {
+    signal: String,
+    id: String,
+    ack: Ack,
+    values: BTreeMap<String, FieldValue>,
+    raw: BTreeMap<String, Variant>,
 }
 
 /// A record's fields decoded, and as read (for acknowledgements that echo
@@ -436,6 +456,8 @@ struct Served<'a> {
     ack_failed: BTreeMap<String, String>,
     /// Last malformed record text per signal (counted once).
     malformed_seen: BTreeMap<String, String>,
+    /// Processed but not yet durable.
+    pending: Pending,
 }
 
 async fn serve(
@@ -459,6 +481,7 @@ async fn serve(
         resync: false,
         ack_failed: BTreeMap::new(),
         malformed_seen: BTreeMap::new(),
+        pending: Pending::default(),
     };
     let mut shutdown = ctx.shutdown.clone();
     let overflow = Arc::new(AtomicBool::new(false));
@@ -566,9 +589,44 @@ async fn serve(
             },
             notice = notices.recv(), if !polling => match notice {
                 Some(Notice::Value(handle, value)) => {
-                    stats.notifications.fetch_add(1, Ordering::Relaxed);
-                    if let Err(stop) = served.on_value(handle, value).await {
+                    // Everything already queued goes into the same durable
+                    // append: one fsync for a burst, not one per value.
+                    let mut next = Some(Notice::Value(handle, value));
+                    let mut taken = 0;
+                    loop {
+                        match next.take() {
+                            Some(Notice::Value(handle, value)) => {
+                                stats.notifications.fetch_add(1, Ordering::Relaxed);
+                                if let Err(stop) = served.on_value(handle, value).await {
+                                    return stop;
+                                }
+                                taken += 1;
+                                if taken >= MAX_BATCH {
+                                    break;
+                                }
+                                next = notices.try_recv().ok();
+                            }
+                            other => {
+                                // A gap or a lost subscription: handled
+                                // after what came before it is durable.
+                                next = other;
+                                break;
+                            }
+                        }
+                    }
+                    if let Err(stop) = served.flush().await {
                         return stop;
+                    }
+                    match next {
+                        Some(Notice::Gap { subscription, missing }) => {
+                            if let Err(stop) = served.fill_gap(subscription, missing).await {
+                                return stop;
+                            }
+                        }
+                        Some(Notice::SubscriptionLost(code)) => {
+                            return Stop::Lost(format!("subscription ended by the server ({code})"));
+                        }
+                        Some(Notice::Value(..)) | None => {}
                     }
                 }
                 Some(Notice::Gap { subscription, missing }) => {
@@ -630,7 +688,7 @@ impl Served<'_> {
         for (i, value) in values.into_iter().enumerate() {
             self.on_value(i as u32 + 1, value).await?;
         }
-        Ok(())
+        self.flush().await
     }
 
     /// Asks the server to resend missing notification messages; a full
@@ -652,6 +710,7 @@ impl Served<'_> {
                             self.on_value(handle, value).await?;
                         }
                     }
+                    self.flush().await?;
                 }
                 Err(e) => {
                     tracing::warn!(source = %self.ctx.name, sequence = seq, status = %e.status(), "republish not possible; reading every node");
@@ -712,27 +771,53 @@ impl Served<'_> {
         }
     }
 
-    async fn append(&mut self, events: Vec<CloudEvent>, next: Cursor) -> Result<bool, Stop> {
-        let count = events.len() as u64;
-        let request = AppendRequest {
-            source: self.ctx.name.clone(),
-            events: events.iter().map(|e| self.ctx.new_event(e)).collect(),
-            cursor: serde_json::to_vec(&next).ok(),
-        };
-        match self.ctx.appender.append(request).await {
-            Ok(_) => {
-                *self.cursor = next;
-                self.stats.events.fetch_add(count, Ordering::Relaxed);
-                Ok(true)
-            }
-            Err(JournalError::Closed) => Err(Stop::Shutdown),
-            Err(e) => {
-                // Not adopted: the next reading counts the same parts again.
-                tracing::error!(source = %self.ctx.name, error = %e, "append failed; the value is taken again on the next reading");
-                self.resync = true;
-                Ok(false)
+    /// The cursor as it will be once the pending batch is durable.
+    fn working(&self) -> &Cursor {
+        self.pending.next.as_ref().unwrap_or(self.cursor)
+    }
+
+    fn stage(&mut self, events: Vec<CloudEvent>, next: Cursor) {
+        self.pending.events.extend(events);
+        self.pending.next = Some(next);
+    }
+
+    /// Appends what the values processed since the last flush produced,
+    /// in one durable batch with the cursor; then, and only then, sends
+    /// the acknowledgements those records are waiting for.
+    async fn flush(&mut self) -> Result<(), Stop> {
+        let pending = std::mem::take(&mut self.pending);
+        if let Some(next) = pending.next {
+            if next != *self.cursor || !pending.events.is_empty() {
+                let count = pending.events.len() as u64;
+                let request = AppendRequest {
+                    source: self.ctx.name.clone(),
+                    events: pending
+                        .events
+                        .iter()
+                        .map(|e| self.ctx.new_event(e))
+                        .collect(),
+                    cursor: serde_json::to_vec(&next).ok(),
+                };
+                match self.ctx.appender.append(request).await {
+                    Ok(_) => {
+                        *self.cursor = next;
+                        self.stats.events.fetch_add(count, Ordering::Relaxed);
+                    }
+                    Err(JournalError::Closed) => return Err(Stop::Shutdown),
+                    Err(e) => {
+                        // Not adopted, nothing acknowledged: the next
+                        // reading takes the same values again.
+                        tracing::error!(source = %self.ctx.name, error = %e, "append failed; the values are taken again on the next reading");
+                        self.resync = true;
+                        return Ok(());
+                    }
+                }
             }
         }
+        for due in pending.acks {
+            self.send_ack(due).await;
+        }
+        Ok(())
     }
 
     async fn on_counter(
@@ -756,8 +841,8 @@ impl Served<'_> {
         };
         let (time, time_source) = record::value_time(&value, SystemTime::now());
         let origin = self.origin(node, &value);
-        let previous = self.cursor.counters.get(&spec.signal).copied();
-        let mut next = self.cursor.clone();
+        let previous = self.working().counters.get(&spec.signal).copied();
+        let mut next = self.working().clone();
         let event = match reading {
             CounterValue::Count(raw, width) => {
                 let signal = CounterSignal {
@@ -798,8 +883,8 @@ impl Served<'_> {
                 .attributes
                 .insert("time_source".into(), time_source.as_str().into());
         }
-        if next != *self.cursor {
-            self.append(events, next).await?;
+        if next != *self.working() {
+            self.stage(events, next);
         }
         Ok(())
     }
@@ -865,14 +950,14 @@ impl Served<'_> {
             _ => None,
         };
         let already = self
-            .cursor
+            .working()
             .records
             .get(&spec.signal)
             .is_some_and(|m| m.id == id);
         if !already {
             if let (Some(seq), Some(Some(last))) = (
                 sequence,
-                self.cursor.records.get(&spec.signal).map(|m| m.sequence),
+                self.working().records.get(&spec.signal).map(|m| m.sequence),
             ) {
                 if seq > last + 1 {
                     let missed = (seq - last - 1) as u64;
@@ -882,7 +967,7 @@ impl Served<'_> {
                     tracing::error!(source = %self.ctx.name, signal = %spec.signal, last_stored = last, now = seq, missed, "records were overwritten before they could be read; configure an acknowledgement (the MES then waits) or a larger queue_size");
                 }
             }
-            let mut next = self.cursor.clone();
+            let mut next = self.working().clone();
             next.records.insert(
                 spec.signal.clone(),
                 RecordMark {
@@ -890,31 +975,43 @@ impl Served<'_> {
                     sequence,
                 },
             );
-            if !self.append(vec![event], next).await? {
-                return Ok(());
-            }
+            self.stage(vec![event], next);
         }
-        // Durable (now or before): only now tell the MES.
+        // Acknowledged only after the flush that makes it durable (or
+        // right after it, if it already was).
         if let Some(ack) = &spec.ack {
             if self.acked.get(&spec.signal) != Some(&id) {
-                match self.acknowledge(ack, &values, &raw).await {
-                    Ok(()) => {
-                        self.stats.records_acked.fetch_add(1, Ordering::Relaxed);
-                        self.acked.insert(spec.signal.clone(), id);
-                    }
-                    Err(e) => {
-                        self.stats.ack_failures.fetch_add(1, Ordering::Relaxed);
-                        // The record node may not change again: read it anew.
-                        self.resync = true;
-                        if self.ack_failed.get(&spec.signal) != Some(&id) {
-                            tracing::warn!(source = %self.ctx.name, signal = %spec.signal, error = %e, "acknowledgement refused; retried on each reading until it is taken");
-                            self.ack_failed.insert(spec.signal.clone(), id);
-                        }
-                    }
-                }
+                self.pending.acks.push(AckDue {
+                    signal: spec.signal.clone(),
+                    id,
+                    ack: ack.clone(),
+                    values,
+                    raw,
+                });
             }
         }
         Ok(())
+    }
+
+    async fn send_ack(&mut self, due: AckDue) {
+        if self.acked.get(&due.signal) == Some(&due.id) {
+            return;
+        }
+        match self.acknowledge(&due.ack, &due.values, &due.raw).await {
+            Ok(()) => {
+                self.stats.records_acked.fetch_add(1, Ordering::Relaxed);
+                self.acked.insert(due.signal, due.id);
+            }
+            Err(e) => {
+                self.stats.ack_failures.fetch_add(1, Ordering::Relaxed);
+                // The record node may not change again: read it anew.
+                self.resync = true;
+                if self.ack_failed.get(&due.signal) != Some(&due.id) {
+                    tracing::warn!(source = %self.ctx.name, signal = %due.signal, error = %e, "acknowledgement refused; retried on each reading until it is taken");
+                    self.ack_failed.insert(due.signal, due.id);
+                }
+            }
+        }
     }
 
     /// Node layout: the trigger is the sequence; fields are read together.
