@@ -42,8 +42,13 @@ fn main() {
             .local_addr()
             .expect("addr")
             .port();
+        let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
         let mut config = format!(
-            "[agent]\nsite = \"bench\"\ngateway = \"gw\"\nstate_dir = \"{}\"\nmetrics_listen = \"off\"\n\n[journal]\nmax_bytes = \"4GiB\"\n\n\
+            "[agent]\nsite = \"bench\"\ngateway = \"gw\"\nstate_dir = \"{}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n\n[journal]\nmax_bytes = \"4GiB\"\n\n\
              [sinks.cloud]\nkind = \"mqtt\"\nhost = \"127.0.0.1\"\nport = {closed}\n\n\
              [sources.mes]\nkind = \"opcua\"\nendpoint = \"{}\"\npublishing_interval = \"100ms\"\nsampling_interval = \"50ms\"\nline = \"L1\"\nmachine = \"m1\"\n",
             state.display(),
@@ -60,7 +65,7 @@ fn main() {
         std::fs::write(&file, config).expect("config");
         let mut agent = std::process::Command::new(env!("CARGO_BIN_EXE_plant-edge"))
             .args(["run", "-c", file.to_str().expect("utf8")])
-            .stderr(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("agent.log")).expect("log file"))
             .spawn()
             .expect("agent");
         let pid = agent.id();
@@ -76,6 +81,20 @@ fn main() {
         }
         tokio::time::sleep(Duration::from_millis(1000)).await;
         let wall = started.elapsed().as_secs_f64();
+        let scrape = tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let mut stream = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).ok()?;
+            stream
+                .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+                .ok()?;
+            let mut text = String::new();
+            stream.read_to_string(&mut text).ok()?;
+            Some(text)
+        })
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_default();
         let cpu = cpu_seconds_of(pid) - cpu0;
         let rss = peak_rss_mib_of(pid);
         nix::sys::signal::kill(
@@ -102,6 +121,13 @@ fn main() {
             events as f64 / wall,
             cpu / wall * 100.0
         );
+        let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
+        for line in log.lines().filter(|l| (l.contains("WARN") || l.contains("ERROR")) && !l.contains("mqtt")).take(8) {
+            println!("  agent: {line}");
+        }
+        for line in scrape.lines().filter(|l| l.starts_with("plant_edge_opcua_source{")) {
+            println!("  {line}");
+        }
         mes.stop().await;
     });
 }

@@ -250,6 +250,8 @@ enum Notice {
 /// Most notification messages the source asks to republish for one gap;
 /// beyond that a full read is cheaper.
 const MAX_REPUBLISH: u32 = 32;
+/// Most notifications the server may put in one publish response.
+const MAX_NOTIFICATIONS_PER_PUBLISH: u32 = 5000;
 /// Most values folded into one durable append.
 const MAX_BATCH: usize = 4096;
 /// Bound of the callback → task queue.
@@ -507,7 +509,7 @@ async fn serve(
                     *publishing_interval,
                     *lifetime_count,
                     *keep_alive_count,
-                    0,
+                    MAX_NOTIFICATIONS_PER_PUBLISH,
                     0,
                     true,
                     notifier,

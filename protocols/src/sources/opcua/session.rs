@@ -109,6 +109,12 @@ pub fn client(connection: &Connection) -> Result<Client, String> {
         .request_timeout(connection.timeout)
         .keep_alive_interval(Duration::from_secs(5))
         .max_failed_keep_alive_count(3)
+        // The library's default of 1,000 array elements breaks a session as
+        // soon as one publish carries more changes than that; these bounds
+        // fit 5,000 notifications per publish (the source asks for no more).
+        .max_array_length(100_000)
+        .max_message_size(16 * 1024 * 1024)
+        .max_chunk_count(512)
         .client()
         .map_err(|errors| format!("OPC UA client configuration: {}", errors.join("; ")))
 }
