@@ -1,11 +1,8 @@
 //! Shared helpers for plant-edge's end-to-end and crash tests.
 
-pub mod mes;
 pub mod mosquitto;
-pub mod pki;
-pub mod plc;
 
-pub mod erp;
+pub use simulators::{erp, mes, pki, plc};
 
 pub mod crash {
     //! Names shared by the journal crash test and its child process.
