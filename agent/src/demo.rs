@@ -1,112 +1,253 @@
-//! `plant-edge demo`: the whole pipeline on this machine, nothing to set up.
+//! `plant-edge demo`: the whole job on this machine, nothing to set up.
 //!
-//! Two simulated lines (one with a 16-bit counter that wraps within
-//! seconds) append through the real journal; a forwarder delivers to the
-//! JSON-lines archive. Progress goes to stderr once a second; at the end
-//! the archive is reconciled against what the sources counted, per line
-//! and type, and the exit code is non-zero if anything was lost.
+//! Inside one process, all on loopback: a simulated PLC (a Modbus TCP
+//! server with two lines' good and scrap counters, one 16-bit counter that
+//! wraps, and a handshake record area), a simulated MES (an OPC UA server
+//! with a counter and a JSON completion record waiting for its
+//! acknowledgement), a simulated cloud ERP (an HTTPS server that keeps
+//! what it receives and deduplicates by id) and the agent itself, with a
+//! config file the demo writes out. Midway the ERP goes down for
+//! `--outage`; the journal holds everything meanwhile. At the end every
+//! part made at the PLC and MES is reconciled against what reached the
+//! ERP, per line, type and kind; the exit code is non-zero if anything was
+//! lost.
 
-use std::collections::{BTreeMap, HashSet};
-use std::io::{BufRead, IsTerminal, Write};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use simulators::erp::Erp;
+use simulators::mes::{Mes, MesOptions};
+use simulators::plc::Plc;
 
 use crate::config::Config;
 use crate::run::RunningAgent;
 
-fn demo_config(state: &Path) -> String {
+/// Parts made per (line, event type, counter|record).
+type Made = Arc<Mutex<BTreeMap<(String, String, String), u64>>>;
+
+const COMPLETION: &str = "production.completion";
+const SCRAP: &str = "production.scrap";
+
+fn demo_config(state: &Path, plc: &Plc, mes: &Mes, erp: &Erp, ca: &Path) -> String {
     format!(
         r#"# Written by `plant-edge demo`; a starting point for your own.
 [agent]
 site = "demo-plant"
 gateway = "demo-gw"
 state_dir = "{state}"
+metrics_listen = "off"
 
 [journal]
 max_bytes = "256MiB"
 
 [forwarder]
 batch_size = 256
+retry_initial = "200ms"
+retry_max = "2s"
 
-[sinks.archive]
-kind = "file"
-path = "{state}/archive/events.jsonl"
-rotate_bytes = "1MiB"
+# The cloud ERP: CloudEvents over HTTPS, batched, with Idempotency-Key.
+[sinks.erp]
+kind = "https"
+url = "{erp_url}"
+ca_file = "{ca}"
+mode = "batch"
 
-[sources.line1-press]
-kind = "simulated"
+# Line 1: a press on the PLC. Its good counter is 16 bits and wraps.
+[sources.plc-line1]
+kind = "modbus"
+endpoint = "tcp://{plc}"
+unit = 1
+poll_interval = "100ms"
 line = "L1"
 machine = "press1"
-interval = "50ms"
-good_per_tick = 5
-scrap_every = 7
-counter_bits = 16
-start = 65400
 attributes = {{ work_center = "WC-10", cost_center = "4711" }}
 
-[sources.line2-weld]
-kind = "simulated"
+[[sources.plc-line1.counters]]
+signal = "good"
+type = "production.completion"
+address = "holding:0"
+format = "u16"
+max_step = 5000
+
+[[sources.plc-line1.counters]]
+signal = "scrap"
+type = "production.scrap"
+address = "holding:1"
+format = "u16"
+
+# Line 2: a welder on the same PLC, 32-bit counters, and a handshake record
+# (the PLC sets ready, plant-edge stores the record, then sets ack).
+[sources.plc-line2]
+kind = "modbus"
+endpoint = "tcp://{plc}"
+unit = 1
+poll_interval = "100ms"
 line = "L2"
 machine = "weld1"
-interval = "100ms"
-good_per_tick = 2
-scrap_every = 25
-counter_bits = 32
+
+[[sources.plc-line2.counters]]
+signal = "good"
+type = "production.completion"
+address = "holding:10"
+format = "u32"
+
+[[sources.plc-line2.counters]]
+signal = "scrap"
+type = "production.scrap"
+address = "holding:12"
+format = "u32"
+
+[[sources.plc-line2.records]]
+signal = "rework"
+type = "production.completion"
+ready = "coil:0"
+ack = "coil:1"
+key = ["sequence"]
+fields = {{ sequence = {{ address = "holding:20", format = "u16" }}, work_order = {{ address = "holding:21", format = "string", length = 4 }}, quantity = {{ address = "holding:25", format = "u16" }} }}
+
+# Line 3: a filler reported by the MES over OPC UA (subscription), with a
+# completion record acknowledged once it is on disk.
+[sources.mes-line3]
+kind = "opcua"
+endpoint = "{mes}"
+pki_dir = "{state}/pki"
+publishing_interval = "100ms"
+sampling_interval = "50ms"
+line = "L3"
+machine = "filler1"
+
+[[sources.mes-line3.counters]]
+signal = "good"
+type = "production.completion"
+node = "{mes_good}"
+
+[[sources.mes-line3.records]]
+signal = "completion"
+type = "production.completion"
+node = "{mes_record}"
+fields = {{ sequence = "/seq", work_order = "/order", material = "/material", quantity = "/qty" }}
+ack = {{ write = "{mes_ack}", field = "sequence" }}
 "#,
-        state = state.display()
+        state = state.display(),
+        erp_url = erp.url(),
+        ca = ca.display(),
+        plc = plc.addr,
+        mes = mes.endpoint(),
+        mes_good = mes.node("Line1.Good"),
+        mes_record = mes.node("Line1.Record"),
+        mes_ack = mes.node("Line1.Ack"),
     )
+}
+
+fn add(made: &Made, line: &str, event_type: &str, kind: &str, parts: u64) {
+    if parts > 0 {
+        *made
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((line.to_owned(), event_type.to_owned(), kind.to_owned()))
+            .or_default() += parts;
+    }
+}
+
+/// The simulated plant: what the machines make, every 100 ms.
+struct Plant {
+    plc: Plc,
+    mes: Mes,
+    made: Made,
+    l1_good: u16,
+    l1_scrap: u16,
+    l2_good: u32,
+    l2_scrap: u32,
+    l2_record: u16,
+    l3_good: u32,
+    l3_record: u32,
+}
+
+impl Plant {
+    fn tick(&mut self) {
+        let made = self.made.clone();
+        let step = fastrand::u16(0..12);
+        self.l1_good = self.l1_good.wrapping_add(step);
+        add(&made, "L1", COMPLETION, "counter", u64::from(step));
+        if fastrand::u8(0..10) == 0 {
+            self.l1_scrap = self.l1_scrap.wrapping_add(1);
+            add(&made, "L1", SCRAP, "counter", 1);
+        }
+        let step = fastrand::u32(0..4);
+        self.l2_good += step;
+        add(&made, "L2", COMPLETION, "counter", u64::from(step));
+        if fastrand::u8(0..25) == 0 {
+            self.l2_scrap += 1;
+            add(&made, "L2", SCRAP, "counter", 1);
+        }
+        {
+            let mut m = self.plc.mem();
+            m.holding.insert(0, self.l1_good);
+            m.holding.insert(1, self.l1_scrap);
+            m.set_u32(10, self.l2_good);
+            m.set_u32(12, self.l2_scrap);
+            // The record handshake, PLC side: ack seen → clear ready; both
+            // clear → the next rework record.
+            let ready = m.coils.get(&0).copied().unwrap_or(false);
+            let ack = m.coils.get(&1).copied().unwrap_or(false);
+            if ready && ack {
+                m.coils.insert(0, false);
+            } else if !ready && !ack && fastrand::u8(0..5) == 0 {
+                self.l2_record = self.l2_record.wrapping_add(1);
+                let quantity = fastrand::u16(1..5);
+                m.holding.insert(20, self.l2_record);
+                m.set_string(21, 4, &format!("RW{:02}", self.l2_record % 100));
+                m.holding.insert(25, quantity);
+                m.coils.insert(0, true);
+                add(&made, "L2", COMPLETION, "record", u64::from(quantity));
+            }
+        }
+        let step = fastrand::u32(0..6);
+        self.l3_good += step;
+        add(&made, "L3", COMPLETION, "counter", u64::from(step));
+        self.mes.set("Line1.Good", self.l3_good);
+        // The MES publishes its next completion once the last one was
+        // acknowledged.
+        let acked = self.mes.acks().written.last().cloned();
+        let waiting = self.l3_record > 0
+            && acked != Some(protocols::opcua_lib::types::Variant::UInt32(self.l3_record));
+        if !waiting && fastrand::u8(0..4) == 0 {
+            self.l3_record += 1;
+            let quantity = fastrand::u32(10..40);
+            self.mes.set(
+                "Line1.Record",
+                format!(
+                    r#"{{"seq":{},"order":"WO-{}","material":"M-100","qty":{quantity}}}"#,
+                    self.l3_record,
+                    7000 + self.l3_record / 10
+                ),
+            );
+            add(&made, "L3", COMPLETION, "record", u64::from(quantity));
+        }
+    }
 }
 
 /// One row of the reconciliation.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Reconciled {
-    /// Parts the sources counted into the journal.
+    /// Parts made at the PLC or MES.
     pub produced: u64,
-    /// Parts in distinct events found in the archive.
+    /// Parts in distinct events the ERP kept.
     pub delivered: u64,
-    /// Archive lines repeating an id already seen (at-least-once).
-    pub repeated_lines: u64,
-}
-
-/// Reads every archive file: per (line, type) parts in distinct events.
-fn read_archive(archive: &Path) -> anyhow::Result<BTreeMap<(String, String), Reconciled>> {
-    let dir = archive.parent().context("archive path has a directory")?;
-    let stem = archive
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or("events");
-    let mut files = protocols::sinks::file::rotated_files(dir, stem);
-    files.sort();
-    files.push(archive.to_owned());
-    let mut seen = HashSet::new();
-    let mut rows: BTreeMap<(String, String), Reconciled> = BTreeMap::new();
-    for file in files {
-        let Ok(f) = std::fs::File::open(&file) else {
-            continue;
-        };
-        for line in std::io::BufReader::new(f).lines() {
-            let line = line?;
-            let event: buffer::CloudEvent = serde_json::from_str(&line)
-                .with_context(|| format!("archive line in {}", file.display()))?;
-            let row = rows
-                .entry((event.data.line.clone(), event.event_type.to_string()))
-                .or_default();
-            if !seen.insert(event.id) {
-                row.repeated_lines += 1;
-                continue;
-            }
-            if let buffer::Quantity::Count(n) = event.data.quantity {
-                row.delivered += n;
-            }
-        }
-    }
-    Ok(rows)
+    /// Events the ERP kept twice (after its dedup by id: must be 0).
+    pub duplicates: u64,
 }
 
 /// Runs the demo; returns whether nothing was lost.
-pub async fn run(duration: Duration, state: Option<PathBuf>) -> anyhow::Result<bool> {
+pub async fn run(
+    duration: Duration,
+    outage: Duration,
+    state: Option<PathBuf>,
+) -> anyhow::Result<bool> {
     let (state, _keep) = match state {
         Some(dir) => (dir, None),
         None => {
@@ -117,108 +258,250 @@ pub async fn run(duration: Duration, state: Option<PathBuf>) -> anyhow::Result<b
         }
     };
     std::fs::create_dir_all(&state)?;
+    let peers = state.join("peers");
+    std::fs::create_dir_all(&peers)?;
+    let pki = simulators::pki::generate(&peers, "plant-edge demo CA");
+    let plc = Plc::start().await;
+    {
+        let mut m = plc.mem();
+        m.holding.insert(0, 65_000);
+    }
+    let mes = Mes::start(&MesOptions {
+        port: 0,
+        pki_dir: peers.join("mes-pki"),
+        trust_clients: true,
+        require_user: false,
+    })
+    .await;
+    let mut erp = Erp::start(&pki.server_cert, &pki.server_key).await;
     let config_path = state.join("plant-edge-demo.toml");
-    std::fs::write(&config_path, demo_config(&state))?;
+    std::fs::write(&config_path, demo_config(&state, &plc, &mes, &erp, &pki.ca))?;
     eprintln!(
         "demo config: {} (copy it as a starting point)",
         config_path.display()
     );
+    eprintln!(
+        "simulated PLC modbus tcp://{}, MES {}, ERP {}",
+        plc.addr,
+        mes.endpoint(),
+        erp.url()
+    );
     let config = Config::load(&config_path)?;
-    let archive = match &config.sinks[0].kind {
-        crate::config::SinkKind::File(fc) => fc.path.clone(),
-        crate::config::SinkKind::Mqtt(_) | crate::config::SinkKind::Https(_) => {
-            anyhow::bail!("the demo config's first sink is the archive")
-        }
-    };
+    let agent = RunningAgent::start(&config).await?;
 
-    let mut agent = RunningAgent::start(&config).await?;
+    // Parts made before the agent first read a counter are not its to
+    // count: the plant starts once every source has its baseline.
+    let names: Vec<String> = config.sources.iter().map(|s| s.name.clone()).collect();
+    let baseline_deadline = Instant::now() + Duration::from_secs(60);
+    while !names
+        .iter()
+        .all(|n| agent.journal.source_cursor(n).ok().flatten().is_some())
+    {
+        if Instant::now() > baseline_deadline {
+            agent.stop().await;
+            anyhow::bail!("the agent did not read every simulated device within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let made: Made = Arc::default();
+    let mut plant = Plant {
+        plc,
+        mes,
+        made: made.clone(),
+        l1_good: 65_000,
+        l1_scrap: 0,
+        l2_good: 0,
+        l2_scrap: 0,
+        l2_record: 0,
+        l3_good: 0,
+        l3_record: 0,
+    };
     let started = Instant::now();
+    let outage_at = if duration.is_zero() {
+        Duration::from_secs(15)
+    } else {
+        duration.saturating_sub(outage) / 2
+    };
+    let mut outage_window: Option<(Duration, Option<Duration>)> = None;
+    let mut peak_pending_in_outage = 0u64;
     let tty = std::io::stderr().is_terminal();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.tick().await;
-    while started.elapsed() < duration {
+    let mut produce = tokio::time::interval(Duration::from_millis(100));
+    let mut report = tokio::time::interval(Duration::from_secs(1));
+    report.tick().await;
+    loop {
+        let elapsed = started.elapsed();
+        if !duration.is_zero() && elapsed >= duration {
+            break;
+        }
+        match outage_window {
+            None if !outage.is_zero() && elapsed >= outage_at => {
+                erp.stop();
+                outage_window = Some((elapsed, None));
+                eprintln!();
+                eprintln!(
+                    "t={:>3}s cloud link cut for {}",
+                    elapsed.as_secs(),
+                    humantime::format_duration(outage)
+                );
+            }
+            Some((from, None)) if elapsed >= from + outage => {
+                erp.start_again();
+                outage_window = Some((from, Some(elapsed)));
+                eprintln!();
+                eprintln!("t={:>3}s cloud link back", elapsed.as_secs());
+            }
+            _ => {}
+        }
         tokio::select! {
-            _ = tick.tick() => {}
+            _ = produce.tick() => plant.tick(),
+            _ = report.tick() => {
+                let pending = agent.journal.stats().pending_events;
+                if matches!(outage_window, Some((_, None))) {
+                    peak_pending_in_outage = peak_pending_in_outage.max(pending);
+                }
+                progress(&agent, &made, &erp, started, tty);
+            }
             _ = tokio::signal::ctrl_c() => break,
         }
-        progress(&agent, started, tty);
+    }
+    if matches!(outage_window, Some((_, None))) {
+        erp.start_again();
     }
     eprintln!();
-    agent.stop_sources().await;
-    let drain_deadline = Instant::now() + Duration::from_secs(15);
-    while agent.journal.stats().pending_events > 0 && Instant::now() < drain_deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    // Let the agent read the last values and the ERP receive everything.
+    let produced_total =
+        |made: &Made| -> u64 { made.lock().map(|m| m.values().sum()).unwrap_or(0) };
+    let drain_deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows = reconcile(&made, &erp);
+        let delivered: u64 = rows.values().map(|r| r.delivered).sum();
+        if delivered >= produced_total(&made) || Instant::now() > drain_deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let tally = agent
-        .tally
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
     let stats = agent.journal.stats();
     agent.stop().await;
+    let rows = reconcile(&made, &erp);
 
-    let mut rows = read_archive(&archive)?;
-    for ((line, event_type), produced) in tally {
-        rows.entry((line, event_type)).or_default().produced = produced;
-    }
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "{:<6} {:<24} {:>10} {:>10} {:>6} {:>16}",
-        "line", "type", "produced", "delivered", "lost", "repeated-lines"
+        "{:<5} {:<22} {:<8} {:>9} {:>10} {:>6} {:>11}",
+        "line", "type", "kind", "produced", "delivered", "lost", "duplicates"
     )?;
     let mut lost_total = 0u64;
-    for ((line, event_type), row) in &rows {
+    let mut duplicates_total = 0u64;
+    for ((line, event_type, kind), row) in &rows {
         let lost = row.produced.saturating_sub(row.delivered);
         lost_total += lost;
+        duplicates_total += row.duplicates;
         writeln!(
             out,
-            "{line:<6} {event_type:<24} {:>10} {:>10} {lost:>6} {:>16}",
-            row.produced, row.delivered, row.repeated_lines
+            "{line:<5} {event_type:<22} {kind:<8} {:>9} {:>10} {lost:>6} {:>11}",
+            row.produced, row.delivered, row.duplicates
+        )?;
+    }
+    if let Some((from, to)) = outage_window {
+        writeln!(
+            out,
+            "cloud outage: t={}s to t={}s; the journal held up to {} events meanwhile",
+            from.as_secs(),
+            to.unwrap_or(started.elapsed()).as_secs(),
+            peak_pending_in_outage
         )?;
     }
     writeln!(
         out,
-        "journal: appended {} delivered {} pending {} dead letters {}",
-        stats.counters.appended, stats.counters.delivered, stats.pending_events, stats.dead_letters
+        "journal: appended {} delivered {} pending {} dead letters {}; ERP requests {}",
+        stats.counters.appended,
+        stats.counters.delivered,
+        stats.pending_events,
+        stats.dead_letters,
+        *erp.state.requests.lock().unwrap_or_else(|p| p.into_inner())
     )?;
+    let ok = lost_total == 0 && duplicates_total == 0;
     writeln!(
         out,
         "{}",
-        if lost_total == 0 {
-            "RESULT: nothing lost".to_owned()
+        if ok {
+            "RESULT: nothing lost, nothing posted twice".to_owned()
         } else {
-            format!("RESULT: {lost_total} parts LOST")
+            format!("RESULT: {lost_total} parts LOST, {duplicates_total} events posted twice")
         }
     )?;
-    Ok(lost_total == 0)
+    plant.mes.stop().await;
+    Ok(ok)
 }
 
-fn progress(agent: &RunningAgent, started: Instant, tty: bool) {
+/// Per (line, type, kind): produced at the plant vs distinct events the ERP kept.
+fn reconcile(made: &Made, erp: &Erp) -> BTreeMap<(String, String, String), Reconciled> {
+    let mut rows: BTreeMap<(String, String, String), Reconciled> = BTreeMap::new();
+    for (key, parts) in made.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        rows.entry(key.clone()).or_default().produced = *parts;
+    }
+    let events = erp
+        .state
+        .events
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let mut seen = BTreeSet::new();
+    for event in events {
+        let kind = if event["data"]["counter"].is_object() {
+            "counter"
+        } else {
+            "record"
+        };
+        let key = (
+            event["data"]["line"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            event["type"].as_str().unwrap_or_default().to_owned(),
+            kind.to_owned(),
+        );
+        let row = rows.entry(key).or_default();
+        if !seen.insert(event["id"].as_str().unwrap_or_default().to_owned()) {
+            row.duplicates += 1;
+            continue;
+        }
+        row.delivered += event["data"]["quantity"].as_u64().unwrap_or(0);
+    }
+    rows
+}
+
+fn progress(agent: &RunningAgent, made: &Made, erp: &Erp, started: Instant, tty: bool) {
     let s = agent.journal.stats();
-    let produced: u64 = agent.tally.lock().map(|t| t.values().sum()).unwrap_or(0);
-    let links: Vec<String> = agent
-        .forwarders
-        .iter()
-        .map(|(name, st)| {
-            let st = st.lock().unwrap_or_else(|p| p.into_inner());
-            format!(
-                "{name}:{}",
-                if st.retrying.is_some() {
-                    "retrying"
-                } else {
-                    "up"
-                }
-            )
-        })
-        .collect();
+    let produced: u64 = made.lock().map(|t| t.values().sum()).unwrap_or(0);
+    let delivered = erp.state.events.lock().map(|e| e.len()).unwrap_or(0);
+    let mut links: Vec<String> = Vec::new();
+    for (name, stats) in &agent.modbus {
+        let up = stats.connected.load(Ordering::Relaxed);
+        links.push(format!("{name}:{}", if up { "up" } else { "down" }));
+    }
+    for (name, stats) in &agent.opcua {
+        let up = stats.connected.load(Ordering::Relaxed);
+        links.push(format!("{name}:{}", if up { "up" } else { "down" }));
+    }
+    for (name, st) in &agent.forwarders {
+        let st = st.lock().unwrap_or_else(|p| p.into_inner());
+        links.push(format!(
+            "{name}:{}",
+            if st.retrying.is_some() {
+                "retrying"
+            } else {
+                "up"
+            }
+        ));
+    }
     let line = format!(
-        "t={:>3}s parts={produced} events: durable={} delivered={} pending={} oldest={}ms links[{}]",
+        "t={:>3}s parts made={produced} events durable={} at-ERP={delivered} pending={} oldest={:.1}s | {}",
         started.elapsed().as_secs(),
         s.counters.appended,
-        s.counters.delivered,
         s.pending_events,
-        s.oldest_pending_age_ms.unwrap_or(0),
+        s.oldest_pending_age_ms.unwrap_or(0) as f64 / 1000.0,
         links.join(" ")
     );
     if tty {

@@ -67,11 +67,14 @@ enum Command {
     /// Ask a device what it holds, without touching any journal.
     #[command(subcommand)]
     Probe(ProbeCommand),
-    /// Run the whole pipeline locally (simulated lines → journal → archive) and reconcile.
+    /// Run the whole job locally (simulated PLC and MES → journal → simulated ERP, with a cloud outage) and reconcile.
     Demo {
-        /// How long to produce events.
-        #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+        /// How long the plant produces (0: until Ctrl-C).
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         duration: Duration,
+        /// How long the cloud link is cut midway (0: no outage).
+        #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+        outage: Duration,
         /// Keep the demo's state (journal, archive, config) here.
         #[arg(long)]
         state: Option<PathBuf>,
@@ -305,11 +308,15 @@ fn main() -> ExitCode {
                 Err(e) => failure(e),
             }
         }
-        Command::Demo { duration, state } => {
+        Command::Demo {
+            duration,
+            outage,
+            state,
+        } => {
             logging::init(LogFormat::Text);
             match runtime()
                 .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(demo::run(duration, state)))
+                .and_then(|rt| rt.block_on(demo::run(duration, outage, state)))
             {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,

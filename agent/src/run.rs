@@ -40,10 +40,12 @@ pub fn journal_config(config: &Config) -> JournalConfig {
 pub struct RunningAgent {
     /// The journal (for stats).
     pub journal: Journal,
-    /// Parts counted per (line, type) by simulated sources.
-    pub tally: Tally,
     /// Per-sink forwarder status.
     pub forwarders: BTreeMap<String, SharedStatus>,
+    /// Modbus source counters.
+    pub modbus: Vec<(String, Arc<protocols::sources::modbus::ModbusStats>)>,
+    /// OPC UA source counters.
+    pub opcua: Vec<(String, Arc<protocols::sources::opcua::OpcUaStats>)>,
     stop_sources: watch::Sender<bool>,
     stop_forwarders: watch::Sender<bool>,
     sources: Vec<JoinHandle<()>>,
@@ -163,16 +165,17 @@ impl RunningAgent {
             let metrics = Arc::new(crate::metrics::Metrics {
                 journal: journal.clone(),
                 forwarders: forwarders.clone(),
-                modbus,
-                opcua,
+                modbus: modbus.clone(),
+                opcua: opcua.clone(),
                 ready_max_age: config.ready_max_backlog_age,
             });
             tokio::spawn(crate::metrics::serve(addr, metrics, stop_fw_rx.clone()));
         }
         Ok(Self {
             journal,
-            tally,
             forwarders,
+            modbus,
+            opcua,
             stop_sources,
             stop_forwarders,
             sources,
@@ -180,14 +183,6 @@ impl RunningAgent {
             writer,
             shutdown_timeout: config.shutdown_timeout,
         })
-    }
-
-    /// Stops sources only; forwarders keep delivering (used to drain).
-    pub async fn stop_sources(&mut self) {
-        let _ = self.stop_sources.send(true);
-        for task in self.sources.drain(..) {
-            let _ = task.await;
-        }
     }
 
     /// Orderly stop within the shutdown bound. Returns false if the bound

@@ -140,6 +140,8 @@ pub struct ModbusConfig {
 /// What a Modbus source counts (shared with status output).
 #[derive(Debug, Default)]
 pub struct ModbusStats {
+    /// The last poll reached the device.
+    pub connected: std::sync::atomic::AtomicBool,
     /// Polls done.
     pub polls: AtomicU64,
     /// Polls that did not finish within the interval (skipped, not stacked).
@@ -412,6 +414,7 @@ pub async fn run(ctx: SourceContext, config: ModbusConfig, stats: Arc<ModbusStat
                         .saturating_mul(1 << failures.min(7))
                         .min(Duration::from_secs(30));
                     let wait = cap / 2 + cap.mul_f64(fastrand::f64() / 2.0);
+                    stats.connected.store(false, Ordering::Relaxed);
                     tracing::warn!(source = %ctx.name, error = %e, retry_in_ms = wait.as_millis() as u64, "PLC unreachable");
                     retry_at = tokio::time::Instant::now() + wait;
                     bridged = true;
@@ -443,9 +446,11 @@ pub async fn run(ctx: SourceContext, config: ModbusConfig, stats: Arc<ModbusStat
             Ok(()) => {
                 failures = 0;
                 bridged = false;
+                stats.connected.store(true, Ordering::Relaxed);
             }
             Err(PollError::Stopped) => return,
             Err(PollError::Transport(e)) => {
+                stats.connected.store(false, Ordering::Relaxed);
                 tracing::warn!(source = %ctx.name, error = %e, "PLC link lost; reconnecting");
                 // A half-read frame may sit in the codec: start clean.
                 *slot = None;
