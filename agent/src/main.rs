@@ -2,6 +2,7 @@
 //! and MES to the ERP. See `plant-edge --help`.
 
 mod config;
+#[cfg(feature = "demo")]
 mod demo;
 mod forwarder;
 mod journal_cmd;
@@ -67,6 +68,7 @@ enum Command {
     /// Ask a device what it holds, without touching any journal.
     #[command(subcommand)]
     Probe(ProbeCommand),
+    #[cfg(feature = "demo")]
     /// Run the whole job locally (simulated PLC and MES → journal → simulated ERP, with a cloud outage) and reconcile.
     Demo {
         /// How long the plant produces (0: until Ctrl-C).
@@ -308,6 +310,7 @@ fn main() -> ExitCode {
                 Err(e) => failure(e),
             }
         }
+        #[cfg(feature = "demo")]
         Command::Demo {
             duration,
             outage,

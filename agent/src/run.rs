@@ -37,6 +37,8 @@ pub fn journal_config(config: &Config) -> JournalConfig {
 }
 
 /// A started agent.
+// Status fields are read by the demo's progress line only.
+#[cfg_attr(not(feature = "demo"), allow(dead_code))]
 pub struct RunningAgent {
     /// The journal (for stats).
     pub journal: Journal,

@@ -1,3 +1,4 @@
+#![cfg(feature = "demo")]
 //! `plant-edge demo`, the README's first command: simulated PLC and MES,
 //! the agent, a simulated HTTPS ERP that goes down midway; the
 //! reconciliation must show nothing lost, nothing posted twice, and the
