@@ -3,26 +3,73 @@
 //! back off (exponential, full jitter, capped, honouring the peer's delay)
 //! and re-send exactly the events still owed, in order.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use buffer::{Journal, PendingEvent};
+use prometheus_client::metrics::histogram::Histogram;
 use protocols::{Sink, Verdict};
 use tokio::sync::watch;
 
 use crate::config::ForwarderSettings;
 
 /// What a forwarder is doing, for progress lines and status.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ForwarderStatus {
     /// Events this forwarder saw delivered since start.
     pub delivered: u64,
     /// Events it dead-lettered since start.
     pub rejected: u64,
+    /// Dead-lettered events by reason (first words of the reason, at most
+    /// [`MAX_REASONS`] kinds; the rest counted as `other`).
+    pub rejected_reasons: BTreeMap<String, u64>,
     /// Retries since start.
     pub retries: u64,
     /// Last transient failure, while it is retrying.
     pub retrying: Option<String>,
+    /// Seconds from the event's source time to the sink's acknowledgement.
+    pub delivery_latency: Histogram,
+}
+
+/// Reason kinds kept apart in [`ForwarderStatus::rejected_reasons`].
+pub const MAX_REASONS: usize = 16;
+
+impl Default for ForwarderStatus {
+    fn default() -> Self {
+        Self {
+            delivered: 0,
+            rejected: 0,
+            rejected_reasons: BTreeMap::new(),
+            retries: 0,
+            retrying: None,
+            // 50 ms .. 1 day: a live link is sub-second; a backlog after an
+            // outage is hours old.
+            delivery_latency: Histogram::new([
+                0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+                14_400.0, 86_400.0,
+            ]),
+        }
+    }
+}
+
+/// A reason's kind for metrics: its words up to the first `:` (an HTTP
+/// status, an MQTT reason code), so that event-specific details do not
+/// make one series each.
+pub fn reason_kind(reason: &str) -> String {
+    let head = reason.split(':').next().unwrap_or(reason).trim();
+    head.chars().take(40).collect()
+}
+
+/// The event's CloudEvents `time` (its source time), without parsing the
+/// whole payload: `time` is serialised before `data`, and a quote inside a
+/// string value is escaped, so the first `"time":"` is the top-level one.
+fn source_time(payload: &[u8]) -> Option<std::time::SystemTime> {
+    const KEY: &[u8] = b"\"time\":\"";
+    let start = payload.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let len = payload[start..].iter().position(|b| *b == b'"')?;
+    let text = std::str::from_utf8(&payload[start..start + len]).ok()?;
+    humantime::parse_rfc3339_weak(text).ok()
 }
 
 /// Shared handle to a forwarder's status.
@@ -120,6 +167,7 @@ async fn deliver_batch(
     loop {
         let verdicts = sink.deliver(&owed).await;
         let mut delivered = Vec::new();
+        let mut delivered_times = Vec::new();
         let mut rejected = Vec::new();
         let mut retry = Vec::new();
         let mut peer_delay = None;
@@ -131,7 +179,12 @@ async fn deliver_batch(
             ))))
         {
             match verdict {
-                Verdict::Delivered => delivered.push(event.seq),
+                Verdict::Delivered => {
+                    delivered.push(event.seq);
+                    if let Some(t) = source_time(&event.payload) {
+                        delivered_times.push(t);
+                    }
+                }
                 Verdict::Rejected { reason } => rejected.push((event.seq, reason)),
                 Verdict::Retry { after, reason: why } => {
                     peer_delay = peer_delay.max(after);
@@ -148,6 +201,7 @@ async fn deliver_batch(
             }
         }
         let (n_delivered, n_rejected) = (delivered.len() as u64, rejected.len() as u64);
+        let reasons: Vec<String> = rejected.iter().map(|(_, why)| reason_kind(why)).collect();
         let result = {
             let (journal, name) = (journal.clone(), sink_name.to_owned());
             blocking(move || -> Result<(), buffer::JournalError> {
@@ -159,6 +213,7 @@ async fn deliver_batch(
             })
             .await
         };
+        let recorded = result.is_ok();
         if let Err(e) = result {
             // The events stay owed; they will be re-read from the journal.
             tracing::error!(sink = %sink_name, error = %e, "recording delivery in the journal failed");
@@ -167,6 +222,19 @@ async fn deliver_batch(
             let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
             s.delivered += n_delivered;
             s.rejected += n_rejected;
+            if recorded {
+                let now = std::time::SystemTime::now();
+                for t in &delivered_times {
+                    let age = now.duration_since(*t).unwrap_or_default();
+                    s.delivery_latency.observe(age.as_secs_f64());
+                }
+            }
+            for kind in reasons {
+                let known = s.rejected_reasons.len() < MAX_REASONS
+                    || s.rejected_reasons.contains_key(&kind);
+                let key = if known { kind } else { "other".to_owned() };
+                *s.rejected_reasons.entry(key).or_default() += 1;
+            }
             s.retrying = (!retry.is_empty()).then(|| reason.clone());
             if !retry.is_empty() {
                 s.retries += 1;
@@ -192,6 +260,15 @@ async fn deliver_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rejection_reasons_are_grouped_by_kind_and_source_time_is_found() {
+        assert_eq!(reason_kind("HTTP 422: unknown material M-7"), "HTTP 422");
+        assert_eq!(reason_kind("NotAuthorized"), "NotAuthorized");
+        let payload = br#"{"specversion":"1.0","id":"x","source":"urn:a \"time\":\"no\"","type":"t","time":"2026-11-27T03:00:00.000Z","data":{"attributes":{"time":"1999-01-01T00:00:00Z"}}}"#;
+        let t = source_time(payload).expect("time");
+        assert_eq!(buffer::event::rfc3339_millis(t), "2026-11-27T03:00:00.000Z");
+    }
 
     #[test]
     fn backoff_grows_is_capped_and_honours_the_peer() {

@@ -20,6 +20,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use protocols::sources::modbus::ModbusStats;
 use protocols::sources::opcua::OpcUaStats;
@@ -37,6 +38,8 @@ pub struct Metrics {
     pub modbus: Vec<(String, Arc<ModbusStats>)>,
     /// OPC UA counters per source.
     pub opcua: Vec<(String, Arc<OpcUaStats>)>,
+    /// Durable-append latency of every source's appends.
+    pub append_latency: Histogram,
     /// `/readyz` fails when the oldest pending event is older than this.
     pub ready_max_age: Duration,
 }
@@ -155,9 +158,26 @@ impl Metrics {
         let rejected = Family::<Labels, Gauge>::default();
         let retries = Family::<Labels, Gauge>::default();
         let up = Family::<Labels, Gauge>::default();
+        let by_reason = Family::<Labels, Gauge>::default();
         for (name, status) in &self.forwarders {
             let st = status.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let labels = vec![("sink".to_owned(), name.clone())];
+            for (reason, n) in &st.rejected_reasons {
+                by_reason
+                    .get_or_create(&vec![
+                        ("sink".to_owned(), name.clone()),
+                        ("reason".to_owned(), reason.clone()),
+                    ])
+                    .set(*n as i64);
+            }
+            // The histogram shares its buckets with the forwarder's copy.
+            registry
+                .sub_registry_with_label(("sink".into(), name.clone().into()))
+                .register(
+                    "delivery_latency_seconds",
+                    "Seconds from an event's source time to the sink's acknowledgement",
+                    st.delivery_latency.clone(),
+                );
             delivered.get_or_create(&labels).set(st.delivered as i64);
             rejected.get_or_create(&labels).set(st.rejected as i64);
             retries.get_or_create(&labels).set(st.retries as i64);
@@ -180,6 +200,16 @@ impl Metrics {
             retries,
         );
         registry.register("sink_up", "1 unless the sink is retrying", up);
+        registry.register(
+            "sink_rejected_events_by_reason",
+            "Events dead-lettered by this process, per sink and reason kind",
+            by_reason,
+        );
+        registry.register(
+            "journal_append_latency_seconds",
+            "Seconds from a source's append to the journal's durable answer",
+            self.append_latency.clone(),
+        );
         let modbus = Family::<Labels, Gauge>::default();
         for (source, stats) in &self.modbus {
             for (kind, value) in [

@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, SinkKind, SourceKind};
 use crate::forwarder::{self, SharedStatus};
+use prometheus_client::metrics::histogram::Histogram;
 
 /// Journal settings from the agent config.
 pub fn journal_config(config: &Config) -> JournalConfig {
@@ -113,6 +114,14 @@ impl RunningAgent {
         }
 
         let (appender, writer) = journal.start_writer();
+        // 0.1 ms .. 5 s: an fsync is ~1 ms; a full journal parks appends.
+        let append_latency = Histogram::new([
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+        ]);
+        let observed = append_latency.clone();
+        let appender = appender.observed(Arc::new(move |took: Duration| {
+            observed.observe(took.as_secs_f64())
+        }));
         let (stop_sources, stop_src_rx) = watch::channel(false);
         let tally: Tally = Arc::new(Mutex::new(BTreeMap::new()));
         let classifier = Classifier {
@@ -169,6 +178,7 @@ impl RunningAgent {
                 forwarders: forwarders.clone(),
                 modbus: modbus.clone(),
                 opcua: opcua.clone(),
+                append_latency,
                 ready_max_age: config.ready_max_backlog_age,
             });
             tokio::spawn(crate::metrics::serve(addr, metrics, stop_fw_rx.clone()));

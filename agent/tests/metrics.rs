@@ -105,6 +105,19 @@ async fn metrics_move_as_events_flow_and_an_outage_shows_in_backlog_and_readines
         second.contains("plant_edge_build_info"),
         "build info exposed"
     );
+    let appends_timed = |t: &str| {
+        metric(t, "plant_edge_journal_append_latency_seconds_count").expect("append latency")
+    };
+    assert!(
+        appends_timed(&second) > appends_timed(&first),
+        "durable-append latency observed as events flow"
+    );
+    let archive_delivery = metric(
+        &second,
+        "plant_edge_delivery_latency_seconds_count{sink=\"archive\"}",
+    )
+    .expect("delivery latency of the archive");
+    assert!(archive_delivery > 0.0, "delivery latency observed per sink");
     let (code, why) = get("/readyz").await.expect("readyz");
     assert_eq!(code, 503, "not ready with a backlog older than 1s: {why}");
     assert!(why.contains("oldest pending event"), "{why}");

@@ -149,6 +149,16 @@ async fn ten_thousand_events_arrive_exactly_once_in_order_with_cloudevent_proper
     );
     wait_for_count(&received, 10_000, Duration::from_secs(20)).await;
     sink.close().await;
+    // The offline status is published on close; it reaches the subscriber
+    // a moment later.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !received.lock().expect("lock").iter().any(|r| {
+        r.topic == "plants/site1/gw1/status"
+            && String::from_utf8_lossy(&r.payload).contains("\"offline\"")
+    }) && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let received = received.lock().expect("lock").clone();
     let got = events_received(&received);
     assert_eq!(

@@ -127,12 +127,17 @@ impl Job {
 #[derive(Clone)]
 pub struct Appender {
     tx: mpsc::Sender<Job>,
+    observer: Option<AppendObserver>,
 }
+
+/// Called with the time each append took to become durable (metrics).
+pub type AppendObserver = std::sync::Arc<dyn Fn(Duration) + Send + Sync>;
 
 impl Appender {
     /// Appends and waits until the events are durable (or parked until space
     /// frees, for business events on a full journal).
     pub async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, JournalError> {
+        let started = std::time::Instant::now();
         let (reply, answer) = oneshot::channel();
         let job = Job {
             request,
@@ -141,7 +146,17 @@ impl Appender {
             dead_letter: None,
         };
         self.tx.send(job).await.map_err(|_| JournalError::Closed)?;
-        answer.await.map_err(|_| JournalError::Closed)?
+        let result = answer.await.map_err(|_| JournalError::Closed)?;
+        if let (Some(observe), Ok(_)) = (&self.observer, &result) {
+            observe(started.elapsed());
+        }
+        result
+    }
+
+    /// The same appender, reporting each durable append's latency.
+    pub fn observed(mut self, observer: AppendObserver) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// Stores events a source could not make sense of (a malformed record)
@@ -251,7 +266,7 @@ impl Journal {
         let (tx, rx) = mpsc::channel(self.inner.config.channel_capacity.max(1));
         let journal = self.clone();
         let handle = tokio::spawn(async move { journal.run_writer(rx).await });
-        (Appender { tx }, handle)
+        (Appender { tx, observer: None }, handle)
     }
 
     async fn run_writer(self, mut rx: mpsc::Receiver<Job>) {

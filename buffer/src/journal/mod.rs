@@ -59,7 +59,7 @@ use crate::EventClass;
 use dedup::DedupWindow;
 use layout::{ChunkMeta, DeadLetterRecord};
 
-pub use commit::{AppendOutcome, AppendRequest, Appender, NewEvent, Routes};
+pub use commit::{AppendObserver, AppendOutcome, AppendRequest, Appender, NewEvent, Routes};
 pub use inspect::{DeadLetter, EventSummary, JournalStats, SinkStats, VerifyReport};
 pub use layout::MAX_EVENT_BYTES;
 pub use sinks::PendingEvent;
