@@ -40,6 +40,8 @@ pub struct Metrics {
     pub opcua: Vec<(String, Arc<OpcUaStats>)>,
     /// Durable-append latency of every source's appends.
     pub append_latency: Histogram,
+    /// Events made per source and type.
+    pub read: protocols::source::ReadCounts,
     /// `/readyz` fails when the oldest pending event is older than this.
     pub ready_max_age: Duration,
 }
@@ -204,6 +206,19 @@ impl Metrics {
             "sink_rejected_events_by_reason",
             "Events dead-lettered by this process, per sink and reason kind",
             by_reason,
+        );
+        let read = Family::<Labels, Gauge>::default();
+        for ((source, event_type), n) in self.read.snapshot() {
+            read.get_or_create(&vec![
+                ("source".into(), source),
+                ("type".into(), event_type),
+            ])
+            .set(n as i64);
+        }
+        registry.register(
+            "source_events_read",
+            "Events sources made from what they read, per source and type, since start",
+            read,
         );
         registry.register(
             "journal_append_latency_seconds",

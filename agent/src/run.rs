@@ -127,6 +127,7 @@ impl RunningAgent {
         let classifier = Classifier {
             telemetry_types: config.journal.telemetry_types.clone(),
         };
+        let read = protocols::source::ReadCounts::default();
         let mut sources = Vec::new();
         let mut modbus = Vec::new();
         let mut opcua = Vec::new();
@@ -141,6 +142,7 @@ impl RunningAgent {
                 appender: appender.clone(),
                 initial_cursor: journal.source_cursor(&source.name)?,
                 shutdown: stop_src_rx.clone(),
+                read: read.clone(),
             };
             match &source.kind {
                 SourceKind::Simulated(sc) => {
@@ -179,6 +181,7 @@ impl RunningAgent {
                 modbus: modbus.clone(),
                 opcua: opcua.clone(),
                 append_latency,
+                read,
                 ready_max_age: config.ready_max_backlog_age,
             });
             tokio::spawn(crate::metrics::serve(addr, metrics, stop_fw_rx.clone()));

@@ -118,6 +118,13 @@ async fn metrics_move_as_events_flow_and_an_outage_shows_in_backlog_and_readines
     )
     .expect("delivery latency of the archive");
     assert!(archive_delivery > 0.0, "delivery latency observed per sink");
+    assert!(
+        second
+            .lines()
+            .any(|l| l.starts_with("plant_edge_source_events_read{")
+                && l.contains("type=\"production.completion\"")),
+        "events read per source and type"
+    );
     let (code, why) = get("/readyz").await.expect("readyz");
     assert_eq!(code, 503, "not ready with a backlog older than 1s: {why}");
     assert!(why.contains("oldest pending event"), "{why}");

@@ -49,6 +49,30 @@ pub struct SourceContext {
     pub initial_cursor: Option<Vec<u8>>,
     /// Becomes `true` when the agent stops.
     pub shutdown: watch::Receiver<bool>,
+    /// Events made, per source and type (metrics).
+    pub read: ReadCounts,
+}
+
+/// Events every source made, by (source, type); shared with metrics.
+#[derive(Clone, Debug, Default)]
+pub struct ReadCounts(std::sync::Arc<std::sync::Mutex<BTreeMap<(String, String), u64>>>);
+
+impl ReadCounts {
+    /// Counts one event.
+    pub fn add(&self, source: &str, event_type: &str) {
+        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match counts.get_mut(&(source.to_owned(), event_type.to_owned())) {
+            Some(n) => *n += 1,
+            None => {
+                counts.insert((source.to_owned(), event_type.to_owned()), 1);
+            }
+        }
+    }
+
+    /// The counts so far.
+    pub fn snapshot(&self) -> BTreeMap<(String, String), u64> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 impl SourceContext {
@@ -59,6 +83,7 @@ impl SourceContext {
 
     /// Wraps a canonical event for the journal.
     pub fn new_event(&self, event: &CloudEvent) -> NewEvent {
+        self.read.add(&self.name, event.event_type.as_str());
         NewEvent::from_cloud_event(
             event,
             self.classifier.class_of(&event.event_type),

@@ -57,6 +57,7 @@ fn source(name: &str, journal: &Journal, shutdown: watch::Receiver<bool>) -> Sou
         appender,
         initial_cursor: None,
         shutdown,
+        read: Default::default(),
     }
 }
 

@@ -81,6 +81,7 @@ fn start_on(journal: Journal, config: ModbusConfig, dir: tempfile::TempDir) -> R
         appender,
         initial_cursor: journal.source_cursor(SOURCE).expect("cursor"),
         shutdown,
+        read: Default::default(),
     };
     let task = tokio::spawn(modbus::run(ctx, config, stats.clone()));
     Rig {

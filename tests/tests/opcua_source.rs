@@ -129,6 +129,7 @@ fn start(dir: &Path, config: OpcUaConfig) -> Rig {
         appender,
         initial_cursor: journal.source_cursor(SOURCE).expect("cursor"),
         shutdown,
+        read: Default::default(),
     };
     let task = tokio::spawn(opcua::run(ctx, config, stats.clone()));
     Rig {
