@@ -53,25 +53,38 @@ pub struct SourceContext {
     pub read: ReadCounts,
 }
 
-/// Events every source made, by (source, type); shared with metrics.
+/// Events every source made, by source and type; shared with metrics.
 #[derive(Clone, Debug, Default)]
-pub struct ReadCounts(std::sync::Arc<std::sync::Mutex<BTreeMap<(String, String), u64>>>);
+pub struct ReadCounts(std::sync::Arc<std::sync::Mutex<BTreeMap<String, BTreeMap<String, u64>>>>);
 
 impl ReadCounts {
-    /// Counts one event.
+    /// Counts one event (allocates only the first time a pair is seen).
     pub fn add(&self, source: &str, event_type: &str) {
         let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        match counts.get_mut(&(source.to_owned(), event_type.to_owned())) {
-            Some(n) => *n += 1,
-            None => {
-                counts.insert((source.to_owned(), event_type.to_owned()), 1);
+        if !counts.contains_key(source) {
+            counts.insert(source.to_owned(), BTreeMap::new());
+        }
+        if let Some(types) = counts.get_mut(source) {
+            match types.get_mut(event_type) {
+                Some(n) => *n += 1,
+                None => {
+                    types.insert(event_type.to_owned(), 1);
+                }
             }
         }
     }
 
-    /// The counts so far.
+    /// The counts so far, by (source, type).
     pub fn snapshot(&self) -> BTreeMap<(String, String), u64> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        let counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        counts
+            .iter()
+            .flat_map(|(source, types)| {
+                types
+                    .iter()
+                    .map(move |(t, n)| ((source.clone(), t.clone()), *n))
+            })
+            .collect()
     }
 }
 
