@@ -159,6 +159,39 @@ impl CounterSignal {
         event.sequence = Some(next.total.to_string());
         Some(event)
     }
+
+    /// The event for a measured amount (kg as a float) that grew by
+    /// `delta` (already scaled) to `value`; `next` is the state stored with it.
+    pub fn measure_event_for(
+        &self,
+        ctx: &SourceContext,
+        delta: f64,
+        value: f64,
+        next: CounterState,
+        origin: Origin,
+        read_at: SystemTime,
+    ) -> CloudEvent {
+        let urn = ctx.urn();
+        let id = buffer::id::counter_event_id(&urn, &self.name, next.epoch, next.raw);
+        let mut attributes = ctx.attributes.clone();
+        attributes.insert("counter_value".into(), value.to_string());
+        attributes.insert("counter_epoch".into(), next.epoch.to_string());
+        let data = EventData {
+            site: ctx.site.clone(),
+            line: self.line.clone(),
+            machine: self.machine.clone(),
+            work_order: None,
+            material: None,
+            quantity: Quantity::Measure(delta),
+            unit: self.unit.clone(),
+            lot: None,
+            reason_code: None,
+            counter: None,
+            origin,
+            attributes,
+        };
+        CloudEvent::new(id, urn, self.event_type.clone(), read_at, data)
+    }
 }
 
 /// A value read for a record field or a context value.

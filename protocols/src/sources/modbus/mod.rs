@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use buffer::event::{EventData, Origin, Quantity};
+use buffer::event::{Origin, Quantity};
 use buffer::{AppendRequest, CloudEvent, EventType, JournalError};
 use tokio_modbus::client::{Context, Reader, Writer};
 use tokio_modbus::{ExceptionCode, Slave};
@@ -517,8 +517,26 @@ async fn poll(
                             crate::counter::observe_measure(states.get(&spec.signal).copied(), v);
                         next_states.insert(spec.signal.clone(), next);
                         if delta > 0.0 {
-                            let mut event =
-                                measure_event(ctx, config, spec, delta, v, next, bridged, read_at);
+                            let mut event = counter_signal(spec, config).measure_event_for(
+                                ctx,
+                                delta * spec.scale,
+                                v,
+                                next,
+                                Origin {
+                                    protocol: "modbus".into(),
+                                    endpoint: endpoint_text(&config.endpoint),
+                                    address: format!("unit {} {}", config.unit, spec.address),
+                                    quality: "good".into(),
+                                    source_time: None,
+                                },
+                                read_at,
+                            );
+                            if bridged {
+                                event
+                                    .data
+                                    .attributes
+                                    .insert("bridged_outage".into(), "true".into());
+                            }
                             stamp_context(&mut event, &context);
                             events.push(ctx.new_event(&event));
                         }
@@ -607,48 +625,6 @@ fn stamp_context(event: &mut CloudEvent, context: &BTreeMap<&str, String>) {
     if let Some(lot) = context.get("lot") {
         event.data.lot = Some(lot.clone());
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn measure_event(
-    ctx: &SourceContext,
-    config: &ModbusConfig,
-    spec: &CounterSpec,
-    delta: f64,
-    value: f64,
-    next: CounterState,
-    bridged: bool,
-    read_at: SystemTime,
-) -> CloudEvent {
-    let urn = ctx.urn();
-    let id = buffer::id::counter_event_id(&urn, &spec.signal, next.epoch, next.raw);
-    let mut attributes = ctx.attributes.clone();
-    attributes.insert("counter_value".into(), value.to_string());
-    attributes.insert("counter_epoch".into(), next.epoch.to_string());
-    if bridged {
-        attributes.insert("bridged_outage".into(), "true".into());
-    }
-    let data = EventData {
-        site: ctx.site.clone(),
-        line: config.line.clone(),
-        machine: config.machine.clone(),
-        work_order: None,
-        material: None,
-        quantity: Quantity::Measure(delta * spec.scale),
-        unit: spec.unit.clone(),
-        lot: None,
-        reason_code: None,
-        counter: None,
-        origin: Origin {
-            protocol: "modbus".into(),
-            endpoint: endpoint_text(&config.endpoint),
-            address: format!("unit {} {}", config.unit, spec.address),
-            quality: "good".into(),
-            source_time: None,
-        },
-        attributes,
-    };
-    CloudEvent::new(id, urn, spec.event_type.clone(), read_at, data)
 }
 
 async fn write_ack(

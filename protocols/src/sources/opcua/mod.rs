@@ -873,8 +873,20 @@ impl Served<'_> {
             CounterValue::Measure(v) => {
                 let (_, delta, state) = crate::counter::observe_measure(previous, v);
                 next.counters.insert(spec.signal.clone(), state);
+                let signal = CounterSignal {
+                    name: spec.signal.clone(),
+                    event_type: spec.event_type.clone(),
+                    unit: spec.unit.clone(),
+                    line: self.config.line.clone(),
+                    machine: self.config.machine.clone(),
+                    // Floats have no wrap: observe_measure ignores the rules.
+                    rules: CounterRules {
+                        width: crate::counter::CounterWidth::U64,
+                        max_step: spec.max_step,
+                    },
+                };
                 (delta > 0.0).then(|| {
-                    measure_event(self.ctx, self.config, spec, delta, v, state, origin, time)
+                    signal.measure_event_for(self.ctx, delta * spec.scale, v, state, origin, time)
                 })
             }
         };
@@ -1288,39 +1300,6 @@ pub fn convert(value: &FieldValue, type_name: &str) -> Result<Variant, String> {
 pub const ACK_TYPES: [&str; 9] = [
     "Boolean", "Int16", "UInt16", "Int32", "UInt32", "Int64", "UInt64", "Double", "String",
 ];
-
-#[allow(clippy::too_many_arguments)]
-fn measure_event(
-    ctx: &SourceContext,
-    config: &OpcUaConfig,
-    spec: &NodeCounter,
-    delta: f64,
-    value: f64,
-    next: CounterState,
-    origin: Origin,
-    time: SystemTime,
-) -> CloudEvent {
-    let urn = ctx.urn();
-    let id = buffer::id::counter_event_id(&urn, &spec.signal, next.epoch, next.raw);
-    let mut attributes = ctx.attributes.clone();
-    attributes.insert("counter_value".into(), value.to_string());
-    attributes.insert("counter_epoch".into(), next.epoch.to_string());
-    let data = EventData {
-        site: ctx.site.clone(),
-        line: config.line.clone(),
-        machine: config.machine.clone(),
-        work_order: None,
-        material: None,
-        quantity: Quantity::Measure(delta * spec.scale),
-        unit: spec.unit.clone(),
-        lot: None,
-        reason_code: None,
-        counter: None,
-        origin,
-        attributes,
-    };
-    CloudEvent::new(id, urn, spec.event_type.clone(), time, data)
-}
 
 /// Default PKI directory inside the state directory.
 pub fn default_pki_dir(state_dir: &std::path::Path) -> PathBuf {
