@@ -4,6 +4,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# A clean build of the workspace (debug tests + the release build for the
+# .deb) needs about NEEDED_GIB of disk; say so instead of failing in the
+# linker with "No space left on device".
+NEEDED_GIB=8
+free_gib=$(df --output=avail -BG . | tail -1 | tr -dc '0-9')
+if [ "${free_gib:-0}" -lt "$NEEDED_GIB" ]; then
+  echo "only ${free_gib} GiB free on $(df --output=target . | tail -1); the tests need about ${NEEDED_GIB} GiB (target/ of a clean build)" >&2
+  exit 1
+fi
+# Incremental compilation only pays off for repeated builds; a clean run
+# would just write gigabytes of incremental state.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "cargo-nextest missing: installing it from crates.io" >&2
   cargo install cargo-nextest --locked
