@@ -140,12 +140,29 @@ fn garbage_sled_config_moves_the_journal_aside_and_keeps_it() {
     assert!(path.join("db").exists(), "a fresh journal took its place");
 }
 
+/// Opens the journal's sled directory directly. sled releases its file
+/// lock only when its background threads let go of the closed journal, a
+/// moment after `close` (`Journal::open` waits the same way).
+fn open_raw(path: &Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match sled::Config::new().path(path).open() {
+            Ok(db) => return db,
+            Err(e) if e.to_string().contains("could not acquire lock") => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "sled lock still held 10 s after close: {e}"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => panic!("raw sled open: {e}"),
+        }
+    }
+}
+
 /// Overwrites one sled value of the journal, as a bad sector would.
 fn damage_value(path: &Path, family: u8, nth: usize) -> u64 {
-    let db = sled::Config::new()
-        .path(path)
-        .open()
-        .expect("raw sled open");
+    let db = open_raw(path);
     let (key, _) = db
         .scan_prefix([family])
         .nth(nth)
