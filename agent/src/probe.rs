@@ -218,6 +218,103 @@ fn type_name(v: &opcua_lib::types::Variant) -> String {
     }
 }
 
+/// Changes the probe keeps while the terminal catches up; more are counted.
+const WATCH_QUEUE: usize = 1024;
+
+/// `--watch`: one subscription with one monitored item, printed as the
+/// server publishes, the way the agent's source would see the node.
+async fn watch(
+    ua: &opcua_lib::client::Session,
+    link: &mut tokio::sync::mpsc::Receiver<protocols::sources::opcua::session::LinkEvent>,
+    node: &str,
+    id: opcua_lib::types::NodeId,
+    watch_for: Duration,
+) -> anyhow::Result<()> {
+    use opcua_lib::client::DataChangeCallback;
+    use opcua_lib::types::{
+        AttributeId, MonitoredItemCreateRequest, MonitoringMode, MonitoringParameters, ReadValueId,
+        TimestampsToReturn,
+    };
+    use protocols::sources::opcua::session::LinkEvent;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    let (tx, mut changes) = tokio::sync::mpsc::channel(WATCH_QUEUE);
+    let not_shown = Arc::new(AtomicU64::new(0));
+    let overflow = not_shown.clone();
+    let callback = DataChangeCallback::new(move |value, _item| {
+        if tx.try_send(value).is_err() {
+            overflow.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let subscription = ua
+        .create_subscription(Duration::from_millis(100), 60, 10, 0, 0, true, callback)
+        .await
+        .map_err(|e| anyhow::anyhow!("the server refused a subscription: {e}"))?;
+    let request = MonitoredItemCreateRequest {
+        item_to_monitor: ReadValueId {
+            node_id: id,
+            attribute_id: AttributeId::Value as u32,
+            ..Default::default()
+        },
+        monitoring_mode: MonitoringMode::Reporting,
+        requested_parameters: MonitoringParameters {
+            client_handle: 1,
+            sampling_interval: 0.0,
+            queue_size: 100,
+            discard_oldest: true,
+            ..Default::default()
+        },
+    };
+    let results = ua
+        .create_monitored_items(subscription, TimestampsToReturn::Both, vec![request])
+        .await
+        .map_err(|e| anyhow::anyhow!("{node}: cannot be monitored: {e}"))?;
+    if let Some(bad) = results
+        .iter()
+        .map(|r| r.result.status_code)
+        .find(|s| s.is_bad())
+    {
+        anyhow::bail!("{node}: cannot be monitored: {bad}");
+    }
+    eprintln!("watching {node} (subscription {subscription}); Ctrl-C stops");
+    let deadline = (!watch_for.is_zero()).then(|| tokio::time::Instant::now() + watch_for);
+    let until_deadline = async {
+        match deadline {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(until_deadline);
+    let mut reported_overflow = 0;
+    loop {
+        tokio::select! {
+            change = changes.recv() => {
+                let Some(value) = change else { break };
+                let dropped = not_shown.load(Ordering::Relaxed);
+                if dropped > reported_overflow {
+                    println!("({} changes not shown: the terminal fell behind)", dropped - reported_overflow);
+                    reported_overflow = dropped;
+                }
+                println!(
+                    "{} {node} = {}",
+                    buffer::event::rfc3339_millis(std::time::SystemTime::now()),
+                    describe_value(&value)
+                );
+            }
+            event = link.recv() => {
+                if let Some(LinkEvent::Lost(code) | LinkEvent::Ended(code)) = event {
+                    anyhow::bail!("the connection to the server was lost: {code}");
+                }
+            }
+            _ = &mut until_deadline => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    let _ = ua.delete_subscription(subscription).await;
+    Ok(())
+}
+
 /// `plant-edge probe opcua`: browse, read or watch, without any journal.
 pub async fn opcua(request: OpcUaProbe) -> anyhow::Result<()> {
     use opcua_lib::types::{
@@ -314,36 +411,7 @@ pub async fn opcua(request: OpcUaProbe) -> anyhow::Result<()> {
                 anyhow::bail!("{node}: {}", value.status.unwrap_or_default());
             }
         } else if let Some(node) = &request.watch {
-            let id = parse(node)?;
-            let started = tokio::time::Instant::now();
-            let mut last = None;
-            // Cyclic reads at 200 ms show what a subscription would, and
-            // work even where the server's subscriptions are the problem.
-            loop {
-                let values = ua
-                    .read(
-                        &[read_one(id.clone(), AttributeId::Value)],
-                        TimestampsToReturn::Both,
-                        0.0,
-                    )
-                    .await?;
-                let value = values.into_iter().next().unwrap_or_default();
-                let shown = describe_value(&value);
-                if last.as_ref() != Some(&value.value) {
-                    println!(
-                        "{} {node} = {shown}",
-                        buffer::event::rfc3339_millis(std::time::SystemTime::now())
-                    );
-                    last = Some(value.value.clone());
-                }
-                if !request.watch_for.is_zero() && started.elapsed() >= request.watch_for {
-                    break;
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                    _ = tokio::signal::ctrl_c() => break,
-                }
-            }
+            watch(&ua, &mut rx, node, parse(node)?, request.watch_for).await?;
         } else {
             anyhow::bail!("say what to do: --browse NODE, --read NODE or --watch NODE");
         }

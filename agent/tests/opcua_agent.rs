@@ -236,6 +236,61 @@ async fn probe_opcua_browses_reads_and_explains_untrusted_servers() {
         text.contains("1234") && text.contains("Good") && text.contains("source time"),
         "{text}"
     );
+    // --watch subscribes: every value the server publishes is printed
+    // as it comes, until --for ends it.
+    let mut child = common::bin()
+        .args([
+            "probe",
+            "opcua",
+            &endpoint,
+            "--pki-dir",
+            &pki_arg,
+            "--watch",
+            &mes.node("Line1.Good"),
+            "--for",
+            "60s",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("probe --watch");
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    let stdout_pipe = child.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout_pipe).lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let wait_for = |value: &str, seen: &mut Vec<String>| {
+        while !seen
+            .iter()
+            .any(|l: &String| l.contains(&format!("= {value} ")))
+        {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) => seen.push(line),
+                Err(_) => panic!("--watch never printed {value}: {seen:#?}"),
+            }
+        }
+    };
+    wait_for("1234", &mut seen);
+    mes.set("Line1.Good", 1235u32);
+    wait_for("1235", &mut seen);
+    mes.set("Line1.Good", 1236u32);
+    wait_for("1236", &mut seen);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        seen.iter()
+            .all(|l| l.contains("UInt32") && l.contains("source time")),
+        "{seen:#?}"
+    );
     let out = probe(vec![
         "probe".into(),
         "opcua".into(),
