@@ -33,6 +33,7 @@ fn main() {
             pki_dir: dir.path().join("mes-pki"),
             trust_clients: true,
             require_user: false,
+            x509_user: None,
         })
         .await;
         let nodes = mes.add_counters(NODES);

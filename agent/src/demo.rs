@@ -271,6 +271,7 @@ pub async fn run(
         pki_dir: peers.join("mes-pki"),
         trust_clients: true,
         require_user: false,
+        x509_user: None,
     })
     .await;
     let mut erp = Erp::start(&pki.server_cert, &pki.server_key).await;

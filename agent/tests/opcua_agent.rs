@@ -72,6 +72,7 @@ async fn handshake_records_survive_sigkill_exactly_once_and_are_acknowledged_onl
         pki_dir: dir.path().join("mes-pki"),
         trust_clients: true,
         require_user: false,
+        x509_user: None,
     })
     .await;
     mes.set("Line1.Good", 0u32);
@@ -193,6 +194,7 @@ async fn probe_opcua_browses_reads_and_explains_untrusted_servers() {
         pki_dir: dir.path().join("mes-pki"),
         trust_clients: true,
         require_user: false,
+        x509_user: None,
     })
     .await;
     mes.set("Line1.Good", 1234u32);

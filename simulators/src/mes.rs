@@ -26,6 +26,8 @@ use opcua::types::{
 pub const USER: &str = "gateway";
 /// Its password.
 pub const PASSWORD: &str = "line1-secret";
+/// The user known by its certificate ([`MesOptions::x509_user`]).
+pub const CERT_USER: &str = "gateway-cert";
 
 /// How to start the MES.
 #[derive(Clone, Debug)]
@@ -38,6 +40,8 @@ pub struct MesOptions {
     pub trust_clients: bool,
     /// Offer only user name/password (no anonymous).
     pub require_user: bool,
+    /// A user certificate (DER or PEM file) accepted as [`CERT_USER`].
+    pub x509_user: Option<PathBuf>,
 }
 
 /// What the MES saw of acknowledgements.
@@ -71,6 +75,9 @@ impl Mes {
         let addr = listener.local_addr().expect("local addr");
         let url = format!("opc.tcp://127.0.0.1:{}/", addr.port());
         let mut tokens = vec![USER];
+        if options.x509_user.is_some() {
+            tokens.push(CERT_USER);
+        }
         if !options.require_user {
             tokens.push(ANONYMOUS_USER_TOKEN_ID);
         }
@@ -84,14 +91,17 @@ impl Mes {
             .port(addr.port())
             .trust_client_certs(options.trust_clients)
             .discovery_urls(vec![url])
-            .add_user_token(USER, ServerUserToken::user_pass(USER, PASSWORD))
-            .with_node_manager(simple_node_manager(
-                NamespaceMetadata {
-                    namespace_uri: NAMESPACE.to_owned(),
-                    ..Default::default()
-                },
-                "mes",
-            ));
+            .add_user_token(USER, ServerUserToken::user_pass(USER, PASSWORD));
+        if let Some(cert) = &options.x509_user {
+            builder = builder.add_user_token(CERT_USER, ServerUserToken::x509(CERT_USER, cert));
+        }
+        builder = builder.with_node_manager(simple_node_manager(
+            NamespaceMetadata {
+                namespace_uri: NAMESPACE.to_owned(),
+                ..Default::default()
+            },
+            "mes",
+        ));
         let endpoints: [(&str, SecurityPolicy, MessageSecurityMode); 6] = [
             ("none", SecurityPolicy::None, MessageSecurityMode::None),
             (

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use buffer::{EventType, Journal, JournalConfig};
-use plant_edge_tests::mes::{Mes, MesOptions, PASSWORD, USER};
+use plant_edge_tests::mes::{Mes, MesOptions, CERT_USER, PASSWORD, USER};
 use protocols::source::{Classifier, SourceContext};
 use protocols::sources::opcua::record::JsonField;
 use protocols::sources::opcua::{
@@ -209,6 +209,7 @@ fn options(dir: &Path) -> MesOptions {
         pki_dir: dir.join("mes-pki"),
         trust_clients: true,
         require_user: false,
+        x509_user: None,
     }
 }
 
@@ -557,6 +558,7 @@ async fn secure_sessions_need_a_trusted_server_certificate_and_the_right_user() 
     let dir = tempfile::tempdir().expect("tempdir");
     let mes = Mes::start(&MesOptions {
         require_user: true,
+        x509_user: None,
         ..options(dir.path())
     })
     .await;
@@ -615,6 +617,94 @@ async fn secure_sessions_need_a_trusted_server_certificate_and_the_right_user() 
     assert!(
         try_connect(&anonymous).await.is_err(),
         "anonymous not offered"
+    );
+    mes.stop().await;
+}
+
+/// A user certificate and key as an OT engineer would get them from the
+/// plant's PKI (here made with async-opcua's own generator).
+fn user_certificate(dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let cert = dir.join(format!("{name}.der"));
+    let key = dir.join(format!("{name}.pem"));
+    ::opcua::crypto::CertificateStore::create_certificate_and_key(
+        &::opcua::crypto::X509Data {
+            key_size: 2048,
+            common_name: name.into(),
+            organization: "plant".into(),
+            organizational_unit: "line1".into(),
+            country: "DE".into(),
+            state: "BY".into(),
+            alt_host_names: vec![format!("urn:plant:user:{name}")].into(),
+            certificate_duration_days: 30,
+        },
+        true,
+        &cert,
+        &key,
+    )
+    .expect("user certificate");
+    (cert, key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x509_user_identity_and_trust_on_first_use_for_commissioning() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = user_certificate(dir.path(), CERT_USER);
+    let (stranger_cert, stranger_key) = user_certificate(dir.path(), "stranger");
+    let mes = Mes::start(&MesOptions {
+        require_user: true,
+        x509_user: Some(cert.clone()),
+        ..options(dir.path())
+    })
+    .await;
+    let pki = dir.path().join("pki");
+    let mut secure = connection(&mes, &pki);
+    secure.security_policy = "Basic256Sha256".into();
+    secure.security_mode = "SignAndEncrypt".into();
+    secure.identity = UserIdentity::Certificate {
+        cert: cert.clone(),
+        key: key.clone(),
+    };
+    // Commissioning switch: the unknown server certificate is trusted and
+    // kept in trusted/, so the switch can be turned off afterwards.
+    secure.trust_unknown_server = true;
+    try_connect(&secure)
+        .await
+        .expect("X.509 user over SignAndEncrypt, server trusted on first use");
+    let trusted: Vec<_> = std::fs::read_dir(pki.join("trusted"))
+        .expect("trusted/ exists")
+        .collect();
+    assert_eq!(
+        trusted.len(),
+        1,
+        "the server certificate was stored in trusted/"
+    );
+    assert!(
+        session::newest_rejected(&pki).is_none(),
+        "nothing rejected when trusting on first use"
+    );
+    secure.trust_unknown_server = false;
+    try_connect(&secure)
+        .await
+        .expect("still trusted with the switch off again");
+
+    let mut stranger = secure.clone();
+    stranger.identity = UserIdentity::Certificate {
+        cert: stranger_cert,
+        key: stranger_key,
+    };
+    let denied = try_connect(&stranger)
+        .await
+        .expect_err("a user certificate the server does not know is refused");
+    assert!(denied.contains("refused the user identity"), "{denied}");
+
+    let mut mismatched = secure.clone();
+    mismatched.identity = UserIdentity::Certificate {
+        cert,
+        key: dir.path().join("stranger.pem"),
+    };
+    assert!(
+        try_connect(&mismatched).await.is_err(),
+        "a key that does not belong to the certificate cannot sign the token"
     );
     mes.stop().await;
 }
