@@ -708,3 +708,224 @@ async fn x509_user_identity_and_trust_on_first_use_for_commissioning() {
     );
     mes.stop().await;
 }
+
+/// A TCP relay between the source and the MES that can lose one
+/// PublishResponse carrying data, as a flaky network path or a
+/// misbehaving gateway in between would. Only for SecurityPolicy None:
+/// the secure channel's sequence numbers of later messages are lowered
+/// by one so the channel itself still looks intact and only the
+/// subscription's notification sequence shows the gap.
+struct LossyRelay {
+    drop_next_data: Arc<std::sync::atomic::AtomicBool>,
+    dropped: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Encoding id of PublishResponse (i=829) as a four-byte node id.
+const PUBLISH_RESPONSE: [u8; 4] = [0x01, 0x00, 0x3d, 0x03];
+
+impl LossyRelay {
+    async fn start(listen: std::net::SocketAddr, upstream: std::net::SocketAddr) -> LossyRelay {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .expect("bind relay");
+        let drop_next_data = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (arm, count) = (drop_next_data.clone(), dropped.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (mut client_read, client_write) = client.into_split();
+                let (server_read, mut server_write) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                });
+                tokio::spawn(relay_down(
+                    server_read,
+                    client_write,
+                    arm.clone(),
+                    count.clone(),
+                ));
+            }
+        });
+        LossyRelay {
+            drop_next_data,
+            dropped,
+            task,
+        }
+    }
+}
+
+/// Server → client: whole frames, one data PublishResponse dropped on
+/// request, later sequence numbers shifted down.
+async fn relay_down(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    arm: Arc<std::sync::atomic::AtomicBool>,
+    dropped: Arc<std::sync::atomic::AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut shift = 0u32;
+    loop {
+        let mut header = [0u8; 8];
+        if from.read_exact(&mut header).await.is_err() {
+            return;
+        }
+        let size = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes")) as usize;
+        let mut frame = header.to_vec();
+        frame.resize(size.max(8), 0);
+        if from.read_exact(&mut frame[8..]).await.is_err() {
+            return;
+        }
+        let kind = &frame[0..3];
+        if kind == b"MSG"
+            && frame[3] == b'F'
+            && publish_carries_data(&frame)
+            && arm.swap(false, Ordering::SeqCst)
+        {
+            shift += 1;
+            dropped.fetch_add(1, Ordering::SeqCst);
+            continue;
+        }
+        if let Some(at) = sequence_offset(&frame) {
+            if shift > 0 && frame.len() >= at + 4 {
+                let seq = u32::from_le_bytes(frame[at..at + 4].try_into().expect("4 bytes"));
+                frame[at..at + 4].copy_from_slice(&(seq - shift).to_le_bytes());
+            }
+        }
+        if to.write_all(&frame).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Where the sequence number sits in a MSG, CLO or OPN chunk (policy None).
+fn sequence_offset(frame: &[u8]) -> Option<usize> {
+    let le_i32 = |at: usize| {
+        frame
+            .get(at..at + 4)
+            .map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")))
+    };
+    match &frame[0..3] {
+        b"MSG" | b"CLO" => Some(16),
+        b"OPN" => {
+            // channel id, then policy URI, sender certificate and receiver
+            // thumbprint as length-prefixed byte strings (-1 = null).
+            let mut at = 12;
+            for _ in 0..3 {
+                at += 4 + le_i32(at)?.max(0) as usize;
+            }
+            Some(at)
+        }
+        _ => None,
+    }
+}
+
+/// Whether a single-chunk MSG is a PublishResponse with notification data
+/// (not a keep-alive). Walks the fixed part of the response.
+fn publish_carries_data(frame: &[u8]) -> bool {
+    if frame.get(24..28) != Some(&PUBLISH_RESPONSE[..]) {
+        return false;
+    }
+    let le_i32 = |at: usize| {
+        frame
+            .get(at..at + 4)
+            .map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")))
+    };
+    // ResponseHeader: timestamp, handle, result, then diagnostics (empty:
+    // mask 0), string table, additional header (null extension object).
+    let mut at = 28 + 8 + 4 + 4;
+    if frame.get(at) != Some(&0) {
+        return false;
+    }
+    at += 1;
+    if le_i32(at).is_none_or(|n| n > 0) {
+        return false;
+    }
+    at += 4 + 3;
+    // subscription id, available sequence numbers, more notifications
+    at += 4;
+    let Some(available) = le_i32(at) else {
+        return false;
+    };
+    at += 4 + 4 * available.max(0) as usize + 1;
+    // NotificationMessage: sequence number, publish time, data array
+    at += 4 + 8;
+    le_i32(at).is_some_and(|n| n > 0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_notification_is_republished_and_no_record_is_missed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mes = Mes::start(&options(dir.path())).await;
+    mes.set("Line1.Good", 100u32);
+    mes.set("Line1.Record", record_json(1, "WO-1", 10.0));
+    // Same port on another loopback address: OPC UA servers check the
+    // port of the endpoint URL, not the host.
+    let relay_addr = std::net::SocketAddr::from(([127, 0, 0, 2], mes.addr.port()));
+    let relay = LossyRelay::start(relay_addr, mes.addr).await;
+    let mut through_relay = connection(&mes, &dir.path().join("pki"));
+    through_relay.endpoint = format!("opc.tcp://{relay_addr}/");
+    let rig = start(
+        dir.path(),
+        config(
+            through_relay,
+            vec![counter(&mes, "good", EventType::completion(), "Line1.Good")],
+            vec![json_record(&mes, false)],
+        ),
+    );
+    rig.counted("good", 100).await;
+    let records = |events: &[serde_json::Value]| -> Vec<String> {
+        of_type(events, "production.completion")
+            .iter()
+            .filter(|e| e["data"]["work_order"].is_string())
+            .filter_map(|e| e["sequence"].as_str().map(str::to_owned))
+            .collect()
+    };
+    rig.until("record 1", |_, e| records(e) == ["1"]).await;
+    // The initial values of both nodes must be through first, so the
+    // message the relay loses is the one with record 2.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while rig.stats.notifications.load(Ordering::SeqCst) < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no notification through the relay"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    relay.drop_next_data.store(true, Ordering::SeqCst);
+    mes.set("Line1.Record", record_json(2, "WO-2", 20.0));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while relay.dropped.load(Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the relay never saw record 2's notification"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Record 2 now exists only in the server's retransmission queue; the
+    // next notification shows the gap.
+    mes.set("Line1.Record", record_json(3, "WO-3", 30.0));
+    mes.set("Line1.Good", 107u32);
+    rig.counted("good", 107).await;
+    rig.until("records 1, 2, 3", |_, e| records(e) == ["1", "2", "3"])
+        .await;
+    let stats = &rig.stats;
+    assert!(
+        stats.sequence_gaps.load(Ordering::Relaxed) >= 1,
+        "{stats:?}"
+    );
+    assert!(stats.republished.load(Ordering::Relaxed) >= 1, "{stats:?}");
+    assert_eq!(
+        stats.full_reads.load(Ordering::Relaxed),
+        1,
+        "recovered by Republish, not by reading everything again: {stats:?}"
+    );
+    assert_eq!(stats.records_missed.load(Ordering::Relaxed), 0, "{stats:?}");
+    relay.task.abort();
+    rig.stop().await;
+    mes.stop().await;
+}

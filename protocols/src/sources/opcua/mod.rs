@@ -287,6 +287,7 @@ impl OnSubscriptionNotificationCore for Notifier {
             .notification_data
             .as_ref()
             .is_some_and(|d| !d.is_empty());
+        tracing::trace!(seq, has_data, last = ?self.last_sequence, "notification message");
         if !has_data {
             return;
         }
@@ -499,7 +500,9 @@ async fn serve(
         } => {
             let notifier = Notifier {
                 tx,
-                last_sequence: None,
+                // A new subscription numbers its messages from 1, so a
+                // lost first message is a gap too.
+                last_sequence: Some(0),
                 subscription: subscription.clone(),
                 overflow: overflow.clone(),
                 stats: stats.clone(),
