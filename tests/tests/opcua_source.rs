@@ -108,6 +108,11 @@ fn config(
 }
 
 fn start(dir: &Path, config: OpcUaConfig) -> Rig {
+    start_with_bound(dir, config, JournalConfig::DEFAULT_MAX_BYTES)
+}
+
+/// [`start`] with the journal's disk bound set to `max_bytes`.
+fn start_with_bound(dir: &Path, config: OpcUaConfig, max_bytes: u64) -> Rig {
     // Shown by the test runner only when a test fails.
     let _ = tracing_subscriber::fmt()
         .with_env_filter("warn,protocols=debug")
@@ -115,6 +120,7 @@ fn start(dir: &Path, config: OpcUaConfig) -> Rig {
         .try_init();
     let mut jc = JournalConfig::new(dir.join("journal"));
     jc.sinks = vec!["erp".into()];
+    jc.max_bytes = max_bytes;
     let journal = Journal::open(jc).expect("journal");
     let (appender, _writer) = journal.start_writer();
     let (stop, shutdown) = watch::channel(false);
@@ -926,6 +932,122 @@ async fn a_lost_notification_is_republished_and_no_record_is_missed() {
     );
     assert_eq!(stats.records_missed.load(Ordering::Relaxed), 0, "{stats:?}");
     relay.task.abort();
+    rig.stop().await;
+    mes.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_dropped_while_the_journal_is_full_are_recovered_by_a_full_read() {
+    const NODES: usize = 1000;
+    const ROUNDS: u32 = 24;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mes = Mes::start(&options(dir.path())).await;
+    let nodes = mes.add_counters(NODES);
+    let counters = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| NodeCounter {
+            signal: format!("c{i}"),
+            event_type: EventType::completion(),
+            node: node.parse().expect("node id"),
+            max_step: 1000,
+            unit: "EA".into(),
+            scale: 1.0,
+        })
+        .collect();
+    // The first append (up to 4,096 values) fills the journal; the next
+    // one waits for the ERP, so the source stops taking notifications and
+    // the 8,192-entry queue behind it overflows: 24,000 changes is more
+    // than both.
+    let rig = start_with_bound(
+        dir.path(),
+        config(connection(&mes, &dir.path().join("pki")), counters, vec![]),
+        100_000,
+    );
+    rig.until("baselines", |c, _| {
+        c["counters"].as_object().is_some_and(|m| m.len() == NODES)
+    })
+    .await;
+    for round in 1..=ROUNDS {
+        mes.set_counters(NODES, round);
+        // One sampled change per node and round: the server samples every
+        // 25 ms, so changes closer together would merge into one.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while rig.stats.notifications_dropped.load(Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the notification queue never overflowed: {:?}",
+            rig.stats
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The ERP comes back: drain until every counter is at the last round.
+    let mut quantity = vec![0u64; NODES];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        // The cursor is stored in the same commit as its events: once it
+        // shows the last round, reading on finds every event.
+        let cursor = rig.cursor();
+        let caught_up = (0..NODES)
+            .all(|i| cursor["counters"][format!("c{i}")]["raw"].as_u64() == Some(ROUNDS as u64));
+        let batch = rig.journal.read_batch("erp", 2000).expect("read");
+        for event in &batch {
+            let e: serde_json::Value = serde_json::from_slice(&event.payload).expect("json");
+            if let Some(i) = e["data"]["origin"]["address"]
+                .as_str()
+                .and_then(|a| a.rsplit_once("Bench.C"))
+                .and_then(|(_, n)| n.parse::<usize>().ok())
+            {
+                quantity[i] += e["data"]["quantity"].as_u64().expect("quantity");
+            }
+        }
+        rig.journal
+            .ack("erp", &batch.iter().map(|e| e.seq).collect::<Vec<_>>())
+            .expect("ack");
+        // Readers see an event once it is durable; the cursor can show a
+        // commit a moment earlier, so wait for the parts too.
+        let parts: u64 = quantity.iter().sum();
+        if batch.is_empty() && caught_up && parts >= NODES as u64 * ROUNDS as u64 {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let behind: Vec<_> = (0..NODES)
+                .filter(|i| {
+                    cursor["counters"][format!("c{i}")]["raw"].as_u64() != Some(ROUNDS as u64)
+                })
+                .take(5)
+                .map(|i| (i, cursor["counters"][format!("c{i}")].clone(), quantity[i]))
+                .collect();
+            panic!(
+                "counters never caught up ({parts} parts read): {behind:?} {:?} journal {:?} {:?}",
+                rig.stats,
+                rig.journal.counters(),
+                rig.journal.stats()
+            );
+        }
+        if batch.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let wrong: Vec<(usize, u64)> = quantity
+        .iter()
+        .enumerate()
+        .filter(|(_, q)| **q != ROUNDS as u64)
+        .map(|(i, q)| (i, *q))
+        .take(5)
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "every counter delivered {ROUNDS} parts in all, exactly: {wrong:?} ({:?})",
+        rig.stats
+    );
+    assert!(
+        rig.stats.full_reads.load(Ordering::SeqCst) >= 2,
+        "the overflow was closed by a full read: {:?}",
+        rig.stats
+    );
     rig.stop().await;
     mes.stop().await;
 }

@@ -324,8 +324,15 @@ impl FileSyncer {
         for entry in entries {
             let path = entry?.path();
             if !self.synced_blobs.contains(&path) {
-                File::open(&path)?.sync_all()?;
-                new_blob = true;
+                match File::open(&path).and_then(|f| f.sync_all()) {
+                    Ok(()) => new_blob = true,
+                    // sled deletes a blob once its value is replaced or
+                    // removed (a delivered chunk collected while this
+                    // commit ran); that removal is in the log just synced
+                    // and nothing of the blob is left to make durable.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
             }
             present.insert(path);
         }
