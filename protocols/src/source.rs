@@ -137,24 +137,17 @@ impl CounterSignal {
         let next: CounterState = observation.next;
         let urn = ctx.urn();
         let id = buffer::id::counter_event_id(&urn, &self.name, next.epoch, next.total);
-        let data = EventData {
-            site: ctx.site.clone(),
-            line: self.line.clone(),
-            machine: self.machine.clone(),
-            work_order: None,
-            material: None,
-            quantity: Quantity::Count(observation.delta),
-            unit: self.unit.clone(),
-            lot: None,
-            reason_code: None,
-            counter: Some(CounterReading {
+        let data = self.data(
+            ctx,
+            Quantity::Count(observation.delta),
+            Some(CounterReading {
                 value: next.raw,
                 previous: observation.previous_raw,
                 epoch: next.epoch,
             }),
             origin,
-            attributes: ctx.attributes.clone(),
-        };
+            ctx.attributes.clone(),
+        );
         let mut event = CloudEvent::new(id, urn, self.event_type.clone(), read_at, data);
         event.sequence = Some(next.total.to_string());
         Some(event)
@@ -176,21 +169,33 @@ impl CounterSignal {
         let mut attributes = ctx.attributes.clone();
         attributes.insert("counter_value".into(), value.to_string());
         attributes.insert("counter_epoch".into(), next.epoch.to_string());
-        let data = EventData {
+        let data = self.data(ctx, Quantity::Measure(delta), None, origin, attributes);
+        CloudEvent::new(id, urn, self.event_type.clone(), read_at, data)
+    }
+
+    /// A counter event's data: no order, material, lot or reason.
+    fn data(
+        &self,
+        ctx: &SourceContext,
+        quantity: Quantity,
+        counter: Option<CounterReading>,
+        origin: Origin,
+        attributes: BTreeMap<String, String>,
+    ) -> EventData {
+        EventData {
             site: ctx.site.clone(),
             line: self.line.clone(),
             machine: self.machine.clone(),
             work_order: None,
             material: None,
-            quantity: Quantity::Measure(delta),
+            quantity,
             unit: self.unit.clone(),
             lot: None,
             reason_code: None,
-            counter: None,
+            counter,
             origin,
             attributes,
-        };
-        CloudEvent::new(id, urn, self.event_type.clone(), read_at, data)
+        }
     }
 }
 

@@ -531,6 +531,16 @@ async fn node_records_acknowledged_by_method_call_and_polling_mode_counts() {
     mes.stop().await;
 }
 
+/// Basic256Sha256 SignAndEncrypt as `identity`.
+fn sign_and_encrypt(mes: &Mes, pki: &Path, identity: UserIdentity) -> Connection {
+    Connection {
+        security_policy: "Basic256Sha256".into(),
+        security_mode: "SignAndEncrypt".into(),
+        identity,
+        ..connection(mes, pki)
+    }
+}
+
 /// Connects once with the given security and identity; `Err` is the
 /// operator-facing message.
 async fn try_connect(connection: &Connection) -> Result<(), String> {
@@ -564,18 +574,18 @@ async fn secure_sessions_need_a_trusted_server_certificate_and_the_right_user() 
     let dir = tempfile::tempdir().expect("tempdir");
     let mes = Mes::start(&MesOptions {
         require_user: true,
-        x509_user: None,
         ..options(dir.path())
     })
     .await;
     let pki = dir.path().join("pki");
-    let mut secure = connection(&mes, &pki);
-    secure.security_policy = "Basic256Sha256".into();
-    secure.security_mode = "SignAndEncrypt".into();
-    secure.identity = UserIdentity::UserName {
-        user: USER.into(),
-        password: PASSWORD.into(),
-    };
+    let secure = sign_and_encrypt(
+        &mes,
+        &pki,
+        UserIdentity::UserName {
+            user: USER.into(),
+            password: PASSWORD.into(),
+        },
+    );
     let refused = try_connect(&secure)
         .await
         .expect_err("untrusted server must be refused");
@@ -663,13 +673,14 @@ async fn x509_user_identity_and_trust_on_first_use_for_commissioning() {
     })
     .await;
     let pki = dir.path().join("pki");
-    let mut secure = connection(&mes, &pki);
-    secure.security_policy = "Basic256Sha256".into();
-    secure.security_mode = "SignAndEncrypt".into();
-    secure.identity = UserIdentity::Certificate {
-        cert: cert.clone(),
-        key: key.clone(),
-    };
+    let mut secure = sign_and_encrypt(
+        &mes,
+        &pki,
+        UserIdentity::Certificate {
+            cert: cert.clone(),
+            key: key.clone(),
+        },
+    );
     // Commissioning switch: the unknown server certificate is trusted and
     // kept in trusted/, so the switch can be turned off afterwards.
     secure.trust_unknown_server = true;
@@ -939,7 +950,6 @@ async fn a_lost_notification_is_republished_and_no_record_is_missed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notifications_dropped_while_the_journal_is_full_are_recovered_by_a_full_read() {
     const NODES: usize = 1000;
-    const ROUNDS: u32 = 24;
     let dir = tempfile::tempdir().expect("tempdir");
     let mes = Mes::start(&options(dir.path())).await;
     let nodes = mes.add_counters(NODES);
@@ -957,8 +967,7 @@ async fn notifications_dropped_while_the_journal_is_full_are_recovered_by_a_full
         .collect();
     // The first append (up to 4,096 values) fills the journal; the next
     // one waits for the ERP, so the source stops taking notifications and
-    // the 8,192-entry queue behind it overflows: 24,000 changes is more
-    // than both.
+    // the 8,192-entry queue behind it overflows (after some 17 rounds).
     let rig = start_with_bound(
         dir.path(),
         config(connection(&mes, &dir.path().join("pki")), counters, vec![]),
@@ -968,21 +977,26 @@ async fn notifications_dropped_while_the_journal_is_full_are_recovered_by_a_full
         c["counters"].as_object().is_some_and(|m| m.len() == NODES)
     })
     .await;
-    for round in 1..=ROUNDS {
-        mes.set_counters(NODES, round);
-        // One sampled change per node and round: the server samples every
-        // 25 ms, so changes closer together would merge into one.
-        tokio::time::sleep(Duration::from_millis(60)).await;
-    }
+    // One round of changes per 60 ms (the server samples every 25 ms;
+    // closer changes would merge into one) until the queue has overflowed;
+    // the full read must then bring every counter to the last round.
+    let mut rounds = 0u32;
+    let mut pace = tokio::time::interval(Duration::from_millis(60));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while rig.stats.notifications_dropped.load(Ordering::SeqCst) == 0 {
+    loop {
+        pace.tick().await;
+        rounds += 1;
+        mes.set_counters(NODES, rounds);
+        if rig.stats.notifications_dropped.load(Ordering::SeqCst) > 0 {
+            break;
+        }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the notification queue never overflowed: {:?}",
+            "the notification queue never overflowed after {rounds} rounds: {:?}",
             rig.stats
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let rounds = u64::from(rounds);
     // The ERP comes back: drain until every counter is at the last round.
     let mut quantity = vec![0u64; NODES];
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -990,8 +1004,8 @@ async fn notifications_dropped_while_the_journal_is_full_are_recovered_by_a_full
         // The cursor is stored in the same commit as its events: once it
         // shows the last round, reading on finds every event.
         let cursor = rig.cursor();
-        let caught_up = (0..NODES)
-            .all(|i| cursor["counters"][format!("c{i}")]["raw"].as_u64() == Some(ROUNDS as u64));
+        let caught_up =
+            (0..NODES).all(|i| cursor["counters"][format!("c{i}")]["raw"].as_u64() == Some(rounds));
         let batch = rig.journal.read_batch("erp", 2000).expect("read");
         for event in &batch {
             let e: serde_json::Value = serde_json::from_slice(&event.payload).expect("json");
@@ -1009,14 +1023,12 @@ async fn notifications_dropped_while_the_journal_is_full_are_recovered_by_a_full
         // Readers see an event once it is durable; the cursor can show a
         // commit a moment earlier, so wait for the parts too.
         let parts: u64 = quantity.iter().sum();
-        if batch.is_empty() && caught_up && parts >= NODES as u64 * ROUNDS as u64 {
+        if batch.is_empty() && caught_up && parts >= NODES as u64 * rounds {
             break;
         }
         if tokio::time::Instant::now() >= deadline {
             let behind: Vec<_> = (0..NODES)
-                .filter(|i| {
-                    cursor["counters"][format!("c{i}")]["raw"].as_u64() != Some(ROUNDS as u64)
-                })
+                .filter(|i| cursor["counters"][format!("c{i}")]["raw"].as_u64() != Some(rounds))
                 .take(5)
                 .map(|i| (i, cursor["counters"][format!("c{i}")].clone(), quantity[i]))
                 .collect();
@@ -1034,13 +1046,13 @@ async fn notifications_dropped_while_the_journal_is_full_are_recovered_by_a_full
     let wrong: Vec<(usize, u64)> = quantity
         .iter()
         .enumerate()
-        .filter(|(_, q)| **q != ROUNDS as u64)
+        .filter(|(_, q)| **q != rounds)
         .map(|(i, q)| (i, *q))
         .take(5)
         .collect();
     assert!(
         wrong.is_empty(),
-        "every counter delivered {ROUNDS} parts in all, exactly: {wrong:?} ({:?})",
+        "every counter delivered {rounds} parts in all, exactly: {wrong:?} ({:?})",
         rig.stats
     );
     assert!(

@@ -449,6 +449,10 @@ struct Served<'a> {
     session: &'a Session,
     cursor: &'a mut Cursor,
     items: Vec<(NodeId, Item)>,
+    /// One per configured counter, built once rather than per value.
+    counter_signals: Vec<CounterSignal>,
+    /// One per configured record.
+    record_signals: Vec<RecordSignal>,
     /// Newest timestamp processed per item (ticks), against stale values.
     newest: Vec<i64>,
     /// Record ids acknowledged during this session.
@@ -480,6 +484,35 @@ async fn serve(
         cursor,
         newest: vec![i64::MIN; items.len()],
         items,
+        counter_signals: config
+            .counters
+            .iter()
+            .map(|spec| CounterSignal {
+                name: spec.signal.clone(),
+                event_type: spec.event_type.clone(),
+                unit: spec.unit.clone(),
+                line: config.line.clone(),
+                machine: config.machine.clone(),
+                // The width comes with each value (its OPC UA data type);
+                // floats have none (observe_measure ignores the rules).
+                rules: CounterRules {
+                    width: crate::counter::CounterWidth::U64,
+                    max_step: spec.max_step,
+                },
+            })
+            .collect(),
+        record_signals: config
+            .records
+            .iter()
+            .map(|spec| RecordSignal {
+                name: spec.signal.clone(),
+                event_type: spec.event_type.clone(),
+                unit: spec.unit.clone(),
+                line: config.line.clone(),
+                machine: config.machine.clone(),
+                key: spec.key.clone(),
+            })
+            .collect(),
         acked: BTreeMap::new(),
         resync: false,
         ack_failed: BTreeMap::new(),
@@ -832,6 +865,7 @@ impl Served<'_> {
         value: DataValue,
     ) -> Result<(), Stop> {
         let spec = &self.config.counters[index];
+        let signal = &self.counter_signals[index];
         let Some(variant) = value.value.as_ref() else {
             self.stats.bad_values.fetch_add(1, Ordering::Relaxed);
             return Ok(());
@@ -850,18 +884,11 @@ impl Served<'_> {
         let mut next = self.working().clone();
         let event = match reading {
             CounterValue::Count(raw, width) => {
-                let signal = CounterSignal {
-                    name: spec.signal.clone(),
-                    event_type: spec.event_type.clone(),
-                    unit: spec.unit.clone(),
-                    line: self.config.line.clone(),
-                    machine: self.config.machine.clone(),
-                    rules: CounterRules {
-                        width,
-                        max_step: spec.max_step,
-                    },
+                let rules = CounterRules {
+                    width,
+                    ..signal.rules
                 };
-                let observation = signal.rules.observe(previous, raw);
+                let observation = rules.observe(previous, raw);
                 next.counters.insert(spec.signal.clone(), observation.next);
                 signal
                     .event_for(self.ctx, &observation, origin, time)
@@ -876,18 +903,6 @@ impl Served<'_> {
             CounterValue::Measure(v) => {
                 let (_, delta, state) = crate::counter::observe_measure(previous, v);
                 next.counters.insert(spec.signal.clone(), state);
-                let signal = CounterSignal {
-                    name: spec.signal.clone(),
-                    event_type: spec.event_type.clone(),
-                    unit: spec.unit.clone(),
-                    line: self.config.line.clone(),
-                    machine: self.config.machine.clone(),
-                    // Floats have no wrap: observe_measure ignores the rules.
-                    rules: CounterRules {
-                        width: crate::counter::CounterWidth::U64,
-                        max_step: spec.max_step,
-                    },
-                };
                 (delta > 0.0).then(|| {
                     signal.measure_event_for(self.ctx, delta * spec.scale, v, state, origin, time)
                 })
@@ -913,14 +928,6 @@ impl Served<'_> {
         value: DataValue,
     ) -> Result<(), Stop> {
         let spec = &self.config.records[index];
-        let signal = RecordSignal {
-            name: spec.signal.clone(),
-            event_type: spec.event_type.clone(),
-            unit: spec.unit.clone(),
-            line: self.config.line.clone(),
-            machine: self.config.machine.clone(),
-            key: spec.key.clone(),
-        };
         let Some(variant) = value.value.clone().filter(|v| !matches!(v, Variant::Empty)) else {
             // The MES cleared the record node: nothing announced.
             return Ok(());
@@ -956,7 +963,7 @@ impl Served<'_> {
             }
         };
         origin.address = format!("{node} record {}", spec.signal);
-        let mut event = signal.event_for(self.ctx, &values, origin, time);
+        let mut event = self.record_signals[index].event_for(self.ctx, &values, origin, time);
         event
             .data
             .attributes
