@@ -1444,6 +1444,12 @@ fn check_modbus(file: &Path, key: &str, m: RawModbus) -> Result<ModbusConfig, Co
             fields.push(field);
         }
         let key_fields = r.key.unwrap_or_else(|| r.fields.keys().cloned().collect());
+        if key_fields.is_empty() {
+            return Err(err(
+                format!("{rkey}.key"),
+                "at least one field name (an empty key would give every record the same identity)".into(),
+            ));
+        }
         if let Some(missing) = key_fields.iter().find(|k| !r.fields.contains_key(*k)) {
             return Err(err(
                 format!("{rkey}.key"),
@@ -1792,6 +1798,22 @@ fn check_opcua(
             None if has_sequence => vec!["sequence".to_owned()],
             None => r.fields.keys().cloned().collect(),
         };
+        if key.is_empty() {
+            return Err(err(
+                format!("{rkey}.key"),
+                "at least one field name (an empty key would give every record the same identity)".into(),
+            ));
+        }
+        // Without an acknowledgement the key is the record's only identity:
+        // a field that may be missing makes different records look alike.
+        if r.ack.is_none() {
+            if let Some(k) = key.iter().find(|k| r.optional.contains(*k)) {
+                return Err(err(
+                    format!("{rkey}.key"),
+                    format!("fields every record has (without an ack the key is the record's identity), found optional field {k:?}; add a sequence or order field to the key, or configure an ack"),
+                ));
+            }
+        }
         let ack = match r.ack {
             None => None,
             Some(a) => {

@@ -1,7 +1,13 @@
 //! One forwarder per sink: read a batch at the sink's cursor, deliver it,
 //! act on each verdict. Delivered → ack; Rejected → dead letter; Retry →
-//! back off (exponential, full jitter, capped, honouring the peer's delay)
-//! and re-send exactly the events still owed, in order.
+//! back off (exponential, jittered, capped, honouring the peer's delay)
+//! and re-send exactly the events still owed, in order; Hold (the endpoint
+//! refuses everything) → the same, never counted towards `max_attempts`,
+//! shown in status and readiness, logged once per change of state.
+//!
+//! Whatever a batch leaves unfinished (a stop, a failed journal write, a
+//! panic) is rewound by a [`Lease`] when the batch ends, so the next read
+//! starts at the sink's cursor again: nothing handed out is stranded.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -28,6 +34,8 @@ pub struct ForwarderStatus {
     pub retries: u64,
     /// Last transient failure, while it is retrying.
     pub retrying: Option<String>,
+    /// Why the endpoint refuses everything, while it does (events held).
+    pub holding: Option<String>,
     /// Seconds from the event's source time to the sink's acknowledgement.
     pub delivery_latency: Histogram,
 }
@@ -43,6 +51,7 @@ impl Default for ForwarderStatus {
             rejected_reasons: BTreeMap::new(),
             retries: 0,
             retrying: None,
+            holding: None,
             // 50 ms .. 1 day: a live link is sub-second; a backlog after an
             // outage is hours old.
             delivery_latency: Histogram::new([
@@ -151,6 +160,22 @@ pub async fn run(
     tracing::info!(sink = %sink_name, "forwarder stopped");
 }
 
+/// What a sink was handed and did not finish: rewound to the sink's cursor
+/// when the batch ends, however it ends (as Vector's finalizers do), so
+/// the next read hands it out again.
+struct Lease<'a> {
+    journal: &'a Journal,
+    sink: &'a str,
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.journal.rewind(self.sink) {
+            tracing::error!(sink = %self.sink, error = %e, "rewinding the sink's read position failed");
+        }
+    }
+}
+
 /// Delivers one batch to the end; returns false if stopped while backing off
 /// (the unacknowledged rest stays in the journal for the next start).
 async fn deliver_batch(
@@ -162,6 +187,10 @@ async fn deliver_batch(
     status: &SharedStatus,
     batch: Vec<PendingEvent>,
 ) -> bool {
+    let _lease = Lease {
+        journal,
+        sink: sink_name,
+    };
     let mut owed = batch;
     let mut attempt: u32 = 0;
     loop {
@@ -172,6 +201,8 @@ async fn deliver_batch(
         let mut retry = Vec::new();
         let mut peer_delay = None;
         let mut reason = String::new();
+        let mut held: Option<String> = None;
+        let mut hold_seen = false;
         for (event, verdict) in owed
             .into_iter()
             .zip(verdicts.into_iter().chain(std::iter::repeat(Verdict::retry(
@@ -191,11 +222,19 @@ async fn deliver_batch(
                     reason = why;
                     retry.push(event);
                 }
+                Verdict::Hold { reason: why } => {
+                    reason = why.clone();
+                    hold_seen = true;
+                    held = Some(why);
+                    retry.push(event);
+                }
             }
         }
         attempt += 1;
         if let Some(max) = settings.max_attempts {
-            if attempt >= max && !retry.is_empty() {
+            // An endpoint that refuses everything is not the events' fault:
+            // giving up on them would empty the backlog into the dead letters.
+            if attempt >= max && !retry.is_empty() && !hold_seen {
                 let why = format!("gave up after {attempt} attempts: {reason}");
                 rejected.extend(retry.drain(..).map(|e| (e.seq, why.clone())));
             }
@@ -214,9 +253,10 @@ async fn deliver_batch(
             .await
         };
         let recorded = result.is_ok();
-        if let Err(e) = result {
-            // The events stay owed; they will be re-read from the journal.
-            tracing::error!(sink = %sink_name, error = %e, "recording delivery in the journal failed");
+        if let Err(e) = &result {
+            // Whatever was not recorded is read again from the sink's
+            // cursor (the lease rewinds on return): re-sent, same ids.
+            tracing::error!(sink = %sink_name, error = %e, "recording delivery in the journal failed; the batch is read again");
         }
         {
             let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
@@ -239,12 +279,31 @@ async fn deliver_batch(
             if !retry.is_empty() {
                 s.retries += 1;
             }
+            // A transient failure while held (the link dropped) says
+            // nothing about the endpoint's refusal: only progress ends it.
+            let held = match held {
+                Some(why) => Some(why),
+                None if n_delivered == 0 && n_rejected == 0 && !retry.is_empty() => {
+                    s.holding.clone()
+                }
+                None => None,
+            };
+            // Logged once per change of state, not once per retry.
+            if held != s.holding {
+                match &held {
+                    Some(why) => tracing::error!(sink = %sink_name, reason = %why, backlog_kept = true, "SINK HELD: the endpoint refuses every delivery; nothing is dead-lettered, retrying until it is fixed"),
+                    None => tracing::warn!(sink = %sink_name, "the endpoint accepts deliveries again"),
+                }
+                s.holding = held;
+            }
         }
-        if retry.is_empty() {
+        if retry.is_empty() || !recorded {
             return true;
         }
         let wait = backoff(settings, attempt - 1, peer_delay);
-        tracing::warn!(sink = %sink_name, events = retry.len(), attempt, wait_ms = wait.as_millis() as u64, reason = %reason, "delivery failed; retrying");
+        if !hold_seen {
+            tracing::warn!(sink = %sink_name, events = retry.len(), attempt, wait_ms = wait.as_millis() as u64, reason = %reason, "delivery failed; retrying");
+        }
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = stop.changed() => {

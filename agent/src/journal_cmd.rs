@@ -55,6 +55,22 @@ pub enum JournalCommand {
     /// Rejected and expired events.
     #[command(subcommand)]
     DeadLetters(DeadLetterCommand),
+    /// The sinks the journal keeps events for.
+    #[command(subcommand)]
+    Sinks(SinkCommand),
+}
+
+/// Sink subcommands.
+#[derive(Subcommand, Debug)]
+pub enum SinkCommand {
+    /// One line per registered sink: name and backlog.
+    List,
+    /// Unregister a sink that left the configuration for good: its
+    /// undelivered events go to the dead letters (reason `sink-removed`).
+    Retire {
+        /// The sink's name.
+        name: String,
+    },
 }
 
 /// Dead-letter subcommands.
@@ -246,6 +262,24 @@ pub fn run(target: Target, command: JournalCommand) -> anyhow::Result<bool> {
             }
             sink.flush()?;
             eprintln!("exported {count} events");
+        }
+        JournalCommand::Sinks(SinkCommand::List) => {
+            for sink in journal.stats().sinks {
+                writeln!(out, "{}\tbacklog {}", sink.name, sink.backlog)?;
+            }
+        }
+        JournalCommand::Sinks(SinkCommand::Retire { name }) => {
+            if !journal.sink_names().contains(&name) {
+                bail!(
+                    "no sink {name:?} in this journal (it has: {})",
+                    journal.sink_names().join(", ")
+                );
+            }
+            let orphaned = journal.retire_sink(&name)?;
+            writeln!(
+                out,
+                "sink {name} retired: {orphaned} undelivered events moved to the dead letters (reason sink-removed)"
+            )?;
         }
         JournalCommand::DeadLetters(cmd) => match cmd {
             DeadLetterCommand::List { json } => {

@@ -44,6 +44,9 @@ pub struct Metrics {
     pub read: protocols::source::ReadCounts,
     /// `/readyz` fails when the oldest pending event is older than this.
     pub ready_max_age: Duration,
+    /// Sinks registered in the journal but missing from the configuration
+    /// (their backlog is kept until `journal sinks retire`).
+    pub unconfigured_sinks: Vec<String>,
 }
 
 type Labels = Vec<(String, String)>;
@@ -160,6 +163,8 @@ impl Metrics {
         let rejected = Family::<Labels, Gauge>::default();
         let retries = Family::<Labels, Gauge>::default();
         let up = Family::<Labels, Gauge>::default();
+        let held = Family::<Labels, Gauge>::default();
+        let unconfigured = Family::<Labels, Gauge>::default();
         let by_reason = Family::<Labels, Gauge>::default();
         for (name, status) in &self.forwarders {
             let st = status.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -185,7 +190,34 @@ impl Metrics {
             retries.get_or_create(&labels).set(st.retries as i64);
             up.get_or_create(&labels)
                 .set(i64::from(st.retrying.is_none()));
+            held.get_or_create(&labels)
+                .set(i64::from(st.holding.is_some()));
         }
+        for name in &self.unconfigured_sinks {
+            unconfigured
+                .get_or_create(&vec![("sink".to_owned(), name.clone())])
+                .set(1);
+        }
+        registry.register(
+            "sink_held",
+            "1 while the sink's endpoint refuses every delivery (backlog kept, not dead-lettered)",
+            held,
+        );
+        registry.register(
+            "sink_unconfigured",
+            "1 for a sink the journal holds events for that the configuration no longer names",
+            unconfigured,
+        );
+        let lost = Family::<Labels, Gauge>::default();
+        for (source, n) in self.read.positions_lost() {
+            lost.get_or_create(&vec![("source".to_owned(), source)])
+                .set(n as i64);
+        }
+        registry.register(
+            "source_positions_lost",
+            "Stored source positions that did not decode (counters restarted at a baseline in a new id namespace)",
+            lost,
+        );
         registry.register(
             "sink_delivered_events",
             "Events delivered by this process, per sink",
@@ -313,6 +345,28 @@ impl Metrics {
         if age > self.ready_max_age {
             return Err(format!("oldest pending event is {}s old", age.as_secs()));
         }
+        for (name, status) in &self.forwarders {
+            let holding = status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .holding
+                .clone();
+            if let Some(why) = holding {
+                return Err(format!(
+                    "sink {name} held: the endpoint refuses every delivery ({why})"
+                ));
+            }
+        }
+        if let Some(name) = self.unconfigured_sinks.first() {
+            let backlog = s
+                .sinks
+                .iter()
+                .find(|k| &k.name == name)
+                .map_or(0, |k| k.backlog);
+            return Err(format!(
+                "sink {name} is not in the configuration but the journal keeps {backlog} events for it; restore it, or run `plant-edge journal sinks retire {name}` to move them to the dead letters"
+            ));
+        }
         Ok(())
     }
 
@@ -323,11 +377,16 @@ impl Metrics {
             .sinks
             .iter()
             .map(|sink| {
-                let retrying = self
+                let (retrying, holding) = self
                     .forwarders
                     .get(&sink.name)
-                    .and_then(|st| st.lock().unwrap_or_else(|p| p.into_inner()).retrying.clone());
-                serde_json::json!({"sink": sink.name, "backlog": sink.backlog, "retrying": retrying})
+                    .map(|st| {
+                        let st = st.lock().unwrap_or_else(|p| p.into_inner());
+                        (st.retrying.clone(), st.holding.clone())
+                    })
+                    .unwrap_or_default();
+                let configured = !self.unconfigured_sinks.contains(&sink.name);
+                serde_json::json!({"sink": sink.name, "backlog": sink.backlog, "retrying": retrying, "holding": holding, "configured": configured})
             })
             .collect();
         serde_json::json!({

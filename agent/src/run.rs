@@ -78,12 +78,14 @@ impl RunningAgent {
         if let Some(old) = moved {
             tracing::error!(old = %old.display(), "started with a FRESH journal; the unreadable one was kept at this path");
         }
+        // A sink missing from the config may be a typo: its backlog stays
+        // (and holds the journal's space) until it is retired explicitly.
+        let mut unconfigured_sinks = Vec::new();
         for registered in journal.sink_names() {
             if !config.sinks.iter().any(|s| s.name == registered) {
-                let j = journal.clone();
-                let name = registered.clone();
-                let orphaned = tokio::task::spawn_blocking(move || j.retire_sink(&name)).await??;
-                tracing::warn!(sink = %registered, orphaned, "sink no longer configured; its undelivered events are in the dead letters");
+                let backlog = journal.backlog(&registered).unwrap_or(0);
+                tracing::error!(sink = %registered, backlog, "SINK NOT CONFIGURED: the journal keeps its undelivered events; restore it in the config, or run `plant-edge journal sinks retire {registered}` to move them to the dead letters");
+                unconfigured_sinks.push(registered);
             }
         }
         let stats = journal.stats();
@@ -183,6 +185,7 @@ impl RunningAgent {
                 append_latency,
                 read,
                 ready_max_age: config.ready_max_backlog_age,
+                unconfigured_sinks,
             });
             tokio::spawn(crate::metrics::serve(addr, metrics, stop_fw_rx.clone()));
         }

@@ -6,6 +6,14 @@
 //! value)`; a record by `(source, signal, identifying fields...)`. Each part
 //! is length-prefixed so that no choice of field contents can make two
 //! different facts collide on the same text.
+//!
+//! A stored position (a counter's state, a handshake's cycle count) carries
+//! a random *namespace* drawn when the position was created. It is part of
+//! every id made from that position, so a position that is lost (journal
+//! moved aside, cursor undecodable) and created anew can never repeat an
+//! id an earlier position gave out, even if the PLC counts the same values
+//! again. Positions stored before namespaces existed have none and keep
+//! their old ids.
 
 use uuid::Uuid;
 
@@ -24,12 +32,51 @@ fn derive(kind: &str, parts: &[&str]) -> Uuid {
     Uuid::new_v5(&NAMESPACE, text.as_bytes())
 }
 
-/// Id of the event that brings `signal` of `source` up to `value` in `epoch`.
+/// Id of the event that brings `signal` of `source` up to `value` in `epoch`
+/// (a position without a namespace: one stored before namespaces existed).
 pub fn counter_event_id(source: &str, signal: &str, epoch: u32, value: u64) -> Uuid {
     derive(
         "counter",
         &[source, signal, &epoch.to_string(), &value.to_string()],
     )
+}
+
+/// Id of a counter step of a position created with `namespace`.
+pub fn namespaced_counter_event_id(
+    source: &str,
+    signal: &str,
+    namespace: Option<Uuid>,
+    epoch: u32,
+    value: u64,
+) -> Uuid {
+    match namespace {
+        None => counter_event_id(source, signal, epoch, value),
+        Some(ns) => derive(
+            "counter-ns",
+            &[
+                source,
+                signal,
+                &ns.to_string(),
+                &epoch.to_string(),
+                &value.to_string(),
+            ],
+        ),
+    }
+}
+
+/// Id of the record a handshake delivered in its `cycle`th exchange, for
+/// a handshake position created with `namespace`: the exchange is the
+/// identity, whatever the record's fields say.
+pub fn handshake_record_id(source: &str, signal: &str, namespace: Uuid, cycle: u64) -> Uuid {
+    derive(
+        "handshake",
+        &[source, signal, &namespace.to_string(), &cycle.to_string()],
+    )
+}
+
+/// A namespace for a position created now (random, never reused).
+pub fn new_namespace() -> Uuid {
+    Uuid::new_v4()
 }
 
 /// Id of a record event, from the fields that identify the record (for a
@@ -62,6 +109,29 @@ mod tests {
         assert_ne!(base, counter_event_id("s", "good", 2, 11));
         assert_ne!(base, counter_event_id("s", "scrap", 2, 10));
         assert_ne!(base, counter_event_id("t", "good", 2, 10));
+    }
+
+    #[test]
+    fn a_new_namespace_never_repeats_an_old_positions_ids() {
+        let (a, b) = (new_namespace(), new_namespace());
+        assert_ne!(a, b);
+        let old = namespaced_counter_event_id("s", "good", Some(a), 0, 10);
+        assert_eq!(old, namespaced_counter_event_id("s", "good", Some(a), 0, 10));
+        assert_ne!(old, namespaced_counter_event_id("s", "good", Some(b), 0, 10));
+        assert_ne!(old, counter_event_id("s", "good", 0, 10));
+        assert_eq!(
+            namespaced_counter_event_id("s", "good", None, 0, 10),
+            counter_event_id("s", "good", 0, 10),
+            "positions stored before namespaces keep their ids"
+        );
+        assert_ne!(
+            handshake_record_id("s", "rec", a, 7),
+            handshake_record_id("s", "rec", b, 7)
+        );
+        assert_ne!(
+            handshake_record_id("s", "rec", a, 7),
+            handshake_record_id("s", "rec", a, 8)
+        );
     }
 
     #[test]

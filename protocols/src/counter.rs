@@ -12,8 +12,10 @@
 //! The state (epoch, last raw value, unwrapped total within the epoch) is
 //! the source's cursor: it is stored in the journal in the same batch as the
 //! events it produced, and only adopted after that batch is durable. Event
-//! ids come from (source, signal, epoch, total): a re-poll after a crash
-//! yields the same id, and a wrapped counter never repeats one.
+//! ids come from (source, signal, namespace, epoch, total): a re-poll after
+//! a crash yields the same id, a wrapped counter never repeats one, and a
+//! position created anew (its namespace drawn at the baseline) never
+//! repeats an id of a position that was lost.
 
 use serde::{Deserialize, Serialize};
 
@@ -52,6 +54,11 @@ pub struct CounterRules {
 /// A counter's cursor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CounterState {
+    /// Drawn when the position was first created (the baseline) and part
+    /// of every id it makes: a position lost and created again cannot
+    /// repeat ids. `None` for positions stored before namespaces existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<uuid::Uuid>,
     /// Increments on each reset.
     pub epoch: u32,
     /// Last raw value read.
@@ -99,6 +106,7 @@ impl CounterRules {
                 delta: 0,
                 previous_raw: raw,
                 next: CounterState {
+                    namespace: Some(buffer::id::new_namespace()),
                     epoch: 0,
                     raw,
                     total: raw,
@@ -110,6 +118,7 @@ impl CounterRules {
             delta,
             previous_raw,
             next: CounterState {
+                namespace: state.namespace,
                 epoch,
                 raw,
                 total: base.saturating_add(delta),
@@ -144,24 +153,33 @@ impl CounterRules {
 /// `raw`; ids use those bits, unique within an epoch because the value
 /// only grows.
 pub fn observe_measure(state: Option<CounterState>, value: f64) -> (Step, f64, CounterState) {
-    let next = |epoch| CounterState {
+    let next = |namespace, epoch| CounterState {
+        namespace,
         epoch,
         raw: value.to_bits(),
         total: 0,
     };
     let Some(state) = state else {
-        return (Step::Baseline, 0.0, next(0));
+        return (
+            Step::Baseline,
+            0.0,
+            next(Some(buffer::id::new_namespace()), 0),
+        );
     };
     let previous = f64::from_bits(state.raw);
     if value > previous {
-        (Step::Increase, value - previous, next(state.epoch))
+        (
+            Step::Increase,
+            value - previous,
+            next(state.namespace, state.epoch),
+        )
     } else if value == previous {
         (Step::Unchanged, 0.0, state)
     } else {
         (
             Step::Reset,
             value.max(0.0),
-            next(state.epoch.wrapping_add(1)),
+            next(state.namespace, state.epoch.wrapping_add(1)),
         )
     }
 }
@@ -177,20 +195,24 @@ mod tests {
     };
 
     fn state(epoch: u32, raw: u64, total: u64) -> Option<CounterState> {
-        Some(CounterState { epoch, raw, total })
+        Some(CounterState {
+            namespace: None,
+            epoch,
+            raw,
+            total,
+        })
     }
 
     #[test]
     fn first_reading_is_a_baseline_without_parts() {
         let o = RULES16.observe(None, 500);
         assert_eq!((o.step, o.delta), (Step::Baseline, 0));
-        assert_eq!(
-            o.next,
-            CounterState {
-                epoch: 0,
-                raw: 500,
-                total: 500
-            }
+        assert!(o.next.namespace.is_some(), "a new position gets a namespace");
+        assert_eq!((o.next.epoch, o.next.raw, o.next.total), (0, 500, 500));
+        assert_ne!(
+            RULES16.observe(None, 500).next.namespace,
+            o.next.namespace,
+            "a position created again never reuses a namespace"
         );
     }
 
@@ -202,6 +224,7 @@ mod tests {
         assert_eq!(
             o.next,
             CounterState {
+                namespace: None,
                 epoch: 2,
                 raw: 4,
                 total: 130_010
@@ -217,6 +240,7 @@ mod tests {
         assert_eq!(
             o.next,
             CounterState {
+                namespace: None,
                 epoch: 3,
                 raw: 7,
                 total: 7

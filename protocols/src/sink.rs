@@ -18,7 +18,15 @@ pub enum Verdict {
         /// Why, for logs and status.
         reason: String,
     },
-    /// Never (4xx, refused topic): to the dead letters with the reason.
+    /// The endpoint refuses everything (bad credentials, wrong URL or
+    /// topic, a redirect): not the event's fault, so it stays in the
+    /// journal; retried with capped backoff while the sink alarms.
+    Hold {
+        /// Why, for logs, status and readiness.
+        reason: String,
+    },
+    /// Never (the peer singled this event out: 400, 422, a refused topic
+    /// while others are accepted): to the dead letters with the reason.
     Rejected {
         /// Why, kept with the dead letter.
         reason: String,

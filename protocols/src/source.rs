@@ -5,6 +5,7 @@ use std::time::SystemTime;
 
 use buffer::event::{CounterReading, EventData, Origin, Quantity};
 use buffer::{Appender, CloudEvent, EventClass, EventType, NewEvent, Routes};
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::counter::{CounterRules, CounterState, Observation};
@@ -53,14 +54,18 @@ pub struct SourceContext {
     pub read: ReadCounts,
 }
 
-/// Events every source made, by source and type; shared with metrics.
+/// Events every source made, by source and type, and stored positions
+/// that could not be decoded, by source; shared with metrics.
 #[derive(Clone, Debug, Default)]
-pub struct ReadCounts(std::sync::Arc<std::sync::Mutex<BTreeMap<String, BTreeMap<String, u64>>>>);
+pub struct ReadCounts {
+    events: std::sync::Arc<std::sync::Mutex<BTreeMap<String, BTreeMap<String, u64>>>>,
+    positions_lost: std::sync::Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
+}
 
 impl ReadCounts {
     /// Counts one event (allocates only the first time a pair is seen).
     pub fn add(&self, source: &str, event_type: &str) {
-        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut counts = self.events.lock().unwrap_or_else(|p| p.into_inner());
         if !counts.contains_key(source) {
             counts.insert(source.to_owned(), BTreeMap::new());
         }
@@ -76,7 +81,7 @@ impl ReadCounts {
 
     /// The counts so far, by (source, type).
     pub fn snapshot(&self) -> BTreeMap<(String, String), u64> {
-        let counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let counts = self.events.lock().unwrap_or_else(|p| p.into_inner());
         counts
             .iter()
             .flat_map(|(source, types)| {
@@ -86,9 +91,49 @@ impl ReadCounts {
             })
             .collect()
     }
+
+    /// Counts a stored position that did not decode.
+    pub fn position_lost(&self, source: &str) {
+        let mut lost = self
+            .positions_lost
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *lost.entry(source.to_owned()).or_default() += 1;
+    }
+
+    /// Undecodable stored positions so far, by source.
+    pub fn positions_lost(&self) -> BTreeMap<String, u64> {
+        self.positions_lost
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 impl SourceContext {
+    /// The position stored with this source's last durable append, decoded
+    /// by `decode`; a fresh one (`T::default()`, new namespaces) when none
+    /// was stored. One that does not decode is never silently reset: it is
+    /// logged as an error and counted, and the new position's ids live in a
+    /// namespace never used before, so no id is given to two facts.
+    pub fn stored_position<T: Default>(
+        &self,
+        decode: impl FnOnce(&[u8]) -> Result<T, String>,
+    ) -> T {
+        let Some(bytes) = self.initial_cursor.as_deref() else {
+            return T::default();
+        };
+        match decode(bytes) {
+            Ok(position) => position,
+            Err(e) => {
+                self.read.position_lost(&self.name);
+                let head: String = String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into();
+                tracing::error!(source = %self.name, error = %e, stored = %head, "STORED POSITION UNREADABLE: counters restart at a baseline (parts made meanwhile are not counted) and records in a new id namespace");
+                T::default()
+            }
+        }
+    }
+
     /// The CloudEvents `source` of this source's events.
     pub fn urn(&self) -> String {
         buffer::event::source_urn(&self.site, &self.gateway, &self.name)
@@ -136,7 +181,13 @@ impl CounterSignal {
         }
         let next: CounterState = observation.next;
         let urn = ctx.urn();
-        let id = buffer::id::counter_event_id(&urn, &self.name, next.epoch, next.total);
+        let id = buffer::id::namespaced_counter_event_id(
+            &urn,
+            &self.name,
+            next.namespace,
+            next.epoch,
+            next.total,
+        );
         let data = self.data(
             ctx,
             Quantity::Count(observation.delta),
@@ -165,7 +216,13 @@ impl CounterSignal {
         read_at: SystemTime,
     ) -> CloudEvent {
         let urn = ctx.urn();
-        let id = buffer::id::counter_event_id(&urn, &self.name, next.epoch, next.raw);
+        let id = buffer::id::namespaced_counter_event_id(
+            &urn,
+            &self.name,
+            next.namespace,
+            next.epoch,
+            next.raw,
+        );
         let mut attributes = ctx.attributes.clone();
         attributes.insert("counter_value".into(), value.to_string());
         attributes.insert("counter_epoch".into(), next.epoch.to_string());
@@ -247,8 +304,10 @@ pub struct RecordSignal {
 }
 
 impl RecordSignal {
-    /// The id the record gets: from its key fields, so the same record read
-    /// twice (re-poll, restart, republish) is the same event.
+    /// The id of a record without a handshake: from its key fields, so the
+    /// same record read twice (re-poll, restart, republish) is the same
+    /// event. Only as good as the key: `validate` requires key fields the
+    /// record always has.
     pub fn id_for(&self, ctx: &SourceContext, values: &BTreeMap<String, FieldValue>) -> uuid::Uuid {
         let key: Vec<String> = self
             .key
@@ -263,6 +322,7 @@ impl RecordSignal {
     pub fn event_for(
         &self,
         ctx: &SourceContext,
+        id: uuid::Uuid,
         values: &BTreeMap<String, FieldValue>,
         origin: Origin,
         time: SystemTime,
@@ -273,11 +333,9 @@ impl RecordSignal {
                 .map(FieldValue::text)
                 .filter(|t| !t.is_empty())
         };
-        let quantity = match values.get("quantity") {
-            Some(FieldValue::Int(n)) if *n >= 0 => Quantity::Count(*n as u64),
-            Some(FieldValue::Float(f)) => Quantity::Measure(*f),
-            _ => Quantity::Count(1),
-        };
+        // Callers check the quantity first (`record_quantity`); a record
+        // without a quantity field is one piece.
+        let quantity = record_quantity(values).unwrap_or(Quantity::Count(1));
         let mut attributes = ctx.attributes.clone();
         for (name, value) in values {
             if !RECORD_FIELDS.contains(&name.as_str()) && name != "sequence" {
@@ -299,7 +357,7 @@ impl RecordSignal {
             attributes,
         };
         let mut event = CloudEvent::new(
-            self.id_for(ctx, values),
+            id,
             ctx.urn(),
             self.event_type.clone(),
             time,
@@ -310,5 +368,185 @@ impl RecordSignal {
         }
         event.sequence = text("sequence");
         event
+    }
+}
+
+/// A record's quantity: absent means one piece; a negative, non-finite or
+/// non-numeric value is an error naming what was found (such a record is
+/// never posted with a guessed quantity).
+pub fn record_quantity(values: &BTreeMap<String, FieldValue>) -> Result<Quantity, String> {
+    match values.get("quantity") {
+        None => Ok(Quantity::Count(1)),
+        Some(FieldValue::Int(n)) if *n >= 0 => Ok(Quantity::Count(*n as u64)),
+        Some(FieldValue::Float(f)) if f.is_finite() && *f >= 0.0 => Ok(Quantity::Measure(*f)),
+        Some(FieldValue::Text(t)) => Err(format!(
+            "field quantity is text {t:?}, expected a non-negative number"
+        )),
+        Some(other) => Err(format!(
+            "field quantity is {}, expected a non-negative number",
+            other.text()
+        )),
+    }
+}
+
+/// What a record's fields say, as one value: two reads of the same record
+/// give the same fingerprint.
+pub fn record_fingerprint(values: &BTreeMap<String, FieldValue>) -> uuid::Uuid {
+    let parts: Vec<String> = values
+        .iter()
+        .map(|(name, value)| format!("{name}={}", value.text()))
+        .collect();
+    let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+    buffer::id::record_event_id("fingerprint", "", &refs)
+}
+
+/// A handshake's stored position: the handshake cycle is a record's
+/// identity (after a completed exchange the next ready record is a new
+/// fact whatever its fields say), so what it counts is exchanges.
+///
+/// Stored in the source's cursor, in the same durable write as the record
+/// it names, so a record re-presented because the agent stopped between
+/// storing and acknowledging it is recognised (same id, stored once).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandshakePosition {
+    /// Drawn when the position was created; part of every record id.
+    pub namespace: uuid::Uuid,
+    /// Records stored through this handshake so far.
+    pub cycle: u64,
+    /// The record stored last, until the device is seen releasing it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<PendingRecord>,
+}
+
+/// A record stored and not yet seen released by the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingRecord {
+    /// Its event id.
+    pub id: uuid::Uuid,
+    /// Its fields' fingerprint.
+    pub fingerprint: uuid::Uuid,
+}
+
+/// What a ready record is, against the stored position.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Presented {
+    /// The record stored last, shown again (the agent stopped or the
+    /// acknowledgement did not arrive): acknowledge it, store nothing.
+    Stored(uuid::Uuid),
+    /// A new fact: store it with `next` (same durable write), then
+    /// acknowledge.
+    New {
+        /// Its id.
+        id: uuid::Uuid,
+        /// The position to store with it.
+        next: HandshakePosition,
+    },
+}
+
+impl Default for HandshakePosition {
+    fn default() -> Self {
+        Self {
+            namespace: buffer::id::new_namespace(),
+            cycle: 0,
+            pending: None,
+        }
+    }
+}
+
+impl HandshakePosition {
+    /// Classifies a ready record. `acknowledged` says that this process
+    /// has since acknowledged the pending record (the device then showing
+    /// a record without the acknowledgement has released it, even if the
+    /// new one has the same fields).
+    pub fn presented(
+        &self,
+        urn: &str,
+        signal: &str,
+        fingerprint: uuid::Uuid,
+        acknowledged: bool,
+    ) -> Presented {
+        if let Some(pending) = self.pending {
+            if !acknowledged && pending.fingerprint == fingerprint {
+                return Presented::Stored(pending.id);
+            }
+        }
+        let cycle = self.cycle + 1;
+        let id = buffer::id::handshake_record_id(urn, signal, self.namespace, cycle);
+        Presented::New {
+            id,
+            next: Self {
+                namespace: self.namespace,
+                cycle,
+                pending: Some(PendingRecord { id, fingerprint }),
+            },
+        }
+    }
+
+    /// The position once the device released the pending record, if one
+    /// is pending (store it before the device can present the next one).
+    pub fn released(&self) -> Option<Self> {
+        self.pending.map(|_| Self {
+            pending: None,
+            ..self.clone()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(order: &str, qty: i64) -> BTreeMap<String, FieldValue> {
+        BTreeMap::from([
+            ("work_order".to_owned(), FieldValue::Text(order.into())),
+            ("quantity".to_owned(), FieldValue::Int(qty)),
+        ])
+    }
+
+    #[test]
+    fn a_record_shown_again_before_its_ack_is_the_stored_one() {
+        let start = HandshakePosition::default();
+        let fp = record_fingerprint(&fields("WO-1", 3));
+        let Presented::New { id, next } = start.presented("urn", "rec", fp, false) else {
+            panic!("first record is new");
+        };
+        assert_eq!(next.presented("urn", "rec", fp, false), Presented::Stored(id));
+    }
+
+    #[test]
+    fn after_a_release_equal_fields_are_a_new_fact_with_a_new_id() {
+        let fp = record_fingerprint(&fields("WO-1", 3));
+        let Presented::New { id: first, next } =
+            HandshakePosition::default().presented("urn", "rec", fp, false)
+        else {
+            panic!("new");
+        };
+        let released = next.released().expect("pending");
+        let Presented::New { id: second, .. } = released.presented("urn", "rec", fp, false) else {
+            panic!("a released record's twin is new");
+        };
+        assert_ne!(first, second);
+        // Acknowledged in this process and shown without the ack: released.
+        assert!(matches!(
+            next.presented("urn", "rec", fp, true),
+            Presented::New { .. }
+        ));
+    }
+
+    #[test]
+    fn a_lost_position_never_repeats_record_ids() {
+        let fp = record_fingerprint(&fields("WO-1", 3));
+        let a = HandshakePosition::default().presented("urn", "rec", fp, false);
+        let b = HandshakePosition::default().presented("urn", "rec", fp, false);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn quantities_that_are_not_counts_are_errors() {
+        assert_eq!(record_quantity(&fields("x", 2)), Ok(Quantity::Count(2)));
+        assert!(record_quantity(&fields("x", -1)).is_err());
+        let text = BTreeMap::from([("quantity".to_owned(), FieldValue::Text("ten".into()))]);
+        assert!(record_quantity(&text).is_err());
+        assert_eq!(record_quantity(&BTreeMap::new()), Ok(Quantity::Count(1)));
     }
 }

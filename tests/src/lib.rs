@@ -56,7 +56,7 @@ pub mod drive {
                     Verdict::Rejected { reason } => journal
                         .reject(sink_name, event.seq, &reason, 1)
                         .expect("reject"),
-                    Verdict::Retry { reason, .. } => {
+                    Verdict::Retry { reason, .. } | Verdict::Hold { reason } => {
                         if !retry {
                             eprintln!("drive: retry after seq {}: {reason}", event.seq);
                         }

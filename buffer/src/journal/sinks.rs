@@ -199,6 +199,10 @@ impl Journal {
     }
 
     /// Moves one event to the dead letters for `sink`, with the reason.
+    /// The event counts as done for the sink only once its dead letter is
+    /// stored; an event whose chunk is already gone (telemetry dropped for
+    /// space, counted then; or quarantined) is done at once, so a
+    /// rejection can never stall the sink's cursor.
     pub fn reject(
         &self,
         sink: &str,
@@ -206,27 +210,37 @@ impl Journal {
         reason: &str,
         attempts: u32,
     ) -> Result<(), JournalError> {
-        let (first, meta) = {
+        let found = {
             let st = self.state();
             let index = st.sink_index(sink)?;
             let s = &st.sinks[index];
             if seq < s.cursor || s.done.contains(&seq) {
                 return Ok(());
             }
-            match Self::metas_between(&st, seq, seq + 1).first() {
-                Some(found) => *found,
-                None => return Ok(()),
-            }
+            Self::metas_between(&st, seq, seq + 1).first().copied()
         };
-        let Some(events) = self.load_chunk(first)? else {
-            return Ok(());
-        };
-        let Some(event) = events.into_iter().nth((seq - first) as usize) else {
-            return Ok(());
+        let stored = match found {
+            Some((first, meta)) if !meta.dropped => self
+                .load_chunk(first)?
+                .and_then(|events| events.into_iter().nth((seq - first) as usize))
+                .map(|event| (meta, event)),
+            _ => None,
         };
         let mut st = self.state();
         let index = st.sink_index(sink)?;
-        let mut batch = sled::Batch::default();
+        let Some((meta, event)) = stored else {
+            tracing::warn!(
+                sink,
+                seq,
+                reason,
+                "rejected event is no longer in the journal (dropped or quarantined, counted then)"
+            );
+            st.sinks[index].done.insert(seq);
+            return self.advance_and_persist(&mut st, index);
+        };
+        if st.sinks[index].done.contains(&seq) {
+            return Ok(());
+        }
         let record = DeadLetterRecord {
             seq,
             sink: sink.to_owned(),
@@ -237,8 +251,40 @@ impl Journal {
             class: meta.class,
             event,
         };
-        Self::put_dead_letter(&mut st, &mut batch, record)?;
-        st.counters.rejected += 1;
+        // Nothing in memory changes unless the dead letter is on disk:
+        // otherwise the event would count as done with no dead letter kept.
+        let saved = (
+            st.next_dead_letter,
+            st.dead_letter_count,
+            st.dead_letter_bytes,
+            st.counters.rejected,
+        );
+        let restore = |st: &mut State| {
+            (
+                st.next_dead_letter,
+                st.dead_letter_count,
+                st.dead_letter_bytes,
+                st.counters.rejected,
+            ) = saved;
+        };
+        let mut batch = sled::Batch::default();
+        let written = (|| {
+            Self::put_dead_letter(&mut st, &mut batch, record)?;
+            st.counters.rejected += 1;
+            let s = &st.sinks[index];
+            let mut cursor = s.cursor;
+            while cursor == seq || s.done.contains(&cursor) {
+                cursor += 1;
+            }
+            batch.insert(&[layout::SINK_CURSOR, s.slot], &cursor.to_be_bytes());
+            batch.insert(layout::COUNTERS, Self::counters_value(&st)?);
+            self.inner.tree.apply_batch(batch)?;
+            Ok::<(), JournalError>(())
+        })();
+        if let Err(e) = written {
+            restore(&mut st);
+            return Err(e);
+        }
         st.sinks[index].done.insert(seq);
         tracing::warn!(
             sink,
@@ -247,7 +293,7 @@ impl Journal {
             attempts,
             "event rejected: moved to dead letters"
         );
-        self.advance_and_persist_with(&mut st, index, Some(batch))
+        self.advance_and_persist(&mut st, index)
     }
 
     pub(super) fn put_dead_letter(

@@ -2,12 +2,19 @@
 //!
 //! Every request carries an `Idempotency-Key` (the event id; for a batch a
 //! UUIDv5 over its ids in order) and the ids in the body, so the ERP can
-//! post exactly once whatever the retries. Verdicts: 2xx delivered; 408,
-//! 425, 429, 5xx, timeouts and connection errors retried (honouring
-//! `Retry-After`); any other 4xx rejects, but a batch is split in halves
-//! until the refused events are isolated, so one poison event never takes
-//! its 499 neighbours to the dead letters. Requests go one at a time in
-//! journal order, which keeps each source's order at the ERP.
+//! post exactly once whatever the retries. Verdicts, by what the answer
+//! is about:
+//!
+//! | answer | about | verdict |
+//! |---|---|---|
+//! | 2xx | | delivered (only the endpoint's own 2xx: redirects are never followed) |
+//! | 408, 425, 429, 5xx, timeout, connection | a moment | retried, honouring `Retry-After` |
+//! | 3xx, 401 after one credential refresh, 403, 404, 405, 407, 410 | the endpoint | **held**: nothing dead-lettered, retried with capped backoff, alarmed |
+//! | 413 | the request's size | the batch is split; a single event too large is rejected |
+//! | 400, 409, 422, any other 4xx; a 403/404/405/410 while other events of the same delivery were accepted | the events | rejected, the batch split in halves until the refused events are isolated |
+//!
+//! Requests go one at a time in journal order, which keeps each source's
+//! order at the ERP. Response bodies are read up to [`MAX_BODY_BYTES`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -102,13 +109,70 @@ pub enum HttpsSinkError {
     Header(String),
 }
 
+/// Most bytes of a response body read (error texts, token responses): a
+/// peer answering with an endless body costs no more than this.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Longest OAuth2 token lifetime believed (an absurd `expires_in` must not
+/// overflow the clock or keep a revoked token forever).
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
 /// Outcome of one request.
 enum Sent {
     Ok,
     /// Try later (with the peer's delay, if any).
     Later(Option<Duration>, String),
+    /// The endpoint refuses (credentials, URL, redirect): hold, unless
+    /// other events of the delivery were accepted (`singles_out`), in
+    /// which case it is about these events.
+    Endpoint {
+        /// Why, for the log and status.
+        reason: String,
+        /// A status that may be about the events themselves (403, 404,
+        /// 405, 410) rather than always about the endpoint (3xx, 401, 407).
+        may_single_out: bool,
+    },
+    /// The body is too large for the endpoint (413): split it.
+    TooLarge(String),
     /// Refused for good.
     Refused(String),
+}
+
+/// What an HTTP status means for the events of the request.
+fn classify(status: StatusCode, reason: String, delay: Option<Duration>) -> Sent {
+    match status.as_u16() {
+        408 | 425 | 429 => Sent::Later(delay, reason),
+        _ if status.is_server_error() => Sent::Later(delay, reason),
+        401 | 407 => Sent::Endpoint {
+            reason,
+            may_single_out: false,
+        },
+        _ if status.is_redirection() => Sent::Endpoint {
+            reason,
+            may_single_out: false,
+        },
+        403 | 404 | 405 | 410 => Sent::Endpoint {
+            reason,
+            may_single_out: true,
+        },
+        413 => Sent::TooLarge(reason),
+        _ => Sent::Refused(reason),
+    }
+}
+
+/// Reads at most `limit` bytes of a response body.
+async fn bounded_body(response: &mut reqwest::Response, limit: usize) -> Vec<u8> {
+    let mut body = Vec::new();
+    while body.len() < limit {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                let room = limit - body.len();
+                body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            _ => break,
+        }
+    }
+    body
 }
 
 #[derive(Default)]
@@ -249,6 +313,10 @@ impl HttpsSink {
             .default_headers(headers)
             .connect_timeout(config.connect_timeout)
             .timeout(config.request_timeout)
+            // A redirect is not the endpoint's acceptance: reqwest would
+            // turn a POST into a GET without the body and call the login
+            // page's 200 a delivery.
+            .redirect(reqwest::redirect::Policy::none())
             .pool_max_idle_per_host(4)
             .build()?;
         Ok(Self {
@@ -313,7 +381,7 @@ impl HttpsSink {
                     if let Some(scope) = scope {
                         form.push(("scope", scope));
                     }
-                    let response = self
+                    let mut response = self
                         .client
                         .post(&token_url)
                         .form(&form)
@@ -321,10 +389,7 @@ impl HttpsSink {
                         .await
                         .map_err(|e| format!("OAuth2 token request: {}", describe(&e)))?;
                     let status = response.status();
-                    let bytes = response
-                        .bytes()
-                        .await
-                        .map_err(|e| format!("OAuth2 token response: {}", describe(&e)))?;
+                    let bytes = bounded_body(&mut response, MAX_BODY_BYTES).await;
                     if !status.is_success() {
                         return Err(format!("OAuth2 token endpoint answered {status}"));
                     }
@@ -337,7 +402,8 @@ impl HttpsSink {
                     let token: TokenResponse = serde_json::from_slice(&bytes).map_err(|e| {
                         format!("OAuth2 token response is not JSON with access_token: {e}")
                     })?;
-                    let lifetime = Duration::from_secs(token.expires_in.unwrap_or(300));
+                    let lifetime = Duration::from_secs(token.expires_in.unwrap_or(300))
+                        .min(MAX_TOKEN_LIFETIME);
                     self.token = Token {
                         value: Some(token.access_token),
                         expires: Some(Instant::now() + lifetime),
@@ -409,7 +475,7 @@ impl HttpsSink {
             if let HttpsAuth::Basic { user, password } = &self.config.auth {
                 request = request.basic_auth(user, Some(password));
             }
-            let response = match request.send().await {
+            let mut response = match request.send().await {
                 Ok(r) => r,
                 Err(e) => return Sent::Later(None, describe(&e)),
             };
@@ -425,59 +491,81 @@ impl HttpsSink {
                 continue;
             }
             let delay = retry_after(response.headers());
-            let text = response.text().await.unwrap_or_default();
+            let location = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .map(str::to_owned);
+            let text = bounded_body(&mut response, MAX_BODY_BYTES).await;
+            let text = String::from_utf8_lossy(&text);
             let start: String = text.chars().take(200).collect();
-            let reason = format!("HTTP {}: {}", status.as_u16(), start.trim());
-            let transient =
-                matches!(status.as_u16(), 408 | 425 | 429 | 401) || status.is_server_error();
-            return if transient {
-                Sent::Later(delay, reason)
-            } else {
-                Sent::Refused(reason)
+            let reason = match location {
+                Some(to) if status.is_redirection() => format!(
+                    "HTTP {}: the endpoint redirects to {to}; deliveries are never redirected, set url to the endpoint itself",
+                    status.as_u16()
+                ),
+                _ => format!("HTTP {}: {}", status.as_u16(), start.trim()),
             };
+            return classify(status, reason, delay);
         }
-        Sent::Later(None, "HTTP 401 after refreshing credentials".into())
+        Sent::Endpoint {
+            reason: "HTTP 401 after refreshing credentials".into(),
+            may_single_out: false,
+        }
     }
 
     /// Sends `events`; on refusal splits until the refused ones are alone.
     /// Fills `verdicts` (indexed like `events`); returns false if delivery
-    /// must stop here (transient failure: the rest waits, in order).
+    /// must stop here (transient failure or an endpoint that refuses: the
+    /// rest waits, in order). `accepted` says whether the endpoint took any
+    /// event of this delivery (then a 403/404/405/410 is about the events).
     async fn deliver_isolating(
         &mut self,
         events: &[PendingEvent],
         verdicts: &mut [Option<Verdict>],
+        accepted: &mut bool,
     ) -> bool {
-        match self.post(events).await {
+        let wait_all = |verdicts: &mut [Option<Verdict>], verdict: Verdict| {
+            verdicts
+                .iter_mut()
+                .for_each(|v| *v = Some(verdict.clone()));
+        };
+        let sent = match self.post(events).await {
+            Sent::Endpoint {
+                reason,
+                may_single_out: true,
+            } if *accepted => Sent::Refused(reason),
+            other => other,
+        };
+        match sent {
             Sent::Ok => {
-                verdicts
-                    .iter_mut()
-                    .for_each(|v| *v = Some(Verdict::Delivered));
+                *accepted = true;
+                wait_all(verdicts, Verdict::Delivered);
                 true
             }
             Sent::Later(after, reason) => {
-                verdicts.iter_mut().for_each(|v| {
-                    *v = Some(Verdict::Retry {
-                        after,
-                        reason: reason.clone(),
-                    })
-                });
+                wait_all(verdicts, Verdict::Retry { after, reason });
                 false
             }
-            Sent::Refused(reason) if events.len() == 1 => {
+            Sent::Endpoint { reason, .. } => {
+                wait_all(verdicts, Verdict::Hold { reason });
+                false
+            }
+            Sent::Refused(reason) | Sent::TooLarge(reason) if events.len() == 1 => {
                 verdicts[0] = Some(Verdict::Rejected { reason });
                 true
             }
-            Sent::Refused(reason) => {
-                tracing::warn!(events = events.len(), reason = %reason, "batch refused; splitting it to find the refused events");
+            Sent::Refused(reason) | Sent::TooLarge(reason) => {
+                tracing::warn!(events = events.len(), reason = %reason, "batch refused; splitting it");
                 let mid = events.len() / 2;
                 let (left_v, right_v) = verdicts.split_at_mut(mid);
-                if !Box::pin(self.deliver_isolating(&events[..mid], left_v)).await {
+                if !Box::pin(self.deliver_isolating(&events[..mid], left_v, accepted)).await {
                     right_v
                         .iter_mut()
                         .for_each(|v| *v = Some(Verdict::retry("waiting behind an earlier retry")));
                     return false;
                 }
-                Box::pin(self.deliver_isolating(&events[mid..], right_v)).await
+                Box::pin(self.deliver_isolating(&events[mid..], right_v, accepted)).await
             }
         }
     }
@@ -495,6 +583,7 @@ impl Sink for HttpsSink {
             } => (max_events.max(1), max_bytes.max(1)),
         };
         let mut start = 0;
+        let mut accepted = false;
         while start < batch.len() {
             let mut end = start;
             let mut bytes = 2;
@@ -506,7 +595,7 @@ impl Sink for HttpsSink {
                 end += 1;
             }
             if !self
-                .deliver_isolating(&batch[start..end], &mut verdicts[start..end])
+                .deliver_isolating(&batch[start..end], &mut verdicts[start..end], &mut accepted)
                 .await
             {
                 break;

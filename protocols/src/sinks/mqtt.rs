@@ -27,6 +27,18 @@
 //! sliding window of `inflight` unacknowledged publishes, at most
 //! `max_messages_per_second`. A backlog after an outage therefore drains at
 //! the paced rate ahead of live events, which queue behind it in order.
+//! A publish the broker answers "not now" (QuotaExceeded, no answer in
+//! time) stops the batch there: nothing after it is published until it is
+//! confirmed, so no later event overtakes it (events already in the
+//! window when the answer comes keep the broker's order of receipt).
+//!
+//! # Refusals
+//!
+//! An MQTT 5 refusal (NotAuthorized, TopicNameInvalid, ...) singles an
+//! event out only if the broker accepted other publishes of the same
+//! delivery or since the connection was made; otherwise it is about the
+//! endpoint (credentials, ACL, topic template) and the sink holds: nothing
+//! is dead-lettered, the forwarder retries and alarms.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -309,6 +321,8 @@ pub struct MqttSink {
     /// Current send window and the connection it was grown on.
     window: usize,
     window_generation: u64,
+    /// Connection generation in which the broker last accepted a publish.
+    accepted_generation: u64,
 }
 
 struct Pacer {
@@ -637,6 +651,7 @@ impl MqttSink {
             pace,
             window: 1,
             window_generation: 0,
+            accepted_generation: 0,
         })
     }
 
@@ -706,8 +721,13 @@ impl Sink for MqttSink {
             self.window = 1;
         }
         let max_window = self.config.inflight.max(1) as usize;
+        let mut stalled: Option<String> = None;
+        let mut refused: Vec<usize> = Vec::new();
+        let mut accepted = false;
         loop {
-            while next < batch.len() && waiting.len() < self.window {
+            // Behind a publish the broker asked us to repeat, the rest of
+            // the batch waits (in order) for the next attempt.
+            while next < batch.len() && waiting.len() < self.window && stalled.is_none() {
                 let event = &batch[next];
                 next += 1;
                 let publication = match self.publication(event) {
@@ -741,8 +761,22 @@ impl Sink for MqttSink {
             match tokio::time::timeout_at(deadline, self.verdicts.recv()).await {
                 Ok(Some((seq, verdict))) => {
                     if waiting.remove(&seq) {
-                        if verdict == Verdict::Delivered {
-                            self.window = (self.window + 1).min(max_window);
+                        match &verdict {
+                            Verdict::Delivered => {
+                                self.window = (self.window + 1).min(max_window);
+                                accepted = true;
+                                self.accepted_generation = self.link.generation.load(Ordering::SeqCst);
+                            }
+                            Verdict::Retry { reason, .. } => {
+                                self.window = 1;
+                                stalled.get_or_insert_with(|| reason.clone());
+                            }
+                            Verdict::Rejected { .. } => {
+                                if let Some(&i) = index.get(&seq) {
+                                    refused.push(i);
+                                }
+                            }
+                            Verdict::Hold { .. } => {}
                         }
                         if let Some(&i) = index.get(&seq) {
                             verdicts[i] = Some(verdict);
@@ -761,11 +795,23 @@ impl Sink for MqttSink {
                 }
             }
         }
+        let accepted_on_this_connection =
+            self.accepted_generation == self.link.generation.load(Ordering::SeqCst);
+        if !accepted && !accepted_on_this_connection {
+            // Nothing accepted around the refusals: the endpoint refuses.
+            for i in refused {
+                if let Some(Verdict::Rejected { reason }) = verdicts[i].take() {
+                    verdicts[i] = Some(Verdict::Hold { reason });
+                }
+            }
+        }
+        let unsent = match &stalled {
+            Some(reason) => format!("waiting behind a publish to repeat ({reason})"),
+            None => "no acknowledgement from the broker in time".to_owned(),
+        };
         verdicts
             .into_iter()
-            .map(|v| {
-                v.unwrap_or_else(|| Verdict::retry("no acknowledgement from the broker in time"))
-            })
+            .map(|v| v.unwrap_or_else(|| Verdict::retry(unsent.clone())))
             .collect()
     }
 

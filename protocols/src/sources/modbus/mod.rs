@@ -10,6 +10,17 @@
 //! - A handshake record is acknowledged to the PLC (ack coil or register
 //!   written) only after the journal answered that its event is durable.
 //!   If the journal cannot take it (full), no ack: the PLC holds the record.
+//! - A handshake exchange is a record's identity ([`HandshakePosition`]):
+//!   the record is stored together with the position naming it as
+//!   pending; the same record shown again before its ack was seen is
+//!   acknowledged without a second event; once the PLC released it (ready
+//!   dropped, stored durably before the ack is cleared, or the ack dropped
+//!   after this process wrote it) the next ready record is a new fact with
+//!   a new id, even if its fields repeat an earlier record's (a PLC
+//!   restart starts its sequences again).
+//! - A record field that does not decode, or a quantity that is not a
+//!   non-negative number, leaves the record unacknowledged, logged and
+//!   counted: the PLC keeps it, nothing is posted with a guessed value.
 //! - A transport error means "reconnect" (capped exponential backoff with
 //!   jitter); a Modbus exception means "the device said no": the values are
 //!   bad, counted, no event, the connection stays. Every request runs
@@ -28,7 +39,10 @@ use tokio_modbus::client::{Context, Reader, Writer};
 use tokio_modbus::{ExceptionCode, Slave};
 
 use crate::counter::{CounterRules, CounterState, CounterWidth};
-use crate::source::{CounterSignal, RecordSignal, SourceContext};
+use crate::source::{
+    record_fingerprint, record_quantity, CounterSignal, HandshakePosition, Presented,
+    RecordSignal, SourceContext,
+};
 use map::{decode, plan, Address, Format, Order, Read, Table, Value};
 
 /// Where the device is.
@@ -156,6 +170,36 @@ pub struct ModbusStats {
     pub events: AtomicU64,
     /// Records acknowledged to the PLC.
     pub records_acked: AtomicU64,
+}
+
+/// The source's stored position: counter states and handshake positions,
+/// by signal. Stored with every append of this source.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Position {
+    #[serde(default)]
+    counters: BTreeMap<String, CounterState>,
+    #[serde(default)]
+    records: BTreeMap<String, HandshakePosition>,
+}
+
+impl Position {
+    /// Today's form, or the counter-only map stored before handshake
+    /// positions existed.
+    fn decode(bytes: &[u8]) -> Result<Self, String> {
+        serde_json::from_slice::<Position>(bytes).or_else(|current| {
+            serde_json::from_slice::<BTreeMap<String, CounterState>>(bytes)
+                .map(|counters| Position {
+                    counters,
+                    records: BTreeMap::new(),
+                })
+                .map_err(|_| current.to_string())
+        })
+    }
+
+    fn encode(&self) -> Option<Vec<u8>> {
+        serde_json::to_vec(self).ok()
+    }
 }
 
 /// Why a poll stopped.
@@ -365,11 +409,7 @@ fn bus_for(settings: &SerialSettings) -> Arc<Bus> {
 
 /// The Modbus source task: polls until shutdown.
 pub async fn run(ctx: SourceContext, config: ModbusConfig, stats: Arc<ModbusStats>) {
-    let mut states: BTreeMap<String, CounterState> = ctx
-        .initial_cursor
-        .as_deref()
-        .and_then(|c| serde_json::from_slice(c).ok())
-        .unwrap_or_default();
+    let mut position: Position = ctx.stored_position(Position::decode);
     let mut shutdown = ctx.shutdown.clone();
     let bus = match &config.endpoint {
         Endpoint::Rtu(settings) => Some(bus_for(settings)),
@@ -379,6 +419,7 @@ pub async fn run(ctx: SourceContext, config: ModbusConfig, stats: Arc<ModbusStat
     let mut failures: u32 = 0;
     let mut retry_at = tokio::time::Instant::now();
     let mut bridged = false;
+    // Record signals whose pending record this process acknowledged.
     let mut acked: BTreeMap<String, bool> = BTreeMap::new();
     let mut ticker = tokio::time::interval(config.poll_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -433,7 +474,7 @@ pub async fn run(ctx: SourceContext, config: ModbusConfig, stats: Arc<ModbusStat
             &ctx,
             &config,
             &stats,
-            &mut states,
+            &mut position,
             &mut acked,
             bridged,
         )
@@ -486,10 +527,11 @@ async fn poll(
     ctx: &SourceContext,
     config: &ModbusConfig,
     stats: &ModbusStats,
-    states: &mut BTreeMap<String, CounterState>,
+    position: &mut Position,
     acked: &mut BTreeMap<String, bool>,
     bridged: bool,
 ) -> Result<(), PollError> {
+    let states = &position.counters;
     if !config.counters.is_empty() {
         let spans: Vec<(Address, u16)> = config
             .counters
@@ -589,14 +631,18 @@ async fn poll(
         }
         if next_states != *states {
             let count = events.len() as u64;
+            let next = Position {
+                counters: next_states,
+                records: position.records.clone(),
+            };
             let request = AppendRequest {
                 source: ctx.name.clone(),
                 events,
-                cursor: serde_json::to_vec(&next_states).ok(),
+                cursor: next.encode(),
             };
             match ctx.appender.append(request).await {
                 Ok(_) => {
-                    *states = next_states;
+                    *position = next;
                     stats.events.fetch_add(count, Ordering::Relaxed);
                 }
                 Err(JournalError::Closed) => return Err(PollError::Stopped),
@@ -608,7 +654,7 @@ async fn poll(
         }
     }
     for record in &config.records {
-        handle_record(link, ctx, config, stats, record, acked).await?;
+        handle_record(link, ctx, config, stats, record, position, acked).await?;
     }
     Ok(())
 }
@@ -646,12 +692,38 @@ async fn write_ack(
     }
 }
 
+/// Stores `next` as this source's position (no events); adopted only
+/// once durable. `false` if the journal could not take it now.
+async fn store_position(
+    ctx: &SourceContext,
+    position: &mut Position,
+    next: Position,
+) -> Result<bool, PollError> {
+    let request = AppendRequest {
+        source: ctx.name.clone(),
+        events: Vec::new(),
+        cursor: next.encode(),
+    };
+    match ctx.appender.append(request).await {
+        Ok(_) => {
+            *position = next;
+            Ok(true)
+        }
+        Err(JournalError::Closed) => Err(PollError::Stopped),
+        Err(e) => {
+            tracing::error!(source = %ctx.name, error = %e, "position not stored; tried again next poll");
+            Ok(false)
+        }
+    }
+}
+
 async fn handle_record(
     link: &mut Context,
     ctx: &SourceContext,
     config: &ModbusConfig,
     stats: &ModbusStats,
     record: &RecordSpec,
+    position: &mut Position,
     acked: &mut BTreeMap<String, bool>,
 ) -> Result<(), PollError> {
     let flags = read_spans(link, &[(record.ready, 1), (record.ack, 1)], config, stats).await?;
@@ -665,8 +737,23 @@ async fn handle_record(
     let (Some(ready), Some(ack_set)) = (flag(record.ready), flag(record.ack)) else {
         return Ok(());
     };
-    acked.insert(record.signal.clone(), ack_set);
+    let handshake = position
+        .records
+        .entry(record.signal.clone())
+        .or_default()
+        .clone();
     if !ready {
+        if let Some(released) = handshake.released() {
+            // The PLC released the stored record. Stored before the ack is
+            // cleared (after which the PLC may present the next record), so
+            // that after any crash an equal next record is still new.
+            let mut next = position.clone();
+            next.records.insert(record.signal.clone(), released);
+            if !store_position(ctx, position, next).await? {
+                return Ok(());
+            }
+        }
+        acked.insert(record.signal.clone(), false);
         if ack_set {
             // The PLC took the ack and cleared ready: release the ack.
             match write_ack(link, record.ack, false, config.timeout).await {
@@ -681,7 +768,9 @@ async fn handle_record(
         return Ok(());
     }
     if ack_set {
-        // Acknowledged already; waiting for the PLC to clear ready.
+        // Acknowledged (by this process or before a restart); waiting for
+        // the PLC to clear ready.
+        acked.insert(record.signal.clone(), true);
         return Ok(());
     }
     let spans: Vec<(Address, u16)> = record
@@ -706,25 +795,43 @@ async fn handle_record(
             }
         }
     }
-    let event = record_event(ctx, config, record, &values);
-    let request = AppendRequest {
-        source: ctx.name.clone(),
-        events: vec![ctx.new_event(&event)],
-        cursor: None,
-    };
-    match ctx.appender.append(request).await {
-        Ok(outcome) => {
-            if outcome.appended() > 0 {
-                stats.events.fetch_add(1, Ordering::Relaxed);
+    if let Err(e) = record_quantity(&values) {
+        stats.bad_values.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(source = %ctx.name, signal = %record.signal, field = "quantity", error = %e, "record quantity unusable; record not acknowledged");
+        return Ok(());
+    }
+    let acknowledged = acked.get(&record.signal).copied().unwrap_or(false);
+    let presented = handshake.presented(
+        &ctx.urn(),
+        &record.signal,
+        record_fingerprint(&values),
+        acknowledged,
+    );
+    if let Presented::New { id, next } = presented {
+        let event = record_event(ctx, config, record, id, &values);
+        let mut next_position = position.clone();
+        next_position.records.insert(record.signal.clone(), next);
+        let request = AppendRequest {
+            source: ctx.name.clone(),
+            events: vec![ctx.new_event(&event)],
+            cursor: next_position.encode(),
+        };
+        match ctx.appender.append(request).await {
+            Ok(outcome) => {
+                *position = next_position;
+                acked.insert(record.signal.clone(), false);
+                if outcome.appended() > 0 {
+                    stats.events.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(JournalError::Closed) => return Err(PollError::Stopped),
+            Err(e) => {
+                tracing::error!(source = %ctx.name, signal = %record.signal, error = %e, "record not stored; not acknowledged");
+                return Ok(());
             }
         }
-        Err(JournalError::Closed) => return Err(PollError::Stopped),
-        Err(e) => {
-            tracing::error!(source = %ctx.name, signal = %record.signal, error = %e, "record not stored; not acknowledged");
-            return Ok(());
-        }
     }
-    // Durable (or a duplicate of a durable one): only now tell the PLC.
+    // Durable (now, or before a restart): only now tell the PLC.
     match write_ack(link, record.ack, true, config.timeout).await {
         Ok(Ok(())) => {
             stats.records_acked.fetch_add(1, Ordering::Relaxed);
@@ -744,6 +851,7 @@ fn record_event(
     ctx: &SourceContext,
     config: &ModbusConfig,
     record: &RecordSpec,
+    id: uuid::Uuid,
     values: &BTreeMap<String, Value>,
 ) -> CloudEvent {
     let signal = RecordSignal {
@@ -761,5 +869,5 @@ fn record_event(
         quality: "good".into(),
         source_time: None,
     };
-    signal.event_for(ctx, values, origin, SystemTime::now())
+    signal.event_for(ctx, id, values, origin, SystemTime::now())
 }

@@ -11,8 +11,14 @@
 //! - A record's acknowledgement (node write or method call) is made only
 //!   after the journal answered that the record is durable (or a duplicate
 //!   of a durable one). A crash between the two re-reads the record after
-//!   restart, finds its id stored, and acknowledges it without a second
-//!   event.
+//!   restart, finds it stored as pending, and acknowledges it without a
+//!   second event.
+//! - A record with an acknowledgement is identified by its exchange
+//!   ([`HandshakePosition`]), not by its fields: the record node showing a
+//!   different record, or cleared, releases the stored one (stored
+//!   durably), and a later record with equal fields (an MES restarting its
+//!   sequence) is a new fact with a new id. Records without an
+//!   acknowledgement are identified by their key fields.
 //! - After every (re)connect, and whenever notifications may have been
 //!   missed (a gap in notification sequence numbers that Republish could
 //!   not fill, or the bounded notification queue overflowed), every
@@ -46,7 +52,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::counter::{CounterRules, CounterState};
-use crate::source::{CounterSignal, FieldValue, RecordSignal, SourceContext};
+use crate::source::{
+    record_fingerprint, CounterSignal, FieldValue, HandshakePosition, Presented, RecordSignal,
+    SourceContext,
+};
 use record::{CounterValue, JsonField};
 pub use session::{Connection, UserIdentity};
 
@@ -220,6 +229,9 @@ pub struct OpcUaStats {
 struct Cursor {
     counters: BTreeMap<String, CounterState>,
     records: BTreeMap<String, RecordMark>,
+    /// Exchanges of records with an acknowledgement, by signal.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    handshakes: BTreeMap<String, HandshakePosition>,
 }
 
 /// The last record stored for a record signal.
@@ -359,11 +371,8 @@ enum Stop {
 /// The OPC UA source task: connects, subscribes (or polls), reconnects
 /// with capped backoff, until shutdown.
 pub async fn run(ctx: SourceContext, config: OpcUaConfig, stats: Arc<OpcUaStats>) {
-    let mut cursor: Cursor = ctx
-        .initial_cursor
-        .as_deref()
-        .and_then(|c| serde_json::from_slice(c).ok())
-        .unwrap_or_default();
+    let mut cursor: Cursor =
+        ctx.stored_position(|bytes| serde_json::from_slice(bytes).map_err(|e| e.to_string()));
     let mut shutdown = ctx.shutdown.clone();
     let mut failures: u32 = 0;
     let mut client = None;
@@ -929,12 +938,17 @@ impl Served<'_> {
     ) -> Result<(), Stop> {
         let spec = &self.config.records[index];
         let Some(variant) = value.value.clone().filter(|v| !matches!(v, Variant::Empty)) else {
-            // The MES cleared the record node: nothing announced.
+            // The MES cleared the record node: nothing announced, and the
+            // stored record is released.
+            self.release(index);
             return Ok(());
         };
         let decoded: Result<Fields, String> = match &spec.layout {
             RecordLayout::Json(fields) => match &variant {
-                Variant::String(s) if s.is_empty() || s.as_ref().trim().is_empty() => return Ok(()),
+                Variant::String(s) if s.is_empty() || s.as_ref().trim().is_empty() => {
+                    self.release(index);
+                    return Ok(());
+                }
                 Variant::String(s) => {
                     record::json_record(s.as_ref(), fields).map(|v| (v, BTreeMap::new()))
                 }
@@ -963,22 +977,44 @@ impl Served<'_> {
             }
         };
         origin.address = format!("{node} record {}", spec.signal);
-        let mut event = self.record_signals[index].event_for(self.ctx, &values, origin, time);
-        event
-            .data
-            .attributes
-            .insert("time_source".into(), time_source.as_str().into());
-        let id = event.id.to_string();
         let sequence = match values.get("sequence") {
             Some(FieldValue::Int(n)) => Some(*n),
             _ => None,
         };
-        let already = self
-            .working()
-            .records
-            .get(&spec.signal)
-            .is_some_and(|m| m.id == id);
-        if !already {
+        // A handshake record's id is its exchange; others' their key.
+        let (id, next_handshake) = if spec.ack.is_some() {
+            let handshake = self
+                .working()
+                .handshakes
+                .get(&spec.signal)
+                .cloned()
+                .unwrap_or_default();
+            match handshake.presented(
+                &self.ctx.urn(),
+                &spec.signal,
+                record_fingerprint(&values),
+                false,
+            ) {
+                Presented::Stored(id) => (id, None),
+                Presented::New { id, next } => (id, Some(next)),
+            }
+        } else {
+            let id = self.record_signals[index].id_for(self.ctx, &values);
+            let stored = self
+                .working()
+                .records
+                .get(&spec.signal)
+                .is_some_and(|m| m.id == id.to_string());
+            (id, (!stored).then(HandshakePosition::default))
+        };
+        let id_text = id.to_string();
+        if let Some(handshake) = next_handshake {
+            let mut event =
+                self.record_signals[index].event_for(self.ctx, id, &values, origin, time);
+            event
+                .data
+                .attributes
+                .insert("time_source".into(), time_source.as_str().into());
             if let (Some(seq), Some(Some(last))) = (
                 sequence,
                 self.working().records.get(&spec.signal).map(|m| m.sequence),
@@ -995,12 +1031,16 @@ impl Served<'_> {
             next.records.insert(
                 spec.signal.clone(),
                 RecordMark {
-                    id: id.clone(),
+                    id: id_text.clone(),
                     sequence,
                 },
             );
+            if spec.ack.is_some() {
+                next.handshakes.insert(spec.signal.clone(), handshake);
+            }
             self.stage(vec![event], next);
         }
+        let id = id_text;
         // Acknowledged only after the flush that makes it durable (or
         // right after it, if it already was).
         if let Some(ack) = &spec.ack {
@@ -1015,6 +1055,26 @@ impl Served<'_> {
             }
         }
         Ok(())
+    }
+
+    /// The record node of a record with an acknowledgement no longer
+    /// shows the stored record: stage its release (stored with the next
+    /// flush), so that an equal record later is a new fact.
+    fn release(&mut self, index: usize) {
+        let spec = &self.config.records[index];
+        if spec.ack.is_none() {
+            return;
+        }
+        let released = self
+            .working()
+            .handshakes
+            .get(&spec.signal)
+            .and_then(HandshakePosition::released);
+        if let Some(released) = released {
+            let mut next = self.working().clone();
+            next.handshakes.insert(spec.signal.clone(), released);
+            self.stage(Vec::new(), next);
+        }
     }
 
     async fn send_ack(&mut self, due: AckDue) {
