@@ -1447,7 +1447,8 @@ fn check_modbus(file: &Path, key: &str, m: RawModbus) -> Result<ModbusConfig, Co
         if key_fields.is_empty() {
             return Err(err(
                 format!("{rkey}.key"),
-                "at least one field name (an empty key would give every record the same identity)".into(),
+                "at least one field name (an empty key would give every record the same identity)"
+                    .into(),
             ));
         }
         if let Some(missing) = key_fields.iter().find(|k| !r.fields.contains_key(*k)) {
@@ -1801,7 +1802,8 @@ fn check_opcua(
         if key.is_empty() {
             return Err(err(
                 format!("{rkey}.key"),
-                "at least one field name (an empty key would give every record the same identity)".into(),
+                "at least one field name (an empty key would give every record the same identity)"
+                    .into(),
             ));
         }
         // Without an acknowledgement the key is the record's only identity:

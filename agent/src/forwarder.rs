@@ -291,8 +291,12 @@ async fn deliver_batch(
             // Logged once per change of state, not once per retry.
             if held != s.holding {
                 match &held {
-                    Some(why) => tracing::error!(sink = %sink_name, reason = %why, backlog_kept = true, "SINK HELD: the endpoint refuses every delivery; nothing is dead-lettered, retrying until it is fixed"),
-                    None => tracing::warn!(sink = %sink_name, "the endpoint accepts deliveries again"),
+                    Some(why) => {
+                        tracing::error!(sink = %sink_name, reason = %why, backlog_kept = true, "SINK HELD: the endpoint refuses every delivery; nothing is dead-lettered, retrying until it is fixed")
+                    }
+                    None => {
+                        tracing::warn!(sink = %sink_name, "the endpoint accepts deliveries again")
+                    }
                 }
                 s.holding = held;
             }

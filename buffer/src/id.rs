@@ -116,8 +116,14 @@ mod tests {
         let (a, b) = (new_namespace(), new_namespace());
         assert_ne!(a, b);
         let old = namespaced_counter_event_id("s", "good", Some(a), 0, 10);
-        assert_eq!(old, namespaced_counter_event_id("s", "good", Some(a), 0, 10));
-        assert_ne!(old, namespaced_counter_event_id("s", "good", Some(b), 0, 10));
+        assert_eq!(
+            old,
+            namespaced_counter_event_id("s", "good", Some(a), 0, 10)
+        );
+        assert_ne!(
+            old,
+            namespaced_counter_event_id("s", "good", Some(b), 0, 10)
+        );
         assert_ne!(old, counter_event_id("s", "good", 0, 10));
         assert_eq!(
             namespaced_counter_event_id("s", "good", None, 0, 10),

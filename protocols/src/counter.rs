@@ -207,7 +207,10 @@ mod tests {
     fn first_reading_is_a_baseline_without_parts() {
         let o = RULES16.observe(None, 500);
         assert_eq!((o.step, o.delta), (Step::Baseline, 0));
-        assert!(o.next.namespace.is_some(), "a new position gets a namespace");
+        assert!(
+            o.next.namespace.is_some(),
+            "a new position gets a namespace"
+        );
         assert_eq!((o.next.epoch, o.next.raw, o.next.total), (0, 500, 500));
         assert_ne!(
             RULES16.observe(None, 500).next.namespace,

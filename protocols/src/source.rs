@@ -356,13 +356,7 @@ impl RecordSignal {
             origin,
             attributes,
         };
-        let mut event = CloudEvent::new(
-            id,
-            ctx.urn(),
-            self.event_type.clone(),
-            time,
-            data,
-        );
+        let mut event = CloudEvent::new(id, ctx.urn(), self.event_type.clone(), time, data);
         if let Some(order) = &event.data.work_order {
             event.subject = Some(format!("{}/{order}", self.line));
         }
@@ -510,7 +504,10 @@ mod tests {
         let Presented::New { id, next } = start.presented("urn", "rec", fp, false) else {
             panic!("first record is new");
         };
-        assert_eq!(next.presented("urn", "rec", fp, false), Presented::Stored(id));
+        assert_eq!(
+            next.presented("urn", "rec", fp, false),
+            Presented::Stored(id)
+        );
     }
 
     #[test]

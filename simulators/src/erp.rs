@@ -47,6 +47,14 @@ pub struct ErpState {
     pub token_life: Mutex<Duration>,
     /// 401s answered.
     pub unauthorized: Mutex<u64>,
+    /// When set, every POST is answered with this status (a revoked
+    /// credential: 403; a moved endpoint: 404), nothing recorded.
+    pub refuse_all: Mutex<Option<u16>>,
+    /// When set, every POST is answered `301 Location: <this>` (a proxy
+    /// sending clients to a login page, which answers GET with 200).
+    pub redirect_to: Mutex<Option<String>>,
+    /// When set, bodies larger than this are answered 413.
+    pub max_body: Mutex<Option<usize>>,
 }
 
 async fn events(State(state): State<Arc<ErpState>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -68,6 +76,18 @@ async fn events(State(state): State<Arc<ErpState>>, headers: HeaderMap, body: By
         if !valid {
             *state.unauthorized.lock().expect("state") += 1;
             return (StatusCode::UNAUTHORIZED, "token expired").into_response();
+        }
+    }
+    if let Some(code) = *state.refuse_all.lock().expect("state") {
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::FORBIDDEN);
+        return (status, "access revoked").into_response();
+    }
+    if let Some(to) = state.redirect_to.lock().expect("state").clone() {
+        return (StatusCode::MOVED_PERMANENTLY, [("location", to)], "moved").into_response();
+    }
+    if let Some(max) = *state.max_body.lock().expect("state") {
+        if body.len() > max {
+            return (StatusCode::PAYLOAD_TOO_LARGE, "request entity too large").into_response();
         }
     }
     if let Some(scripted) = state.script.lock().expect("state").pop_front() {
@@ -196,6 +216,10 @@ impl Erp {
         let app = Router::new()
             .route("/events", post(events))
             .route("/token", post(token))
+            .route(
+                "/login",
+                axum::routing::get(|| async { "<html>please log in</html>" }),
+            )
             .with_state(self.state.clone());
         let handle = axum_server::Handle::new();
         let server = axum_server::bind_rustls(self.addr, self.tls.clone()).handle(handle.clone());
@@ -213,6 +237,11 @@ impl Erp {
     /// URL of the events endpoint (host `localhost`, as in the certificate).
     pub fn url(&self) -> String {
         format!("https://localhost:{}/events", self.addr.port())
+    }
+
+    /// URL of a login page that answers GET with 200.
+    pub fn login_url(&self) -> String {
+        format!("https://localhost:{}/login", self.addr.port())
     }
 
     /// URL of the token endpoint.

@@ -29,6 +29,9 @@ pub struct Memory {
     pub refuse_holding: Vec<std::ops::Range<u16>>,
     /// Number of reads served.
     pub reads: u64,
+    /// Answer every write with IllegalDataAddress (an ack the PLC does
+    /// not take).
+    pub refuse_writes: bool,
 }
 
 impl Memory {
@@ -93,6 +96,9 @@ impl Service for PlcService {
             Request::ReadCoils(a, n) => Ok(Response::ReadCoils(bits(&m.coils, a, n))),
             Request::ReadDiscreteInputs(a, n) => {
                 Ok(Response::ReadDiscreteInputs(bits(&m.discrete, a, n)))
+            }
+            Request::WriteSingleCoil(..) | Request::WriteSingleRegister(..) if m.refuse_writes => {
+                Err(ExceptionCode::IllegalDataAddress)
             }
             Request::WriteSingleCoil(a, v) => {
                 m.coils.insert(a, v);

@@ -275,3 +275,99 @@ async fn a_wrong_ca_is_a_clear_error_and_a_retry() {
     }
     assert!(erp.posted().is_empty());
 }
+
+fn batch_mode() -> HttpsMode {
+    HttpsMode::Batch {
+        max_events: 100,
+        max_bytes: 1 << 20,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_is_an_endpoint_error_never_a_delivery() {
+    let (dir, pki) = setup();
+    let erp = Erp::start(&pki.server_cert, &pki.server_key).await;
+    *erp.state.redirect_to.lock().expect("state") = Some(erp.login_url());
+    let (journal, ids) = journal_with(dir.path(), 30);
+    for mode in [HttpsMode::Single, batch_mode()] {
+        let mut sink = HttpsSink::new(config(&erp, &pki, mode)).expect("sink");
+        let batch = journal.read_batch(SINK, 30).expect("read");
+        let verdicts = sink.deliver(&batch).await;
+        journal.rewind(SINK).expect("rewind");
+        match &verdicts[0] {
+            Verdict::Hold { reason } => assert!(
+                reason.contains("HTTP 301") && reason.contains("/login"),
+                "the message names the Location: {reason}"
+            ),
+            other => panic!("a redirect must hold, not {other:?}"),
+        }
+        assert!(
+            verdicts
+                .iter()
+                .all(|v| matches!(v, Verdict::Hold { .. } | Verdict::Retry { .. })),
+            "nothing delivered, nothing rejected: {verdicts:?}"
+        );
+    }
+    assert!(erp.posted().is_empty(), "the ERP received nothing");
+    assert_eq!(journal.backlog(SINK).expect("backlog"), 30, "all kept");
+    // The proxy is fixed: everything arrives, nothing was dead-lettered.
+    *erp.state.redirect_to.lock().expect("state") = None;
+    let mut sink = HttpsSink::new(config(&erp, &pki, batch_mode())).expect("sink");
+    assert!(drive::until(&journal, SINK, &mut sink, Duration::from_secs(30), drained).await);
+    let posted: HashSet<String> = erp.posted().into_iter().map(|(id, _)| id).collect();
+    assert_eq!(posted, ids.into_iter().collect::<HashSet<_>>());
+    assert!(journal.dead_letters().expect("dead").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_credentials_hold_the_backlog_and_dead_letter_nothing() {
+    let (dir, pki) = setup();
+    let erp = Erp::start(&pki.server_cert, &pki.server_key).await;
+    let (journal, ids) = journal_with(dir.path(), 32);
+    for status in [403u16, 404, 401, 405, 410] {
+        *erp.state.refuse_all.lock().expect("state") = Some(status);
+        let mut cfg = config(&erp, &pki, batch_mode());
+        cfg.auth = HttpsAuth::Basic {
+            user: "gw01".into(),
+            password: "revoked".into(),
+        };
+        let mut sink = HttpsSink::new(cfg).expect("sink");
+        let batch = journal.read_batch(SINK, 32).expect("read");
+        let verdicts = sink.deliver(&batch).await;
+        journal.rewind(SINK).expect("rewind");
+        assert_eq!(verdicts.len(), 32);
+        assert!(
+            verdicts
+                .iter()
+                .all(|v| matches!(v, Verdict::Hold { reason } if reason.starts_with(&format!("HTTP {status}")))),
+            "HTTP {status} is about the endpoint: {:?}",
+            verdicts[0]
+        );
+    }
+    assert!(journal.dead_letters().expect("dead").is_empty());
+    *erp.state.refuse_all.lock().expect("state") = None;
+    let mut sink = HttpsSink::new(config(&erp, &pki, batch_mode())).expect("sink");
+    assert!(drive::until(&journal, SINK, &mut sink, Duration::from_secs(30), drained).await);
+    let posted: HashSet<String> = erp.posted().into_iter().map(|(id, _)| id).collect();
+    assert_eq!(posted, ids.into_iter().collect::<HashSet<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_413_splits_the_batch_until_it_fits() {
+    let (dir, pki) = setup();
+    let erp = Erp::start(&pki.server_cert, &pki.server_key).await;
+    let (journal, ids) = journal_with(dir.path(), 100);
+    // About 25 of these events fit in one request.
+    *erp.state.max_body.lock().expect("state") = Some(4_000);
+    let mut sink = HttpsSink::new(config(&erp, &pki, batch_mode())).expect("sink");
+    let verdicts = sink
+        .deliver(&journal.read_batch(SINK, 100).expect("read"))
+        .await;
+    assert!(
+        verdicts.iter().all(|v| *v == Verdict::Delivered),
+        "{:?}",
+        verdicts.iter().find(|v| **v != Verdict::Delivered)
+    );
+    let posted: Vec<String> = erp.posted().into_iter().map(|(id, _)| id).collect();
+    assert_eq!(posted, ids, "all of them, in order");
+}

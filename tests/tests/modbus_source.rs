@@ -68,6 +68,15 @@ fn start(config: ModbusConfig, max_bytes: Option<u64>) -> Rig {
 }
 
 fn start_on(journal: Journal, config: ModbusConfig, dir: tempfile::TempDir) -> Rig {
+    start_on_with(journal, config, dir, Default::default())
+}
+
+fn start_on_with(
+    journal: Journal,
+    config: ModbusConfig,
+    dir: tempfile::TempDir,
+    read: protocols::source::ReadCounts,
+) -> Rig {
     let (appender, _writer) = journal.start_writer();
     let (stop, shutdown) = watch::channel(false);
     let stats = Arc::new(ModbusStats::default());
@@ -81,7 +90,7 @@ fn start_on(journal: Journal, config: ModbusConfig, dir: tempfile::TempDir) -> R
         appender,
         initial_cursor: journal.source_cursor(SOURCE).expect("cursor"),
         shutdown,
-        read: Default::default(),
+        read,
     };
     let task = tokio::spawn(modbus::run(ctx, config, stats.clone()));
     Rig {
@@ -114,7 +123,11 @@ impl Rig {
                 .source_cursor(SOURCE)
                 .expect("cursor")
                 .map(|c| serde_json::from_slice(&c).expect("json"));
-            if cursor.as_ref().and_then(|c| c[signal]["raw"].as_u64()) == Some(raw) {
+            if cursor
+                .as_ref()
+                .and_then(|c| c["counters"][signal]["raw"].as_u64())
+                == Some(raw)
+            {
                 return;
             }
             assert!(
@@ -574,5 +587,194 @@ async fn counter_events_carry_the_work_order_read_in_the_same_poll() {
     let events = rig.events();
     assert_eq!(events[0]["data"]["work_order"], "WO-55");
     assert_eq!(events[0]["subject"], "L1/WO-55");
+    rig.stop().await;
+}
+
+/// Ids of the stored completion records, in journal order.
+fn record_ids(rig: &Rig) -> Vec<String> {
+    rig.events()
+        .iter()
+        .filter(|e| e["data"]["origin"]["address"] == "unit 1 record completion")
+        .map(|e| e["id"].as_str().expect("id").to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_a_restarted_plc_repeats_field_for_field_are_new_facts_with_new_ids() {
+    let plc = Plc::start().await;
+    let rig = start(device(plc.addr, vec![], vec![record_spec()]), None);
+    for n in 1..=3 {
+        plc_hands_over(&plc, n).await;
+    }
+    // The PLC restarts: its record sequence starts again at 1, and the
+    // line makes the same orders again, field for field.
+    for n in 1..=3 {
+        plc_hands_over(&plc, n).await;
+    }
+    let ids = record_ids(&rig);
+    assert_eq!(ids.len(), 6, "every acknowledged record is stored: {ids:?}");
+    let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), 6, "a different fact never gets an old id");
+    assert_eq!(rig.stats.records_acked.load(Ordering::Relaxed), 6);
+    let journal = rig.stop().await;
+    // The same holds after the agent restarts between two equal records.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rig = start_on(journal, device(plc.addr, vec![], vec![record_spec()]), dir);
+    plc_hands_over(&plc, 1).await;
+    let ids = record_ids(&rig);
+    assert_eq!(ids.len(), 7);
+    assert_eq!(
+        ids.iter().collect::<std::collections::HashSet<_>>().len(),
+        7
+    );
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_stored_but_not_acknowledged_before_a_stop_is_acknowledged_once_after() {
+    let plc = Plc::start().await;
+    {
+        let mut m = plc.mem();
+        m.holding.insert(100, 7);
+        m.set_string(101, 4, "WO-7");
+        m.set_string(105, 4, "MAT-9");
+        m.holding.insert(109, 70);
+        m.holding.insert(110, 0x0042);
+        // The ack does not reach the PLC: stored, never acknowledged.
+        m.refuse_writes = true;
+        m.coils.insert(0, true);
+    }
+    let rig = start(device(plc.addr, vec![], vec![record_spec()]), None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while rig.stats.exceptions.load(Ordering::Relaxed) < 3 {
+        assert!(std::time::Instant::now() < deadline, "ack never tried");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        record_ids(&rig).len(),
+        1,
+        "stored once, however often retried"
+    );
+    let journal = rig.stop().await;
+    // The agent restarts; the PLC still presents the same record.
+    plc.mem().refuse_writes = false;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rig = start_on(journal, device(plc.addr, vec![], vec![record_spec()]), dir);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !plc.mem().coils.get(&1).copied().unwrap_or(false) {
+        assert!(std::time::Instant::now() < deadline, "never acknowledged");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        record_ids(&rig).len(),
+        1,
+        "the re-presented record is the same fact: acknowledged, not stored again"
+    );
+    // Released, then the next record has the same fields: a new fact.
+    plc.mem().coils.insert(0, false);
+    while plc.mem().coils.get(&1).copied().unwrap_or(false) {
+        assert!(std::time::Instant::now() < deadline, "ack never released");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    plc.mem().coils.insert(0, true);
+    while !plc.mem().coils.get(&1).copied().unwrap_or(false) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "second never acknowledged"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let ids = record_ids(&rig);
+    assert_eq!(ids.len(), 2);
+    assert_ne!(ids[0], ids[1]);
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_whose_quantity_does_not_decode_is_not_acknowledged_nor_posted() {
+    let plc = Plc::start().await;
+    let mut spec = record_spec();
+    for field in &mut spec.fields {
+        if field.name == "quantity" {
+            field.format = Format::String(2);
+        }
+    }
+    {
+        let mut m = plc.mem();
+        m.holding.insert(100, 1);
+        m.set_string(101, 4, "WO-1");
+        m.set_string(109, 2, "ten");
+        m.coils.insert(0, true);
+    }
+    let rig = start(device(plc.addr, vec![], vec![spec]), None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while rig.stats.bad_values.load(Ordering::Relaxed) < 3 {
+        assert!(std::time::Instant::now() < deadline, "never counted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        !plc.mem().coils.get(&1).copied().unwrap_or(false),
+        "not acknowledged: the PLC keeps the record"
+    );
+    assert!(record_ids(&rig).is_empty(), "never posted as quantity 1");
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_counter_position_starts_ids_the_erp_has_never_seen() {
+    let plc = Plc::start().await;
+    plc.mem().holding.insert(0, 100);
+    let config = || {
+        device(
+            plc.addr,
+            vec![counter(
+                "good",
+                EventType::completion(),
+                "holding:0",
+                Format::U16,
+            )],
+            vec![],
+        )
+    };
+    let rig = start(config(), None);
+    rig.counted_up_to("good", 100).await;
+    plc.mem().holding.insert(0, 110);
+    rig.counted_up_to("good", 110).await;
+    let first: Vec<String> = rig
+        .events()
+        .iter()
+        .map(|e| e["id"].as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(first.len(), 1);
+    let journal = rig.stop().await;
+    // The stored position is damaged; the PLC's counter was reset and
+    // counts the same values again (a shift reset).
+    journal
+        .append_blocking(buffer::AppendRequest {
+            source: SOURCE.into(),
+            events: vec![],
+            cursor: Some(b"{\"counters\":{\"good\":12}}".to_vec()),
+        })
+        .expect("append")
+        .expect("fits");
+    plc.mem().holding.insert(0, 100);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let read = protocols::source::ReadCounts::default();
+    let rig = start_on_with(journal, config(), dir, read.clone());
+    rig.counted_up_to("good", 100).await;
+    plc.mem().holding.insert(0, 110);
+    rig.counted_up_to("good", 110).await;
+    let ids: Vec<String> = rig
+        .events()
+        .iter()
+        .map(|e| e["id"].as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(ids.len(), 2);
+    assert_ne!(ids[1], first[0], "the same counter value is a new fact");
+    assert_eq!(
+        read.positions_lost().get(SOURCE),
+        Some(&1),
+        "the unreadable position is counted"
+    );
     rig.stop().await;
 }

@@ -338,6 +338,51 @@ async fn acl_denied_topic_is_dead_lettered_with_the_reason_and_the_rest_flow() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_refuses_every_event_topic_holds_them_all_and_dead_letters_none() {
+    // The topic template points where this client may not write: every
+    // event is refused, only the status topic is allowed.
+    let acl = "topic readwrite plants/site1/gw1/status\ntopic read #\n";
+    let broker = Broker::start(BrokerOptions {
+        acl: Some(acl.into()),
+        ..BrokerOptions::default()
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = journal_with(dir.path(), (0..20).map(|n| event(n, "L1")));
+    let mut sink = MqttSink::start(config(broker.port, MqttVersion::V5, 1)).expect("sink");
+    let mut held = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while held < 3 && std::time::Instant::now() < deadline {
+        let batch = journal.read_batch(SINK, 256).expect("read");
+        let verdicts = sink.deliver(&batch).await;
+        journal.rewind(SINK).expect("rewind");
+        assert!(
+            verdicts
+                .iter()
+                .all(|v| !matches!(v, Verdict::Rejected { .. } | Verdict::Delivered)),
+            "{verdicts:?}"
+        );
+        if let Some(Verdict::Hold { reason }) = verdicts.first() {
+            assert!(reason.contains("NotAuthorized"), "{reason}");
+            held += 1;
+        }
+    }
+    sink.close().await;
+    assert!(
+        held >= 3,
+        "the refusal holds the sink, attempt after attempt"
+    );
+    assert!(
+        journal.dead_letters().expect("dead").is_empty(),
+        "nothing dead-lettered"
+    );
+    assert_eq!(
+        journal.backlog(SINK).expect("backlog"),
+        20,
+        "the backlog is kept"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_delivers_and_a_wrong_ca_is_a_clear_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = plant_edge_tests::pki::generate(dir.path(), "plant");

@@ -526,9 +526,7 @@ impl HttpsSink {
         accepted: &mut bool,
     ) -> bool {
         let wait_all = |verdicts: &mut [Option<Verdict>], verdict: Verdict| {
-            verdicts
-                .iter_mut()
-                .for_each(|v| *v = Some(verdict.clone()));
+            verdicts.iter_mut().for_each(|v| *v = Some(verdict.clone()));
         };
         let sent = match self.post(events).await {
             Sent::Endpoint {

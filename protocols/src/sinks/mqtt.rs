@@ -35,10 +35,13 @@
 //! # Refusals
 //!
 //! An MQTT 5 refusal (NotAuthorized, TopicNameInvalid, ...) singles an
-//! event out only if the broker accepted other publishes of the same
-//! delivery or since the connection was made; otherwise it is about the
-//! endpoint (credentials, ACL, topic template) and the sink holds: nothing
-//! is dead-lettered, the forwarder retries and alarms.
+//! event out only if the broker accepts other publishes; otherwise it is
+//! about the endpoint (credentials, ACL, topic template) and the sink
+//! holds: nothing is dead-lettered, the forwarder retries and alarms. As
+//! Mosquitto drops the connection right after a refusal, a refused event
+//! with nothing accepted around it becomes a *suspect*: the next attempt
+//! publishes the events behind it on other topics first; if the broker
+//! takes any, the suspect is dead-lettered, otherwise everything is held.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -323,6 +326,10 @@ pub struct MqttSink {
     window_generation: u64,
     /// Connection generation in which the broker last accepted a publish.
     accepted_generation: u64,
+    /// A refused event (seq, topic, reason) with nothing accepted around it.
+    suspect: Option<(u64, String, String)>,
+    /// The broker accepted an event publish since the suspect was refused.
+    accepted_since_suspect: bool,
 }
 
 struct Pacer {
@@ -652,6 +659,8 @@ impl MqttSink {
             window: 1,
             window_generation: 0,
             accepted_generation: 0,
+            suspect: None,
+            accepted_since_suspect: false,
         })
     }
 
@@ -724,6 +733,11 @@ impl Sink for MqttSink {
         let mut stalled: Option<String> = None;
         let mut refused: Vec<usize> = Vec::new();
         let mut accepted = false;
+        // A suspect at the head: try the events on other topics first.
+        let probing = self
+            .suspect
+            .clone()
+            .filter(|(seq, _, _)| batch.first().map(|e| e.seq) == Some(*seq));
         loop {
             // Behind a publish the broker asked us to repeat, the rest of
             // the batch waits (in order) for the next attempt.
@@ -737,6 +751,13 @@ impl Sink for MqttSink {
                         continue;
                     }
                 };
+                if let Some((_, topic, _)) = &probing {
+                    if publication.topic == *topic {
+                        verdicts[next - 1] =
+                            Some(Verdict::retry("waiting behind a refused publish"));
+                        continue;
+                    }
+                }
                 self.pace.wait().await;
                 match self
                     .link
@@ -765,7 +786,9 @@ impl Sink for MqttSink {
                             Verdict::Delivered => {
                                 self.window = (self.window + 1).min(max_window);
                                 accepted = true;
-                                self.accepted_generation = self.link.generation.load(Ordering::SeqCst);
+                                self.accepted_since_suspect = true;
+                                self.accepted_generation =
+                                    self.link.generation.load(Ordering::SeqCst);
                             }
                             Verdict::Retry { reason, .. } => {
                                 self.window = 1;
@@ -797,10 +820,35 @@ impl Sink for MqttSink {
         }
         let accepted_on_this_connection =
             self.accepted_generation == self.link.generation.load(Ordering::SeqCst);
+        if let Some((_, _, reason)) = &probing {
+            let accepted = accepted || self.accepted_since_suspect;
+            verdicts[0] = Some(if accepted {
+                // Others on other topics were taken: the refusal is this
+                // event's (its topic's) alone.
+                Verdict::Rejected {
+                    reason: reason.clone(),
+                }
+            } else {
+                Verdict::Hold {
+                    reason: reason.clone(),
+                }
+            });
+            if accepted {
+                self.suspect = None;
+            }
+        }
         if !accepted && !accepted_on_this_connection {
-            // Nothing accepted around the refusals: the endpoint refuses.
+            // Nothing accepted around the refusals: the endpoint refuses,
+            // unless a later attempt shows otherwise.
+            let first = refused.iter().min().copied();
             for i in refused {
                 if let Some(Verdict::Rejected { reason }) = verdicts[i].take() {
+                    if Some(i) == first {
+                        if let Ok(p) = self.publication(&batch[i]) {
+                            self.suspect = Some((batch[i].seq, p.topic, reason.clone()));
+                            self.accepted_since_suspect = false;
+                        }
+                    }
                     verdicts[i] = Some(Verdict::Hold { reason });
                 }
             }

@@ -40,8 +40,8 @@ use tokio_modbus::{ExceptionCode, Slave};
 
 use crate::counter::{CounterRules, CounterState, CounterWidth};
 use crate::source::{
-    record_fingerprint, record_quantity, CounterSignal, HandshakePosition, Presented,
-    RecordSignal, SourceContext,
+    record_fingerprint, record_quantity, CounterSignal, HandshakePosition, Presented, RecordSignal,
+    SourceContext,
 };
 use map::{decode, plan, Address, Format, Order, Read, Table, Value};
 
