@@ -324,6 +324,85 @@ async fn deliver_batch(
 mod tests {
     use super::*;
 
+    /// A sink whose endpoint refuses everything, counting attempts.
+    struct Refusing(Arc<Mutex<u32>>);
+
+    #[async_trait::async_trait]
+    impl Sink for Refusing {
+        async fn deliver(&mut self, batch: &[PendingEvent]) -> Vec<Verdict> {
+            *self.0.lock().expect("attempts") += 1;
+            batch
+                .iter()
+                .map(|_| Verdict::Hold {
+                    reason: "HTTP 403: access revoked".into(),
+                })
+                .collect()
+        }
+    }
+
+    fn journal_with_events(dir: &std::path::Path, n: u64) -> Journal {
+        let mut config = buffer::JournalConfig::new(dir.join("journal"));
+        config.sinks = vec!["erp".into()];
+        let journal = Journal::open(config).expect("journal");
+        let routes = journal.routes_all();
+        journal
+            .append_blocking(buffer::AppendRequest {
+                source: "press1".into(),
+                events: (0..n)
+                    .map(|i| buffer::NewEvent {
+                        id: uuid::Uuid::from_u128(u128::from(i) + 1),
+                        class: buffer::EventClass::Business,
+                        routes,
+                        payload: br#"{"type":"production.completion"}"#.to_vec(),
+                    })
+                    .collect(),
+                cursor: None,
+            })
+            .expect("append")
+            .expect("fits");
+        journal
+    }
+
+    #[tokio::test]
+    async fn a_held_endpoint_keeps_every_event_past_max_attempts_and_says_why() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let journal = journal_with_events(dir.path(), 5);
+        let settings = ForwarderSettings {
+            batch_size: 10,
+            retry_initial: Duration::from_millis(1),
+            retry_max: Duration::from_millis(5),
+            max_attempts: Some(2),
+        };
+        let attempts = Arc::new(Mutex::new(0));
+        let status: SharedStatus = Arc::default();
+        let (stop_tx, stop) = watch::channel(false);
+        let task = tokio::spawn(run(
+            journal.clone(),
+            "erp".into(),
+            Box::new(Refusing(attempts.clone())),
+            settings,
+            stop,
+            status.clone(),
+        ));
+        while *attempts.lock().expect("attempts") < 5 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let holding = status.lock().expect("status").holding.clone();
+        assert!(
+            holding.is_some_and(|h| h.contains("403")),
+            "status says why the sink is held"
+        );
+        let _ = stop_tx.send(true);
+        task.await.expect("forwarder");
+        assert!(
+            journal.dead_letters().expect("dead").is_empty(),
+            "max_attempts never empties a held backlog into the dead letters"
+        );
+        assert_eq!(journal.backlog("erp").expect("backlog"), 5);
+        // Stopped while holding: what was handed out is read again.
+        assert_eq!(journal.read_batch("erp", 10).expect("read").len(), 5);
+    }
+
     #[test]
     fn rejection_reasons_are_grouped_by_kind_and_source_time_is_found() {
         assert_eq!(reason_kind("HTTP 422: unknown material M-7"), "HTTP 422");

@@ -94,3 +94,201 @@ async fn agent_posts_every_part_to_the_erp_through_failures_and_a_kill() {
         "the scripted failures were met and retried"
     );
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// GET on the agent's metrics endpoint: (status, body).
+async fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let r = reqwest::get(format!("http://127.0.0.1:{port}{path}"))
+        .await
+        .ok()?;
+    Some((r.status().as_u16(), r.text().await.ok()?))
+}
+
+/// Waits until `path` answers `status` with a body containing `text`.
+async fn wait_for_answer(port: u16, path: &str, status: u16, text: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some((s, body)) = get(port, path).await {
+            if s == status && body.contains(text) {
+                return body;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{path} never answered {status} with {text:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_credentials_hold_the_backlog_fail_readiness_and_resume_when_fixed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = plant_edge_tests::pki::generate(dir.path(), "erp");
+    let erp = Erp::start(&pki.server_cert, &pki.server_key).await;
+    *erp.state.refuse_all.lock().expect("state") = Some(403);
+    let state = dir.path().join("state");
+    let port = free_port();
+    let sink = format!(
+        "[sinks.erp]\nkind = \"https\"\nurl = \"{}\"\nca_file = \"{}\"\n\n[forwarder]\nretry_initial = \"50ms\"\nretry_max = \"300ms\"\nmax_attempts = 3\n",
+        erp.url(),
+        pki.ca.display()
+    );
+    let text = pipeline_config_with_sinks(&state, "20ms", &sink).replace(
+        "shutdown_timeout = \"5s\"",
+        &format!("shutdown_timeout = \"5s\"\nmetrics_listen = \"127.0.0.1:{port}\""),
+    );
+    let file = write_config(dir.path(), &text);
+    let mut child = bin()
+        .args(["run", "-c", file.to_str().expect("utf8")])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let why = wait_for_answer(port, "/readyz", 503, "sink erp held").await;
+    assert!(why.contains("HTTP 403"), "readiness says why: {why}");
+    let metrics = wait_for_answer(port, "/metrics", 200, "plant_edge_sink_held").await;
+    assert!(
+        metrics.contains("plant_edge_sink_held{sink=\"erp\"} 1"),
+        "{metrics}"
+    );
+    let status = wait_for_answer(port, "/status", 200, "holding").await;
+    assert!(status.contains("HTTP 403"), "{status}");
+    // Far past max_attempts: still nothing dead-lettered.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, metrics) = get(port, "/metrics").await.expect("metrics");
+    assert!(
+        metrics.contains("plant_edge_journal_rejected_total 0"),
+        "nothing dead-lettered while held"
+    );
+    // Credentials fixed: the backlog drains and the agent is ready again.
+    *erp.state.refuse_all.lock().expect("state") = None;
+    wait_for_answer(port, "/readyz", 200, "ready").await;
+    wait_for_posted(&erp, 20).await;
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    assert_eq!(child.wait().expect("wait").code(), Some(0));
+    let mut jc = buffer::JournalConfig::new(state.join("journal"));
+    jc.lock_wait = Duration::from_secs(5);
+    let journal = buffer::Journal::open(jc).expect("journal");
+    assert!(journal.dead_letters().expect("dead").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_missing_from_the_config_keeps_its_backlog_until_it_is_retired() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let port = free_port();
+    // The ERP link is down: its events pile up in the journal.
+    let two = format!(
+        "[sinks.archive]\nkind = \"file\"\npath = \"{s}/archive/events.jsonl\"\n\n[sinks.erp]\nkind = \"mqtt\"\nhost = \"127.0.0.1\"\nport = {closed}\n",
+        s = state.display(),
+        closed = free_port()
+    );
+    let metrics = format!("shutdown_timeout = \"5s\"\nmetrics_listen = \"127.0.0.1:{port}\"");
+    let file = write_config(
+        dir.path(),
+        &pipeline_config_with_sinks(&state, "20ms", &two)
+            .replace("shutdown_timeout = \"5s\"", &metrics),
+    );
+    let config = file.to_str().expect("utf8").to_owned();
+    let mut child = bin()
+        .args(["run", "-c", &config])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    wait_for_answer(port, "/metrics", 200, "plant_edge_journal_appended_total").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    assert_eq!(child.wait().expect("wait").code(), Some(0));
+    // A typo renames the sink: the old name's events must not be lost.
+    let typo = two.replace("[sinks.erp]", "[sinks.epr]");
+    write_config(
+        dir.path(),
+        &pipeline_config_with_sinks(&state, "20ms", &typo)
+            .replace("shutdown_timeout = \"5s\"", &metrics),
+    );
+    let mut child = bin()
+        .args(["run", "-c", &config])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let why = wait_for_answer(port, "/readyz", 503, "sink erp is not in the configuration").await;
+    assert!(
+        why.contains("journal sinks retire erp"),
+        "says what to do: {why}"
+    );
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    assert_eq!(child.wait().expect("wait").code(), Some(0));
+    let out = run(&[
+        "journal",
+        "--state",
+        state.to_str().expect("utf8"),
+        "stats",
+        "--json",
+    ]);
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        stats["dead_letters"], 0,
+        "nothing dead-lettered by the typo"
+    );
+    let backlog = stats["sinks"]
+        .as_array()
+        .expect("sinks")
+        .iter()
+        .find(|s| s["name"] == "erp")
+        .and_then(|s| s["backlog"].as_u64())
+        .expect("erp still registered");
+    assert!(backlog > 0, "its backlog is kept");
+    let list = run(&[
+        "journal",
+        "--state",
+        state.to_str().expect("utf8"),
+        "sinks",
+        "list",
+    ]);
+    assert!(stdout(&list).contains("erp\t"), "{}", stdout(&list));
+    // Retired on purpose: now its undelivered events are dead letters.
+    let retire = run(&[
+        "journal",
+        "--state",
+        state.to_str().expect("utf8"),
+        "sinks",
+        "retire",
+        "erp",
+    ]);
+    assert!(retire.status.success(), "{}", stderr(&retire));
+    assert!(
+        stdout(&retire).contains("sink erp retired"),
+        "{}",
+        stdout(&retire)
+    );
+    let out = run(&[
+        "journal",
+        "--state",
+        state.to_str().expect("utf8"),
+        "stats",
+        "--json",
+    ]);
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    // The backlog counts sequences; those routed to erp become dead letters.
+    let dead = stats["dead_letters"].as_u64().expect("dead letters");
+    assert!(
+        dead > 0 && dead <= backlog,
+        "retired: its events are in the dead letters ({dead} of {backlog})"
+    );
+    let list = run(&[
+        "journal",
+        "--state",
+        state.to_str().expect("utf8"),
+        "sinks",
+        "list",
+    ]);
+    assert!(!stdout(&list).contains("erp\t"), "{}", stdout(&list));
+}

@@ -590,3 +590,69 @@ fn collecting_delivered_chunks_while_commits_sync_never_poisons_the_journal() {
         "sled wrote no blob files, so this test exercised nothing"
     );
 }
+
+#[test]
+fn rejecting_an_event_whose_chunk_was_dropped_still_frees_the_cursor() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path(), &["erp"]);
+    cfg.max_bytes = 40_000;
+    let journal = Journal::open(cfg).expect("open");
+    let routes = journal.routes_all();
+    let telemetry = |n: u64| {
+        journal
+            .append_blocking(AppendRequest {
+                source: "state".into(),
+                events: vec![event(n, EventClass::Telemetry, routes)],
+                cursor: None,
+            })
+            .expect("append")
+            .expect("telemetry never parks");
+    };
+    telemetry(0);
+    // The sink holds event 0 in flight; meanwhile newer telemetry pushes
+    // it out of the full journal.
+    let handed = journal.read_batch("erp", 1).expect("read");
+    assert_eq!(handed.len(), 1);
+    for n in 1..200 {
+        telemetry(n);
+    }
+    assert!(journal.counters().dropped_telemetry > 0);
+    journal
+        .reject("erp", handed[0].seq, "HTTP 422: late refusal", 1)
+        .expect("reject");
+    let stats = journal.stats();
+    assert!(
+        sink_cursor(&stats, "erp") > handed[0].seq,
+        "the cursor is past the rejected event: {stats:?}"
+    );
+    let delivered = drain(&journal, "erp");
+    assert_eq!(
+        *delivered.last().expect("the rest flows"),
+        199,
+        "nothing stalls behind the dropped event"
+    );
+}
+
+#[test]
+fn what_a_sink_was_handed_and_did_not_finish_is_read_again_after_a_rewind() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = Journal::open(config(dir.path(), &["erp"])).expect("open");
+    append(&journal, "press1", 0..10);
+    let first = journal.read_batch("erp", 10).expect("read");
+    // Five confirmed, the rest of the batch abandoned (a failed write of
+    // the acknowledgement, a stop, a panicking task).
+    let done: Vec<u64> = first[..5].iter().map(|e| e.seq).collect();
+    journal.ack("erp", &done).expect("ack");
+    assert!(
+        journal.read_batch("erp", 10).expect("read").is_empty(),
+        "handed out: not read twice while in flight"
+    );
+    journal.rewind("erp").expect("rewind");
+    let again: Vec<u64> = journal
+        .read_batch("erp", 10)
+        .expect("read")
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(again, first[5..].iter().map(|e| e.seq).collect::<Vec<_>>());
+}
