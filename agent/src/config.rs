@@ -2277,6 +2277,18 @@ records = [{ signal = "completion", type = "production.completion", node = "ns=2
                 "line = \"L1\"\nuser = \"gw\"",
                 "sources.mes1.password_file",
             ),
+            (
+                "fields = {",
+                "key = [], fields = {",
+                "sources.mes1.records[0].key",
+            ),
+            // Without an ack the key is the identity: an optional field in
+            // it would make different records look alike.
+            (
+                "quantity = \"/qty\" }, ack = { write = \"ns=2;s=Line1.Ack\", field = \"sequence\" }",
+                "quantity = \"/qty\", order = \"/order\" }, optional = [\"order\"], key = [\"order\"]",
+                "sources.mes1.records[0].key",
+            ),
         ];
         for (from, to, key) in cases {
             let text = format!("{MINIMAL}{}", OPCUA.replacen(from, to, 1));

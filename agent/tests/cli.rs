@@ -308,6 +308,11 @@ fn validate_names_the_signal_of_an_overlapping_or_out_of_range_modbus_map() {
             "sources.press.counters[0].format",
             "\"good\"",
         ),
+        (
+            source("[[sources.press.records]]\nsignal = \"completion\"\ntype = \"production.completion\"\nready = \"coil:10\"\nack = \"coil:11\"\nkey = []\nfields = { sequence = { address = \"holding:300\", format = \"u16\" } }\n"),
+            "sources.press.records[0].key",
+            "same identity",
+        ),
     ];
     for (i, (text, key, signal)) in cases.into_iter().enumerate() {
         let file = dir.path().join(format!("modbus-{i}.toml"));

@@ -1063,3 +1063,60 @@ async fn notifications_dropped_while_the_journal_is_full_are_recovered_by_a_full
     rig.stop().await;
     mes.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_an_mes_repeats_after_restarting_its_sequence_are_new_facts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mes = Mes::start(&options(dir.path())).await;
+    let rig = start(
+        dir.path(),
+        config(
+            connection(&mes, &dir.path().join("pki")),
+            vec![],
+            vec![json_record(&mes, true)],
+        ),
+    );
+    let present = |text: String, expected: usize| {
+        let mes = &mes;
+        async move {
+            mes.set("Line1.Record", text);
+            mes.wait_acks("the ack", Duration::from_secs(10), move |a| {
+                a.written.len() == expected
+            })
+            .await
+        }
+    };
+    for seq in 1..=3u32 {
+        present(record_json(seq, &format!("WO-{seq}"), 10.0), seq as usize).await;
+    }
+    // The MES restarts its sequence: the same records, field for field.
+    for seq in 1..=3u32 {
+        present(record_json(seq, &format!("WO-{seq}"), 10.0), 3 + seq as usize).await;
+    }
+    // Cleared, then the last record's twin: released, so a new fact.
+    mes.set("Line1.Record", String::new());
+    rig.until("the release stored", |c, _| {
+        c["handshakes"]["completion"]["pending"].is_null()
+    })
+    .await;
+    present(record_json(3, "WO-3", 10.0), 7).await;
+    let records: Vec<String> = rig
+        .events()
+        .iter()
+        .filter(|e| {
+            e["data"]["origin"]["address"]
+                .as_str()
+                .is_some_and(|a| a.contains("record"))
+        })
+        .map(|e| e["id"].as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(records.len(), 7, "every acknowledged record is stored");
+    assert_eq!(
+        records.iter().collect::<std::collections::HashSet<_>>().len(),
+        7,
+        "a different fact never gets an old id"
+    );
+    assert_eq!(rig.stats.records_acked.load(Ordering::Relaxed), 7);
+    rig.stop().await;
+    mes.stop().await;
+}
