@@ -1091,7 +1091,11 @@ async fn records_an_mes_repeats_after_restarting_its_sequence_are_new_facts() {
     }
     // The MES restarts its sequence: the same records, field for field.
     for seq in 1..=3u32 {
-        present(record_json(seq, &format!("WO-{seq}"), 10.0), 3 + seq as usize).await;
+        present(
+            record_json(seq, &format!("WO-{seq}"), 10.0),
+            3 + seq as usize,
+        )
+        .await;
     }
     // Cleared, then the last record's twin: released, so a new fact.
     mes.set("Line1.Record", String::new());
@@ -1112,7 +1116,10 @@ async fn records_an_mes_repeats_after_restarting_its_sequence_are_new_facts() {
         .collect();
     assert_eq!(records.len(), 7, "every acknowledged record is stored");
     assert_eq!(
-        records.iter().collect::<std::collections::HashSet<_>>().len(),
+        records
+            .iter()
+            .collect::<std::collections::HashSet<_>>()
+            .len(),
         7,
         "a different fact never gets an old id"
     );
