@@ -90,7 +90,7 @@ async fn plc_program(plc: Arc<Plc>, line: Arc<Line>) {
             let good = m.holding.get(&0).copied().unwrap_or(0);
             m.holding.insert(0, good.wrapping_add(1));
             line.made.fetch_add(1, Ordering::SeqCst);
-            if tick % 40 == 0 {
+            if tick.is_multiple_of(40) {
                 line.queued.fetch_add(1, Ordering::SeqCst);
             }
         }
