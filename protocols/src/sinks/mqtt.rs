@@ -324,13 +324,20 @@ pub struct MqttSink {
     /// Current send window and the connection it was grown on.
     window: usize,
     window_generation: u64,
-    /// Connection generation in which the broker last accepted a publish.
-    accepted_generation: u64,
     /// A refused event (seq, topic, reason) with nothing accepted around it.
     suspect: Option<(u64, String, String)>,
-    /// The broker accepted an event publish since the suspect was refused.
-    accepted_since_suspect: bool,
+    /// The broker refused an event publish before (a suspect or a dead
+    /// letter).
+    refusal_seen: bool,
+    /// The broker accepted an event publish since the last refusal.
+    accepted_since_refusal: bool,
+    /// Topics whose refusal was found to be about them alone (others were
+    /// accepted meanwhile): later refusals on them dead-letter at once.
+    singled_out: HashSet<String>,
 }
+
+/// Most topics remembered as refused on their own (a bound on memory).
+const MAX_SINGLED_OUT_TOPICS: usize = 1024;
 
 struct Pacer {
     interval: Option<Duration>,
@@ -658,10 +665,19 @@ impl MqttSink {
             pace,
             window: 1,
             window_generation: 0,
-            accepted_generation: 0,
             suspect: None,
-            accepted_since_suspect: false,
+            refusal_seen: false,
+            accepted_since_refusal: false,
+            singled_out: HashSet::new(),
         })
+    }
+
+    /// Remembers a topic refused on its own (bounded).
+    fn single_out(&mut self, topic: String) {
+        if self.singled_out.len() >= MAX_SINGLED_OUT_TOPICS {
+            self.singled_out.clear();
+        }
+        self.singled_out.insert(topic);
     }
 
     /// Whether the broker connection is up.
@@ -718,6 +734,7 @@ impl Sink for MqttSink {
         let index: HashMap<u64, usize> =
             batch.iter().enumerate().map(|(i, e)| (e.seq, i)).collect();
         let mut waiting: HashSet<u64> = HashSet::new();
+        let mut topics: HashMap<u64, String> = HashMap::new();
         let mut next = 0;
         let mut deadline = tokio::time::Instant::now() + self.config.ack_timeout;
         // Slow start on every new connection: some brokers (Mosquitto 2.0)
@@ -751,6 +768,7 @@ impl Sink for MqttSink {
                         continue;
                     }
                 };
+                topics.insert(event.seq, publication.topic.clone());
                 if let Some((_, topic, _)) = &probing {
                     if publication.topic == *topic {
                         verdicts[next - 1] =
@@ -786,9 +804,11 @@ impl Sink for MqttSink {
                             Verdict::Delivered => {
                                 self.window = (self.window + 1).min(max_window);
                                 accepted = true;
-                                self.accepted_since_suspect = true;
-                                self.accepted_generation =
-                                    self.link.generation.load(Ordering::SeqCst);
+                                self.accepted_since_refusal = true;
+                                if let Some(topic) = topics.get(&seq) {
+                                    // Taken again (the ACL was fixed).
+                                    self.singled_out.remove(topic);
+                                }
                             }
                             Verdict::Retry { reason, .. } => {
                                 self.window = 1;
@@ -818,10 +838,13 @@ impl Sink for MqttSink {
                 }
             }
         }
-        let accepted_on_this_connection =
-            self.accepted_generation == self.link.generation.load(Ordering::SeqCst);
+        // Refusals single events out when the broker takes other publishes
+        // around them: in this delivery, or between an earlier refusal and
+        // these (a denied topic among allowed ones). A broker that stopped
+        // taking anything (ACL revoked) shows neither.
+        let others_accepted = accepted || (self.refusal_seen && self.accepted_since_refusal);
         if let Some((_, _, reason)) = &probing {
-            let accepted = accepted || self.accepted_since_suspect;
+            let accepted = accepted || self.accepted_since_refusal;
             verdicts[0] = Some(if accepted {
                 // Others on other topics were taken: the refusal is this
                 // event's (its topic's) alone.
@@ -834,24 +857,51 @@ impl Sink for MqttSink {
                 }
             });
             if accepted {
-                self.suspect = None;
+                if let Some((_, topic, _)) = self.suspect.take() {
+                    self.single_out(topic);
+                }
             }
         }
-        if !accepted && !accepted_on_this_connection {
+        for &i in &refused {
+            if let Some(topic) = topics.get(&batch[i].seq) {
+                if others_accepted {
+                    self.single_out(topic.clone());
+                }
+            }
+        }
+        if !refused.is_empty() && !others_accepted {
             // Nothing accepted around the refusals: the endpoint refuses,
-            // unless a later attempt shows otherwise.
-            let first = refused.iter().min().copied();
-            for i in refused {
+            // unless a later attempt shows otherwise (or the topic was
+            // already found refused on its own).
+            let first = refused
+                .iter()
+                .copied()
+                .filter(|&i| {
+                    !topics
+                        .get(&batch[i].seq)
+                        .is_some_and(|t| self.singled_out.contains(t))
+                })
+                .min();
+            for &i in &refused {
+                let known = topics
+                    .get(&batch[i].seq)
+                    .is_some_and(|t| self.singled_out.contains(t));
+                if known {
+                    continue;
+                }
                 if let Some(Verdict::Rejected { reason }) = verdicts[i].take() {
                     if Some(i) == first {
                         if let Ok(p) = self.publication(&batch[i]) {
                             self.suspect = Some((batch[i].seq, p.topic, reason.clone()));
-                            self.accepted_since_suspect = false;
                         }
                     }
                     verdicts[i] = Some(Verdict::Hold { reason });
                 }
             }
+        }
+        if !refused.is_empty() {
+            self.refusal_seen = true;
+            self.accepted_since_refusal = false;
         }
         let unsent = match &stalled {
             Some(reason) => format!("waiting behind a publish to repeat ({reason})"),
