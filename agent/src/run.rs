@@ -72,9 +72,7 @@ impl RunningAgent {
         let (journal, moved) = tokio::task::spawn_blocking(move || Journal::open_or_move_aside(jc))
             .await
             .context("journal open task")?
-            .with_context(|| {
-                format!("opening the journal in {}", config.journal_dir().display())
-            })?;
+            .context("the journal was left as it is; fix the cause (systemd retries)")?;
         if let Some(old) = moved {
             tracing::error!(old = %old.display(), "started with a FRESH journal; the unreadable one was kept at this path");
         }

@@ -393,3 +393,92 @@ fn https_sink_config_is_checked_and_insecure_skip_verify_is_warned_about() {
         stderr(&out)
     );
 }
+
+/// Entries of `dir` that look like a journal moved aside.
+fn moved_aside(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .expect("list")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("unreadable"))
+        .collect()
+}
+
+#[test]
+fn a_journal_the_agent_cannot_open_stops_it_and_stays_where_it_is() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).expect("mkdir");
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let text = base(&state).replace("state_dir", "metrics_listen = \"off\"\nstate_dir");
+    let file = write_config(dir.path(), &text);
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let config = file.to_str().expect("utf8");
+
+    // A journal with a backlog, owned by root; the agent runs as nobody.
+    let journal_dir = state.join("journal");
+    {
+        let mut jc = buffer::JournalConfig::new(&journal_dir);
+        jc.sinks = vec!["archive".into()];
+        let journal = buffer::Journal::open(jc).expect("journal");
+        let routes = journal.routes_all();
+        journal
+            .append_blocking(buffer::AppendRequest {
+                source: "l1".into(),
+                events: vec![buffer::NewEvent {
+                    id: uuid::Uuid::from_u128(1),
+                    class: buffer::EventClass::Business,
+                    routes,
+                    payload: br#"{"type":"production.completion"}"#.to_vec(),
+                }],
+                cursor: None,
+            })
+            .expect("append")
+            .expect("fits");
+        journal.close().expect("close");
+    }
+    std::fs::set_permissions(&journal_dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_plant-edge"))
+        .args(["run", "-c", config])
+        .output()
+        .expect("setpriv (util-linux) runs the agent as nobody");
+    let err = stderr(&out);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert_ne!(out.status.code(), Some(78), "not a config error: {err}");
+    assert!(
+        err.contains(&journal_dir.display().to_string()) && err.contains("ermission denied"),
+        "names the path and the OS error: {err}"
+    );
+    assert!(moved_aside(&state).is_empty(), "nothing moved aside: {err}");
+    let mut jc = buffer::JournalConfig::new(&journal_dir);
+    jc.sinks = vec!["archive".into()];
+    let journal = buffer::Journal::open(jc).expect("the journal is untouched");
+    assert_eq!(journal.stats().pending_events, 1, "with its backlog");
+    journal.close().expect("close");
+    drop(journal);
+
+    // The journal path is a file: the same, as root.
+    let state2 = dir.path().join("state2");
+    std::fs::create_dir(&state2).expect("mkdir");
+    std::fs::write(state2.join("journal"), b"x").expect("write");
+    let file2 = dir.path().join("second.toml");
+    std::fs::write(
+        &file2,
+        text.replace(&state.display().to_string(), &state2.display().to_string()),
+    )
+    .expect("write");
+    let out = run(&["run", "-c", file2.to_str().expect("utf8")]);
+    let err = stderr(&out);
+    assert!(
+        out.status.code().is_some_and(|c| c != 0 && c != 78),
+        "{:?}: {err}",
+        out.status.code()
+    );
+    assert!(err.contains("journal"), "{err}");
+    assert_eq!(std::fs::read(state2.join("journal")).expect("read"), b"x");
+    assert!(moved_aside(&state2).is_empty());
+}

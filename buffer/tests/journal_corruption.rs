@@ -129,8 +129,8 @@ fn garbage_sled_config_moves_the_journal_aside_and_keeps_it() {
     std::fs::write(path.join("conf"), b"\x00\x01this is not a sled config\xff")
         .expect("write conf");
     match Journal::open(config(&path)) {
-        Err(JournalError::Open { .. }) => {}
-        Err(other) => panic!("expected an open error, got {other}"),
+        Err(JournalError::Corrupt { .. }) => {}
+        Err(other) => panic!("expected damage, got {other}"),
         Ok(_) => panic!("a garbage config must not open silently"),
     }
     let (ns, aside) = reopen(&path);
@@ -238,4 +238,59 @@ fn undecodable_index_entry_costs_only_its_chunk() {
         "the rest is delivered ({} of {EVENTS})",
         delivered.len()
     );
+}
+
+/// Names in `dir` that look like a journal moved aside.
+fn moved_aside(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .expect("list")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("unreadable"))
+        .collect()
+}
+
+#[test]
+fn an_io_error_at_open_is_an_error_and_nothing_on_disk_changes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A journal path that is a file, not a directory.
+    let file = dir.path().join("journal");
+    std::fs::write(&file, b"not a journal").expect("write");
+    let error = Journal::open_or_move_aside(config(&file))
+        .err()
+        .expect("a file is no journal");
+    assert!(
+        error.to_string().contains(&file.display().to_string()),
+        "names the path: {error}"
+    );
+    assert_eq!(std::fs::read(&file).expect("read"), b"not a journal");
+    assert!(moved_aside(dir.path()).is_empty());
+
+    // sled's log is not what sled expects (a directory): an I/O error,
+    // the journal with its backlog stays where it is.
+    let path = dir.path().join("journal2");
+    build(&path);
+    let db = path.join("db");
+    let log = std::fs::read(&db).expect("read db");
+    std::fs::rename(&db, path.join("db.kept")).expect("rename");
+    std::fs::create_dir(&db).expect("mkdir");
+    match Journal::open_or_move_aside(config(&path)) {
+        Err(JournalError::Open {
+            path: named,
+            reason,
+        }) => {
+            assert_eq!(named, path);
+            assert!(reason.to_lowercase().contains("directory"), "{reason}");
+        }
+        Err(other) => panic!("expected an I/O error, got {other}"),
+        Ok(_) => panic!("a directory is not a log"),
+    }
+    assert!(moved_aside(dir.path()).is_empty(), "nothing moved aside");
+    // Put right, the same journal opens with everything it held.
+    std::fs::remove_dir(&db).expect("rmdir");
+    std::fs::rename(path.join("db.kept"), &db).expect("rename back");
+    assert_eq!(std::fs::read(&db).expect("read"), log);
+    let (ns, aside) = reopen(&path);
+    assert!(aside.is_none());
+    assert_eq!(ns.len() as u64, EVENTS, "the backlog is intact");
 }

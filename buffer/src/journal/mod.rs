@@ -71,12 +71,13 @@ pub const MAX_SINKS: usize = 64;
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
     /// The state directory could not be created.
-    #[error("creating journal directory {path}: {source}")]
+    #[error("creating journal directory {path}: {error}")]
     CreateDir {
         /// The directory.
         path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
+        /// The I/O error (in the message, not a separate source, so that
+        /// error chains do not print it twice).
+        error: std::io::Error,
     },
     /// Another process (or a just-closed handle whose sled threads have not
     /// finished) holds the journal's lock. Never a reason to move it aside.
@@ -85,9 +86,21 @@ pub enum JournalError {
         /// The directory.
         path: PathBuf,
     },
-    /// sled refused to open the directory.
+    /// The journal could not be opened for a reason other than damage to
+    /// its data (permission, EIO, a path that is not a directory, too many
+    /// open files): nothing on disk is changed; fix it and start again.
     #[error("opening journal at {path}: {reason}")]
     Open {
+        /// The directory.
+        path: PathBuf,
+        /// The operating system's or sled's error.
+        reason: String,
+    },
+    /// sled's own data is damaged (sled reported corruption, or panicked
+    /// reading files that all read back without an I/O error). The only
+    /// error that may move a journal aside.
+    #[error("journal at {path} is damaged: {reason}")]
+    Corrupt {
         /// The directory.
         path: PathBuf,
         /// sled's error, or the panic message if sled panicked.
@@ -391,6 +404,33 @@ fn encode_err(what: &'static str, e: impl std::fmt::Display) -> JournalError {
     }
 }
 
+/// The first file under `dir` that does not read back in full, with the
+/// I/O error; `None` when every file reads.
+fn unreadable_file(dir: &Path) -> Option<String> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => return Some(format!("{}: {e}", dir.display())),
+    };
+    for entry in entries {
+        let path = match entry {
+            Ok(entry) => entry.path(),
+            Err(e) => return Some(format!("{}: {e}", dir.display())),
+        };
+        let found = if path.is_dir() {
+            unreadable_file(&path)
+        } else {
+            File::open(&path)
+                .and_then(|mut f| std::io::copy(&mut f, &mut std::io::sink()))
+                .err()
+                .map(|e| format!("{}: {e}", path.display()))
+        };
+        if found.is_some() {
+            return found;
+        }
+    }
+    None
+}
+
 fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
         (*s).to_owned()
@@ -404,13 +444,30 @@ fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
 impl Journal {
     /// Opens (or creates) the journal and resumes every cursor.
     pub fn open(config: JournalConfig) -> Result<Self, JournalError> {
-        std::fs::create_dir_all(&config.path).map_err(|source| JournalError::CreateDir {
+        std::fs::create_dir_all(&config.path).map_err(|error| JournalError::CreateDir {
             path: config.path.clone(),
-            source,
+            error,
         })?;
         let open_error = |reason: String| JournalError::Open {
             path: config.path.clone(),
             reason,
+        };
+        // Damage is proven only when every file reads back without an I/O
+        // error: a panic or "corruption" over an unreadable file is an I/O
+        // problem, and moving the journal aside would strand its backlog.
+        let damaged = |reason: String| match unreadable_file(&config.path) {
+            Some(io) => JournalError::Open {
+                path: config.path.clone(),
+                reason: format!("{reason} ({io})"),
+            },
+            None => JournalError::Corrupt {
+                path: config.path.clone(),
+                reason,
+            },
+        };
+        let sled_error = |e: sled::Error| match e {
+            sled::Error::Corruption { .. } => damaged(e.to_string()),
+            other => open_error(other.to_string()),
         };
         // A damaged log can make sled panic instead of returning an error;
         // the caller must get an error it can act on (move aside), not a crash.
@@ -425,7 +482,7 @@ impl Journal {
         let tree = loop {
             let opened =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sled_config.open()))
-                    .map_err(|p| open_error(panic_message(p)))?;
+                    .map_err(|p| damaged(panic_message(p)))?;
             match opened {
                 Ok(tree) => break tree,
                 Err(e) if e.to_string().contains("could not acquire lock") => {
@@ -436,14 +493,18 @@ impl Journal {
                     }
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                Err(e) => return Err(open_error(e.to_string())),
+                Err(e) => return Err(sled_error(e)),
             }
         };
         let syncer = FileSyncer::open(&config.path).map_err(|e| open_error(e.to_string()))?;
         let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             Self::load_state(&tree, &config)
         }))
-        .map_err(|p| open_error(panic_message(p)))??;
+        .map_err(|p| damaged(panic_message(p)))?
+        .map_err(|e| match e {
+            JournalError::Storage(e) => sled_error(e),
+            other => other,
+        })?;
         let (durable_tx, _) = watch::channel(loaded.durable_seq);
         let journal = Self {
             inner: Arc::new(Inner {
@@ -465,15 +526,18 @@ impl Journal {
         Ok(journal)
     }
 
-    /// Opens the journal; if sled cannot open it, renames the directory to
+    /// Opens the journal; if its data is proven damaged ([`JournalError::Corrupt`]
+    /// or an undecodable record of our own), renames the directory to
     /// `<dir>.unreadable-<unix-seconds>` (never deletes it) and starts a
-    /// fresh one. Returns where the old one went, if it was moved.
+    /// fresh one. Any other error (permission, EIO, a file where the
+    /// directory should be) is returned with nothing on disk changed.
+    /// Returns where the old one went, if it was moved.
     pub fn open_or_move_aside(
         config: JournalConfig,
     ) -> Result<(Self, Option<PathBuf>), JournalError> {
         match Self::open(config.clone()) {
             Ok(journal) => Ok((journal, None)),
-            Err(err @ (JournalError::Open { .. } | JournalError::Decode { .. })) => {
+            Err(err @ (JournalError::Corrupt { .. } | JournalError::Decode { .. })) => {
                 let stamp = now_ms() / 1000;
                 let mut aside = config.path.clone().into_os_string();
                 aside.push(format!(".unreadable-{stamp}"));
