@@ -71,6 +71,9 @@ fn default_max_bytes() -> ByteSize {
 fn default_cache() -> ByteSize {
     ByteSize::mib(32)
 }
+fn default_min_free_disk() -> ByteSize {
+    ByteSize::b(buffer::JournalConfig::DEFAULT_MIN_FREE_DISK)
+}
 fn default_dedup_window() -> Duration {
     Duration::from_secs(24 * 3600)
 }
@@ -160,6 +163,8 @@ struct RawJournal {
     ttl: Option<Duration>,
     #[serde(default = "default_cache")]
     cache: ByteSize,
+    #[serde(default = "default_min_free_disk")]
+    min_free_disk: ByteSize,
     #[serde(default = "default_dedup_window", with = "humantime_serde")]
     dedup_window: Duration,
     #[serde(default = "default_dedup_window_count")]
@@ -174,6 +179,7 @@ impl Default for RawJournal {
             max_bytes: default_max_bytes(),
             ttl: None,
             cache: default_cache(),
+            min_free_disk: default_min_free_disk(),
             dedup_window: default_dedup_window(),
             dedup_window_count: default_dedup_window_count(),
             telemetry_types: Vec::new(),
@@ -662,6 +668,8 @@ pub struct JournalSettings {
     pub ttl: Option<Duration>,
     /// sled cache bound.
     pub cache_bytes: u64,
+    /// Free space kept on the journal's filesystem (0: no check).
+    pub min_free_disk: u64,
     /// Dedup window by age.
     pub dedup_window: Duration,
     /// Dedup window by count.
@@ -2151,6 +2159,7 @@ fn check(file: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
             max_bytes: j.max_bytes.as_u64(),
             ttl: j.ttl,
             cache_bytes: j.cache.as_u64(),
+            min_free_disk: j.min_free_disk.as_u64(),
             dedup_window: j.dedup_window,
             dedup_window_count: j.dedup_window_count,
             telemetry_types: j.telemetry_types.iter().cloned().collect(),

@@ -108,7 +108,7 @@ impl Metrics {
         for (name, help, value) in counters {
             registry.register(name, help, ConstCounter::new(value));
         }
-        let gauges: [(&str, &str, i64); 7] = [
+        let gauges: [(&str, &str, i64); 9] = [
             (
                 "journal_pending_events",
                 "Events not yet done by every sink",
@@ -143,6 +143,16 @@ impl Metrics {
                 "journal_full",
                 "1 while business sources are held for space",
                 i64::from(s.full),
+            ),
+            (
+                "journal_disk_low",
+                "1 while the journal's filesystem is below journal.min_free_disk (sources held)",
+                i64::from(s.disk_low),
+            ),
+            (
+                "journal_disk_free_bytes",
+                "Free bytes on the journal's filesystem",
+                s.disk_free_bytes.unwrap_or(0) as i64,
             ),
         ];
         for (name, help, value) in gauges {
@@ -338,6 +348,12 @@ impl Metrics {
             return Err("journal refuses writes after a failed sync".into());
         }
         let s = self.journal.stats();
+        if s.disk_low {
+            return Err(format!(
+                "disk full: {} bytes free on the journal's filesystem, below journal.min_free_disk; business sources are held",
+                s.disk_free_bytes.unwrap_or(0)
+            ));
+        }
         if s.full {
             return Err("journal full: business sources are held".into());
         }

@@ -31,6 +31,7 @@ pub fn journal_config(config: &Config) -> JournalConfig {
     jc.max_bytes = config.journal.max_bytes;
     jc.ttl = config.journal.ttl;
     jc.cache_bytes = config.journal.cache_bytes;
+    jc.min_free_disk = config.journal.min_free_disk;
     jc.dedup_window = config.journal.dedup_window;
     jc.dedup_window_count = config.journal.dedup_window_count;
     jc.sinks = config.sinks.iter().map(|s| s.name.clone()).collect();

@@ -281,6 +281,10 @@ impl Journal {
             .unwrap_or(Duration::from_secs(3600));
         let mut expiry_tick = tokio::time::interval(expiry_every);
         expiry_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Space can also come back from outside (a full disk cleaned up):
+        // parked appends look again every second.
+        let mut recheck = tokio::time::interval(Duration::from_secs(1));
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let mut jobs: Vec<Job> = Vec::new();
             tokio::select! {
@@ -291,6 +295,7 @@ impl Journal {
                     None => break,
                 },
                 _ = self.inner.space_freed.notified(), if !parked.is_empty() => {}
+                _ = recheck.tick(), if !parked.is_empty() => {}
                 _ = expiry_tick.tick(), if self.inner.config.ttl.is_some() => {
                     let journal = self.clone();
                     match tokio::task::spawn_blocking(move || journal.expire_now()).await {
@@ -364,6 +369,9 @@ impl Journal {
             tracing::error!(error = %e, "journal garbage collection failed");
         }
         let now = now_ms();
+        // Below the free-space reserve nothing that takes space is written:
+        // sled failing a write half-way is worse than a held source.
+        let disk_low = self.disk_is_low();
         let mut batch = sled::Batch::default();
         let mut parked_out = Vec::new();
         let mut admitted: Vec<(Job, AppendOutcome)> = Vec::new();
@@ -391,9 +399,18 @@ impl Journal {
                     continue;
                 }
                 let charge = job.request.charge();
+                if disk_low && charge > 0 {
+                    if job.request.is_business() {
+                        blocked = true;
+                    } else {
+                        st.counters.dropped_telemetry += job.request.events.len() as u64;
+                        job.answer(Err(JournalError::TelemetryDropped));
+                        continue;
+                    }
+                }
                 // An empty journal takes any request, however large: waiting
                 // for space that can never come would hold the source forever.
-                if projected + charge > max_bytes && charge > 0 && projected > 0 {
+                else if projected + charge > max_bytes && charge > 0 && projected > 0 {
                     if job.request.is_business() {
                         blocked = true;
                     } else {
@@ -506,6 +523,19 @@ impl Journal {
                 tracing::info!("journal has space again; held business events are being appended");
             }
             st.full = now_full;
+            if disk_low != st.disk_low {
+                if disk_low {
+                    tracing::error!(
+                        path = %self.inner.config.path.display(),
+                        free_bytes = self.disk_free(),
+                        min_free_disk = self.inner.config.min_free_disk,
+                        "DISK FULL: the journal's filesystem is below its free-space reserve; business events are held at their sources, nothing is acknowledged until space returns"
+                    );
+                } else {
+                    tracing::warn!("disk has space again; held business events are being appended");
+                }
+                st.disk_low = disk_low;
+            }
         }
         if admitted.is_empty() {
             return parked_out;

@@ -47,6 +47,10 @@ pub struct JournalStats {
     pub dedup_ids: usize,
     /// Business appends waiting for space right now.
     pub full: bool,
+    /// The filesystem is below `min_free_disk` (appends held for it).
+    pub disk_low: bool,
+    /// Free bytes on the journal's filesystem.
+    pub disk_free_bytes: Option<u64>,
     /// Sinks and their cursors.
     pub sinks: Vec<SinkStats>,
     /// Cumulative counters.
@@ -158,6 +162,8 @@ impl Journal {
             dead_letter_bytes: st.dead_letter_bytes,
             dedup_ids: st.dedup.len(),
             full: st.full,
+            disk_low: st.disk_low,
+            disk_free_bytes: self.disk_free(),
             sinks: st
                 .sinks
                 .iter()

@@ -184,6 +184,10 @@ pub struct JournalConfig {
     pub sinks: Vec<String>,
     /// How long open waits for another handle to release sled's lock.
     pub lock_wait: Duration,
+    /// Free space kept on the journal's filesystem: below it, business
+    /// appends wait (sources held) and telemetry is refused, as when the
+    /// journal is full, until space returns. 0 turns the check off.
+    pub min_free_disk: u64,
 }
 
 impl JournalConfig {
@@ -199,6 +203,10 @@ impl JournalConfig {
     pub const DEFAULT_CHANNEL_CAPACITY: usize = 1024;
     /// Default group-commit bound.
     pub const DEFAULT_MAX_BATCH_EVENTS: usize = 4096;
+    /// Default free-space reserve: room for sled to finish what it has
+    /// started (a segment, its own metadata) when something else fills the
+    /// disk.
+    pub const DEFAULT_MIN_FREE_DISK: u64 = 32 * 1024 * 1024;
 
     /// Defaults for a journal in `path`.
     pub fn new(path: impl Into<PathBuf>) -> Self {
@@ -213,6 +221,7 @@ impl JournalConfig {
             max_batch_events: Self::DEFAULT_MAX_BATCH_EVENTS,
             sinks: Vec::new(),
             lock_wait: Duration::from_secs(5),
+            min_free_disk: Self::DEFAULT_MIN_FREE_DISK,
         }
     }
 }
@@ -280,6 +289,8 @@ pub(crate) struct State {
     dedup: DedupWindow,
     counters: Counters,
     full: bool,
+    /// The filesystem had less than `min_free_disk` at the last commit.
+    disk_low: bool,
 }
 
 impl State {
@@ -659,6 +670,7 @@ impl Journal {
             dedup,
             counters,
             full: false,
+            disk_low: false,
         })
     }
 
@@ -795,6 +807,19 @@ impl Journal {
     /// Whether business appends are currently waiting for space.
     pub fn is_full(&self) -> bool {
         self.state().full
+    }
+
+    /// Free bytes on the journal's filesystem (for an unprivileged user),
+    /// if the system can say.
+    pub fn disk_free(&self) -> Option<u64> {
+        let stat = nix::sys::statvfs::statvfs(&self.inner.config.path).ok()?;
+        Some(u64::from(stat.blocks_available()).saturating_mul(u64::from(stat.fragment_size())))
+    }
+
+    /// Whether the filesystem is below the configured reserve.
+    pub(crate) fn disk_is_low(&self) -> bool {
+        let reserve = self.inner.config.min_free_disk;
+        reserve > 0 && self.disk_free().is_some_and(|free| free < reserve)
     }
 
     /// Cumulative counters.

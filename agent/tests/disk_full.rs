@@ -1,0 +1,165 @@
+//! The journal's filesystem fills up while the agent runs (another
+//! program's file, on a real 64 MiB tmpfs): sources are held, the agent
+//! keeps running and says why, and when the space comes back it carries on
+//! by itself with no part lost or counted twice.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// A tmpfs mounted for the test, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).expect("mount point");
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "this test mounts a small tmpfs and needs root (scripts/test.sh runs as root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(at.to_owned())
+    }
+
+    fn free(&self) -> u64 {
+        let stat = nix::sys::statvfs::statvfs(&self.0).expect("statvfs");
+        u64::from(stat.blocks_available()) * u64::from(stat.fragment_size())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+async fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let r = reqwest::get(format!("http://127.0.0.1:{port}{path}"))
+        .await
+        .ok()?;
+    Some((r.status().as_u16(), r.text().await.ok()?))
+}
+
+async fn appended(port: u16) -> f64 {
+    let (_, body) = get(port, "/metrics").await.expect("metrics");
+    metric(&body, "plant_edge_journal_appended_total").unwrap_or(0.0)
+}
+
+async fn wait_ready(port: u16, status: u16, text: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some((s, body)) = get(port, "/readyz").await {
+            if s == status && body.contains(text) {
+                return body;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never answered {status} with {text:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_holds_the_sources_and_the_agent_recovers_when_space_returns() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fs = Tmpfs::mount(&dir.path().join("state"), "64m");
+    let state = fs.0.clone();
+    // The archive lives elsewhere: only the journal's filesystem fills.
+    let outside = dir.path().join("outside");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let sinks = format!(
+        "[sinks.archive]\nkind = \"file\"\npath = \"{}/archive/events.jsonl\"\n\n[journal]\nmin_free_disk = \"24MiB\"\n",
+        outside.display()
+    );
+    let text = pipeline_config_with_sinks(&state, "20ms", &sinks).replace(
+        "shutdown_timeout = \"5s\"",
+        &format!("shutdown_timeout = \"5s\"\nmetrics_listen = \"127.0.0.1:{port}\""),
+    );
+    let file = write_config(dir.path(), &text);
+    let mut child = bin()
+        .args(["run", "-c", file.to_str().expect("utf8")])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    wait_ready(port, 200, "ready").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while appended(port).await < 20.0 {
+        assert!(Instant::now() < deadline, "no events appended");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Another program fills the disk to 8 MiB short of full.
+    let filler = state.join("someone-elses.log");
+    let fill = fs.free().saturating_sub(8 << 20);
+    std::fs::write(&filler, vec![0u8; fill as usize]).expect("fill the disk");
+    let why = wait_ready(port, 503, "disk full").await;
+    assert!(why.contains("min_free_disk"), "{why}");
+    let held = appended(port).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        appended(port).await,
+        held,
+        "sources are held: nothing appended"
+    );
+    assert!(
+        child.try_wait().expect("poll").is_none(),
+        "the agent keeps running"
+    );
+    let (_, metrics) = get(port, "/metrics").await.expect("metrics");
+    assert_eq!(metric(&metrics, "plant_edge_journal_disk_low"), Some(1.0));
+
+    // The other program's file is cleaned up: the agent carries on.
+    std::fs::remove_file(&filler).expect("free the disk");
+    wait_ready(port, 200, "ready").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while appended(port).await <= held {
+        assert!(Instant::now() < deadline, "appends never resumed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    assert_eq!(child.wait().expect("wait").code(), Some(0));
+
+    let mut distinct = Distinct::default();
+    for event in archived_events(&outside) {
+        distinct.add(event);
+    }
+    let mut jc = buffer::JournalConfig::new(state.join("journal"));
+    jc.lock_wait = Duration::from_secs(5);
+    let journal = buffer::Journal::open(jc).expect("journal");
+    journal
+        .scan_events(0, |e| {
+            distinct.add(serde_json::from_slice(&e.payload).expect("payload"));
+            true
+        })
+        .expect("scan");
+    let parts = check_counter_chains(&distinct.by_id, &journal);
+    assert!(parts > 50, "progress before and after ({parts} parts)");
+    journal.close().expect("close");
+}
