@@ -735,6 +735,9 @@ async fn x509_user_identity_and_trust_on_first_use_for_commissioning() {
 struct LossyRelay {
     drop_next_data: Arc<std::sync::atomic::AtomicBool>,
     dropped: Arc<std::sync::atomic::AtomicU64>,
+    /// Added to the notification sequence number of every data publish
+    /// (a server that jumps its sequence).
+    jump: Arc<std::sync::atomic::AtomicU32>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -748,7 +751,8 @@ impl LossyRelay {
             .expect("bind relay");
         let drop_next_data = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (arm, count) = (drop_next_data.clone(), dropped.clone());
+        let jump = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let (arm, count, shift) = (drop_next_data.clone(), dropped.clone(), jump.clone());
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
@@ -764,12 +768,14 @@ impl LossyRelay {
                     client_write,
                     arm.clone(),
                     count.clone(),
+                    shift.clone(),
                 ));
             }
         });
         LossyRelay {
             drop_next_data,
             dropped,
+            jump,
             task,
         }
     }
@@ -782,6 +788,7 @@ async fn relay_down(
     mut to: tokio::net::tcp::OwnedWriteHalf,
     arm: Arc<std::sync::atomic::AtomicBool>,
     dropped: Arc<std::sync::atomic::AtomicU64>,
+    jump: Arc<std::sync::atomic::AtomicU32>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut shift = 0u32;
@@ -797,14 +804,18 @@ async fn relay_down(
             return;
         }
         let kind = &frame[0..3];
-        if kind == b"MSG"
-            && frame[3] == b'F'
-            && publish_carries_data(&frame)
-            && arm.swap(false, Ordering::SeqCst)
-        {
+        let data_sequence = (kind == b"MSG" && frame[3] == b'F')
+            .then(|| publish_data_sequence_at(&frame))
+            .flatten();
+        if data_sequence.is_some() && arm.swap(false, Ordering::SeqCst) {
             shift += 1;
             dropped.fetch_add(1, Ordering::SeqCst);
             continue;
+        }
+        let jump = jump.load(Ordering::SeqCst);
+        if let (Some(at), true) = (data_sequence, jump > 0) {
+            let seq = u32::from_le_bytes(frame[at..at + 4].try_into().expect("4 bytes"));
+            frame[at..at + 4].copy_from_slice(&seq.wrapping_add(jump).to_le_bytes());
         }
         if let Some(at) = sequence_offset(&frame) {
             if shift > 0 && frame.len() >= at + 4 {
@@ -840,11 +851,12 @@ fn sequence_offset(frame: &[u8]) -> Option<usize> {
     }
 }
 
-/// Whether a single-chunk MSG is a PublishResponse with notification data
-/// (not a keep-alive). Walks the fixed part of the response.
-fn publish_carries_data(frame: &[u8]) -> bool {
+/// Where the notification sequence number sits, if a single-chunk MSG is a
+/// PublishResponse with notification data (not a keep-alive). Walks the
+/// fixed part of the response.
+fn publish_data_sequence_at(frame: &[u8]) -> Option<usize> {
     if frame.get(24..28) != Some(&PUBLISH_RESPONSE[..]) {
-        return false;
+        return None;
     }
     let le_i32 = |at: usize| {
         frame
@@ -855,22 +867,21 @@ fn publish_carries_data(frame: &[u8]) -> bool {
     // mask 0), string table, additional header (null extension object).
     let mut at = 28 + 8 + 4 + 4;
     if frame.get(at) != Some(&0) {
-        return false;
+        return None;
     }
     at += 1;
     if le_i32(at).is_none_or(|n| n > 0) {
-        return false;
+        return None;
     }
     at += 4 + 3;
     // subscription id, available sequence numbers, more notifications
     at += 4;
-    let Some(available) = le_i32(at) else {
-        return false;
-    };
+    let available = le_i32(at)?;
     at += 4 + 4 * available.max(0) as usize + 1;
     // NotificationMessage: sequence number, publish time, data array
+    let sequence_at = at;
     at += 4 + 8;
-    le_i32(at).is_some_and(|n| n > 0)
+    le_i32(at).is_some_and(|n| n > 0).then_some(sequence_at)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1124,6 +1135,52 @@ async fn records_an_mes_repeats_after_restarting_its_sequence_are_new_facts() {
         "a different fact never gets an old id"
     );
     assert_eq!(rig.stats.records_acked.load(Ordering::Relaxed), 7);
+    rig.stop().await;
+    mes.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_jumping_its_sequence_near_2_32_costs_one_full_read_not_the_process() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mes = Mes::start(&options(dir.path())).await;
+    mes.set("Line1.Good", 100u32);
+    let relay_addr = std::net::SocketAddr::from(([127, 0, 0, 3], mes.addr.port()));
+    let relay = LossyRelay::start(relay_addr, mes.addr).await;
+    let mut through_relay = connection(&mes, &dir.path().join("pki"));
+    through_relay.endpoint = format!("opc.tcp://{relay_addr}/");
+    let rig = start(
+        dir.path(),
+        config(
+            through_relay,
+            vec![counter(&mes, "good", EventType::completion(), "Line1.Good")],
+            vec![],
+        ),
+    );
+    rig.counted("good", 100).await;
+    let reads_before = rig.stats.full_reads.load(Ordering::SeqCst);
+    // From now on the server's notification numbers jump by ~4 billion.
+    relay.jump.store(u32::MAX - 10, Ordering::SeqCst);
+    mes.set("Line1.Good", 105u32);
+    rig.counted("good", 105).await;
+    mes.set("Line1.Good", 109u32);
+    rig.counted("good", 109).await;
+    let stats = &rig.stats;
+    assert!(
+        stats.sequence_gaps.load(Ordering::SeqCst) >= 1_000_000,
+        "the gap was seen for what it is: {stats:?}"
+    );
+    assert!(
+        stats.full_reads.load(Ordering::SeqCst) > reads_before,
+        "closed by a full read: {stats:?}"
+    );
+    assert_eq!(stats.republished.load(Ordering::SeqCst), 0, "{stats:?}");
+    let quantities: u64 = rig
+        .events()
+        .iter()
+        .map(|e| e["data"]["quantity"].as_u64().expect("quantity"))
+        .sum();
+    assert_eq!(quantities, 9, "every part counted once");
+    relay.task.abort();
     rig.stop().await;
     mes.stop().await;
 }

@@ -252,9 +252,12 @@ enum Item {
 #[derive(Debug)]
 enum Notice {
     Value(u32, DataValue),
+    /// `count` notification messages from `first` on were not received
+    /// (a count, never a list: a server may jump by billions).
     Gap {
         subscription: u32,
-        missing: Vec<u32>,
+        first: u32,
+        count: u32,
     },
     SubscriptionLost(StatusCode),
 }
@@ -305,10 +308,10 @@ impl OnSubscriptionNotificationCore for Notifier {
         }
         if let Some(last) = self.last_sequence {
             if seq > last.wrapping_add(1) && seq > last {
-                let missing: Vec<u32> = (last + 1..seq).collect();
                 self.send(Notice::Gap {
                     subscription: self.subscription.load(Ordering::SeqCst) as u32,
-                    missing,
+                    first: last + 1,
+                    count: seq - last - 1,
                 });
             }
         }
@@ -665,8 +668,8 @@ async fn serve(
                         return stop;
                     }
                     match next {
-                        Some(Notice::Gap { subscription, missing }) => {
-                            if let Err(stop) = served.fill_gap(subscription, missing).await {
+                        Some(Notice::Gap { subscription, first, count }) => {
+                            if let Err(stop) = served.fill_gap(subscription, first, count).await {
                                 return stop;
                             }
                         }
@@ -676,8 +679,8 @@ async fn serve(
                         Some(Notice::Value(..)) | None => {}
                     }
                 }
-                Some(Notice::Gap { subscription, missing }) => {
-                    if let Err(stop) = served.fill_gap(subscription, missing).await {
+                Some(Notice::Gap { subscription, first, count }) => {
+                    if let Err(stop) = served.fill_gap(subscription, first, count).await {
                         return stop;
                     }
                 }
@@ -740,15 +743,16 @@ impl Served<'_> {
 
     /// Asks the server to resend missing notification messages; a full
     /// read covers whatever it no longer has.
-    async fn fill_gap(&mut self, subscription: u32, missing: Vec<u32>) -> Result<(), Stop> {
+    async fn fill_gap(&mut self, subscription: u32, first: u32, count: u32) -> Result<(), Stop> {
         self.stats
             .sequence_gaps
-            .fetch_add(missing.len() as u64, Ordering::Relaxed);
-        tracing::warn!(source = %self.ctx.name, missing = missing.len(), first = missing.first().copied().unwrap_or_default(), "notifications missing; asking the server to republish");
-        if missing.len() as u32 > MAX_REPUBLISH {
+            .fetch_add(u64::from(count), Ordering::Relaxed);
+        if count > MAX_REPUBLISH {
+            tracing::warn!(source = %self.ctx.name, missing = count, first, "notification sequence jumped; reading every node instead of asking for so many");
             return self.full_read().await;
         }
-        for seq in missing {
+        tracing::warn!(source = %self.ctx.name, missing = count, first, "notifications missing; asking the server to republish");
+        for seq in (0..count).map(|i| first.wrapping_add(i)) {
             match self.session.republish(subscription, seq).await {
                 Ok(message) => {
                     self.stats.republished.fetch_add(1, Ordering::Relaxed);
