@@ -219,14 +219,42 @@ pub fn source_urn(site: &str, gateway: &str, source_name: &str) -> String {
     format!("urn:plant-edge:{site}:{gateway}:{source_name}")
 }
 
-/// RFC 3339 UTC with milliseconds, as CloudEvents `time` expects.
+/// The latest time RFC 3339 (four-digit years) can write:
+/// 9999-12-31T23:59:59.999Z.
+pub fn latest_writable_time() -> SystemTime {
+    SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(253_402_300_799_999)
+}
+
+/// RFC 3339 UTC with milliseconds, as CloudEvents `time` expects. A time
+/// past year 9999 (a peer's absurd timestamp) is written as the latest
+/// writable one rather than failing: callers that take times from peers
+/// clamp first and say so (see [`clamp_time`]).
 pub fn rfc3339_millis(time: SystemTime) -> String {
-    humantime::format_rfc3339_millis(time).to_string()
+    humantime::format_rfc3339_millis(time.min(latest_writable_time())).to_string()
+}
+
+/// `time`, or the latest writable time if it lies beyond; the flag says
+/// whether it was clamped.
+pub fn clamp_time(time: SystemTime) -> (SystemTime, bool) {
+    let latest = latest_writable_time();
+    if time > latest {
+        (latest, true)
+    } else {
+        (time, false)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_time_past_year_9999_is_written_clamped_not_a_panic() {
+        let far = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(300_000_000_000);
+        assert_eq!(rfc3339_millis(far), "9999-12-31T23:59:59.999Z");
+        assert_eq!(clamp_time(far), (latest_writable_time(), true));
+        assert!(!clamp_time(SystemTime::UNIX_EPOCH).1);
+    }
 
     fn sample() -> CloudEvent {
         CloudEvent::new(

@@ -186,6 +186,17 @@ impl Mes {
             .expect("set MES value");
     }
 
+    /// Sets a variable with the given source timestamp (a device clock
+    /// gone wrong).
+    pub fn set_at(&self, name: &str, value: impl Into<Variant>, source_time: opcua::types::DateTime) {
+        let id = NodeId::new(self.ns, name);
+        let mut value = DataValue::new_now(value.into());
+        value.source_timestamp = Some(source_time);
+        self.manager
+            .set_value(self.handle.subscriptions(), &id, None, value)
+            .expect("set MES value");
+    }
+
     /// Adds `n` UInt32 counters `Bench.C0..` under `Line1` (benchmarks);
     /// returns their node ids as the config writes them.
     pub fn add_counters(&self, n: usize) -> Vec<String> {

@@ -738,6 +738,10 @@ struct LossyRelay {
     /// Added to the notification sequence number of every data publish
     /// (a server that jumps its sequence).
     jump: Arc<std::sync::atomic::AtomicU32>,
+    /// Rewrites "end of times" timestamps (i64::MAX ticks, which
+    /// async-opcua sends for anything past 9999) to i64::MAX - 1 ticks:
+    /// a real date in year 30828, as a server with a broken clock sends.
+    far_future: Arc<std::sync::atomic::AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -752,7 +756,13 @@ impl LossyRelay {
         let drop_next_data = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let jump = Arc::new(std::sync::atomic::AtomicU32::new(0));
-        let (arm, count, shift) = (drop_next_data.clone(), dropped.clone(), jump.clone());
+        let far_future = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (arm, count, shift, future) = (
+            drop_next_data.clone(),
+            dropped.clone(),
+            jump.clone(),
+            far_future.clone(),
+        );
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
@@ -769,6 +779,7 @@ impl LossyRelay {
                     arm.clone(),
                     count.clone(),
                     shift.clone(),
+                    future.clone(),
                 ));
             }
         });
@@ -776,6 +787,7 @@ impl LossyRelay {
             drop_next_data,
             dropped,
             jump,
+            far_future,
             task,
         }
     }
@@ -789,6 +801,7 @@ async fn relay_down(
     arm: Arc<std::sync::atomic::AtomicBool>,
     dropped: Arc<std::sync::atomic::AtomicU64>,
     jump: Arc<std::sync::atomic::AtomicU32>,
+    far_future: Arc<std::sync::atomic::AtomicBool>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut shift = 0u32;
@@ -811,6 +824,19 @@ async fn relay_down(
             shift += 1;
             dropped.fetch_add(1, Ordering::SeqCst);
             continue;
+        }
+        if data_sequence.is_some() && far_future.load(Ordering::SeqCst) {
+            let end_of_times = i64::MAX.to_le_bytes();
+            let year_30828 = (i64::MAX - 1).to_le_bytes();
+            let mut at = 0;
+            while at + 8 <= frame.len() {
+                if frame[at..at + 8] == end_of_times {
+                    frame[at..at + 8].copy_from_slice(&year_30828);
+                    at += 8;
+                } else {
+                    at += 1;
+                }
+            }
         }
         let jump = jump.load(Ordering::SeqCst);
         if let (Some(at), true) = (data_sequence, jump > 0) {
@@ -1180,6 +1206,55 @@ async fn a_server_jumping_its_sequence_near_2_32_costs_one_full_read_not_the_pro
         .map(|e| e["data"]["quantity"].as_u64().expect("quantity"))
         .sum();
     assert_eq!(quantities, 9, "every part counted once");
+    relay.task.abort();
+    rig.stop().await;
+    mes.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timestamp_past_year_9999_is_clamped_and_marked_and_the_source_goes_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mes = Mes::start(&options(dir.path())).await;
+    mes.set("Line1.Good", 100u32);
+    mes.set("Line1.Scrap", 7u16);
+    let relay_addr = std::net::SocketAddr::from(([127, 0, 0, 4], mes.addr.port()));
+    let relay = LossyRelay::start(relay_addr, mes.addr).await;
+    relay.far_future.store(true, Ordering::SeqCst);
+    let mut through_relay = connection(&mes, &dir.path().join("pki"));
+    through_relay.endpoint = format!("opc.tcp://{relay_addr}/");
+    let rig = start(
+        dir.path(),
+        config(
+            through_relay,
+            vec![
+                counter(&mes, "good", EventType::completion(), "Line1.Good"),
+                counter(&mes, "scrap", EventType::scrap(), "Line1.Scrap"),
+            ],
+            vec![],
+        ),
+    );
+    rig.counted("good", 100).await;
+    rig.counted("scrap", 7).await;
+    // The device's clock says year 12000; on the wire it arrives as a
+    // date in year 30828.
+    mes.set_at(
+        "Line1.Good",
+        104u32,
+        ::opcua::types::DateTime::ymd_hms(12000, 1, 1, 0, 0, 0),
+    );
+    rig.counted("good", 104).await;
+    // The source task lives on.
+    mes.set("Line1.Scrap", 9u16);
+    rig.counted("scrap", 9).await;
+    let events = rig.events();
+    assert_eq!(events.len(), 2);
+    let good = of_type(&events, "production.completion");
+    assert_eq!(good[0]["time"], "9999-12-31T23:59:59.999Z");
+    assert_eq!(good[0]["data"]["attributes"]["time_source"], "clamped");
+    assert_eq!(
+        of_type(&events, "production.scrap")[0]["data"]["attributes"]["time_source"],
+        "source"
+    );
     relay.task.abort();
     rig.stop().await;
     mes.stop().await;

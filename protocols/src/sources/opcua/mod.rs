@@ -784,10 +784,18 @@ impl Served<'_> {
                 return Ok(());
             }
         }
+        // A stamp far ahead of this gateway's clock (a device clock gone
+        // wrong, a year-10000 value) must not become "newest": every later
+        // true value would look stale and the node would stop counting.
+        const DAY_TICKS: i64 = 24 * 3600 * 10_000_000;
+        let future = opcua::types::DateTime::now()
+            .checked_ticks()
+            .saturating_add(DAY_TICKS);
         let stamp = value
             .source_timestamp
             .or(value.server_timestamp)
             .map(|t| t.checked_ticks())
+            .filter(|t| *t <= future)
             .unwrap_or(i64::MIN);
         if stamp != i64::MIN {
             if stamp < self.newest[index] {

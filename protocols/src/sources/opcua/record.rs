@@ -171,6 +171,9 @@ pub enum TimeSource {
     Server,
     /// This gateway's clock.
     Gateway,
+    /// The device's or server's timestamp lay past year 9999 and was
+    /// clamped to 9999-12-31T23:59:59.999Z.
+    Clamped,
 }
 
 impl TimeSource {
@@ -180,6 +183,7 @@ impl TimeSource {
             TimeSource::Source => "source",
             TimeSource::Server => "server",
             TimeSource::Gateway => "gateway",
+            TimeSource::Clamped => "clamped",
         }
     }
 }
@@ -187,11 +191,15 @@ impl TimeSource {
 /// SourceTimestamp, then ServerTimestamp, then the gateway clock.
 pub fn value_time(value: &DataValue, gateway_now: SystemTime) -> (SystemTime, TimeSource) {
     let usable = |t: &Option<DateTime>| t.as_ref().filter(|t| !t.is_null()).map(system_time);
+    let clamped = |t: SystemTime, source| match buffer::event::clamp_time(t) {
+        (t, false) => (t, source),
+        (t, true) => (t, TimeSource::Clamped),
+    };
     if let Some(t) = usable(&value.source_timestamp) {
-        return (t, TimeSource::Source);
+        return clamped(t, TimeSource::Source);
     }
     if let Some(t) = usable(&value.server_timestamp) {
-        return (t, TimeSource::Server);
+        return clamped(t, TimeSource::Server);
     }
     (gateway_now, TimeSource::Gateway)
 }
@@ -280,5 +288,17 @@ mod tests {
         assert_eq!(value_time(&value, now), (now, TimeSource::Gateway));
         value.source_timestamp = Some(DateTime::now());
         assert_eq!(value_time(&value, now).1, TimeSource::Source);
+    }
+
+    #[test]
+    fn a_timestamp_past_year_9999_is_clamped_and_marked() {
+        let mut value = DataValue::new_now(Variant::UInt32(1));
+        value.source_timestamp = Some(DateTime::ymd_hms(12000, 1, 1, 0, 0, 0));
+        let (time, source) = value_time(&value, SystemTime::UNIX_EPOCH);
+        assert_eq!(source, TimeSource::Clamped);
+        assert_eq!(
+            buffer::event::rfc3339_millis(time),
+            "9999-12-31T23:59:59.999Z"
+        );
     }
 }
