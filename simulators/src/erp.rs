@@ -55,6 +55,10 @@ pub struct ErpState {
     pub redirect_to: Mutex<Option<String>>,
     /// When set, bodies larger than this are answered 413.
     pub max_body: Mutex<Option<usize>>,
+    /// When set, every POST is answered 503 with a body that never ends.
+    pub endless_error_body: Mutex<bool>,
+    /// `expires_in` the token endpoint claims (default 3600).
+    pub token_expires_in: Mutex<Option<u64>>,
 }
 
 async fn events(State(state): State<Arc<ErpState>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -77,6 +81,16 @@ async fn events(State(state): State<Arc<ErpState>>, headers: HeaderMap, body: By
             *state.unauthorized.lock().expect("state") += 1;
             return (StatusCode::UNAUTHORIZED, "token expired").into_response();
         }
+    }
+    if *state.endless_error_body.lock().expect("state") {
+        let chunk = Bytes::from_static(&[b'x'; 8192]);
+        let endless =
+            futures_util::stream::repeat_with(move || Ok::<_, std::io::Error>(chunk.clone()));
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::body::Body::from_stream(endless),
+        )
+            .into_response();
     }
     if let Some(code) = *state.refuse_all.lock().expect("state") {
         let status = StatusCode::from_u16(code).unwrap_or(StatusCode::FORBIDDEN);
@@ -164,8 +178,13 @@ async fn token(State(state): State<Arc<ErpState>>) -> Response {
     let name = format!("tok-{}", tokens.len() + 1);
     let life = *state.token_life.lock().expect("state");
     tokens.insert(name.clone(), Instant::now() + life);
+    let expires_in = state
+        .token_expires_in
+        .lock()
+        .expect("state")
+        .unwrap_or(3600);
     let body =
-        serde_json::json!({"access_token": name, "token_type": "Bearer", "expires_in": 3600})
+        serde_json::json!({"access_token": name, "token_type": "Bearer", "expires_in": expires_in})
             .to_string();
     ([("content-type", "application/json")], body).into_response()
 }

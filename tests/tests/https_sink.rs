@@ -371,3 +371,46 @@ async fn a_413_splits_the_batch_until_it_fits() {
     let posted: Vec<String> = erp.posted().into_iter().map(|(id, _)| id).collect();
     assert_eq!(posted, ids, "all of them, in order");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_error_body_is_read_only_up_to_its_bound() {
+    let (dir, pki) = setup();
+    let erp = Erp::start(&pki.server_cert, &pki.server_key).await;
+    *erp.state.endless_error_body.lock().expect("state") = true;
+    let (journal, _) = journal_with(dir.path(), 3);
+    let mut cfg = config(&erp, &pki, batch_mode());
+    // Far beyond the test's patience: only the body bound ends the read.
+    cfg.request_timeout = Duration::from_secs(600);
+    let mut sink = HttpsSink::new(cfg).expect("sink");
+    let batch = journal.read_batch(SINK, 3).expect("read");
+    let verdicts = tokio::time::timeout(Duration::from_secs(60), sink.deliver(&batch))
+        .await
+        .expect("the answer comes without reading the whole body");
+    match &verdicts[0] {
+        Verdict::Retry { reason, .. } => {
+            assert!(reason.starts_with("HTTP 503: xxx"), "{reason}");
+            assert!(reason.len() < 300, "the reason keeps only the start");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_that_claims_to_live_forever_is_believed_for_a_day_not_a_panic() {
+    let (dir, pki) = setup();
+    let erp = Erp::start(&pki.server_cert, &pki.server_key).await;
+    *erp.state.require_token.lock().expect("state") = true;
+    *erp.state.token_expires_in.lock().expect("state") = Some(u64::MAX);
+    let (journal, ids) = journal_with(dir.path(), 10);
+    let mut cfg = config(&erp, &pki, batch_mode());
+    cfg.auth = HttpsAuth::OAuth2 {
+        token_url: erp.token_url(),
+        client_id: "gw01".into(),
+        client_secret: "s3cret".into(),
+        scope: None,
+    };
+    let mut sink = HttpsSink::new(cfg).expect("sink");
+    assert!(drive::until(&journal, SINK, &mut sink, Duration::from_secs(30), drained).await);
+    let posted: HashSet<String> = erp.posted().into_iter().map(|(id, _)| id).collect();
+    assert_eq!(posted, ids.into_iter().collect::<HashSet<_>>());
+}
