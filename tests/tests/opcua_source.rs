@@ -1259,3 +1259,47 @@ async fn a_timestamp_past_year_9999_is_clamped_and_marked_and_the_source_goes_on
     rig.stop().await;
     mes.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_too_large_for_the_journal_is_dead_lettered_alone_and_the_rest_flows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mes = Mes::start(&options(dir.path())).await;
+    mes.set("Line1.Good", 100u32);
+    let rig = start(
+        dir.path(),
+        config(
+            connection(&mes, &dir.path().join("pki")),
+            vec![counter(&mes, "good", EventType::completion(), "Line1.Good")],
+            vec![json_record(&mes, true)],
+        ),
+    );
+    rig.counted("good", 100).await;
+    // A 40,000-character lot: a legal OPC UA string, too big for an event.
+    let huge = format!(
+        r#"{{"seq":1,"order":"WO-1","material":"M-100","qty":1,"lot":"{}"}}"#,
+        "L".repeat(40_000)
+    );
+    mes.set("Line1.Record", huge);
+    mes.set("Line1.Good", 103u32);
+    rig.until("the big record dead-lettered", |_, _| {
+        rig.journal.dead_letters().expect("dead letters").len() == 1
+    })
+    .await;
+    rig.counted("good", 103).await;
+    mes.set("Line1.Record", record_json(2, "WO-2", 2.0));
+    mes.wait_acks("ack of the next record", Duration::from_secs(10), |a| {
+        !a.written.is_empty()
+    })
+    .await;
+    let dead = rig.journal.dead_letters().expect("dead letters");
+    assert!(dead[0].reason.contains("more than the 16384"), "{}", dead[0].reason);
+    assert_eq!(
+        mes.acks().written,
+        vec![opcua_types_u32(2)],
+        "the oversized record is not acknowledged; the next one is"
+    );
+    let events = rig.events();
+    assert_eq!(events.len(), 2, "the counter step and the next record");
+    rig.stop().await;
+    mes.stop().await;
+}

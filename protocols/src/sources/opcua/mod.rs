@@ -1022,11 +1022,22 @@ impl Served<'_> {
         let id_text = id.to_string();
         if let Some(handshake) = next_handshake {
             let mut event =
-                self.record_signals[index].event_for(self.ctx, id, &values, origin, time);
+                self.record_signals[index].event_for(self.ctx, id, &values, origin.clone(), time);
             event
                 .data
                 .attributes
                 .insert("time_source".into(), time_source.as_str().into());
+            // One record too large to store must not hold the values
+            // around it: it alone goes to the dead letters.
+            let size = event.to_json().len();
+            if size > buffer::journal::MAX_EVENT_BYTES {
+                let reason = format!(
+                    "record makes an event of {size} bytes, more than the {} a journal event may hold",
+                    buffer::journal::MAX_EVENT_BYTES
+                );
+                self.malformed(spec, &variant, &reason, origin, time).await?;
+                return Ok(());
+            }
             if let (Some(seq), Some(Some(last))) = (
                 sequence,
                 self.working().records.get(&spec.signal).map(|m| m.sequence),
