@@ -10,6 +10,7 @@ mod logging;
 mod metrics;
 mod probe;
 mod run;
+mod supervise;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -47,6 +47,8 @@ pub struct Metrics {
     /// Sinks registered in the journal but missing from the configuration
     /// (their backlog is kept until `journal sinks retire`).
     pub unconfigured_sinks: Vec<String>,
+    /// Supervised source and sink tasks.
+    pub tasks: crate::supervise::Tasks,
 }
 
 type Labels = Vec<(String, String)>;
@@ -218,6 +220,28 @@ impl Metrics {
             "1 for a sink the journal holds events for that the configuration no longer names",
             unconfigured,
         );
+        let task_up = Family::<Labels, Gauge>::default();
+        let task_restarts = Family::<Labels, Gauge>::default();
+        for task in self.tasks.snapshot() {
+            let labels = vec![
+                ("kind".to_owned(), task.kind.to_owned()),
+                ("task".to_owned(), task.name.clone()),
+            ];
+            task_up.get_or_create(&labels).set(i64::from(task.up));
+            task_restarts
+                .get_or_create(&labels)
+                .set(task.restarts as i64);
+        }
+        registry.register(
+            "task_up",
+            "1 while a supervised source or sink task runs",
+            task_up,
+        );
+        registry.register(
+            "task_restarts",
+            "Restarts of a supervised task after a panic or an unexpected end",
+            task_restarts,
+        );
         let lost = Family::<Labels, Gauge>::default();
         for (source, n) in self.read.positions_lost() {
             lost.get_or_create(&vec![("source".to_owned(), source)])
@@ -347,6 +371,14 @@ impl Metrics {
         if self.journal.is_poisoned() {
             return Err("journal refuses writes after a failed sync".into());
         }
+        if let Some(task) = self.tasks.first_down() {
+            return Err(format!(
+                "{} {} is down and being restarted ({})",
+                task.kind,
+                task.name,
+                task.last_failure.unwrap_or_default()
+            ));
+        }
         let s = self.journal.stats();
         if s.disk_low {
             return Err(format!(
@@ -415,6 +447,7 @@ impl Metrics {
             "dead_letters": s.dead_letters,
             "full": s.full,
             "sinks": sinks,
+            "tasks": self.tasks.snapshot(),
             "counters": s.counters,
         })
     }

@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, SinkKind, SourceKind};
 use crate::forwarder::{self, SharedStatus};
+use crate::supervise::{self, Tasks};
 use prometheus_client::metrics::histogram::Histogram;
 
 /// Journal settings from the agent config.
@@ -50,6 +51,8 @@ pub struct RunningAgent {
     pub modbus: Vec<(String, Arc<protocols::sources::modbus::ModbusStats>)>,
     /// OPC UA source counters.
     pub opcua: Vec<(String, Arc<protocols::sources::opcua::OpcUaStats>)>,
+    /// Supervised source and sink tasks.
+    pub tasks: Tasks,
     stop_sources: watch::Sender<bool>,
     stop_forwarders: watch::Sender<bool>,
     sources: Vec<JoinHandle<()>>,
@@ -99,19 +102,48 @@ impl RunningAgent {
         let (stop_forwarders, stop_fw_rx) = watch::channel(false);
         let mut forwarders = BTreeMap::new();
         let mut forwarder_tasks = Vec::new();
+        let tasks = Tasks::default();
         for sink in &config.sinks {
-            let built =
-                build_sink(&sink.kind).with_context(|| format!("starting sink {}", sink.name))?;
+            // Built once here so that a bad sink fails the start loudly;
+            // a restart after a panic builds it again.
+            let mut first = Some(
+                build_sink(&sink.kind).with_context(|| format!("starting sink {}", sink.name))?,
+            );
             let status: SharedStatus = Arc::default();
             forwarders.insert(sink.name.clone(), status.clone());
-            forwarder_tasks.push(tokio::spawn(forwarder::run(
+            let (journal, name, kind, settings, stop) = (
                 journal.clone(),
                 sink.name.clone(),
-                built,
+                sink.kind.clone(),
                 config.forwarder.clone(),
                 stop_fw_rx.clone(),
-                status,
-            )));
+            );
+            forwarder_tasks.push(supervise::spawn(
+                &tasks,
+                "sink",
+                &sink.name,
+                stop_fw_rx.clone(),
+                move || {
+                    let built = match first.take() {
+                        Some(built) => built,
+                        None => match build_sink(&kind) {
+                            Ok(built) => built,
+                            Err(e) => {
+                                tracing::error!(sink = %name, error = %format!("{e:#}"), "sink could not be started again");
+                                return None;
+                            }
+                        },
+                    };
+                    Some(forwarder::run(
+                        journal.clone(),
+                        name.clone(),
+                        built,
+                        settings.clone(),
+                        stop.clone(),
+                        status.clone(),
+                    ))
+                },
+            ));
         }
 
         let (appender, writer) = journal.start_writer();
@@ -145,29 +177,55 @@ impl RunningAgent {
                 shutdown: stop_src_rx.clone(),
                 read: read.clone(),
             };
-            match &source.kind {
+            // Every start, the first included, takes the position the
+            // journal holds now: a restart must not count from start-up's.
+            let (journal_for_restart, name) = (journal.clone(), source.name.clone());
+            let fresh = move || -> Option<SourceContext> {
+                match journal_for_restart.source_cursor(&name) {
+                    Ok(cursor) => Some(SourceContext {
+                        initial_cursor: cursor,
+                        ..ctx.clone()
+                    }),
+                    Err(e) => {
+                        tracing::error!(source = %name, error = %e, "stored position unreadable; source not started");
+                        None
+                    }
+                }
+            };
+            let stop = stop_src_rx.clone();
+            let handle = match &source.kind {
                 SourceKind::Simulated(sc) => {
-                    sources.push(tokio::spawn(simulated::run(ctx, sc.clone(), tally.clone())));
+                    let (sc, tally) = (sc.clone(), tally.clone());
+                    supervise::spawn(&tasks, "source", &source.name, stop, move || {
+                        Some(simulated::run(fresh()?, sc.clone(), tally.clone()))
+                    })
                 }
                 SourceKind::Modbus(mc) => {
                     let stats = Arc::new(protocols::sources::modbus::ModbusStats::default());
                     modbus.push((source.name.clone(), stats.clone()));
-                    sources.push(tokio::spawn(protocols::sources::modbus::run(
-                        ctx,
-                        (**mc).clone(),
-                        stats,
-                    )));
+                    let mc = (**mc).clone();
+                    supervise::spawn(&tasks, "source", &source.name, stop, move || {
+                        Some(protocols::sources::modbus::run(
+                            fresh()?,
+                            mc.clone(),
+                            stats.clone(),
+                        ))
+                    })
                 }
                 SourceKind::OpcUa(oc) => {
                     let stats = Arc::new(protocols::sources::opcua::OpcUaStats::default());
                     opcua.push((source.name.clone(), stats.clone()));
-                    sources.push(tokio::spawn(protocols::sources::opcua::run(
-                        ctx,
-                        (**oc).clone(),
-                        stats,
-                    )));
+                    let oc = (**oc).clone();
+                    supervise::spawn(&tasks, "source", &source.name, stop, move || {
+                        Some(protocols::sources::opcua::run(
+                            fresh()?,
+                            oc.clone(),
+                            stats.clone(),
+                        ))
+                    })
                 }
-            }
+            };
+            sources.push(handle);
         }
         if config.sources.is_empty() {
             tracing::warn!(
@@ -185,6 +243,7 @@ impl RunningAgent {
                 read,
                 ready_max_age: config.ready_max_backlog_age,
                 unconfigured_sinks,
+                tasks: tasks.clone(),
             });
             tokio::spawn(crate::metrics::serve(addr, metrics, stop_fw_rx.clone()));
         }
@@ -193,6 +252,7 @@ impl RunningAgent {
             forwarders,
             modbus,
             opcua,
+            tasks,
             stop_sources,
             stop_forwarders,
             sources,
@@ -260,8 +320,12 @@ fn status_line(journal: &Journal) -> String {
 /// journal accepts writes and answers a state query promptly from a
 /// blocking thread (a deadlock or a starved runtime stops the pings, and
 /// systemd restarts the service).
-async fn healthy(journal: &Journal) -> bool {
+async fn healthy(journal: &Journal, tasks: &Tasks) -> bool {
     if journal.is_poisoned() {
+        return false;
+    }
+    if let Some(task) = tasks.past_recovery() {
+        tracing::error!(task = %task.name, kind = task.kind, failures = task.quick_failures, reason = ?task.last_failure, "a task keeps failing: letting systemd restart the agent");
         return false;
     }
     let j = journal.clone();
@@ -296,7 +360,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = feed.tick() => {
-                if healthy(&agent.journal).await {
+                if healthy(&agent.journal, &agent.tasks).await {
                     let status = status_line(&agent.journal);
                     let mut states = vec![sd_notify::NotifyState::Status(&status)];
                     if watchdog.is_some() {

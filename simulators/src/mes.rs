@@ -188,7 +188,12 @@ impl Mes {
 
     /// Sets a variable with the given source timestamp (a device clock
     /// gone wrong).
-    pub fn set_at(&self, name: &str, value: impl Into<Variant>, source_time: opcua::types::DateTime) {
+    pub fn set_at(
+        &self,
+        name: &str,
+        value: impl Into<Variant>,
+        source_time: opcua::types::DateTime,
+    ) {
         let id = NodeId::new(self.ns, name);
         let mut value = DataValue::new_now(value.into());
         value.source_timestamp = Some(source_time);

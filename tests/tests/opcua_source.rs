@@ -1292,7 +1292,11 @@ async fn a_record_too_large_for_the_journal_is_dead_lettered_alone_and_the_rest_
     })
     .await;
     let dead = rig.journal.dead_letters().expect("dead letters");
-    assert!(dead[0].reason.contains("more than the 16384"), "{}", dead[0].reason);
+    assert!(
+        dead[0].reason.contains("more than the 16384"),
+        "{}",
+        dead[0].reason
+    );
     assert_eq!(
         mes.acks().written,
         vec![opcua_types_u32(2)],

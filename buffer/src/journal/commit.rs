@@ -356,6 +356,18 @@ impl Journal {
     fn commit_jobs(&self, jobs: Vec<Job>) -> Vec<Job> {
         let _commit = self.commit_guard();
         let mut jobs = jobs;
+        // A request whose source is gone (its task died, or gave up while
+        // held) is not written: nobody will act on its answer, and a
+        // restarted source re-reads its stored position; writing it later
+        // would move that position behind the new task's back.
+        let before = jobs.len();
+        jobs.retain(|job| job.reply.as_ref().is_none_or(|r| !r.is_closed()));
+        if jobs.len() < before {
+            tracing::debug!(
+                dropped = before - jobs.len(),
+                "append requests whose source is gone were not written"
+            );
+        }
         if let Err(e) = self.check_poisoned() {
             for job in &mut jobs {
                 job.answer(Err(clone_error(&e)));

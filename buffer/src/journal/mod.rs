@@ -811,6 +811,9 @@ impl Journal {
 
     /// Free bytes on the journal's filesystem (for an unprivileged user),
     /// if the system can say.
+    // The block counts are 32-bit on armv7: the conversions are not
+    // useless there.
+    #[allow(clippy::useless_conversion)]
     pub fn disk_free(&self) -> Option<u64> {
         let stat = nix::sys::statvfs::statvfs(&self.inner.config.path).ok()?;
         Some(u64::from(stat.blocks_available()).saturating_mul(u64::from(stat.fragment_size())))

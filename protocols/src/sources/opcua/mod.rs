@@ -1035,7 +1035,8 @@ impl Served<'_> {
                     "record makes an event of {size} bytes, more than the {} a journal event may hold",
                     buffer::journal::MAX_EVENT_BYTES
                 );
-                self.malformed(spec, &variant, &reason, origin, time).await?;
+                self.malformed(spec, &variant, &reason, origin, time)
+                    .await?;
                 return Ok(());
             }
             if let (Some(seq), Some(Some(last))) = (

@@ -1,0 +1,110 @@
+//! A source task that panics (injected in a debug build) is restarted from
+//! its stored position: the agent keeps running, says what happened, and
+//! `/readyz` tells the truth while the task is down.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+async fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let r = reqwest::get(format!("http://127.0.0.1:{port}{path}"))
+        .await
+        .ok()?;
+    Some((r.status().as_u16(), r.text().await.ok()?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_source_is_restarted_counted_and_shown_and_loses_no_part() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let text = pipeline_config(&state, "20ms").replace(
+        "shutdown_timeout = \"5s\"",
+        &format!("shutdown_timeout = \"5s\"\nmetrics_listen = \"127.0.0.1:{port}\""),
+    );
+    let file = write_config(dir.path(), &text);
+    let mut child = bin()
+        .args(["run", "-c", file.to_str().expect("utf8")])
+        // The press source panics after each of its first three starts.
+        .env("PLANT_EDGE_TEST_PANIC", "source:press:3")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut saw_down = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        assert!(Instant::now() < deadline, "never recovered");
+        assert!(
+            child.try_wait().expect("poll").is_none(),
+            "the agent keeps running"
+        );
+        if let Some((503, body)) = get(port, "/readyz").await {
+            if body.contains("source press is down") {
+                saw_down = Some(body);
+            }
+        }
+        if let Some((200, body)) = get(port, "/status").await {
+            let status: serde_json::Value = serde_json::from_str(&body).expect("json");
+            let press = status["tasks"]
+                .as_array()
+                .expect("tasks")
+                .iter()
+                .find(|t| t["name"] == "press")
+                .cloned()
+                .expect("press task");
+            if press["restarts"] == 3 && press["up"] == true {
+                break press;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let down = saw_down.expect("/readyz failed while the task was down");
+    assert!(down.contains("injected test fault"), "{down}");
+    assert!(
+        status["last_failure"]
+            .as_str()
+            .is_some_and(|f| f.contains("panicked: injected test fault")),
+        "{status}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while get(port, "/readyz").await.map(|r| r.0) != Some(200) {
+        assert!(Instant::now() < deadline, "ready again after the restarts");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, metrics) = get(port, "/metrics").await.expect("metrics");
+    assert!(
+        metrics.contains("plant_edge_task_restarts{kind=\"source\",task=\"press\"} 3"),
+        "{metrics}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    assert_eq!(child.wait().expect("wait").code(), Some(0));
+
+    let mut distinct = Distinct::default();
+    for event in archived_events(&state) {
+        distinct.add(event);
+    }
+    let mut jc = buffer::JournalConfig::new(state.join("journal"));
+    jc.lock_wait = Duration::from_secs(5);
+    let journal = buffer::Journal::open(jc).expect("journal");
+    journal
+        .scan_events(0, |e| {
+            distinct.add(serde_json::from_slice(&e.payload).expect("payload"));
+            true
+        })
+        .expect("scan");
+    let parts = check_counter_chains(&distinct.by_id, &journal);
+    assert!(
+        parts > 50,
+        "the restarted source counted on ({parts} parts)"
+    );
+}
