@@ -444,3 +444,100 @@ async fn mutual_tls_delivers_and_a_wrong_ca_is_a_clear_error() {
         other => panic!("a wrong CA must fail the connection, got {other:?}"),
     }
 }
+
+/// A minimal MQTT 5 broker (rumqttc's packet codec over a real TCP
+/// socket) that answers one chosen publish with QuotaExceeded, the first
+/// time it sees it, and records what it accepted, in order. Mosquitto
+/// never answers QuotaExceeded on its own.
+async fn quota_broker(refuse_payload_n: u64) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<u64>>>) {
+    use rumqttc::v5::mqttbytes::v5::{
+        ConnAck, ConnectReturnCode, Packet, PingResp, PubAck, PubAckReason,
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let accepted = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = accepted.clone();
+    tokio::spawn(async move {
+        let mut refused_once = false;
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut buffer = bytes::BytesMut::new();
+            loop {
+                let packet = match Packet::read(&mut buffer, None) {
+                    Ok(packet) => packet,
+                    Err(_) => {
+                        let mut chunk = [0u8; 4096];
+                        match socket.read(&mut chunk).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    }
+                };
+                let reply = match packet {
+                    Packet::Connect(..) => Some(Packet::ConnAck(ConnAck {
+                        session_present: false,
+                        code: ConnectReturnCode::Success,
+                        properties: None,
+                    })),
+                    Packet::PingReq(_) => Some(Packet::PingResp(PingResp)),
+                    Packet::Publish(publish) => {
+                        let n = serde_json::from_slice::<serde_json::Value>(&publish.payload)
+                            .ok()
+                            .and_then(|v| v["data"]["counter"]["value"].as_u64());
+                        let mut ack = PubAck::new(publish.pkid, None);
+                        match n {
+                            Some(n) if n == refuse_payload_n && !refused_once => {
+                                refused_once = true;
+                                ack.reason = PubAckReason::QuotaExceeded;
+                            }
+                            Some(n) => log.lock().expect("log").push(n),
+                            None => {}
+                        }
+                        Some(Packet::PubAck(ack))
+                    }
+                    Packet::Disconnect(_) => break,
+                    _ => None,
+                };
+                if let Some(reply) = reply {
+                    let mut out = bytes::BytesMut::new();
+                    if reply.write(&mut out, None).is_err() || socket.write_all(&out).await.is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    (port, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_to_repeat_is_not_overtaken_by_the_events_after_it() {
+    let (port, accepted) = quota_broker(3).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = journal_with(dir.path(), (0..20).map(|n| event(n, "L1")));
+    let mut cfg = config(port, MqttVersion::V5, 1);
+    // Strict order: one publish in flight (see the README).
+    cfg.inflight = 1;
+    let mut sink = MqttSink::start(cfg).expect("sink");
+    assert!(
+        drive::until(
+            &journal,
+            SINK,
+            &mut sink,
+            Duration::from_secs(30),
+            delivered_all
+        )
+        .await
+    );
+    sink.close().await;
+    let order = accepted.lock().expect("log").clone();
+    assert_eq!(
+        order,
+        (0..20).collect::<Vec<u64>>(),
+        "the broker took every event once, in journal order"
+    );
+}
