@@ -45,6 +45,10 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# Among them: the handshake chaos test (a PLC restarting mid-run while the
+# agent is SIGKILLed 32 times, reconciled against what the PLC saw
+# acknowledged), the disk-full test (mounts a 64 MiB tmpfs: needs root)
+# and the unreadable-journal test (runs the agent as nobody via setpriv).
 cargo nextest run --workspace --no-fail-fast
 
 # The .deb as an OT team meets it: built, installed on this machine,
