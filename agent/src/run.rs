@@ -179,16 +179,32 @@ impl RunningAgent {
             };
             // Every start, the first included, takes the position the
             // journal holds now: a restart must not count from start-up's.
+            // An empty append first is a barrier: whatever a task that died
+            // had queued is by then written or dropped (the writer drops
+            // requests nobody waits for), so the position read is final.
             let (journal_for_restart, name) = (journal.clone(), source.name.clone());
-            let fresh = move || -> Option<SourceContext> {
-                match journal_for_restart.source_cursor(&name) {
-                    Ok(cursor) => Some(SourceContext {
-                        initial_cursor: cursor,
-                        ..ctx.clone()
-                    }),
-                    Err(e) => {
-                        tracing::error!(source = %name, error = %e, "stored position unreadable; source not started");
-                        None
+            let fresh = move || {
+                let (template, journal, name) =
+                    (ctx.clone(), journal_for_restart.clone(), name.clone());
+                async move {
+                    let barrier = buffer::AppendRequest {
+                        source: name.clone(),
+                        events: Vec::new(),
+                        cursor: None,
+                    };
+                    if let Err(e) = template.appender.append(barrier).await {
+                        tracing::error!(source = %name, error = %e, "journal not answering; source not started");
+                        return None;
+                    }
+                    match journal.source_cursor(&name) {
+                        Ok(cursor) => Some(SourceContext {
+                            initial_cursor: cursor,
+                            ..template
+                        }),
+                        Err(e) => {
+                            tracing::error!(source = %name, error = %e, "stored position unreadable; source not started");
+                            None
+                        }
                     }
                 }
             };
@@ -197,7 +213,12 @@ impl RunningAgent {
                 SourceKind::Simulated(sc) => {
                     let (sc, tally) = (sc.clone(), tally.clone());
                     supervise::spawn(&tasks, "source", &source.name, stop, move || {
-                        Some(simulated::run(fresh()?, sc.clone(), tally.clone()))
+                        let (ready, sc, tally) = (fresh(), sc.clone(), tally.clone());
+                        Some(async move {
+                            if let Some(ctx) = ready.await {
+                                simulated::run(ctx, sc, tally).await;
+                            }
+                        })
                     })
                 }
                 SourceKind::Modbus(mc) => {
@@ -205,11 +226,12 @@ impl RunningAgent {
                     modbus.push((source.name.clone(), stats.clone()));
                     let mc = (**mc).clone();
                     supervise::spawn(&tasks, "source", &source.name, stop, move || {
-                        Some(protocols::sources::modbus::run(
-                            fresh()?,
-                            mc.clone(),
-                            stats.clone(),
-                        ))
+                        let (ready, mc, stats) = (fresh(), mc.clone(), stats.clone());
+                        Some(async move {
+                            if let Some(ctx) = ready.await {
+                                protocols::sources::modbus::run(ctx, mc, stats).await;
+                            }
+                        })
                     })
                 }
                 SourceKind::OpcUa(oc) => {
@@ -217,11 +239,12 @@ impl RunningAgent {
                     opcua.push((source.name.clone(), stats.clone()));
                     let oc = (**oc).clone();
                     supervise::spawn(&tasks, "source", &source.name, stop, move || {
-                        Some(protocols::sources::opcua::run(
-                            fresh()?,
-                            oc.clone(),
-                            stats.clone(),
-                        ))
+                        let (ready, oc, stats) = (fresh(), oc.clone(), stats.clone());
+                        Some(async move {
+                            if let Some(ctx) = ready.await {
+                                protocols::sources::opcua::run(ctx, oc, stats).await;
+                            }
+                        })
                     })
                 }
             };
