@@ -1307,3 +1307,57 @@ async fn a_record_too_large_for_the_journal_is_dead_lettered_alone_and_the_rest_
     rig.stop().await;
     mes.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_upgrade_the_record_stored_last_is_not_posted_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mes = Mes::start(&options(dir.path())).await;
+    mes.set("Line1.Record", record_json(1, "WO-1", 10.0));
+    // A cursor as the previous version wrote it: record 1 stored (by its
+    // key id), no handshake position yet.
+    {
+        let mut jc = JournalConfig::new(dir.path().join("journal"));
+        jc.sinks = vec!["erp".into()];
+        let journal = Journal::open(jc).expect("journal");
+        let urn = buffer::event::source_urn("site1", "gw1", SOURCE);
+        let id = buffer::id::record_event_id(&urn, "completion", &["1"]);
+        let cursor = format!(
+            r#"{{"counters":{{}},"records":{{"completion":{{"id":"{id}","sequence":1}}}}}}"#
+        );
+        journal
+            .append_blocking(buffer::AppendRequest {
+                source: SOURCE.into(),
+                events: vec![],
+                cursor: Some(cursor.into_bytes()),
+            })
+            .expect("append")
+            .expect("fits");
+        journal.close().expect("close");
+    }
+    let rig = start(
+        dir.path(),
+        config(
+            connection(&mes, &dir.path().join("pki")),
+            vec![],
+            vec![json_record(&mes, true)],
+        ),
+    );
+    mes.wait_acks(
+        "record 1 acknowledged again",
+        Duration::from_secs(10),
+        |a| a.written.len() == 1,
+    )
+    .await;
+    assert!(
+        rig.events().is_empty(),
+        "record 1 is not stored a second time"
+    );
+    mes.set("Line1.Record", record_json(2, "WO-2", 20.0));
+    mes.wait_acks("record 2", Duration::from_secs(10), |a| {
+        a.written.len() == 2
+    })
+    .await;
+    assert_eq!(rig.events().len(), 1, "the next record is new");
+    rig.stop().await;
+    mes.stop().await;
+}

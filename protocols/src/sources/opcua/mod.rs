@@ -995,18 +995,12 @@ impl Served<'_> {
         };
         // A handshake record's id is its exchange; others' their key.
         let (id, next_handshake) = if spec.ack.is_some() {
-            let handshake = self
-                .working()
-                .handshakes
-                .get(&spec.signal)
-                .cloned()
-                .unwrap_or_default();
-            match handshake.presented(
-                &self.ctx.urn(),
-                &spec.signal,
-                record_fingerprint(&values),
-                false,
-            ) {
+            let fingerprint = record_fingerprint(&values);
+            let handshake = match self.working().handshakes.get(&spec.signal) {
+                Some(handshake) => handshake.clone(),
+                None => self.migrated_handshake(index, &values, fingerprint),
+            };
+            match handshake.presented(&self.ctx.urn(), &spec.signal, fingerprint, false) {
                 Presented::Stored(id) => (id, None),
                 Presented::New { id, next } => (id, Some(next)),
             }
@@ -1079,6 +1073,29 @@ impl Served<'_> {
             }
         }
         Ok(())
+    }
+
+    /// A handshake position for a cursor written before they existed: if
+    /// the record shown is the one stored last (same key id), it is the
+    /// pending one, so an upgrade does not post it a second time.
+    fn migrated_handshake(
+        &self,
+        index: usize,
+        values: &BTreeMap<String, FieldValue>,
+        fingerprint: uuid::Uuid,
+    ) -> HandshakePosition {
+        let spec = &self.config.records[index];
+        let mut handshake = HandshakePosition::default();
+        let key_id = self.record_signals[index].id_for(self.ctx, values);
+        if let Some(mark) = self.working().records.get(&spec.signal) {
+            if mark.id == key_id.to_string() {
+                handshake.pending = Some(crate::source::PendingRecord {
+                    id: key_id,
+                    fingerprint,
+                });
+            }
+        }
+        handshake
     }
 
     /// The record node of a record with an acknowledgement no longer
