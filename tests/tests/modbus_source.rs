@@ -778,3 +778,98 @@ async fn a_lost_counter_position_starts_ids_the_erp_has_never_seen() {
     );
     rig.stop().await;
 }
+
+/// One handshake of the queue PLC below: ready/ack coils and fields at
+/// `base` (sequence, quantity).
+fn queued_record(i: u16) -> RecordSpec {
+    let field = |name: &str, address: u16| FieldSpec {
+        name: name.into(),
+        address: format!("holding:{address}").parse().expect("address"),
+        format: Format::U16,
+        order: Order::default(),
+    };
+    let base = 200 + i * 10;
+    RecordSpec {
+        signal: format!("line{i}"),
+        event_type: EventType::completion(),
+        ready: format!("coil:{}", 20 + 2 * i).parse().expect("ready"),
+        ack: format!("coil:{}", 21 + 2 * i).parse().expect("ack"),
+        fields: vec![field("sequence", base), field("quantity", base + 1)],
+        key: vec!["sequence".into()],
+        unit: "EA".into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_handshake_queues_at_50_records_a_second_drain_over_one_connection_without_drops() {
+    const LINES: u16 = 4;
+    const PER_LINE: u64 = 150;
+    const QUEUE: u64 = 20;
+    let plc = std::sync::Arc::new(Plc::start().await);
+    let made = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let dropped = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // The PLC: every 20 ms each line makes a record into a queue of 20
+    // (dropped when full, as a PLC buffer does); 4-phase handshake per line.
+    let program = {
+        let (plc, made, dropped, acked) =
+            (plc.clone(), made.clone(), dropped.clone(), acked.clone());
+        tokio::spawn(async move {
+            let mut queues = [0u64; LINES as usize];
+            let mut sequences = [0u16; LINES as usize];
+            let mut tick = 0u64;
+            loop {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                tick += 1;
+                let mut m = plc.mem();
+                for i in 0..LINES {
+                    let q = &mut queues[i as usize];
+                    if tick.is_multiple_of(10)
+                        && made.load(Ordering::SeqCst) < PER_LINE * LINES as u64
+                    {
+                        made.fetch_add(1, Ordering::SeqCst);
+                        if *q < QUEUE {
+                            *q += 1;
+                        } else {
+                            dropped.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    let (ready_at, ack_at) = (20 + 2 * i, 21 + 2 * i);
+                    let ready = m.coils.get(&ready_at).copied().unwrap_or(false);
+                    let ack = m.coils.get(&ack_at).copied().unwrap_or(false);
+                    if ready && ack {
+                        acked.fetch_add(1, Ordering::SeqCst);
+                        m.coils.insert(ready_at, false);
+                    } else if !ready && !ack && *q > 0 {
+                        *q -= 1;
+                        let seq = &mut sequences[i as usize];
+                        *seq += 1;
+                        m.holding.insert(200 + i * 10, *seq);
+                        m.holding.insert(201 + i * 10, 1);
+                        m.coils.insert(ready_at, true);
+                    }
+                }
+            }
+        })
+    };
+    let mut config = device(plc.addr, vec![], (0..LINES).map(queued_record).collect());
+    config.poll_interval = Duration::from_millis(100);
+    let rig = start(config, None);
+    let total = PER_LINE * LINES as u64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while acked.load(Ordering::SeqCst) + dropped.load(Ordering::SeqCst) < total {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "records never drained"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    program.abort();
+    assert_eq!(
+        dropped.load(Ordering::SeqCst),
+        0,
+        "the PLC dropped records: the gateway was slower than the line"
+    );
+    assert_eq!(rig.events().len() as u64, total, "every record stored once");
+    rig.stop().await;
+}

@@ -21,6 +21,12 @@
 //! - A record field that does not decode, or a quantity that is not a
 //!   non-negative number, leaves the record unacknowledged, logged and
 //!   counted: the PLC keeps it, nothing is posted with a guessed value.
+//! - Records are taken at the PLC's pace, not one per poll: after each
+//!   step of an exchange the handshake is looked at again at once (every
+//!   2 ms while it is the PLC's turn), for up to 80 % of the poll interval,
+//!   so a PLC's record queue drains between two counter polls. Both the
+//!   4-phase handshake (PLC clears ready, agent clears ack) and the one
+//!   where the PLC clears ready and ack itself work.
 //! - A transport error means "reconnect" (capped exponential backoff with
 //!   jitter); a Modbus exception means "the device said no": the values are
 //!   bad, counted, no event, the connection stays. Every request runs
@@ -531,6 +537,7 @@ async fn poll(
     acked: &mut BTreeMap<String, bool>,
     bridged: bool,
 ) -> Result<(), PollError> {
+    let poll_started = tokio::time::Instant::now();
     let states = &position.counters;
     if !config.counters.is_empty() {
         let spans: Vec<(Address, u16)> = config
@@ -653,10 +660,66 @@ async fn poll(
             }
         }
     }
-    for record in &config.records {
-        handle_record(link, ctx, config, stats, record, position, acked).await?;
+    drain_records(link, ctx, config, stats, position, acked, poll_started).await
+}
+
+/// Pause between looks at a handshake while the PLC has its turn.
+const HANDSHAKE_RECHECK: Duration = Duration::from_millis(2);
+/// How long to keep looking for the next record after an exchange ended
+/// (a PLC with a queue presents it within a scan or two).
+const HANDSHAKE_FOLLOW_UP: Duration = Duration::from_millis(30);
+
+/// Takes records as fast as the PLC presents them: after each step of an
+/// exchange the handshake is looked at again at once (or after a short
+/// pause while it is the PLC's turn), not at the next poll, until nothing
+/// has moved for [`HANDSHAKE_FOLLOW_UP`] or most of the poll interval is
+/// used (counters keep their rhythm).
+async fn drain_records(
+    link: &mut Context,
+    ctx: &SourceContext,
+    config: &ModbusConfig,
+    stats: &ModbusStats,
+    position: &mut Position,
+    acked: &mut BTreeMap<String, bool>,
+    poll_started: tokio::time::Instant,
+) -> Result<(), PollError> {
+    if config.records.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    let deadline = poll_started + config.poll_interval.mul_f64(0.8);
+    let mut last_moved: Option<tokio::time::Instant> = None;
+    loop {
+        let (mut moved, mut waiting) = (false, false);
+        for record in &config.records {
+            match handle_record(link, ctx, config, stats, record, position, acked).await? {
+                Exchange::Moved => moved = true,
+                Exchange::Waiting => waiting = true,
+                Exchange::Idle => {}
+            }
+        }
+        let now = tokio::time::Instant::now();
+        if moved {
+            last_moved = Some(now);
+        }
+        let following_up = last_moved.is_some_and(|t| now.duration_since(t) < HANDSHAKE_FOLLOW_UP);
+        if now >= deadline || !(moved || waiting || following_up) {
+            return Ok(());
+        }
+        if !moved {
+            tokio::time::sleep(HANDSHAKE_RECHECK).await;
+        }
+    }
+}
+
+/// What one look at a handshake found.
+#[derive(Debug, PartialEq, Eq)]
+enum Exchange {
+    /// Nothing to do (no record, or one that cannot be taken now).
+    Idle,
+    /// The PLC's turn (it has to clear ready after our ack).
+    Waiting,
+    /// This look moved the exchange on (stored, acknowledged, released).
+    Moved,
 }
 
 /// Work order, material and lot read in the same poll as the counter.
@@ -725,7 +788,7 @@ async fn handle_record(
     record: &RecordSpec,
     position: &mut Position,
     acked: &mut BTreeMap<String, bool>,
-) -> Result<(), PollError> {
+) -> Result<Exchange, PollError> {
     let flags = read_spans(link, &[(record.ready, 1), (record.ack, 1)], config, stats).await?;
     let flag = |a: Address| {
         flags
@@ -735,7 +798,7 @@ async fn handle_record(
             .map(|v| v == Value::Bool(true))
     };
     let (Some(ready), Some(ack_set)) = (flag(record.ready), flag(record.ack)) else {
-        return Ok(());
+        return Ok(Exchange::Idle);
     };
     let handshake = position
         .records
@@ -743,6 +806,7 @@ async fn handle_record(
         .or_default()
         .clone();
     if !ready {
+        let mut moved = false;
         if let Some(released) = handshake.released() {
             // The PLC released the stored record. Stored before the ack is
             // cleared (after which the PLC may present the next record), so
@@ -750,14 +814,15 @@ async fn handle_record(
             let mut next = position.clone();
             next.records.insert(record.signal.clone(), released);
             if !store_position(ctx, position, next).await? {
-                return Ok(());
+                return Ok(Exchange::Idle);
             }
+            moved = true;
         }
         acked.insert(record.signal.clone(), false);
         if ack_set {
             // The PLC took the ack and cleared ready: release the ack.
             match write_ack(link, record.ack, false, config.timeout).await {
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => moved = true,
                 Ok(Err(code)) => {
                     stats.exceptions.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(source = %ctx.name, signal = %record.signal, exception = ?code, "device refused clearing the ack");
@@ -765,13 +830,17 @@ async fn handle_record(
                 Err(e) => return Err(PollError::Transport(e)),
             }
         }
-        return Ok(());
+        return Ok(if moved {
+            Exchange::Moved
+        } else {
+            Exchange::Idle
+        });
     }
     if ack_set {
         // Acknowledged (by this process or before a restart); waiting for
         // the PLC to clear ready.
         acked.insert(record.signal.clone(), true);
-        return Ok(());
+        return Ok(Exchange::Waiting);
     }
     let spans: Vec<(Address, u16)> = record
         .fields
@@ -785,20 +854,20 @@ async fn handle_record(
             Ok(Some(v)) => {
                 values.insert(field.name.clone(), v);
             }
-            Ok(None) => return Ok(()),
+            Ok(None) => return Ok(Exchange::Idle),
             Err(e) => {
                 // Not acknowledged: the PLC keeps the record and the line's
                 // alarm shows it; nothing is lost, nothing invented.
                 stats.bad_values.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(source = %ctx.name, signal = %record.signal, field = %field.name, error = %e, "record field unusable; record not acknowledged");
-                return Ok(());
+                return Ok(Exchange::Idle);
             }
         }
     }
     if let Err(e) = record_quantity(&values) {
         stats.bad_values.fetch_add(1, Ordering::Relaxed);
         tracing::error!(source = %ctx.name, signal = %record.signal, field = "quantity", error = %e, "record quantity unusable; record not acknowledged");
-        return Ok(());
+        return Ok(Exchange::Idle);
     }
     let acknowledged = acked.get(&record.signal).copied().unwrap_or(false);
     let presented = handshake.presented(
@@ -827,7 +896,7 @@ async fn handle_record(
             Err(JournalError::Closed) => return Err(PollError::Stopped),
             Err(e) => {
                 tracing::error!(source = %ctx.name, signal = %record.signal, error = %e, "record not stored; not acknowledged");
-                return Ok(());
+                return Ok(Exchange::Idle);
             }
         }
     }
@@ -836,12 +905,12 @@ async fn handle_record(
         Ok(Ok(())) => {
             stats.records_acked.fetch_add(1, Ordering::Relaxed);
             acked.insert(record.signal.clone(), true);
-            Ok(())
+            Ok(Exchange::Moved)
         }
         Ok(Err(code)) => {
             stats.exceptions.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(source = %ctx.name, signal = %record.signal, exception = ?code, "device refused the ack");
-            Ok(())
+            Ok(Exchange::Idle)
         }
         Err(e) => Err(PollError::Transport(e)),
     }
