@@ -1666,11 +1666,11 @@ fn check_opcua(
         .map_err(|why| err("pki_dir".into(), format!("a writable directory ({why})")))?;
     let acquisition = match m.mode.as_str() {
         "subscription" => {
-            if m.publishing_interval < Duration::from_millis(10) || m.sampling_interval.is_zero() {
-                return Err(err(
-                    "publishing_interval".into(),
-                    "at least 10ms (and sampling_interval above 0)".into(),
-                ));
+            // sampling_interval 0 is OPC UA's "as fast as the server can":
+            // what an event-like record node needs so that every change
+            // reaches the queue.
+            if m.publishing_interval < Duration::from_millis(10) {
+                return Err(err("publishing_interval".into(), "at least 10ms".into()));
             }
             if m.keep_alive_count == 0 || m.lifetime_count < 3 * m.keep_alive_count {
                 return Err(err(
@@ -2245,6 +2245,13 @@ records = [{ signal = "completion", type = "production.completion", node = "ns=2
         };
         assert_eq!(source.records[0].key, vec!["sequence".to_owned()]);
         assert!(source.connection.pki_dir.ends_with("pki"));
+        // 0: the server's fastest sampling, every change of a record node.
+        let fastest = OPCUA.replacen(
+            "line = \"L1\"",
+            "line = \"L1\"\nsampling_interval = \"0s\"",
+            1,
+        );
+        parse(&format!("{MINIMAL}{fastest}")).expect("sampling_interval 0 is valid");
         let cases = [
             (
                 "ns=2;s=Line1.Good\"",

@@ -7,9 +7,16 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
-/// Installs the global subscriber; `RUST_LOG` overrides the `info` default.
+/// What is logged unless `RUST_LOG` says otherwise: the agent at info;
+/// the OPC UA library's own lines (several per reconnect attempt) only on
+/// request, since the source's own line says what happened and what to do.
+pub const DEFAULT_FILTER: &str =
+    "info,opcua_client=off,opcua_core=off,opcua_crypto=off,opcua_types=off,opcua_nodes=off";
+
+/// Installs the global subscriber; `RUST_LOG` overrides [`DEFAULT_FILTER`].
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

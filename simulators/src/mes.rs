@@ -95,6 +95,13 @@ impl Mes {
         if let Some(cert) = &options.x509_user {
             builder = builder.add_user_token(CERT_USER, ServerUserToken::x509(CERT_USER, cert));
         }
+        // Like an MES with event-like record nodes: a sampling interval of
+        // 0 means every change (the library's default floor is 100 ms).
+        builder.limits_mut().subscriptions.min_sampling_interval_ms = 0.0;
+        builder
+            .limits_mut()
+            .subscriptions
+            .max_monitored_item_queue_size = 1000;
         builder = builder.with_node_manager(simple_node_manager(
             NamespaceMetadata {
                 namespace_uri: NAMESPACE.to_owned(),

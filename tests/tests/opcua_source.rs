@@ -1361,3 +1361,46 @@ async fn after_an_upgrade_the_record_stored_last_is_not_posted_again() {
     rig.stop().await;
     mes.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampling_interval_zero_delivers_every_change_of_a_record_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mes = Mes::start(&options(dir.path())).await;
+    let mut cfg = config(
+        connection(&mes, &dir.path().join("pki")),
+        vec![],
+        vec![json_record(&mes, false)],
+    );
+    cfg.acquisition = Acquisition::Subscription {
+        publishing_interval: Duration::from_millis(50),
+        sampling_interval: Duration::ZERO,
+        queue_size: 100,
+        keep_alive_count: 10,
+        lifetime_count: 60,
+    };
+    let rig = start(dir.path(), cfg);
+    rig.until("connected", |_, _| {
+        rig.stats.connected.load(Ordering::SeqCst)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // 30 records back to back, faster than any sampling period.
+    for seq in 1..=30u32 {
+        mes.set("Line1.Record", record_json(seq, &format!("WO-{seq}"), 1.0));
+    }
+    rig.until("all 30 records", |_, events| events.len() == 30)
+        .await;
+    let sequences: Vec<String> = rig
+        .events()
+        .iter()
+        .map(|e| e["sequence"].as_str().expect("sequence").to_owned())
+        .collect();
+    assert_eq!(
+        sequences,
+        (1..=30).map(|n| n.to_string()).collect::<Vec<_>>(),
+        "every change, in order"
+    );
+    assert_eq!(rig.stats.records_missed.load(Ordering::Relaxed), 0);
+    rig.stop().await;
+    mes.stop().await;
+}

@@ -89,6 +89,12 @@ pub fn security_mode(name: &str) -> Option<MessageSecurityMode> {
 
 /// Builds the client; creates the PKI directory and own certificate if absent.
 pub fn client(connection: &Connection) -> Result<Client, String> {
+    // Sources sharing a PKI folder would race to create the gateway's
+    // certificate (one fails with "already exists" and starts without
+    // one); creating clients one at a time lets the first make it and the
+    // others find it.
+    static CREATING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = CREATING.lock().unwrap_or_else(|p| p.into_inner());
     for sub in ["own", "private", "trusted", "rejected"] {
         let dir = connection.pki_dir.join(sub);
         std::fs::create_dir_all(&dir)
