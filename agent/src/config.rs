@@ -465,8 +465,10 @@ struct RawNodeCounter {
 #[serde(deny_unknown_fields)]
 struct RawNodeRecord {
     signal: String,
-    #[serde(rename = "type")]
-    event_type: String,
+    #[serde(rename = "type", default)]
+    event_type: Option<String>,
+    #[serde(default)]
+    type_from: Option<RawTypeFrom>,
     /// JSON layout: the String node holding the record.
     #[serde(default)]
     node: Option<String>,
@@ -614,8 +616,10 @@ fn default_counter_format() -> String {
 #[serde(deny_unknown_fields)]
 struct RawRecord {
     signal: String,
-    #[serde(rename = "type")]
-    event_type: String,
+    #[serde(rename = "type", default)]
+    event_type: Option<String>,
+    #[serde(default)]
+    type_from: Option<RawTypeFrom>,
     ready: String,
     ack: String,
     fields: BTreeMap<String, RawField>,
@@ -623,6 +627,59 @@ struct RawRecord {
     key: Option<Vec<String>>,
     #[serde(default = "default_unit_of_measure")]
     unit: String,
+}
+
+/// `type_from = { field = "kind", map = { "1" = "production.completion" } }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTypeFrom {
+    field: String,
+    map: BTreeMap<String, String>,
+}
+
+/// A record's event type: fixed (`type`) or from a field's code
+/// (`type_from`), exactly one of them. Returns the type used where a code
+/// is not known (dead letters) and the map.
+fn record_type(
+    event_type: Option<String>,
+    type_from: Option<RawTypeFrom>,
+    has_field: impl Fn(&str) -> bool,
+) -> Result<(buffer::EventType, Option<protocols::source::TypeFromField>), (String, String)> {
+    match (event_type, type_from) {
+        (Some(t), None) if !t.is_empty() => Ok((buffer::EventType(t), None)),
+        (None, Some(from)) => {
+            if !has_field(&from.field) {
+                return Err((
+                    "type_from.field".into(),
+                    format!("one of the record's fields, found {:?}", from.field),
+                ));
+            }
+            if from.map.is_empty() || from.map.values().any(|t| t.is_empty()) {
+                return Err((
+                    "type_from.map".into(),
+                    "codes mapped to event types, like { \"1\" = \"production.completion\", \"2\" = \"production.scrap\" }".into(),
+                ));
+            }
+            let fallback = from.map.values().next().cloned().unwrap_or_default();
+            let map = from
+                .map
+                .into_iter()
+                .map(|(code, t)| (code, buffer::EventType(t)))
+                .collect();
+            Ok((
+                buffer::EventType(fallback),
+                Some(protocols::source::TypeFromField {
+                    field: from.field,
+                    map,
+                }),
+            ))
+        }
+        _ => Err((
+            "type".into(),
+            "either type (an event type) or type_from (a field's code mapped to types), not both"
+                .into(),
+        )),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -1465,15 +1522,19 @@ fn check_modbus(file: &Path, key: &str, m: RawModbus) -> Result<ModbusConfig, Co
                 format!("names of the record's fields, found {missing:?}"),
             ));
         }
+        let (event_type, type_from) =
+            record_type(r.event_type, r.type_from, |f| r.fields.contains_key(f))
+                .map_err(|(sub, why)| err(format!("{rkey}.{sub}"), why))?;
         signals.push((r.signal.clone(), rkey, spans));
         records.push(RecordSpec {
             signal: r.signal,
-            event_type: buffer::EventType(r.event_type),
+            event_type,
             ready,
             ack,
             fields,
             key: key_fields,
             unit: r.unit,
+            type_from,
         });
     }
     let mut context = Vec::new();
@@ -1882,14 +1943,19 @@ fn check_opcua(
                 }
             }
         };
+        let (event_type, type_from) = record_type(r.event_type, r.type_from, |f| {
+            r.fields.contains_key(f) || (f == "sequence" && has_sequence)
+        })
+        .map_err(|(sub, why)| err(format!("{rkey}.{sub}"), why))?;
         records.push(NodeRecord {
             signal: r.signal,
-            event_type: buffer::EventType(r.event_type),
+            event_type,
             trigger,
             layout,
             key,
             unit: r.unit,
             ack,
+            type_from,
         });
     }
     if counters.is_empty() && records.is_empty() {
@@ -2297,6 +2363,16 @@ records = [{ signal = "completion", type = "production.completion", node = "ns=2
                 "fields = {",
                 "key = [], fields = {",
                 "sources.mes1.records[0].key",
+            ),
+            (
+                "type = \"production.completion\", node = \"ns=2;s=Line1.Record\"",
+                "type_from = { field = \"kind\", map = { \"1\" = \"production.completion\" } }, node = \"ns=2;s=Line1.Record\"",
+                "sources.mes1.records[0].type_from.field",
+            ),
+            (
+                "type = \"production.completion\", node = \"ns=2;s=Line1.Record\"",
+                "type = \"production.completion\", type_from = { field = \"sequence\", map = { \"1\" = \"production.scrap\" } }, node = \"ns=2;s=Line1.Record\"",
+                "sources.mes1.records[0].type",
             ),
             // Without an ack the key is the identity: an optional field in
             // it would make different records look alike.

@@ -301,6 +301,7 @@ impl Metrics {
                 ("bad_values", &stats.bad_values),
                 ("events", &stats.events),
                 ("records_acked", &stats.records_acked),
+                ("records_refused", &stats.records_refused),
             ] {
                 modbus
                     .get_or_create(&vec![

@@ -301,9 +301,49 @@ pub struct RecordSignal {
     pub machine: String,
     /// Field names whose values identify the record.
     pub key: Vec<String>,
+    /// The event type taken from a field's code instead of `event_type`.
+    pub type_from: Option<TypeFromField>,
+}
+
+/// An event type read from a record field through a map of codes
+/// (1 → `production.completion`, 2 → `production.scrap`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TypeFromField {
+    /// The field holding the code.
+    pub field: String,
+    /// Code (the field's value as text) → event type.
+    pub map: BTreeMap<String, EventType>,
+}
+
+impl TypeFromField {
+    /// The type the record's code names; an error naming the code when the
+    /// map has none (such a record is never posted with a guessed type).
+    pub fn type_of(&self, values: &BTreeMap<String, FieldValue>) -> Result<EventType, String> {
+        let Some(code) = values.get(&self.field).map(FieldValue::text) else {
+            return Err(format!("field {} (the type code) is missing", self.field));
+        };
+        self.map.get(&code).cloned().ok_or_else(|| {
+            format!(
+                "unknown type code {code:?} in field {}; known: {}",
+                self.field,
+                self.map.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })
+    }
 }
 
 impl RecordSignal {
+    /// The event type of one record: its code's, or the configured one.
+    pub fn event_type_for(
+        &self,
+        values: &BTreeMap<String, FieldValue>,
+    ) -> Result<EventType, String> {
+        match &self.type_from {
+            Some(from) => from.type_of(values),
+            None => Ok(self.event_type.clone()),
+        }
+    }
+
     /// The id of a record without a handshake: from its key fields, so the
     /// same record read twice (re-poll, restart, republish) is the same
     /// event. Only as good as the key: `validate` requires key fields the
@@ -356,7 +396,12 @@ impl RecordSignal {
             origin,
             attributes,
         };
-        let mut event = CloudEvent::new(id, ctx.urn(), self.event_type.clone(), time, data);
+        // Callers check the code first (`event_type_for`); the configured
+        // type stands in only where there is no map.
+        let event_type = self
+            .event_type_for(values)
+            .unwrap_or_else(|_| self.event_type.clone());
+        let mut event = CloudEvent::new(id, ctx.urn(), event_type, time, data);
         if let Some(order) = &event.data.work_order {
             event.subject = Some(format!("{}/{order}", self.line));
         }

@@ -361,6 +361,7 @@ fn record_spec() -> RecordSpec {
         ],
         key: vec!["sequence".into(), "work_order".into()],
         unit: "EA".into(),
+        type_from: None,
     }
 }
 
@@ -797,6 +798,7 @@ fn queued_record(i: u16) -> RecordSpec {
         fields: vec![field("sequence", base), field("quantity", base + 1)],
         key: vec!["sequence".into()],
         unit: "EA".into(),
+        type_from: None,
     }
 }
 
@@ -871,5 +873,58 @@ async fn four_handshake_queues_at_50_records_a_second_drain_over_one_connection_
         "the PLC dropped records: the gateway was slower than the line"
     );
     assert_eq!(rig.events().len() as u64, total, "every record stored once");
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_records_kind_code_sets_its_type_and_an_unknown_code_is_a_dead_letter() {
+    let plc = Plc::start().await;
+    let mut spec = record_spec();
+    spec.fields.push(FieldSpec {
+        name: "kind".into(),
+        address: "holding:111".parse().expect("address"),
+        format: Format::U16,
+        order: Order::default(),
+    });
+    spec.type_from = Some(protocols::source::TypeFromField {
+        field: "kind".into(),
+        map: [
+            ("1".to_owned(), EventType::completion()),
+            ("2".to_owned(), EventType::scrap()),
+        ]
+        .into(),
+    });
+    let rig = start(device(plc.addr, vec![], vec![spec]), None);
+    for (n, kind) in [(1u16, 1u16), (2, 2), (3, 7), (4, 1)] {
+        plc.mem().holding.insert(111, kind);
+        plc_hands_over(&plc, n).await;
+    }
+    let types: Vec<String> = rig
+        .events()
+        .iter()
+        .map(|e| e["type"].as_str().expect("type").to_owned())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "production.completion",
+            "production.scrap",
+            "production.completion"
+        ],
+        "each record carries the type its code says; code 7 is not posted"
+    );
+    let dead = rig.journal.dead_letters().expect("dead letters");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(
+        dead[0].reason.contains("unknown type code \"7\""),
+        "{}",
+        dead[0].reason
+    );
+    assert_eq!(rig.stats.records_refused.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        rig.stats.records_acked.load(Ordering::Relaxed),
+        4,
+        "the dead-lettered record is durable, so the PLC is told"
+    );
     rig.stop().await;
 }

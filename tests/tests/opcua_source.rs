@@ -72,6 +72,7 @@ fn json_record(mes: &Mes, ack: bool) -> NodeRecord {
         layout: RecordLayout::Json(json_fields()),
         key: vec!["sequence".into()],
         unit: "EA".into(),
+        type_from: None,
         ack: ack.then(|| Ack::Write {
             node: mes.node("Line1.Ack").parse().expect("node id"),
             value: AckArgument {
@@ -461,6 +462,7 @@ async fn node_records_acknowledged_by_method_call_and_polling_mode_counts() {
         ]),
         key: vec!["sequence".into()],
         unit: "KG".into(),
+        type_from: None,
         ack: Some(Ack::Call {
             object: node("Line1"),
             method: node("Line1.Acknowledge"),

@@ -129,6 +129,8 @@ pub struct RecordSpec {
     pub key: Vec<String>,
     /// Unit of measure of `quantity`.
     pub unit: String,
+    /// Event type from a field's code (overrides `event_type`).
+    pub type_from: Option<crate::source::TypeFromField>,
 }
 
 /// One Modbus device.
@@ -176,6 +178,8 @@ pub struct ModbusStats {
     pub events: AtomicU64,
     /// Records acknowledged to the PLC.
     pub records_acked: AtomicU64,
+    /// Records kept as dead letters (a type code the map does not know).
+    pub records_refused: AtomicU64,
 }
 
 /// The source's stored position: counter states and handshake positions,
@@ -885,11 +889,26 @@ async fn handle_record(
             events: vec![ctx.new_event(&event)],
             cursor: next_position.encode(),
         };
-        match ctx.appender.append(request).await {
-            Ok(outcome) => {
+        // A type code the map does not know: kept as a dead letter (durable,
+        // with the position, so the record may be acknowledged), never
+        // posted with a guessed type.
+        let refused = record_signal(config, record).event_type_for(&values).err();
+        let stored = match &refused {
+            None => ctx.appender.append(request).await.map(|o| o.appended()),
+            Some(reason) => {
+                tracing::error!(source = %ctx.name, signal = %record.signal, reason = %reason, "record kept as a dead letter, not posted");
+                ctx.appender
+                    .dead_letter(request, &format!("record refused: {reason}"))
+                    .await
+            }
+        };
+        match stored {
+            Ok(appended) => {
                 *position = next_position;
                 acked.insert(record.signal.clone(), false);
-                if outcome.appended() > 0 {
+                if refused.is_some() {
+                    stats.records_refused.fetch_add(1, Ordering::Relaxed);
+                } else if appended > 0 {
                     stats.events.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -916,6 +935,18 @@ async fn handle_record(
     }
 }
 
+fn record_signal(config: &ModbusConfig, record: &RecordSpec) -> RecordSignal {
+    RecordSignal {
+        name: record.signal.clone(),
+        event_type: record.event_type.clone(),
+        unit: record.unit.clone(),
+        line: config.line.clone(),
+        machine: config.machine.clone(),
+        key: record.key.clone(),
+        type_from: record.type_from.clone(),
+    }
+}
+
 fn record_event(
     ctx: &SourceContext,
     config: &ModbusConfig,
@@ -923,14 +954,7 @@ fn record_event(
     id: uuid::Uuid,
     values: &BTreeMap<String, Value>,
 ) -> CloudEvent {
-    let signal = RecordSignal {
-        name: record.signal.clone(),
-        event_type: record.event_type.clone(),
-        unit: record.unit.clone(),
-        line: config.line.clone(),
-        machine: config.machine.clone(),
-        key: record.key.clone(),
-    };
+    let signal = record_signal(config, record);
     let origin = Origin {
         protocol: "modbus".into(),
         endpoint: endpoint_text(&config.endpoint),

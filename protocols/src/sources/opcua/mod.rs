@@ -168,6 +168,8 @@ pub struct NodeRecord {
     pub unit: String,
     /// Acknowledgement after durable, if the MES waits for one.
     pub ack: Option<Ack>,
+    /// Event type from a field's code (overrides `event_type`).
+    pub type_from: Option<crate::source::TypeFromField>,
 }
 
 /// One OPC UA server.
@@ -523,6 +525,7 @@ async fn serve(
                 line: config.line.clone(),
                 machine: config.machine.clone(),
                 key: spec.key.clone(),
+                type_from: spec.type_from.clone(),
             })
             .collect(),
         acked: BTreeMap::new(),
@@ -980,6 +983,14 @@ impl Served<'_> {
         };
         let (time, time_source) = record::value_time(&value, SystemTime::now());
         let mut origin = self.origin(node, &value);
+        // A type code the map does not know makes the record one that
+        // cannot be posted: a dead letter with the reason, like a malformed
+        // one (not acknowledged: the MES shows it until someone acts).
+        let decoded = decoded.and_then(|(values, raw)| {
+            self.record_signals[index]
+                .event_type_for(&values)
+                .map(|_| (values, raw))
+        });
         let (values, raw) = match decoded {
             Ok(found) => found,
             Err(reason) => {
