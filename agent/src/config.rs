@@ -687,6 +687,10 @@ fn record_type(
 struct RawField {
     address: String,
     format: String,
+    /// The field is the event's time: epoch seconds (`"s"`) or
+    /// milliseconds (`"ms"`).
+    #[serde(default)]
+    epoch: Option<String>,
     #[serde(default)]
     length: Option<u16>,
     #[serde(default)]
@@ -1326,11 +1330,29 @@ fn check_field(
         f.byte_swap.unwrap_or(byte_swap),
     )
     .map_err(|e| err("word_order", e))?;
+    let epoch = match f.epoch.as_deref() {
+        None => None,
+        Some(unit) if !matches!(format, Format::U32 | Format::U64 | Format::I64) => {
+            return Err(err(
+                "format",
+                format!("u32, u64 or i64 for a time in epoch {unit}"),
+            ))
+        }
+        Some("s") => Some(protocols::source::Epoch::Seconds),
+        Some("ms") => Some(protocols::source::Epoch::Millis),
+        Some(other) => {
+            return Err(err(
+                "epoch",
+                format!("\"s\" (seconds) or \"ms\" (milliseconds), found {other:?}"),
+            ))
+        }
+    };
     Ok(FieldSpec {
         name: name.to_owned(),
         address,
         format,
         order,
+        epoch,
     })
 }
 
@@ -1431,13 +1453,16 @@ fn check_modbus(file: &Path, key: &str, m: RawModbus) -> Result<ModbusConfig, Co
             "u32" => Format::U32,
             "i32" => Format::I32,
             "f32" => Format::F32,
+            "u64" => Format::U64,
+            "i64" => Format::I64,
+            "f64" => Format::F64,
             other => {
                 return Err(err(
                     format!("{ckey}.format"),
                     format!(
-                        "u16, i16, u32, i32 or f32 for counter {:?}, found {other:?}",
-                        c.signal
-                    ),
+                    "u16, i16, u32, i32, u64, i64, f32 or f64 for counter {:?}, found {other:?}",
+                    c.signal
+                ),
                 ))
             }
         };

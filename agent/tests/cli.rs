@@ -304,7 +304,7 @@ fn validate_names_the_signal_of_an_overlapping_or_out_of_range_modbus_map() {
             "\"good\"",
         ),
         (
-            source(&counter("good", "holding:1", "f64")),
+            source(&counter("good", "holding:1", "u128")),
             "sources.press.counters[0].format",
             "\"good\"",
         ),
@@ -312,6 +312,11 @@ fn validate_names_the_signal_of_an_overlapping_or_out_of_range_modbus_map() {
             source("[[sources.press.records]]\nsignal = \"completion\"\ntype = \"production.completion\"\nready = \"coil:10\"\nack = \"coil:11\"\nkey = []\nfields = { sequence = { address = \"holding:300\", format = \"u16\" } }\n"),
             "sources.press.records[0].key",
             "same identity",
+        ),
+        (
+            source("[[sources.press.records]]\nsignal = \"completion\"\ntype = \"production.completion\"\nready = \"coil:10\"\nack = \"coil:11\"\nfields = { sequence = { address = \"holding:300\", format = \"u16\" }, at = { address = \"holding:301\", format = \"u16\", epoch = \"ms\" } }\n"),
+            "sources.press.records[0].fields.at.format",
+            "epoch ms",
         ),
     ];
     for (i, (text, key, signal)) in cases.into_iter().enumerate() {

@@ -592,3 +592,84 @@ mod tests {
         assert_eq!(record_quantity(&BTreeMap::new()), Ok(Quantity::Count(1)));
     }
 }
+
+/// The unit of a device's time field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Epoch {
+    /// Seconds since 1970.
+    Seconds,
+    /// Milliseconds since 1970.
+    Millis,
+}
+
+/// How far a device's clock may be from the gateway's before its time is
+/// not believed.
+pub const DEVICE_TIME_TOLERANCE: std::time::Duration =
+    std::time::Duration::from_secs(2 * 24 * 3600);
+
+/// A record's time from a device field: the device's when plausible
+/// (non-zero, within [`DEVICE_TIME_TOLERANCE`] of `now`), otherwise the
+/// gateway's; the second value is what `attributes.time_source` says.
+pub fn device_time(
+    value: &FieldValue,
+    epoch: Epoch,
+    now: SystemTime,
+) -> (SystemTime, &'static str) {
+    let device = match value {
+        FieldValue::Int(v) if *v > 0 => Some(match epoch {
+            Epoch::Seconds => std::time::Duration::from_secs(*v as u64),
+            Epoch::Millis => std::time::Duration::from_millis(*v as u64),
+        }),
+        _ => None,
+    }
+    .and_then(|since| SystemTime::UNIX_EPOCH.checked_add(since));
+    match device {
+        Some(t) => {
+            let apart = t
+                .duration_since(now)
+                .or_else(|_| now.duration_since(t))
+                .unwrap_or_default();
+            if apart <= DEVICE_TIME_TOLERANCE {
+                (t, "device")
+            } else {
+                (now, "gateway")
+            }
+        }
+        None => (now, "gateway"),
+    }
+}
+
+#[cfg(test)]
+mod device_time_tests {
+    use super::*;
+
+    #[test]
+    fn a_device_time_is_used_when_plausible_and_marked_when_not() {
+        let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_764_600_000);
+        let ms = FieldValue::Int(1_764_599_990_250);
+        assert_eq!(
+            device_time(&ms, Epoch::Millis, now),
+            (
+                SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_764_599_990_250),
+                "device"
+            )
+        );
+        assert_eq!(
+            device_time(&FieldValue::Int(0), Epoch::Seconds, now),
+            (now, "gateway")
+        );
+        // A clock reset to 1970 plus a few days, or years ahead: not believed.
+        assert_eq!(
+            device_time(&FieldValue::Int(400_000), Epoch::Seconds, now).1,
+            "gateway"
+        );
+        assert_eq!(
+            device_time(&FieldValue::Int(1_864_600_000), Epoch::Seconds, now).1,
+            "gateway"
+        );
+        assert_eq!(
+            device_time(&FieldValue::Int(i64::MAX), Epoch::Millis, now).1,
+            "gateway"
+        );
+    }
+}

@@ -346,6 +346,7 @@ fn record_spec() -> RecordSpec {
         address: address.parse().expect("address"),
         format,
         order: Order::default(),
+        epoch: None,
     };
     RecordSpec {
         signal: "completion".into(),
@@ -580,6 +581,7 @@ async fn counter_events_carry_the_work_order_read_in_the_same_poll() {
         address: "holding:40".parse().expect("address"),
         format: Format::String(4),
         order: Order::default(),
+        epoch: None,
     }];
     let rig = start(config, None);
     rig.counted_up_to("good", 10).await;
@@ -788,6 +790,7 @@ fn queued_record(i: u16) -> RecordSpec {
         address: format!("holding:{address}").parse().expect("address"),
         format: Format::U16,
         order: Order::default(),
+        epoch: None,
     };
     let base = 200 + i * 10;
     RecordSpec {
@@ -885,6 +888,7 @@ async fn a_records_kind_code_sets_its_type_and_an_unknown_code_is_a_dead_letter(
         address: "holding:111".parse().expect("address"),
         format: Format::U16,
         order: Order::default(),
+        epoch: None,
     });
     spec.type_from = Some(protocols::source::TypeFromField {
         field: "kind".into(),
@@ -926,5 +930,71 @@ async fn a_records_kind_code_sets_its_type_and_an_unknown_code_is_a_dead_letter(
         4,
         "the dead-lettered record is durable, so the PLC is told"
     );
+    rig.stop().await;
+}
+
+/// Writes `v` into four holding registers, most significant first.
+fn set_u64(plc: &Plc, address: u16, v: u64) {
+    let mut m = plc.mem();
+    for i in 0..4u16 {
+        m.holding.insert(address + i, (v >> (48 - 16 * i)) as u16);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_carry_the_plcs_own_time_and_64_bit_counters_count() {
+    let plc = Plc::start().await;
+    let mut spec = record_spec();
+    spec.fields.push(FieldSpec {
+        name: "produced_at".into(),
+        address: "holding:120".parse().expect("address"),
+        format: Format::U64,
+        order: Order::default(),
+        epoch: Some(protocols::source::Epoch::Millis),
+    });
+    set_u64(&plc, 50, 5_000_000_000);
+    let rig = start(
+        device(
+            plc.addr,
+            vec![counter(
+                "good",
+                EventType::completion(),
+                "holding:50",
+                Format::U64,
+            )],
+            vec![spec],
+        ),
+        None,
+    );
+    rig.counted_up_to("good", 5_000_000_000).await;
+    set_u64(&plc, 50, 5_000_000_007);
+    rig.counted_up_to("good", 5_000_000_007).await;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let plc_time = now_ms - 5_000;
+    set_u64(&plc, 120, plc_time);
+    plc_hands_over(&plc, 1).await;
+    // A PLC whose clock was never set: the gateway's time, and it says so.
+    set_u64(&plc, 120, 0);
+    plc_hands_over(&plc, 2).await;
+    let events = rig.events();
+    let counted: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["data"]["counter"].is_object())
+        .collect();
+    assert_eq!(counted.len(), 1);
+    assert_eq!(counted[0]["data"]["quantity"], 7);
+    let records: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["data"]["origin"]["address"] == "unit 1 record completion")
+        .collect();
+    assert_eq!(records.len(), 2);
+    let expected =
+        buffer::event::rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(plc_time));
+    assert_eq!(records[0]["time"], expected.as_str());
+    assert_eq!(records[0]["data"]["attributes"]["time_source"], "device");
+    assert_eq!(records[1]["data"]["attributes"]["time_source"], "gateway");
     rig.stop().await;
 }

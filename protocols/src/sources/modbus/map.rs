@@ -107,6 +107,12 @@ pub enum Format {
     I32,
     /// Two registers, IEEE 754 single.
     F32,
+    /// Four registers, unsigned (values above i64::MAX do not decode).
+    U64,
+    /// Four registers, signed.
+    I64,
+    /// Four registers, IEEE 754 double.
+    F64,
     /// One register of packed BCD (0..=9999).
     Bcd,
     /// `n` registers of ASCII, two characters each, NUL/space padded.
@@ -121,12 +127,13 @@ impl Format {
         match self {
             Format::U16 | Format::I16 | Format::Bcd | Format::Bool => 1,
             Format::U32 | Format::I32 | Format::F32 => 2,
+            Format::U64 | Format::I64 | Format::F64 => 4,
             Format::String(n) => n,
         }
     }
 
-    /// Parses `u16`, `i16`, `u32`, `i32`, `f32`, `bcd`, `bool`, or `string`
-    /// (with `length` registers).
+    /// Parses `u16`, `i16`, `u32`, `i32`, `f32`, `u64`, `i64`, `f64`, `bcd`,
+    /// `bool`, or `string` (with `length` registers).
     pub fn parse(text: &str, length: Option<u16>) -> Result<Self, String> {
         Ok(match text {
             "u16" => Format::U16,
@@ -134,6 +141,9 @@ impl Format {
             "u32" => Format::U32,
             "i32" => Format::I32,
             "f32" => Format::F32,
+            "u64" => Format::U64,
+            "i64" => Format::I64,
+            "f64" => Format::F64,
             "bcd" => Format::Bcd,
             "bool" => Format::Bool,
             "string" => match length {
@@ -142,7 +152,7 @@ impl Format {
             },
             other => {
                 return Err(format!(
-                    "u16, i16, u32, i32, f32, bcd, bool or string, found {other:?}"
+                    "u16, i16, u32, i32, f32, u64, i64, f64, bcd, bool or string, found {other:?}"
                 ))
             }
         })
@@ -166,6 +176,7 @@ pub fn counter_raw(value: &Value, format: Format) -> Option<u64> {
     match (value, format) {
         (Value::Int(v), Format::I16) => Some(*v as i16 as u16 as u64),
         (Value::Int(v), Format::I32) => Some(*v as i32 as u32 as u64),
+        (Value::Int(v), Format::I64) => Some(*v as u64),
         (Value::Int(v), _) if *v >= 0 => Some(*v as u64),
         _ => None,
     }
@@ -192,6 +203,18 @@ pub fn decode(format: Format, order: Order, words: &[u16]) -> Result<Value, Stri
         };
         ((hi as u32) << 16) | lo as u32
     };
+    // Four registers, most significant first unless low_word_first (then
+    // the whole order is reversed, as Modicon devices store them).
+    let quad = || {
+        (0..4).fold(0u64, |acc, i| {
+            let w = if order.low_word_first {
+                word(3 - i)
+            } else {
+                word(i)
+            };
+            (acc << 16) | w as u64
+        })
+    };
     Ok(match format {
         Format::U16 => Value::Int(word(0) as i64),
         Format::I16 => Value::Int(word(0) as i16 as i64),
@@ -203,6 +226,17 @@ pub fn decode(format: Format, order: Order, words: &[u16]) -> Result<Value, Stri
                 return Err(format!("not a finite number ({v})"));
             }
             Value::Float(v as f64)
+        }
+        Format::U64 => {
+            Value::Int(i64::try_from(quad()).map_err(|_| format!("{} is out of range", quad()))?)
+        }
+        Format::I64 => Value::Int(quad() as i64),
+        Format::F64 => {
+            let v = f64::from_bits(quad());
+            if !v.is_finite() {
+                return Err(format!("not a finite number ({v})"));
+            }
+            Value::Float(v)
         }
         Format::Bcd => {
             let w = word(0);
@@ -311,6 +345,70 @@ mod tests {
         assert!("coil:10.1".parse::<Address>().is_err());
         assert!("holding:70000".parse::<Address>().is_err());
         assert!("register:1".parse::<Address>().is_err());
+    }
+
+    /// The four registers of `v` in each word and byte order.
+    fn layouts(v: u64) -> Vec<(Order, [u16; 4])> {
+        let big = [
+            (v >> 48) as u16,
+            (v >> 32) as u16,
+            (v >> 16) as u16,
+            v as u16,
+        ];
+        let low_first = [big[3], big[2], big[1], big[0]];
+        let swap = |w: [u16; 4]| w.map(u16::swap_bytes);
+        let order = |low_word_first, swap_bytes| Order {
+            low_word_first,
+            swap_bytes,
+        };
+        vec![
+            (order(false, false), big),
+            (order(true, false), low_first),
+            (order(false, true), swap(big)),
+            (order(true, true), swap(low_first)),
+        ]
+    }
+
+    #[test]
+    fn sixty_four_bit_values_decode_in_every_word_and_byte_order() {
+        let millis: u64 = 1_764_600_000_123; // epoch milliseconds
+        let negative = -123_456_789_012_i64;
+        let weight = 1234.5678_f64;
+        for (order, words) in layouts(millis) {
+            assert_eq!(
+                decode(Format::U64, order, &words),
+                Ok(Value::Int(millis as i64)),
+                "{order:?}"
+            );
+        }
+        for (order, words) in layouts(negative as u64) {
+            assert_eq!(
+                decode(Format::I64, order, &words),
+                Ok(Value::Int(negative)),
+                "{order:?}"
+            );
+            assert_eq!(
+                counter_raw(&Value::Int(negative), Format::I64),
+                Some(negative as u64)
+            );
+        }
+        for (order, words) in layouts(weight.to_bits()) {
+            assert_eq!(
+                decode(Format::F64, order, &words),
+                Ok(Value::Float(weight)),
+                "{order:?}"
+            );
+        }
+        assert!(
+            decode(Format::U64, Order::default(), &[0xFFFF; 4]).is_err(),
+            "above i64::MAX"
+        );
+        assert!(
+            decode(Format::F64, Order::default(), &[0x7FF0, 0, 0, 0]).is_err(),
+            "infinity"
+        );
+        assert_eq!(Format::parse("u64", None), Ok(Format::U64));
+        assert_eq!(Format::U64.width(), 4);
     }
 
     #[test]

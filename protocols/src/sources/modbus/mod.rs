@@ -108,6 +108,8 @@ pub struct FieldSpec {
     pub format: Format,
     /// Word and byte order.
     pub order: Order,
+    /// The field is the record's time (epoch seconds or milliseconds).
+    pub epoch: Option<crate::source::Epoch>,
 }
 
 /// A handshake record: the PLC fills the fields and sets `ready`; the agent
@@ -522,10 +524,10 @@ fn counter_signal(spec: &CounterSpec, config: &ModbusConfig) -> CounterSignal {
         line: config.line.clone(),
         machine: config.machine.clone(),
         rules: CounterRules {
-            width: if spec.format.width() == 1 {
-                CounterWidth::U16
-            } else {
-                CounterWidth::U32
+            width: match spec.format.width() {
+                1 => CounterWidth::U16,
+                2 => CounterWidth::U32,
+                _ => CounterWidth::U64,
             },
             max_step: spec.max_step,
         },
@@ -563,7 +565,7 @@ async fn poll(
         let mut next_states = states.clone();
         let mut events = Vec::new();
         for spec in &config.counters {
-            if spec.format == Format::F32 {
+            if matches!(spec.format, Format::F32 | Format::F64) {
                 match snapshot.value(spec.address, spec.format, spec.order) {
                     Ok(Some(Value::Float(v))) if v >= 0.0 => {
                         let (_, delta, next) =
@@ -955,12 +957,29 @@ fn record_event(
     values: &BTreeMap<String, Value>,
 ) -> CloudEvent {
     let signal = record_signal(config, record);
+    let now = SystemTime::now();
+    // The PLC's own time for the record, when it has one and it is
+    // believable; otherwise the gateway's, and the event says which.
+    let device = record.fields.iter().find_map(|f| {
+        let epoch = f.epoch?;
+        values
+            .get(&f.name)
+            .map(|v| crate::source::device_time(v, epoch, now))
+    });
+    let (time, time_source) = device.unwrap_or((now, "gateway"));
     let origin = Origin {
         protocol: "modbus".into(),
         endpoint: endpoint_text(&config.endpoint),
         address: format!("unit {} record {}", config.unit, record.signal),
         quality: "good".into(),
-        source_time: None,
+        source_time: (time_source == "device").then(|| buffer::event::rfc3339_millis(time)),
     };
-    signal.event_for(ctx, id, values, origin, SystemTime::now())
+    let mut event = signal.event_for(ctx, id, values, origin, time);
+    if device.is_some() {
+        event
+            .data
+            .attributes
+            .insert("time_source".into(), time_source.into());
+    }
+    event
 }
