@@ -449,6 +449,14 @@ struct RawOpcUa {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawNodeCounter {
+    /// Line, machine and attributes of this signal's events when they are
+    /// not the source's (several lines behind one address).
+    #[serde(default)]
+    line: Option<String>,
+    #[serde(default)]
+    machine: Option<String>,
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
     signal: String,
     #[serde(rename = "type")]
     event_type: String,
@@ -464,6 +472,14 @@ struct RawNodeCounter {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawNodeRecord {
+    /// Line, machine and attributes of this signal's events when they are
+    /// not the source's (several lines behind one address).
+    #[serde(default)]
+    line: Option<String>,
+    #[serde(default)]
+    machine: Option<String>,
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
     signal: String,
     #[serde(rename = "type", default)]
     event_type: Option<String>,
@@ -590,6 +606,14 @@ struct RawModbus {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawCounter {
+    /// Line, machine and attributes of this signal's events when they are
+    /// not the source's (several lines behind one address).
+    #[serde(default)]
+    line: Option<String>,
+    #[serde(default)]
+    machine: Option<String>,
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
     signal: String,
     #[serde(rename = "type")]
     event_type: String,
@@ -615,6 +639,14 @@ fn default_counter_format() -> String {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRecord {
+    /// Line, machine and attributes of this signal's events when they are
+    /// not the source's (several lines behind one address).
+    #[serde(default)]
+    line: Option<String>,
+    #[serde(default)]
+    machine: Option<String>,
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
     signal: String,
     #[serde(rename = "type", default)]
     event_type: Option<String>,
@@ -627,6 +659,20 @@ struct RawRecord {
     key: Option<Vec<String>>,
     #[serde(default = "default_unit_of_measure")]
     unit: String,
+}
+
+/// A signal's own line, machine and attributes (empty line/machine: the
+/// source's).
+fn placement(
+    line: Option<String>,
+    machine: Option<String>,
+    attributes: BTreeMap<String, String>,
+) -> protocols::source::Placement {
+    protocols::source::Placement {
+        line: line.filter(|l| !l.is_empty()),
+        machine: machine.filter(|m| !m.is_empty()),
+        attributes,
+    }
 }
 
 /// `type_from = { field = "kind", map = { "1" = "production.completion" } }`.
@@ -1493,6 +1539,7 @@ fn check_modbus(file: &Path, key: &str, m: RawModbus) -> Result<ModbusConfig, Co
             max_step: c.max_step,
             unit: c.unit,
             scale: c.scale,
+            place: placement(c.line, c.machine, c.attributes),
         });
     }
     let mut records = Vec::new();
@@ -1560,6 +1607,7 @@ fn check_modbus(file: &Path, key: &str, m: RawModbus) -> Result<ModbusConfig, Co
             key: key_fields,
             unit: r.unit,
             type_from,
+            place: placement(r.line, r.machine, r.attributes),
         });
     }
     let mut context = Vec::new();
@@ -1821,6 +1869,7 @@ fn check_opcua(
             max_step: c.max_step,
             unit: c.unit,
             scale: c.scale,
+            place: placement(c.line, c.machine, c.attributes),
         });
     }
     let mut records = Vec::new();
@@ -1981,6 +2030,7 @@ fn check_opcua(
             unit: r.unit,
             ack,
             type_from,
+            place: placement(r.line, r.machine, r.attributes),
         });
     }
     if counters.is_empty() && records.is_empty() {

@@ -150,6 +150,39 @@ impl SourceContext {
     }
 }
 
+/// Where one signal's events come from when that is not the source's own
+/// line and machine: several lines behind one PLC address or MES session.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Placement {
+    /// Line (default: the source's).
+    pub line: Option<String>,
+    /// Machine (default: the source's).
+    pub machine: Option<String>,
+    /// Attributes added to the source's for this signal's events.
+    pub attributes: BTreeMap<String, String>,
+}
+
+impl Placement {
+    /// The line, or the source's.
+    pub fn line_or(&self, source_line: &str) -> String {
+        self.line.clone().unwrap_or_else(|| source_line.to_owned())
+    }
+
+    /// The machine, or the source's.
+    pub fn machine_or(&self, source_machine: &str) -> String {
+        self.machine
+            .clone()
+            .unwrap_or_else(|| source_machine.to_owned())
+    }
+}
+
+/// The source's attributes with a signal's own on top.
+fn merged(ctx: &SourceContext, own: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let mut attributes = ctx.attributes.clone();
+    attributes.extend(own.iter().map(|(k, v)| (k.clone(), v.clone())));
+    attributes
+}
+
 /// A counter signal: which register or node, what type of event it makes.
 #[derive(Clone, Debug)]
 pub struct CounterSignal {
@@ -163,6 +196,8 @@ pub struct CounterSignal {
     pub line: String,
     /// Machine the counter belongs to.
     pub machine: String,
+    /// Attributes of this signal's events on top of the source's.
+    pub attributes: BTreeMap<String, String>,
     /// Wrap and reset rules.
     pub rules: CounterRules,
 }
@@ -197,7 +232,7 @@ impl CounterSignal {
                 epoch: next.epoch,
             }),
             origin,
-            ctx.attributes.clone(),
+            merged(ctx, &self.attributes),
         );
         let mut event = CloudEvent::new(id, urn, self.event_type.clone(), read_at, data);
         event.sequence = Some(next.total.to_string());
@@ -223,7 +258,7 @@ impl CounterSignal {
             next.epoch,
             next.raw,
         );
-        let mut attributes = ctx.attributes.clone();
+        let mut attributes = merged(ctx, &self.attributes);
         attributes.insert("counter_value".into(), value.to_string());
         attributes.insert("counter_epoch".into(), next.epoch.to_string());
         let data = self.data(ctx, Quantity::Measure(delta), None, origin, attributes);
@@ -303,6 +338,8 @@ pub struct RecordSignal {
     pub key: Vec<String>,
     /// The event type taken from a field's code instead of `event_type`.
     pub type_from: Option<TypeFromField>,
+    /// Attributes of this signal's events on top of the source's.
+    pub attributes: BTreeMap<String, String>,
 }
 
 /// An event type read from a record field through a map of codes
@@ -376,7 +413,7 @@ impl RecordSignal {
         // Callers check the quantity first (`record_quantity`); a record
         // without a quantity field is one piece.
         let quantity = record_quantity(values).unwrap_or(Quantity::Count(1));
-        let mut attributes = ctx.attributes.clone();
+        let mut attributes = merged(ctx, &self.attributes);
         for (name, value) in values {
             if !RECORD_FIELDS.contains(&name.as_str()) && name != "sequence" {
                 attributes.insert(name.clone(), value.text());

@@ -29,6 +29,8 @@ pub struct Memory {
     pub refuse_holding: Vec<std::ops::Range<u16>>,
     /// Number of reads served.
     pub reads: u64,
+    /// TCP connections accepted.
+    pub connections: u64,
     /// Answer every write with IllegalDataAddress (an ack the PLC does
     /// not take).
     pub refuse_writes: bool,
@@ -156,6 +158,11 @@ impl Plc {
             let server = Server::new(listener);
             let on_connected = |stream, socket_addr| {
                 let service = service.clone();
+                service
+                    .memory
+                    .lock()
+                    .map(|mut m| m.connections += 1)
+                    .unwrap_or_default();
                 async move {
                     accept_tcp_connection(stream, socket_addr, move |_| Ok(Some(service.clone())))
                 }

@@ -85,6 +85,7 @@ fn device(path: &str, unit: u8) -> ModbusConfig {
             max_step: 1000,
             unit: "EA".into(),
             scale: 1.0,
+            place: Default::default(),
         }],
         records: vec![],
         context: vec![],

@@ -34,6 +34,7 @@ fn counter(signal: &str, event_type: EventType, address: &str, format: Format) -
         max_step: 1000,
         unit: "EA".into(),
         scale: 1.0,
+        place: Default::default(),
     }
 }
 
@@ -363,6 +364,7 @@ fn record_spec() -> RecordSpec {
         key: vec!["sequence".into(), "work_order".into()],
         unit: "EA".into(),
         type_from: None,
+        place: Default::default(),
     }
 }
 
@@ -802,6 +804,7 @@ fn queued_record(i: u16) -> RecordSpec {
         key: vec!["sequence".into()],
         unit: "EA".into(),
         type_from: None,
+        place: Default::default(),
     }
 }
 
@@ -997,4 +1000,81 @@ async fn records_carry_the_plcs_own_time_and_64_bit_counters_count() {
     assert_eq!(records[0]["data"]["attributes"]["time_source"], "device");
     assert_eq!(records[1]["data"]["attributes"]["time_source"], "gateway");
     rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_behind_one_plc_address_share_one_connection_and_carry_their_own_line() {
+    let plc = Plc::start().await;
+    {
+        let mut m = plc.mem();
+        m.holding.insert(0, 10);
+        m.holding.insert(1, 20);
+    }
+    // One source per line, both naming the same PLC: one connection.
+    let line = |signal: &str, address: &str, line: &str| CounterSpec {
+        place: protocols::source::Placement {
+            line: Some(line.into()),
+            machine: Some(format!("press-{line}")),
+            attributes: [("cell".to_owned(), format!("cell-{line}"))].into(),
+        },
+        ..counter(signal, EventType::completion(), address, Format::U16)
+    };
+    let first = start(
+        device(
+            plc.addr,
+            vec![
+                line("good_l1", "holding:0", "L1"),
+                line("good_l2", "holding:1", "L2"),
+            ],
+            vec![],
+        ),
+        None,
+    );
+    let second = start(
+        device(plc.addr, vec![line("good_l3", "holding:0", "L3")], vec![]),
+        None,
+    );
+    first.counted_up_to("good_l1", 10).await;
+    first.counted_up_to("good_l2", 20).await;
+    second.counted_up_to("good_l3", 10).await;
+    {
+        let mut m = plc.mem();
+        m.holding.insert(0, 13);
+        m.holding.insert(1, 25);
+    }
+    first.counted_up_to("good_l1", 13).await;
+    first.counted_up_to("good_l2", 25).await;
+    second.counted_up_to("good_l3", 13).await;
+    let mut by_line: Vec<(String, String, String, u64)> = first
+        .events()
+        .iter()
+        .chain(second.events().iter())
+        .map(|e| {
+            (
+                e["data"]["line"].as_str().expect("line").to_owned(),
+                e["data"]["machine"].as_str().expect("machine").to_owned(),
+                e["data"]["attributes"]["cell"]
+                    .as_str()
+                    .expect("cell")
+                    .to_owned(),
+                e["data"]["quantity"].as_u64().expect("quantity"),
+            )
+        })
+        .collect();
+    by_line.sort();
+    assert_eq!(
+        by_line,
+        vec![
+            ("L1".into(), "press-L1".into(), "cell-L1".into(), 3),
+            ("L2".into(), "press-L2".into(), "cell-L2".into(), 5),
+            ("L3".into(), "press-L3".into(), "cell-L3".into(), 3),
+        ]
+    );
+    assert_eq!(
+        plc.mem().connections,
+        1,
+        "two sources, one PLC address: one connection"
+    );
+    first.stop().await;
+    second.stop().await;
 }

@@ -46,6 +46,7 @@ fn counter(mes: &Mes, signal: &str, event_type: EventType, name: &str) -> NodeCo
         max_step: 1000,
         unit: "EA".into(),
         scale: 1.0,
+        place: Default::default(),
     }
 }
 
@@ -73,6 +74,7 @@ fn json_record(mes: &Mes, ack: bool) -> NodeRecord {
         key: vec!["sequence".into()],
         unit: "EA".into(),
         type_from: None,
+        place: Default::default(),
         ack: ack.then(|| Ack::Write {
             node: mes.node("Line1.Ack").parse().expect("node id"),
             value: AckArgument {
@@ -463,6 +465,7 @@ async fn node_records_acknowledged_by_method_call_and_polling_mode_counts() {
         key: vec!["sequence".into()],
         unit: "KG".into(),
         type_from: None,
+        place: Default::default(),
         ack: Some(Ack::Call {
             object: node("Line1"),
             method: node("Line1.Acknowledge"),
@@ -1002,6 +1005,7 @@ async fn notifications_dropped_while_the_journal_is_full_are_recovered_by_a_full
             max_step: 1000,
             unit: "EA".into(),
             scale: 1.0,
+            place: Default::default(),
         })
         .collect();
     // The first append (up to 4,096 values) fills the journal; the next
@@ -1403,6 +1407,68 @@ async fn sampling_interval_zero_delivers_every_change_of_a_record_node() {
         "every change, in order"
     );
     assert_eq!(rig.stats.records_missed.load(Ordering::Relaxed), 0);
+    rig.stop().await;
+    mes.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_session_serves_several_lines_with_their_own_line_and_machine() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mes = Mes::start(&options(dir.path())).await;
+    mes.set("Line1.Good", 100u32);
+    mes.set("Line1.Scrap", 7u16);
+    let place = |line: &str| protocols::source::Placement {
+        line: Some(line.into()),
+        machine: Some(format!("filler-{line}")),
+        attributes: Default::default(),
+    };
+    let rig = start(
+        dir.path(),
+        config(
+            connection(&mes, &dir.path().join("pki")),
+            vec![
+                NodeCounter {
+                    place: place("L7"),
+                    ..counter(&mes, "good", EventType::completion(), "Line1.Good")
+                },
+                NodeCounter {
+                    place: place("L8"),
+                    ..counter(&mes, "scrap", EventType::scrap(), "Line1.Scrap")
+                },
+            ],
+            vec![],
+        ),
+    );
+    rig.counted("good", 100).await;
+    rig.counted("scrap", 7).await;
+    mes.set("Line1.Good", 102u32);
+    mes.set("Line1.Scrap", 8u16);
+    rig.counted("good", 102).await;
+    rig.counted("scrap", 8).await;
+    let mut lines: Vec<(String, String, String)> = rig
+        .events()
+        .iter()
+        .map(|e| {
+            (
+                e["type"].as_str().expect("type").to_owned(),
+                e["data"]["line"].as_str().expect("line").to_owned(),
+                e["data"]["machine"].as_str().expect("machine").to_owned(),
+            )
+        })
+        .collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        vec![
+            (
+                "production.completion".into(),
+                "L7".into(),
+                "filler-L7".into()
+            ),
+            ("production.scrap".into(), "L8".into(), "filler-L8".into()),
+        ]
+    );
+    assert_eq!(rig.stats.connects.load(Ordering::SeqCst), 1, "one session");
     rig.stop().await;
     mes.stop().await;
 }

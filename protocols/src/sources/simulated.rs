@@ -49,6 +49,7 @@ pub async fn run(ctx: SourceContext, config: SimulatedConfig, tally: Tally) {
             unit: "EA".into(),
             line: config.line.clone(),
             machine: config.machine.clone(),
+            attributes: BTreeMap::new(),
             rules,
         },
         CounterSignal {
@@ -57,6 +58,7 @@ pub async fn run(ctx: SourceContext, config: SimulatedConfig, tally: Tally) {
             unit: "EA".into(),
             line: config.line.clone(),
             machine: config.machine.clone(),
+            attributes: BTreeMap::new(),
             rules,
         },
     ];

@@ -94,6 +94,8 @@ pub struct CounterSpec {
     pub unit: String,
     /// Quantity = increase × scale (1.0: whole pieces).
     pub scale: f64,
+    /// Line, machine and attributes when not the source's.
+    pub place: crate::source::Placement,
 }
 
 /// A field of a handshake record.
@@ -133,6 +135,8 @@ pub struct RecordSpec {
     pub unit: String,
     /// Event type from a field's code (overrides `event_type`).
     pub type_from: Option<crate::source::TypeFromField>,
+    /// Line, machine and attributes when not the source's.
+    pub place: crate::source::Placement,
 }
 
 /// One Modbus device.
@@ -384,38 +388,48 @@ async fn read_spans(
     Ok(snapshot)
 }
 
-/// A serial line shared by every device task on it: one request at a time,
-/// whatever the unit id, with the line quiet between transactions.
+/// One connection to an endpoint, shared by every source that names it
+/// (several lines behind one PLC address, devices on one serial line):
+/// one request at a time, whatever the unit id; a serial line is kept
+/// quiet between transactions. PLCs and serial gateways allow few
+/// connections, and each costs polling on both sides.
 pub struct Bus {
-    settings: SerialSettings,
+    serial: Option<SerialSettings>,
     port: tokio::sync::Mutex<Option<Context>>,
 }
 
 impl Bus {
-    /// Silence after a transaction: 3.5 character times (11 bits each),
-    /// at least 1.75 ms as the Modbus RTU spec fixes above 19200 baud.
-    fn frame_gap(&self) -> Duration {
-        let per_char = Duration::from_secs_f64(11.0 / self.settings.baud.max(300) as f64);
-        per_char.mul_f64(3.5).max(Duration::from_micros(1750))
+    /// Silence after a serial transaction: 3.5 character times (11 bits
+    /// each), at least 1.75 ms as the Modbus RTU spec fixes above 19200
+    /// baud. None on TCP.
+    fn frame_gap(&self) -> Option<Duration> {
+        let settings = self.serial.as_ref()?;
+        let per_char = Duration::from_secs_f64(11.0 / settings.baud.max(300) as f64);
+        Some(per_char.mul_f64(3.5).max(Duration::from_micros(1750)))
     }
 }
 
-/// The bus for a serial device path, shared while any task holds it.
-fn bus_for(settings: &SerialSettings) -> Arc<Bus> {
+/// The connection for an endpoint, shared while any task holds it.
+fn bus_for(endpoint: &Endpoint) -> Arc<Bus> {
     static BUSES: std::sync::OnceLock<std::sync::Mutex<BTreeMap<String, std::sync::Weak<Bus>>>> =
         std::sync::OnceLock::new();
     let mut buses = BUSES
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|p| p.into_inner());
-    if let Some(bus) = buses.get(&settings.path).and_then(std::sync::Weak::upgrade) {
+    let key = endpoint_text(endpoint);
+    if let Some(bus) = buses.get(&key).and_then(std::sync::Weak::upgrade) {
         return bus;
     }
     let bus = Arc::new(Bus {
-        settings: settings.clone(),
+        serial: match endpoint {
+            Endpoint::Rtu(settings) => Some(settings.clone()),
+            Endpoint::Tcp(_) => None,
+        },
         port: tokio::sync::Mutex::new(None),
     });
-    buses.insert(settings.path.clone(), Arc::downgrade(&bus));
+    buses.retain(|_, weak| weak.strong_count() > 0);
+    buses.insert(key, Arc::downgrade(&bus));
     bus
 }
 
@@ -423,10 +437,7 @@ fn bus_for(settings: &SerialSettings) -> Arc<Bus> {
 pub async fn run(ctx: SourceContext, config: ModbusConfig, stats: Arc<ModbusStats>) {
     let mut position: Position = ctx.stored_position(Position::decode);
     let mut shutdown = ctx.shutdown.clone();
-    let bus = match &config.endpoint {
-        Endpoint::Rtu(settings) => Some(bus_for(settings)),
-        Endpoint::Tcp(_) => None,
-    };
+    let bus = Some(bus_for(&config.endpoint));
     let mut own: Option<Context> = None;
     let mut failures: u32 = 0;
     let mut retry_at = tokio::time::Instant::now();
@@ -510,8 +521,8 @@ pub async fn run(ctx: SourceContext, config: ModbusConfig, stats: Arc<ModbusStat
                 bridged = true;
             }
         }
-        if let Some(bus) = &bus {
-            tokio::time::sleep(bus.frame_gap()).await;
+        if let Some(gap) = bus.as_ref().and_then(|b| b.frame_gap()) {
+            tokio::time::sleep(gap).await;
         }
     }
 }
@@ -521,8 +532,9 @@ fn counter_signal(spec: &CounterSpec, config: &ModbusConfig) -> CounterSignal {
         name: spec.signal.clone(),
         event_type: spec.event_type.clone(),
         unit: spec.unit.clone(),
-        line: config.line.clone(),
-        machine: config.machine.clone(),
+        line: spec.place.line_or(&config.line),
+        machine: spec.place.machine_or(&config.machine),
+        attributes: spec.place.attributes.clone(),
         rules: CounterRules {
             width: match spec.format.width() {
                 1 => CounterWidth::U16,
@@ -942,8 +954,9 @@ fn record_signal(config: &ModbusConfig, record: &RecordSpec) -> RecordSignal {
         name: record.signal.clone(),
         event_type: record.event_type.clone(),
         unit: record.unit.clone(),
-        line: config.line.clone(),
-        machine: config.machine.clone(),
+        line: record.place.line_or(&config.line),
+        machine: record.place.machine_or(&config.machine),
+        attributes: record.place.attributes.clone(),
         key: record.key.clone(),
         type_from: record.type_from.clone(),
     }

@@ -99,6 +99,8 @@ pub struct NodeCounter {
     pub unit: String,
     /// Quantity = increase × scale.
     pub scale: f64,
+    /// Line, machine and attributes when not the source's.
+    pub place: crate::source::Placement,
 }
 
 /// How a record's fields are published.
@@ -170,6 +172,8 @@ pub struct NodeRecord {
     pub ack: Option<Ack>,
     /// Event type from a field's code (overrides `event_type`).
     pub type_from: Option<crate::source::TypeFromField>,
+    /// Line, machine and attributes when not the source's.
+    pub place: crate::source::Placement,
 }
 
 /// One OPC UA server.
@@ -505,8 +509,9 @@ async fn serve(
                 name: spec.signal.clone(),
                 event_type: spec.event_type.clone(),
                 unit: spec.unit.clone(),
-                line: config.line.clone(),
-                machine: config.machine.clone(),
+                line: spec.place.line_or(&config.line),
+                machine: spec.place.machine_or(&config.machine),
+                attributes: spec.place.attributes.clone(),
                 // The width comes with each value (its OPC UA data type);
                 // floats have none (observe_measure ignores the rules).
                 rules: CounterRules {
@@ -522,8 +527,9 @@ async fn serve(
                 name: spec.signal.clone(),
                 event_type: spec.event_type.clone(),
                 unit: spec.unit.clone(),
-                line: config.line.clone(),
-                machine: config.machine.clone(),
+                line: spec.place.line_or(&config.line),
+                machine: spec.place.machine_or(&config.machine),
+                attributes: spec.place.attributes.clone(),
                 key: spec.key.clone(),
                 type_from: spec.type_from.clone(),
             })
@@ -1232,8 +1238,8 @@ impl Served<'_> {
         attributes.insert("raw_record".into(), raw.chars().take(4096).collect());
         let data = EventData {
             site: self.ctx.site.clone(),
-            line: self.config.line.clone(),
-            machine: self.config.machine.clone(),
+            line: spec.place.line_or(&self.config.line),
+            machine: spec.place.machine_or(&self.config.machine),
             work_order: None,
             material: None,
             quantity: Quantity::Count(0),
