@@ -23,7 +23,7 @@
 //!   counted: the PLC keeps it, nothing is posted with a guessed value.
 //! - Records are taken at the PLC's pace, not one per poll: after each
 //!   step of an exchange the handshake is looked at again at once (every
-//!   2 ms while it is the PLC's turn), for up to 80 % of the poll interval,
+//!   1 ms while it is the PLC's turn), for up to 80 % of the poll interval,
 //!   so a PLC's record queue drains between two counter polls. Both the
 //!   4-phase handshake (PLC clears ready, agent clears ack) and the one
 //!   where the PLC clears ready and ack itself work.
@@ -682,7 +682,7 @@ async fn poll(
 }
 
 /// Pause between looks at a handshake while the PLC has its turn.
-const HANDSHAKE_RECHECK: Duration = Duration::from_millis(2);
+const HANDSHAKE_RECHECK: Duration = Duration::from_millis(1);
 /// How long to keep looking for the next record after an exchange ended
 /// (a PLC with a queue presents it within a scan or two).
 const HANDSHAKE_FOLLOW_UP: Duration = Duration::from_millis(30);
