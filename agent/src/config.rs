@@ -472,6 +472,11 @@ struct RawNodeCounter {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawNodeRecord {
+    /// `record` (default): the sequence numbers this record alone; a jump
+    /// means records were missed. `shared`: one numbering for several
+    /// kinds of record, jumps are expected.
+    #[serde(default)]
+    sequence_scope: Option<String>,
     /// Line, machine and attributes of this signal's events when they are
     /// not the source's (several lines behind one address).
     #[serde(default)]
@@ -2021,6 +2026,16 @@ fn check_opcua(
             r.fields.contains_key(f) || (f == "sequence" && has_sequence)
         })
         .map_err(|(sub, why)| err(format!("{rkey}.{sub}"), why))?;
+        let sequence_shared = match r.sequence_scope.as_deref() {
+            None | Some("record") => false,
+            Some("shared") => true,
+            Some(other) => {
+                return Err(err(
+                    format!("{rkey}.sequence_scope"),
+                    format!("\"record\" (this record's own numbering) or \"shared\" (one numbering for several kinds of record), found {other:?}"),
+                ))
+            }
+        };
         records.push(NodeRecord {
             signal: r.signal,
             event_type,
@@ -2031,6 +2046,7 @@ fn check_opcua(
             ack,
             type_from,
             place: placement(r.line, r.machine, r.attributes),
+            sequence_shared,
         });
     }
     if counters.is_empty() && records.is_empty() {
@@ -2438,6 +2454,11 @@ records = [{ signal = "completion", type = "production.completion", node = "ns=2
                 "fields = {",
                 "key = [], fields = {",
                 "sources.mes1.records[0].key",
+            ),
+            (
+                "fields = {",
+                "sequence_scope = \"global\", fields = {",
+                "sources.mes1.records[0].sequence_scope",
             ),
             (
                 "type = \"production.completion\", node = \"ns=2;s=Line1.Record\"",

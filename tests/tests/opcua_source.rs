@@ -75,6 +75,7 @@ fn json_record(mes: &Mes, ack: bool) -> NodeRecord {
         unit: "EA".into(),
         type_from: None,
         place: Default::default(),
+        sequence_shared: false,
         ack: ack.then(|| Ack::Write {
             node: mes.node("Line1.Ack").parse().expect("node id"),
             value: AckArgument {
@@ -466,6 +467,7 @@ async fn node_records_acknowledged_by_method_call_and_polling_mode_counts() {
         unit: "KG".into(),
         type_from: None,
         place: Default::default(),
+        sequence_shared: false,
         ack: Some(Ack::Call {
             object: node("Line1"),
             method: node("Line1.Acknowledge"),
@@ -1470,5 +1472,44 @@ async fn one_session_serves_several_lines_with_their_own_line_and_machine() {
     );
     assert_eq!(rig.stats.connects.load(Ordering::SeqCst), 1, "one session");
     rig.stop().await;
+    mes.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequence_shared_with_other_records_does_not_report_missed_records() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mes = Mes::start(&options(dir.path())).await;
+    // The MES numbers completions and scrap in one sequence: this node
+    // sees every other number.
+    let run = |shared: bool| {
+        let dir = dir.path().join(if shared { "shared" } else { "own" });
+        let record = NodeRecord {
+            sequence_shared: shared,
+            ..json_record(&mes, false)
+        };
+        let cfg = config(connection(&mes, &dir.join("pki")), vec![], vec![record]);
+        let mes = &mes;
+        async move {
+            std::fs::create_dir_all(&dir).expect("dir");
+            let rig = start(&dir, cfg);
+            rig.until("connected", |_, _| {
+                rig.stats.connected.load(Ordering::SeqCst)
+            })
+            .await;
+            for seq in [1u32, 3, 5] {
+                mes.set("Line1.Record", record_json(seq, &format!("WO-{seq}"), 1.0));
+                rig.until("stored", |c, _| {
+                    c["records"]["completion"]["sequence"].as_u64() == Some(u64::from(seq))
+                })
+                .await;
+            }
+            let missed = rig.stats.records_missed.load(Ordering::Relaxed);
+            assert_eq!(rig.events().len(), 3);
+            rig.stop().await;
+            missed
+        }
+    };
+    assert_eq!(run(true).await, 0, "shared numbering: jumps are expected");
+    assert_eq!(run(false).await, 2, "own numbering: 2 and 4 were missed");
     mes.stop().await;
 }

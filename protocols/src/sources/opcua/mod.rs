@@ -174,6 +174,10 @@ pub struct NodeRecord {
     pub type_from: Option<crate::source::TypeFromField>,
     /// Line, machine and attributes when not the source's.
     pub place: crate::source::Placement,
+    /// The record's sequence is shared with other kinds of record (one
+    /// numbering for completions and scrap): a jump is no sign of a missed
+    /// record, so none is reported.
+    pub sequence_shared: bool,
 }
 
 /// One OPC UA server.
@@ -1054,7 +1058,7 @@ impl Served<'_> {
                 sequence,
                 self.working().records.get(&spec.signal).map(|m| m.sequence),
             ) {
-                if seq > last + 1 {
+                if seq > last + 1 && !spec.sequence_shared {
                     let missed = (seq - last - 1) as u64;
                     self.stats
                         .records_missed
