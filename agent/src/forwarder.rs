@@ -384,7 +384,9 @@ mod tests {
             stop,
             status.clone(),
         ));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while *attempts.lock().expect("attempts") < 5 {
+            assert!(std::time::Instant::now() < deadline, "no retries");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let holding = status.lock().expect("status").holding.clone();

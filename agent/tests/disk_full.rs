@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use nix::sys::signal::{kill, Signal};
@@ -47,41 +47,6 @@ impl Drop for Tmpfs {
     }
 }
 
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
-async fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let r = reqwest::get(format!("http://127.0.0.1:{port}{path}"))
-        .await
-        .ok()?;
-    Some((r.status().as_u16(), r.text().await.ok()?))
-}
-
-async fn appended(port: u16) -> f64 {
-    let (_, body) = get(port, "/metrics").await.expect("metrics");
-    metric(&body, "plant_edge_journal_appended_total").unwrap_or(0.0)
-}
-
-async fn wait_ready(port: u16, status: u16, text: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some((s, body)) = get(port, "/readyz").await {
-            if s == status && body.contains(text) {
-                return body;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "/readyz never answered {status} with {text:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_holds_the_sources_and_the_agent_recovers_when_space_returns() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -89,11 +54,7 @@ async fn a_full_disk_holds_the_sources_and_the_agent_recovers_when_space_returns
     let state = fs.0.clone();
     // The archive lives elsewhere: only the journal's filesystem fills.
     let outside = dir.path().join("outside");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = free_port();
     let sinks = format!(
         "[sinks.archive]\nkind = \"file\"\npath = \"{}/archive/events.jsonl\"\n\n[journal]\nmin_free_disk = \"24MiB\"\n",
         outside.display()
@@ -108,24 +69,27 @@ async fn a_full_disk_holds_the_sources_and_the_agent_recovers_when_space_returns
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("spawn");
-    wait_ready(port, 200, "ready").await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while appended(port).await < 20.0 {
-        assert!(Instant::now() < deadline, "no events appended");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_answer(port, "/readyz", 200, "ready").await;
+    wait_for_metric(port, "plant_edge_journal_appended_total", |n| n >= 20.0).await;
+    let parked = wait_for_metric(port, "plant_edge_journal_backpressured_total", |_| true).await;
 
     // Another program fills the disk to 8 MiB short of full.
     let filler = state.join("someone-elses.log");
     let fill = fs.free().saturating_sub(8 << 20);
     std::fs::write(&filler, vec![0u8; fill as usize]).expect("fill the disk");
-    let why = wait_ready(port, 503, "disk full").await;
+    let why = wait_for_answer(port, "/readyz", 503, "disk full").await;
     assert!(why.contains("min_free_disk"), "{why}");
-    let held = appended(port).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Both simulated lines are held: each one's append is parked, so
+    // nothing can be appended until space returns.
+    wait_for_metric(port, "plant_edge_journal_backpressured_total", |n| {
+        n >= parked + 2.0
+    })
+    .await;
+    let held = wait_for_metric(port, "plant_edge_journal_appended_total", |_| true).await;
+    let (_, metrics) = get(port, "/metrics").await.expect("metrics");
     assert_eq!(
-        appended(port).await,
-        held,
+        metric(&metrics, "plant_edge_journal_appended_total"),
+        Some(held),
         "sources are held: nothing appended"
     );
     assert!(
@@ -137,13 +101,8 @@ async fn a_full_disk_holds_the_sources_and_the_agent_recovers_when_space_returns
 
     // The other program's file is cleaned up: the agent carries on.
     std::fs::remove_file(&filler).expect("free the disk");
-    wait_ready(port, 200, "ready").await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while appended(port).await <= held {
-        assert!(Instant::now() < deadline, "appends never resumed");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_for_answer(port, "/readyz", 200, "ready").await;
+    wait_for_metric(port, "plant_edge_journal_appended_total", |n| n > held).await;
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
     assert_eq!(child.wait().expect("wait").code(), Some(0));
 

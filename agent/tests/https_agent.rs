@@ -95,40 +95,6 @@ async fn agent_posts_every_part_to_the_erp_through_failures_and_a_kill() {
     );
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-/// GET on the agent's metrics endpoint: (status, body).
-async fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let r = reqwest::get(format!("http://127.0.0.1:{port}{path}"))
-        .await
-        .ok()?;
-    Some((r.status().as_u16(), r.text().await.ok()?))
-}
-
-/// Waits until `path` answers `status` with a body containing `text`.
-async fn wait_for_answer(port: u16, path: &str, status: u16, text: &str) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some((s, body)) = get(port, path).await {
-            if s == status && body.contains(text) {
-                return body;
-            }
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{path} never answered {status} with {text:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_credentials_hold_the_backlog_fail_readiness_and_resume_when_fixed() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -161,8 +127,8 @@ async fn revoked_credentials_hold_the_backlog_fail_readiness_and_resume_when_fix
     );
     let status = wait_for_answer(port, "/status", 200, "holding").await;
     assert!(status.contains("HTTP 403"), "{status}");
-    // Far past max_attempts: still nothing dead-lettered.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Far past max_attempts (3): still nothing dead-lettered.
+    wait_for_metric(port, "plant_edge_sink_retries{sink=\"erp\"}", |n| n >= 10.0).await;
     let (_, metrics) = get(port, "/metrics").await.expect("metrics");
     assert!(
         metrics.contains("plant_edge_journal_rejected_total 0"),
@@ -203,8 +169,10 @@ async fn a_sink_missing_from_the_config_keeps_its_backlog_until_it_is_retired() 
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("spawn");
-    wait_for_answer(port, "/metrics", 200, "plant_edge_journal_appended_total").await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_for_metric(port, "plant_edge_sink_backlog_events{sink=\"erp\"}", |n| {
+        n > 0.0
+    })
+    .await;
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
     assert_eq!(child.wait().expect("wait").code(), Some(0));
     // A typo renames the sink: the old name's events must not be lost.

@@ -8,26 +8,11 @@ use common::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_as_events_flow_and_an_outage_shows_in_backlog_and_readiness() {
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("state");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let (port, closed) = (free_port(), free_port());
     // The archive delivers; the cloud link is down for the whole test.
     let sinks = format!(
         "[sinks.archive]\nkind = \"file\"\npath = \"{}/archive/events.jsonl\"\n\n[sinks.cloud]\nkind = \"mqtt\"\nhost = \"127.0.0.1\"\nport = {closed}\n",

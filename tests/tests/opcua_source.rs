@@ -1387,11 +1387,11 @@ async fn sampling_interval_zero_delivers_every_change_of_a_record_node() {
         lifetime_count: 60,
     };
     let rig = start(dir.path(), cfg);
-    rig.until("connected", |_, _| {
-        rig.stats.connected.load(Ordering::SeqCst)
+    // Subscribed once the node's current value came through.
+    rig.until("the first notification", |_, _| {
+        rig.stats.notifications.load(Ordering::SeqCst) >= 1
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
     // 30 records back to back, faster than any sampling period.
     for seq in 1..=30u32 {
         mes.set("Line1.Record", record_json(seq, &format!("WO-{seq}"), 1.0));

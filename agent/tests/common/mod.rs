@@ -222,3 +222,59 @@ impl Distinct {
         }
     }
 }
+
+/// A free loopback port (for the agent's metrics endpoint, a closed peer).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// The value of the first metric line that starts with `name`.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// GET on the agent's endpoint: (status, body); `None` while it is not up.
+pub async fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let r = reqwest::get(format!("http://127.0.0.1:{port}{path}"))
+        .await
+        .ok()?;
+    Some((r.status().as_u16(), r.text().await.ok()?))
+}
+
+/// Waits until `path` answers `status` with a body containing `text`.
+pub async fn wait_for_answer(port: u16, path: &str, status: u16, text: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some((s, body)) = get(port, path).await {
+            if s == status && body.contains(text) {
+                return body;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path} never answered {status} with {text:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the metric `name` satisfies `ok`; returns its value.
+pub async fn wait_for_metric(port: u16, name: &str, ok: impl Fn(f64) -> bool) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some((200, body)) = get(port, "/metrics").await {
+            if let Some(value) = metric(&body, name).filter(|v| ok(*v)) {
+                return value;
+            }
+        }
+        assert!(Instant::now() < deadline, "metric {name} never got there");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

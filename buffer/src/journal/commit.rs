@@ -363,9 +363,11 @@ impl Journal {
         let before = jobs.len();
         jobs.retain(|job| job.reply.as_ref().is_none_or(|r| !r.is_closed()));
         if jobs.len() < before {
-            tracing::debug!(
-                dropped = before - jobs.len(),
-                "append requests whose source is gone were not written"
+            // Not events lost (nothing was acknowledged for them, their
+            // source re-reads its device), but worth seeing: a task died.
+            tracing::warn!(
+                requests = before - jobs.len(),
+                "append requests whose source task is gone were not written; the restarted source reads its device again"
             );
         }
         if let Err(e) = self.check_poisoned() {
