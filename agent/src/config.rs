@@ -24,7 +24,7 @@ use protocols::sources::opcua::record::JsonField;
 use protocols::sources::opcua::session as opcua_session;
 use protocols::sources::opcua::{
     Ack, AckArgument, AckValue, Acquisition, Connection, NodeCounter, NodeRecord, OpcUaConfig,
-    RecordLayout, UserIdentity, ACK_TYPES,
+    RecordLayout, Sampling, UserIdentity, ACK_TYPES,
 };
 use protocols::sources::simulated::SimulatedConfig;
 use protocols::tls::TlsSettings;
@@ -382,8 +382,33 @@ fn default_opcua_mode() -> String {
 fn default_publishing_interval() -> Duration {
     Duration::from_millis(500)
 }
-fn default_sampling_interval() -> Duration {
-    Duration::from_millis(250)
+fn default_sampling_interval() -> RawSampling {
+    RawSampling::Text("250ms".into())
+}
+
+/// `sampling_interval`: a duration, or -1 (OPC UA's "the publishing
+/// interval") as a number or a string.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawSampling {
+    Number(i64),
+    Text(String),
+}
+
+impl RawSampling {
+    fn parse(&self) -> Result<Sampling, String> {
+        const EXPECTED: &str =
+            "a duration (\"250ms\"; \"0s\" = the server's fastest rate) or -1 (the publishing interval)";
+        match self {
+            RawSampling::Number(-1) => Ok(Sampling::PublishingInterval),
+            RawSampling::Number(0) => Ok(Sampling::Every(Duration::ZERO)),
+            RawSampling::Text(text) if text.trim() == "-1" => Ok(Sampling::PublishingInterval),
+            RawSampling::Text(text) => humantime::parse_duration(text.trim())
+                .map(Sampling::Every)
+                .map_err(|e| format!("{EXPECTED}, found {text:?} ({e})")),
+            RawSampling::Number(n) => Err(format!("{EXPECTED}, found {n}")),
+        }
+    }
 }
 fn default_queue_size() -> u32 {
     100
@@ -422,8 +447,8 @@ struct RawOpcUa {
     mode: String,
     #[serde(default = "default_publishing_interval", with = "humantime_serde")]
     publishing_interval: Duration,
-    #[serde(default = "default_sampling_interval", with = "humantime_serde")]
-    sampling_interval: Duration,
+    #[serde(default = "default_sampling_interval")]
+    sampling_interval: RawSampling,
     #[serde(default = "default_queue_size")]
     queue_size: u32,
     #[serde(default = "default_keep_alive_count")]
@@ -1826,7 +1851,10 @@ fn check_opcua(
             }
             Acquisition::Subscription {
                 publishing_interval: m.publishing_interval,
-                sampling_interval: m.sampling_interval,
+                sampling_interval: m
+                    .sampling_interval
+                    .parse()
+                    .map_err(|why| err("sampling_interval".into(), why))?,
                 queue_size: m.queue_size,
                 keep_alive_count: m.keep_alive_count,
                 lifetime_count: m.lifetime_count,
@@ -2403,12 +2431,38 @@ records = [{ signal = "completion", type = "production.completion", node = "ns=2
         assert_eq!(source.records[0].key, vec!["sequence".to_owned()]);
         assert!(source.connection.pki_dir.ends_with("pki"));
         // 0: the server's fastest sampling, every change of a record node.
-        let fastest = OPCUA.replacen(
-            "line = \"L1\"",
-            "line = \"L1\"\nsampling_interval = \"0s\"",
-            1,
+        let sampling = |setting: &str| {
+            let text = OPCUA.replacen(
+                "line = \"L1\"",
+                &format!("line = \"L1\"\nsampling_interval = {setting}"),
+                1,
+            );
+            parse(&format!("{MINIMAL}{text}")).map(|config| match &config.sources[0].kind {
+                SourceKind::OpcUa(source) => match &source.acquisition {
+                    Acquisition::Subscription {
+                        sampling_interval, ..
+                    } => *sampling_interval,
+                    other => panic!("subscription expected, got {other:?}"),
+                },
+                _ => panic!("opcua source expected"),
+            })
+        };
+        assert_eq!(
+            sampling("\"0s\"").expect("0s is valid"),
+            Sampling::Every(Duration::ZERO)
         );
-        parse(&format!("{MINIMAL}{fastest}")).expect("sampling_interval 0 is valid");
+        // -1: the publishing interval, as a number or a string.
+        for setting in ["-1", "\"-1\""] {
+            assert_eq!(
+                sampling(setting).expect("-1 is valid"),
+                Sampling::PublishingInterval
+            );
+        }
+        for wrong in ["-2", "\"fast\""] {
+            let why = sampling(wrong).expect_err("not a sampling interval");
+            assert_eq!(why.key, "sources.mes1.sampling_interval", "{why}");
+            assert!(why.expected.contains("-1 (the publishing interval)"), "{why}");
+        }
         let cases = [
             (
                 "ns=2;s=Line1.Good\"",

@@ -12,7 +12,7 @@ use protocols::source::{Classifier, SourceContext};
 use protocols::sources::opcua::record::JsonField;
 use protocols::sources::opcua::{
     self, session, Ack, AckArgument, AckValue, Acquisition, Connection, NodeCounter, NodeRecord,
-    OpcUaConfig, OpcUaStats, RecordLayout, UserIdentity,
+    OpcUaConfig, OpcUaStats, RecordLayout, Sampling, UserIdentity,
 };
 use tokio::sync::watch;
 
@@ -89,7 +89,7 @@ fn json_record(mes: &Mes, ack: bool) -> NodeRecord {
 fn subscription() -> Acquisition {
     Acquisition::Subscription {
         publishing_interval: Duration::from_millis(50),
-        sampling_interval: Duration::from_millis(25),
+        sampling_interval: Sampling::Every(Duration::from_millis(25)),
         queue_size: 100,
         keep_alive_count: 10,
         lifetime_count: 60,
@@ -1381,7 +1381,7 @@ async fn sampling_interval_zero_delivers_every_change_of_a_record_node() {
     );
     cfg.acquisition = Acquisition::Subscription {
         publishing_interval: Duration::from_millis(50),
-        sampling_interval: Duration::ZERO,
+        sampling_interval: Sampling::Every(Duration::ZERO),
         queue_size: 100,
         keep_alive_count: 10,
         lifetime_count: 60,

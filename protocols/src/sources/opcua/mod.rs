@@ -59,6 +59,26 @@ use crate::source::{
 use record::{CounterValue, JsonField};
 pub use session::{Connection, UserIdentity};
 
+/// How often the server samples a monitored node.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Sampling {
+    /// At this period; zero is the server's fastest rate (every change of
+    /// an event-like node reaches the queue).
+    Every(Duration),
+    /// At the subscription's publishing interval (OPC UA's -1).
+    PublishingInterval,
+}
+
+impl Sampling {
+    /// The value of MonitoringParameters.samplingInterval, in milliseconds.
+    fn requested_ms(self) -> f64 {
+        match self {
+            Sampling::Every(period) => period.as_secs_f64() * 1000.0,
+            Sampling::PublishingInterval => -1.0,
+        }
+    }
+}
+
 /// Subscription or cyclic Read.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Acquisition {
@@ -67,7 +87,7 @@ pub enum Acquisition {
         /// How often the server sends what changed.
         publishing_interval: Duration,
         /// How often the server samples each node.
-        sampling_interval: Duration,
+        sampling_interval: Sampling,
         /// Values the server queues per node between publishes (records:
         /// discard-oldest is off, so a full queue keeps the oldest).
         queue_size: u32,
@@ -594,7 +614,7 @@ async fn serve(
                     monitoring_mode: MonitoringMode::Reporting,
                     requested_parameters: MonitoringParameters {
                         client_handle: i as u32 + 1,
-                        sampling_interval: sampling_interval.as_secs_f64() * 1000.0,
+                        sampling_interval: sampling_interval.requested_ms(),
                         queue_size: *queue_size,
                         // A record overwritten before it was published must
                         // not push out the one before it.
