@@ -2461,7 +2461,10 @@ records = [{ signal = "completion", type = "production.completion", node = "ns=2
         for wrong in ["-2", "\"fast\""] {
             let why = sampling(wrong).expect_err("not a sampling interval");
             assert_eq!(why.key, "sources.mes1.sampling_interval", "{why}");
-            assert!(why.expected.contains("-1 (the publishing interval)"), "{why}");
+            assert!(
+                why.expected.contains("-1 (the publishing interval)"),
+                "{why}"
+            );
         }
         let cases = [
             (

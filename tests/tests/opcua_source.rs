@@ -644,6 +644,80 @@ async fn secure_sessions_need_a_trusted_server_certificate_and_the_right_user() 
     mes.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sources_starting_together_on_a_fresh_pki_folder_share_one_gateway_certificate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mes = Mes::start(&options(dir.path())).await;
+    let pki = dir.path().join("pki");
+    let mut secure = sign_and_encrypt(&mes, &pki, UserIdentity::Anonymous);
+    secure.trust_unknown_server = true;
+    // What the library says while the clients are made (the agent hides
+    // its logs by default; the race showed as errors there and as sessions
+    // without a certificate).
+    let said = Captured::default();
+    let writer = said.clone();
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .try_init()
+        .expect("the only subscriber in this test process");
+    // Four sources of one agent start at the same instant; each needs the
+    // gateway certificate for SignAndEncrypt on its first attempt.
+    const SOURCES: usize = 4;
+    let start = Arc::new(std::sync::Barrier::new(SOURCES));
+    let sources: Vec<_> = (0..SOURCES)
+        .map(|_| {
+            let (start, secure) = (start.clone(), secure.clone());
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                start.wait();
+                runtime.block_on(try_connect(&secure))
+            })
+        })
+        .collect();
+    for (i, source) in sources.into_iter().enumerate() {
+        source
+            .join()
+            .expect("source thread")
+            .unwrap_or_else(|e| panic!("source {i} could not connect on its first attempt: {e}"));
+    }
+    let own: Vec<_> = std::fs::read_dir(pki.join("own"))
+        .expect("own/ exists")
+        .collect();
+    assert_eq!(own.len(), 1, "one gateway certificate: {own:?}");
+    let said = said.text();
+    assert!(
+        !said.contains("Certificate creation failed")
+            && !said.contains("missing its application instance certificate"),
+        "certificate race: {said}"
+    );
+    mes.stop().await;
+}
+
+/// Log output kept for assertions.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("log buffer")).into_owned()
+    }
+}
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log buffer").extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A user certificate and key as an OT engineer would get them from the
 /// plant's PKI (here made with async-opcua's own generator).
 fn user_certificate(dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
