@@ -515,6 +515,9 @@ struct RawNodeRecord {
     event_type: Option<String>,
     #[serde(default)]
     type_from: Option<RawTypeFrom>,
+    /// Readable reason per reason code (`"17" = "jam at infeed"`).
+    #[serde(default)]
+    reasons: BTreeMap<String, String>,
     /// JSON layout: the String node holding the record.
     #[serde(default)]
     node: Option<String>,
@@ -682,6 +685,9 @@ struct RawRecord {
     event_type: Option<String>,
     #[serde(default)]
     type_from: Option<RawTypeFrom>,
+    /// Readable reason per reason code (`"17" = "jam at infeed"`).
+    #[serde(default)]
+    reasons: BTreeMap<String, String>,
     ready: String,
     ack: String,
     fields: BTreeMap<String, RawField>,
@@ -702,7 +708,32 @@ fn placement(
         line: line.filter(|l| !l.is_empty()),
         machine: machine.filter(|m| !m.is_empty()),
         attributes,
+        reasons: BTreeMap::new(),
     }
+}
+
+/// `reasons = { "17" = "jam at infeed" }` of a record: only with a
+/// `reason_code` field to look up, and every reason readable text.
+fn record_reasons(
+    reasons: BTreeMap<String, String>,
+    has_reason_code: bool,
+) -> Result<BTreeMap<String, String>, (String, String)> {
+    if reasons.is_empty() {
+        return Ok(reasons);
+    }
+    if !has_reason_code {
+        return Err((
+            "reasons".into(),
+            "a record with a reason_code field (the reasons are looked up by its value)".into(),
+        ));
+    }
+    if let Some((code, _)) = reasons.iter().find(|(_, text)| text.trim().is_empty()) {
+        return Err((
+            format!("reasons.{code}"),
+            "a readable reason, like \"jam at infeed\"".into(),
+        ));
+    }
+    Ok(reasons)
 }
 
 /// `type_from = { field = "kind", map = { "1" = "production.completion" } }`.
@@ -1627,6 +1658,8 @@ fn check_modbus(file: &Path, key: &str, m: RawModbus) -> Result<ModbusConfig, Co
         let (event_type, type_from) =
             record_type(r.event_type, r.type_from, |f| r.fields.contains_key(f))
                 .map_err(|(sub, why)| err(format!("{rkey}.{sub}"), why))?;
+        let reasons = record_reasons(r.reasons, r.fields.contains_key("reason_code"))
+            .map_err(|(sub, why)| err(format!("{rkey}.{sub}"), why))?;
         signals.push((r.signal.clone(), rkey, spans));
         records.push(RecordSpec {
             signal: r.signal,
@@ -1637,7 +1670,10 @@ fn check_modbus(file: &Path, key: &str, m: RawModbus) -> Result<ModbusConfig, Co
             key: key_fields,
             unit: r.unit,
             type_from,
-            place: placement(r.line, r.machine, r.attributes),
+            place: protocols::source::Placement {
+                reasons,
+                ..placement(r.line, r.machine, r.attributes)
+            },
         });
     }
     let mut context = Vec::new();
@@ -2054,6 +2090,8 @@ fn check_opcua(
             r.fields.contains_key(f) || (f == "sequence" && has_sequence)
         })
         .map_err(|(sub, why)| err(format!("{rkey}.{sub}"), why))?;
+        let reasons = record_reasons(r.reasons, r.fields.contains_key("reason_code"))
+            .map_err(|(sub, why)| err(format!("{rkey}.{sub}"), why))?;
         let sequence_shared = match r.sequence_scope.as_deref() {
             None | Some("record") => false,
             Some("shared") => true,
@@ -2073,7 +2111,10 @@ fn check_opcua(
             unit: r.unit,
             ack,
             type_from,
-            place: placement(r.line, r.machine, r.attributes),
+            place: protocols::source::Placement {
+                reasons,
+                ..placement(r.line, r.machine, r.attributes)
+            },
             sequence_shared,
         });
     }
@@ -2526,6 +2567,12 @@ records = [{ signal = "completion", type = "production.completion", node = "ns=2
                 "type = \"production.completion\", node = \"ns=2;s=Line1.Record\"",
                 "type = \"production.completion\", type_from = { field = \"sequence\", map = { \"1\" = \"production.scrap\" } }, node = \"ns=2;s=Line1.Record\"",
                 "sources.mes1.records[0].type",
+            ),
+            // Reasons are looked up by the record's reason_code.
+            (
+                "type = \"production.completion\", node = \"ns=2;s=Line1.Record\"",
+                "type = \"production.completion\", reasons = { \"17\" = \"jam\" }, node = \"ns=2;s=Line1.Record\"",
+                "sources.mes1.records[0].reasons",
             ),
             // Without an ack the key is the identity: an optional field in
             // it would make different records look alike.

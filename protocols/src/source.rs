@@ -160,6 +160,9 @@ pub struct Placement {
     pub machine: Option<String>,
     /// Attributes added to the source's for this signal's events.
     pub attributes: BTreeMap<String, String>,
+    /// Records: readable reason per `reason_code` (17 → "jam at infeed"),
+    /// carried as `attributes.reason`.
+    pub reasons: BTreeMap<String, String>,
 }
 
 impl Placement {
@@ -340,6 +343,9 @@ pub struct RecordSignal {
     pub type_from: Option<TypeFromField>,
     /// Attributes of this signal's events on top of the source's.
     pub attributes: BTreeMap<String, String>,
+    /// Readable reason per reason code, added as `attributes.reason`; a
+    /// code not listed keeps only its `reason_code`.
+    pub reasons: BTreeMap<String, String>,
 }
 
 /// An event type read from a record field through a map of codes
@@ -418,6 +424,9 @@ impl RecordSignal {
             if !RECORD_FIELDS.contains(&name.as_str()) && name != "sequence" {
                 attributes.insert(name.clone(), value.text());
             }
+        }
+        if let Some(reason) = text("reason_code").and_then(|code| self.reasons.get(&code)) {
+            attributes.insert("reason".into(), reason.clone());
         }
         let data = EventData {
             site: ctx.site.clone(),

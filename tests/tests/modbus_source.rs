@@ -893,6 +893,13 @@ async fn a_records_kind_code_sets_its_type_and_an_unknown_code_is_a_dead_letter(
         order: Order::default(),
         epoch: None,
     });
+    spec.fields.push(FieldSpec {
+        name: "reason_code".into(),
+        address: "holding:112".parse().expect("address"),
+        format: Format::U16,
+        order: Order::default(),
+        epoch: None,
+    });
     spec.type_from = Some(protocols::source::TypeFromField {
         field: "kind".into(),
         map: [
@@ -901,9 +908,14 @@ async fn a_records_kind_code_sets_its_type_and_an_unknown_code_is_a_dead_letter(
         ]
         .into(),
     });
+    spec.place.reasons = [("17".to_owned(), "jam at infeed".to_owned())].into();
     let rig = start(device(plc.addr, vec![], vec![spec]), None);
-    for (n, kind) in [(1u16, 1u16), (2, 2), (3, 7), (4, 1)] {
-        plc.mem().holding.insert(111, kind);
+    for (n, kind, reason) in [(1u16, 1u16, 0u16), (2, 2, 17), (3, 7, 0), (4, 2, 99)] {
+        {
+            let mut m = plc.mem();
+            m.holding.insert(111, kind);
+            m.holding.insert(112, reason);
+        }
         plc_hands_over(&plc, n).await;
     }
     let types: Vec<String> = rig
@@ -916,9 +928,24 @@ async fn a_records_kind_code_sets_its_type_and_an_unknown_code_is_a_dead_letter(
         [
             "production.completion",
             "production.scrap",
-            "production.completion"
+            "production.scrap"
         ],
         "each record carries the type its code says; code 7 is not posted"
+    );
+    let events = rig.events();
+    let reasons: Vec<(&str, Option<&str>)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["data"]["reason_code"].as_str().unwrap_or_default(),
+                e["data"]["attributes"]["reason"].as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        [("0", None), ("17", Some("jam at infeed")), ("99", None)],
+        "a listed reason code carries its readable reason; others only their code"
     );
     let dead = rig.journal.dead_letters().expect("dead letters");
     assert_eq!(dead.len(), 1, "{dead:?}");
@@ -1016,6 +1043,7 @@ async fn lines_behind_one_plc_address_share_one_connection_and_carry_their_own_l
             line: Some(line.into()),
             machine: Some(format!("press-{line}")),
             attributes: [("cell".to_owned(), format!("cell-{line}"))].into(),
+            ..Default::default()
         },
         ..counter(signal, EventType::completion(), address, Format::U16)
     };

@@ -1496,7 +1496,7 @@ async fn one_session_serves_several_lines_with_their_own_line_and_machine() {
     let place = |line: &str| protocols::source::Placement {
         line: Some(line.into()),
         machine: Some(format!("filler-{line}")),
-        attributes: Default::default(),
+        ..Default::default()
     };
     let rig = start(
         dir.path(),

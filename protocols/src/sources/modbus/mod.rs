@@ -957,6 +957,7 @@ fn record_signal(config: &ModbusConfig, record: &RecordSpec) -> RecordSignal {
         line: record.place.line_or(&config.line),
         machine: record.place.machine_or(&config.machine),
         attributes: record.place.attributes.clone(),
+        reasons: record.place.reasons.clone(),
         key: record.key.clone(),
         type_from: record.type_from.clone(),
     }

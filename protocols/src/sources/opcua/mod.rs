@@ -554,6 +554,7 @@ async fn serve(
                 line: spec.place.line_or(&config.line),
                 machine: spec.place.machine_or(&config.machine),
                 attributes: spec.place.attributes.clone(),
+                reasons: spec.place.reasons.clone(),
                 key: spec.key.clone(),
                 type_from: spec.type_from.clone(),
             })
