@@ -6,7 +6,8 @@
 //! Run: `cargo bench -p plant-edge-tests --bench handshake_records`
 //! (`PLANT_EDGE_BENCH_SECONDS` sets each run's length, default 10).
 //! Prints records/s per line for 1 and 4 lines, with the PLC presenting
-//! the next record at once (1 ms scan) and 10 ms after the ack.
+//! the next record at once (1 ms scan) and 10 ms after the ack, and the
+//! process's CPU (agent and PLC together: an upper bound for the agent).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -83,7 +84,21 @@ async fn plc_program(plc: Arc<Plc>, lines: u16, delay: Duration, acked: Arc<Atom
     }
 }
 
-async fn run(lines: u16, delay: Duration) -> f64 {
+/// CPU time this process has used (user + system), from /proc/self/stat.
+fn cpu_used() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    // Fields after the command name (which may hold spaces) start at state.
+    let after_name = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    // USER_HZ is 100 on Linux.
+    Duration::from_millis(ticks * 10)
+}
+
+/// Records/s per line and the process's CPU (agent and in-process PLC) as
+/// a share of one core over the same window.
+async fn run(lines: u16, delay: Duration) -> (f64, f64) {
     let dir = tempfile::tempdir().expect("tempdir");
     let plc = Arc::new(Plc::start().await);
     let acked = Arc::new(AtomicU64::new(0));
@@ -119,14 +134,16 @@ async fn run(lines: u16, delay: Duration) -> f64 {
     };
     let task = tokio::spawn(modbus::run(ctx, config, Arc::new(ModbusStats::default())));
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (start, from) = (Instant::now(), acked.load(Ordering::Relaxed));
+    let (start, from, cpu_from) = (Instant::now(), acked.load(Ordering::Relaxed), cpu_used());
     tokio::time::sleep(Duration::from_secs(seconds())).await;
     let done = acked.load(Ordering::Relaxed) - from;
-    let per_line = done as f64 / start.elapsed().as_secs_f64() / f64::from(lines);
+    let elapsed = start.elapsed().as_secs_f64();
+    let per_line = done as f64 / elapsed / f64::from(lines);
+    let cpu = (cpu_used() - cpu_from).as_secs_f64() / elapsed;
     let _ = stop.send(true);
     let _ = task.await;
     program.abort();
-    per_line
+    (per_line, cpu)
 }
 
 fn main() {
@@ -140,9 +157,10 @@ fn main() {
         seconds()
     );
     for (lines, delay_ms) in [(1u16, 0u64), (4, 0), (1, 10), (4, 10)] {
-        let rate = runtime.block_on(run(lines, Duration::from_millis(delay_ms)));
+        let (rate, cpu) = runtime.block_on(run(lines, Duration::from_millis(delay_ms)));
         println!(
-            "  {lines} line(s), next record {delay_ms:>2} ms after the ack: {rate:7.1} records/s per line"
+            "  {lines} line(s), next record {delay_ms:>2} ms after the ack: {rate:7.1} records/s per line, CPU {:5.1} % of one core (agent + in-process PLC)",
+            cpu * 100.0
         );
     }
 }
