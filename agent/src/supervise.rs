@@ -26,7 +26,8 @@ pub const STABLE_AFTER: Duration = Duration::from_secs(60);
 /// Failures in a row, each within [`STABLE_AFTER`] of its start, after
 /// which the agent is unhealthy.
 pub const MAX_QUICK_RESTARTS: u32 = 5;
-const BACKOFF_FIRST: Duration = Duration::from_millis(500);
+/// Ceiling of the first restart's wait (jittered within its upper half).
+const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 /// What one supervised task is doing, for status, metrics and readiness.
@@ -144,7 +145,7 @@ where
     let name = name.to_owned();
     let mut inject = injected_faults(kind, &name);
     tokio::spawn(async move {
-        let mut backoff = BACKOFF_FIRST;
+        let mut backoff = protocols::pace::Backoff::new(BACKOFF_FIRST, BACKOFF_MAX);
         loop {
             let started = Instant::now();
             let outcome = match start() {
@@ -174,8 +175,9 @@ where
             }
             let why = outcome.unwrap_or_else(|| "ended unexpectedly".to_owned());
             if started.elapsed() >= STABLE_AFTER {
-                backoff = BACKOFF_FIRST;
+                backoff.reset();
             }
+            let wait = backoff.next_wait();
             tasks.update(index, |t| {
                 t.up = false;
                 t.up_since = None;
@@ -186,15 +188,14 @@ where
                     t.quick_failures += 1;
                 }
             });
-            tracing::error!(task = %name, kind, reason = %why, restart_in_ms = backoff.as_millis() as u64, "TASK DOWN: restarting it");
+            tracing::error!(task = %name, kind, reason = %why, restart_in_ms = wait.as_millis() as u64, "TASK DOWN: restarting it");
             tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = stop.changed() => {}
             }
             if *stop.borrow() {
                 return;
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
             tasks.update(index, |t| {
                 t.up = true;
                 t.up_since = Some(Instant::now());

@@ -7,6 +7,7 @@
 //! advance a counter cursor) only once it says the events are durable.
 
 pub mod counter;
+pub mod pace;
 pub mod sink;
 pub mod sinks;
 pub mod source;

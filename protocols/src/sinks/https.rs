@@ -25,6 +25,7 @@ use buffer::PendingEvent;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use reqwest::StatusCode;
 
+use crate::pace::Pacer;
 use crate::sink::{Sink, Verdict};
 use crate::tls::{self, TlsSettings};
 
@@ -188,7 +189,7 @@ pub struct HttpsSink {
     config: HttpsSinkConfig,
     client: reqwest::Client,
     token: Token,
-    next_send: Instant,
+    pace: Pacer,
 }
 
 struct DangerAcceptAny(Arc<rustls::crypto::CryptoProvider>);
@@ -320,26 +321,11 @@ impl HttpsSink {
             .pool_max_idle_per_host(4)
             .build()?;
         Ok(Self {
+            pace: Pacer::new(config.max_events_per_second),
             config,
             client,
             token: Token::default(),
-            next_send: Instant::now(),
         })
-    }
-
-    async fn pace(&mut self, events: usize) {
-        let Some(rate) = self.config.max_events_per_second.filter(|r| *r > 0) else {
-            return;
-        };
-        let now = Instant::now();
-        if self.next_send > now {
-            tokio::time::sleep(self.next_send - now).await;
-        }
-        let floor = Instant::now()
-            .checked_sub(Duration::from_secs(1))
-            .unwrap_or(now);
-        self.next_send =
-            self.next_send.max(floor) + Duration::from_secs_f64(events as f64 / rate as f64);
     }
 
     /// The Authorization header value, fetching or re-reading as needed.
@@ -454,7 +440,7 @@ impl HttpsSink {
                 }
             }
         }
-        self.pace(events.len()).await;
+        self.pace.wait(events.len()).await;
         for attempt in 0..2 {
             let authorization = match self.authorization(attempt > 0).await {
                 Ok(a) => a,

@@ -46,7 +46,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use buffer::PendingEvent;
@@ -58,6 +58,7 @@ use rumqttc::v5::mqttbytes::v5::{
 use rumqttc::v5::mqttbytes::QoS as QoS5;
 use tokio::sync::{mpsc, watch};
 
+use crate::pace::{Backoff, Pacer};
 use crate::sink::{Sink, Verdict};
 use crate::tls::{self, TlsSettings};
 
@@ -339,29 +340,6 @@ pub struct MqttSink {
 /// Most topics remembered as refused on their own (a bound on memory).
 const MAX_SINGLED_OUT_TOPICS: usize = 1024;
 
-struct Pacer {
-    interval: Option<Duration>,
-    next: Instant,
-}
-
-impl Pacer {
-    async fn wait(&mut self) {
-        let Some(interval) = self.interval else {
-            return;
-        };
-        let now = Instant::now();
-        // Allow a burst of up to one second's worth after idling.
-        let floor = now.checked_sub(Duration::from_secs(1)).unwrap_or(now);
-        if self.next < floor {
-            self.next = floor;
-        }
-        if self.next > now {
-            tokio::time::sleep(self.next - now).await;
-        }
-        self.next += interval;
-    }
-}
-
 fn status_payload(config: &MqttSinkConfig, state: &str) -> Vec<u8> {
     serde_json::json!({
         "state": state,
@@ -462,7 +440,7 @@ async fn run_link(
     verdicts: mpsc::UnboundedSender<(u64, Verdict)>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut failures: u32 = 0;
+    let mut backoff = Backoff::new(Duration::from_millis(400), Duration::from_secs(30));
     loop {
         let (client, mut event_loop) = new_connection(&config, tls.as_ref());
         link.lock().client = Some(client);
@@ -484,7 +462,7 @@ async fn run_link(
             };
             match event {
                 Ok(LinkEvent::Connected) => {
-                    failures = 0;
+                    backoff.reset();
                     link.generation.fetch_add(1, Ordering::SeqCst);
                     link.connected.send_replace(true);
                     tracing::info!(broker = %format!("{}:{}", config.host, config.port), "MQTT connected");
@@ -535,11 +513,7 @@ async fn run_link(
         for seq in orphans {
             let _ = verdicts.send((seq, Verdict::retry(error.clone())));
         }
-        failures = failures.saturating_add(1);
-        let backoff = Duration::from_millis(200)
-            .saturating_mul(1 << failures.min(8))
-            .min(Duration::from_secs(30));
-        let wait = backoff / 2 + backoff.mul_f64(fastrand::f64() / 2.0);
+        let wait = backoff.next_wait();
         tracing::warn!(error = %error, retry_in_ms = wait.as_millis() as u64, "MQTT link down");
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
@@ -649,13 +623,7 @@ impl MqttSink {
             verdict_tx,
             stop_rx,
         ));
-        let pace = Pacer {
-            interval: config
-                .max_messages_per_second
-                .filter(|r| *r > 0)
-                .map(|r| Duration::from_secs(1) / r),
-            next: Instant::now(),
-        };
+        let pace = Pacer::new(config.max_messages_per_second);
         Ok(Self {
             config,
             link,
@@ -776,7 +744,7 @@ impl Sink for MqttSink {
                         continue;
                     }
                 }
-                self.pace.wait().await;
+                self.pace.wait(1).await;
                 match self
                     .link
                     .publish(self.config.qos, Some(event.seq), publication)

@@ -439,7 +439,9 @@ pub async fn run(ctx: SourceContext, config: ModbusConfig, stats: Arc<ModbusStat
     let mut shutdown = ctx.shutdown.clone();
     let bus = Some(bus_for(&config.endpoint));
     let mut own: Option<Context> = None;
-    let mut failures: u32 = 0;
+    // First wait 500 ms (as the 250 ms × 2 of the first failure was).
+    let mut backoff =
+        crate::pace::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let mut retry_at = tokio::time::Instant::now();
     let mut bridged = false;
     // Record signals whose pending record this process acknowledged.
@@ -473,11 +475,7 @@ pub async fn run(ctx: SourceContext, config: ModbusConfig, stats: Arc<ModbusStat
                 }
                 Err(e) => {
                     stats.transport_errors.fetch_add(1, Ordering::Relaxed);
-                    failures = failures.saturating_add(1);
-                    let cap = Duration::from_millis(250)
-                        .saturating_mul(1 << failures.min(7))
-                        .min(Duration::from_secs(30));
-                    let wait = cap / 2 + cap.mul_f64(fastrand::f64() / 2.0);
+                    let wait = backoff.next_wait();
                     stats.connected.store(false, Ordering::Relaxed);
                     tracing::warn!(source = %ctx.name, error = %e, retry_in_ms = wait.as_millis() as u64, "PLC unreachable");
                     retry_at = tokio::time::Instant::now() + wait;
@@ -508,7 +506,7 @@ pub async fn run(ctx: SourceContext, config: ModbusConfig, stats: Arc<ModbusStat
         }
         match result {
             Ok(()) => {
-                failures = 0;
+                backoff.reset();
                 bridged = false;
                 stats.connected.store(true, Ordering::Relaxed);
             }

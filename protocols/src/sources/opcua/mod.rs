@@ -407,7 +407,9 @@ pub async fn run(ctx: SourceContext, config: OpcUaConfig, stats: Arc<OpcUaStats>
     let mut cursor: Cursor =
         ctx.stored_position(|bytes| serde_json::from_slice(bytes).map_err(|e| e.to_string()));
     let mut shutdown = ctx.shutdown.clone();
-    let mut failures: u32 = 0;
+    // First wait 500 ms (as the 250 ms × 2 of the first failure was).
+    let mut backoff =
+        crate::pace::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let mut client = None;
     loop {
         if *shutdown.borrow() {
@@ -431,7 +433,7 @@ pub async fn run(ctx: SourceContext, config: OpcUaConfig, stats: Arc<OpcUaStats>
                     .await
                 {
                     Ok(()) => {
-                        failures = 0;
+                        backoff.reset();
                         stats.connects.fetch_add(1, Ordering::Relaxed);
                         stats.connected.store(true, Ordering::SeqCst);
                         tracing::info!(source = %ctx.name, endpoint = %config.connection.endpoint, policy = %config.connection.security_policy, mode = %config.connection.security_mode, "OPC UA session established");
@@ -452,11 +454,7 @@ pub async fn run(ctx: SourceContext, config: OpcUaConfig, stats: Arc<OpcUaStats>
             Stop::Shutdown => return,
             Stop::Lost(reason) => {
                 stats.connection_errors.fetch_add(1, Ordering::Relaxed);
-                failures = failures.saturating_add(1);
-                let cap = Duration::from_millis(250)
-                    .saturating_mul(1 << failures.min(7))
-                    .min(Duration::from_secs(30));
-                let wait = cap / 2 + cap.mul_f64(fastrand::f64() / 2.0);
+                let wait = backoff.next_wait();
                 tracing::warn!(source = %ctx.name, endpoint = %config.connection.endpoint, error = %reason, retry_in_ms = wait.as_millis() as u64, "OPC UA server unreachable");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
