@@ -656,3 +656,27 @@ fn what_a_sink_was_handed_and_did_not_finish_is_read_again_after_a_rewind() {
         .collect();
     assert_eq!(again, first[5..].iter().map(|e| e.seq).collect::<Vec<_>>());
 }
+
+#[test]
+fn a_journal_in_use_is_refused_as_locked_and_opens_once_released() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = Journal::open(config(dir.path(), &["erp"])).expect("open");
+    append(&first, "plc", 0..3);
+    let mut impatient = config(dir.path(), &["erp"]);
+    impatient.lock_wait = Duration::from_millis(200);
+    match Journal::open(impatient) {
+        Err(buffer::JournalError::Locked { path }) => {
+            assert_eq!(path, dir.path().join("journal"))
+        }
+        Err(other) => panic!("a journal in use must be reported as locked, got {other}"),
+        Ok(_) => panic!("two handles on one journal"),
+    }
+    drop(first);
+    // sled lets go of its lock a moment after the close: waited out.
+    let reopened = Journal::open(config(dir.path(), &["erp"])).expect("reopen after release");
+    assert_eq!(
+        drain(&reopened, "erp").len(),
+        3,
+        "nothing lost by the refused open"
+    );
+}

@@ -21,6 +21,44 @@ pub struct TlsSettings {
     pub alpn: Vec<String>,
 }
 
+/// Whether a connection failed because one side did not accept the
+/// other's certificate: rustls's own error found in the error's chain
+/// (also inside an `io::Error`, where TLS streams put it), never guessed
+/// from message text.
+pub fn certificate_refused(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        let tls = e.downcast_ref::<rustls::Error>().or_else(|| {
+            e.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(tls) = tls {
+            return matches!(
+                tls,
+                rustls::Error::InvalidCertificate(_)
+                    | rustls::Error::NoCertificatesPresented
+                    | rustls::Error::AlertReceived(
+                        rustls::AlertDescription::BadCertificate
+                            | rustls::AlertDescription::UnsupportedCertificate
+                            | rustls::AlertDescription::CertificateRevoked
+                            | rustls::AlertDescription::CertificateExpired
+                            | rustls::AlertDescription::CertificateUnknown
+                            | rustls::AlertDescription::UnknownCA
+                            | rustls::AlertDescription::CertificateRequired
+                    )
+            );
+        }
+        next = e.source().or_else(|| {
+            // io::Error's source() skips the error it wraps.
+            e.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .map(|inner| inner as &(dyn std::error::Error + 'static))
+        });
+    }
+    false
+}
+
 /// Failures building a TLS client configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

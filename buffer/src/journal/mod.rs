@@ -442,6 +442,22 @@ fn unreadable_file(dir: &Path) -> Option<String> {
     None
 }
 
+/// Whether another handle holds the lock sled takes on the journal's `db`
+/// file (a handle of this process still closing, or another process):
+/// asked of the OS with the same non-blocking `flock` sled uses, since
+/// sled reports it only as message text.
+fn db_file_locked(path: &Path) -> bool {
+    use nix::fcntl::{Flock, FlockArg};
+    let Ok(file) = std::fs::File::open(path.join("db")) else {
+        return false;
+    };
+    // Taken and released at once when free.
+    matches!(
+        Flock::lock(file, FlockArg::LockExclusiveNonblock),
+        Err((_, nix::errno::Errno::EWOULDBLOCK))
+    )
+}
+
 fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
         (*s).to_owned()
@@ -496,7 +512,7 @@ impl Journal {
                     .map_err(|p| damaged(panic_message(p)))?;
             match opened {
                 Ok(tree) => break tree,
-                Err(e) if e.to_string().contains("could not acquire lock") => {
+                Err(sled::Error::Io(_)) if db_file_locked(&config.path) => {
                     if std::time::Instant::now() >= lock_deadline {
                         return Err(JournalError::Locked {
                             path: config.path.clone(),

@@ -276,7 +276,7 @@ fn describe(error: &reqwest::Error) -> String {
         text.push_str(&s.to_string());
         source = s.source();
     }
-    if text.contains("certificate") || text.contains("UnknownIssuer") {
+    if tls::certificate_refused(error) {
         format!("TLS: the server's certificate was not accepted ({text}); check ca_file and the URL's host name")
     } else if error.is_timeout() {
         format!("timeout: {text}")

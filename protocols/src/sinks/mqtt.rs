@@ -191,11 +191,13 @@ fn v5_failure(reason: &str, code: u8, transient: bool) -> Result<(), (bool, Stri
 }
 
 impl Loop {
+    /// The next event; `Err` is the connection's failure, described for
+    /// the operator.
     async fn poll(&mut self) -> Result<LinkEvent, String> {
         match self {
             Loop::V4(l) => {
                 use rumqttc::{Event, Outgoing, Packet};
-                match l.poll().await.map_err(|e| e.to_string())? {
+                match l.poll().await.map_err(|e| describe_connection_error(&e))? {
                     Event::Incoming(Packet::ConnAck(_)) => Ok(LinkEvent::Connected),
                     Event::Outgoing(Outgoing::Publish(pkid)) => Ok(LinkEvent::Sent(pkid)),
                     Event::Incoming(Packet::PubAck(a)) => Ok(LinkEvent::Done(a.pkid, Ok(()))),
@@ -206,7 +208,7 @@ impl Loop {
             Loop::V5(l) => {
                 use rumqttc::v5::Event;
                 use rumqttc::Outgoing;
-                match l.poll().await.map_err(|e| e.to_string())? {
+                match l.poll().await.map_err(|e| describe_connection_error(&e))? {
                     Event::Incoming(Packet5::ConnAck(_)) => Ok(LinkEvent::Connected),
                     Event::Outgoing(Outgoing::Publish(pkid)) => Ok(LinkEvent::Sent(pkid)),
                     Event::Incoming(Packet5::PubAck(a)) => {
@@ -425,8 +427,8 @@ fn network_options() -> rumqttc::NetworkOptions {
     options
 }
 
-fn describe_connection_error(error: &str) -> String {
-    if error.contains("certificate") || error.contains("UnknownIssuer") {
+fn describe_connection_error(error: &(dyn std::error::Error + 'static)) -> String {
+    if tls::certificate_refused(error) {
         format!("TLS: the broker's certificate was not accepted ({error}); check ca_file and the broker's host name")
     } else {
         format!("broker connection: {error}")
@@ -495,7 +497,7 @@ async fn run_link(
                     None => tracing::debug!(pkid, "acknowledgement for an unknown packet id"),
                 },
                 Ok(LinkEvent::Other) => {}
-                Err(e) => break describe_connection_error(&e),
+                Err(e) => break e,
             }
         };
         link.connected.send_replace(false);
