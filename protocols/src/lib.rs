@@ -8,6 +8,7 @@
 
 pub mod counter;
 pub mod pace;
+pub mod runtime;
 pub mod sink;
 pub mod sinks;
 pub mod source;

@@ -7,9 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use buffer::event::Origin;
-use buffer::{AppendRequest, EventType, JournalError};
+use buffer::EventType;
 
 use crate::counter::{CounterRules, CounterState, CounterWidth};
+use crate::runtime::{Closed, Positioned};
 use crate::source::{CounterSignal, SourceContext};
 
 /// Simulated line settings.
@@ -62,14 +63,10 @@ pub async fn run(ctx: SourceContext, config: SimulatedConfig, tally: Tally) {
             rules,
         },
     ];
-    let mut states: BTreeMap<String, CounterState> = ctx
-        .initial_cursor
-        .as_deref()
-        .and_then(|c| serde_json::from_slice(c).ok())
-        .unwrap_or_default();
+    let mut states = Positioned::<BTreeMap<String, CounterState>>::load(&ctx);
     // A real PLC keeps counting while the agent is down; model that by
     // resuming the simulated counters where the stored cursor left them.
-    let resume = |signal: &str, default: u64| states.get(signal).map_or(default, |s| s.raw);
+    let resume = |signal: &str, default: u64| states.get().get(signal).map_or(default, |s| s.raw);
     let start = match config.width {
         CounterWidth::U64 => config.start,
         width => config.start % (width.max() + 1),
@@ -97,11 +94,13 @@ pub async fn run(ctx: SourceContext, config: SimulatedConfig, tally: Tally) {
         }
         tick += 1;
         let read_at = SystemTime::now();
-        let mut next_states = states.clone();
+        let mut next_states = states.get().clone();
         let mut events = Vec::new();
         let mut counted = Vec::new();
         for (signal, raw) in signals.iter().zip(plc) {
-            let observation = signal.rules.observe(states.get(&signal.name).copied(), raw);
+            let observation = signal
+                .rules
+                .observe(states.get().get(&signal.name).copied(), raw);
             next_states.insert(signal.name.clone(), observation.next);
             let origin = Origin {
                 protocol: "simulated".into(),
@@ -115,16 +114,11 @@ pub async fn run(ctx: SourceContext, config: SimulatedConfig, tally: Tally) {
                 counted.push((signal.event_type.to_string(), observation.delta));
             }
         }
-        let cursor = serde_json::to_vec(&next_states).unwrap_or_default();
-        let request = AppendRequest {
-            source: ctx.name.clone(),
-            events,
-            cursor: Some(cursor),
-        };
-        match ctx.appender.append(request).await {
-            Ok(outcome) => {
-                // Adopt the new counter state only now that it is durable.
-                states = next_states;
+        let stored = states
+            .store(&ctx, events, next_states, "counting again next poll")
+            .await;
+        match stored {
+            Ok(Some(outcome)) => {
                 let mut tally = tally.lock().unwrap_or_else(|p| p.into_inner());
                 for ((event_type, delta), seq) in counted.into_iter().zip(outcome.seqs) {
                     if seq.is_some() {
@@ -132,12 +126,8 @@ pub async fn run(ctx: SourceContext, config: SimulatedConfig, tally: Tally) {
                     }
                 }
             }
-            Err(JournalError::Closed) => break,
-            // Not adopted: the next poll counts the same parts again from the
-            // old state, so nothing is lost.
-            Err(e) => {
-                tracing::error!(source = %ctx.name, error = %e, "append failed; will count again next poll")
-            }
+            Ok(None) => {}
+            Err(Closed) => break,
         }
     }
     tracing::info!(source = %ctx.name, "simulated source stopped");

@@ -40,11 +40,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use buffer::event::{Origin, Quantity};
-use buffer::{AppendRequest, CloudEvent, EventType, JournalError};
+use buffer::{CloudEvent, EventType};
 use tokio_modbus::client::{Context, Reader, Writer};
 use tokio_modbus::{ExceptionCode, Slave};
 
 use crate::counter::{CounterRules, CounterState, CounterWidth};
+use crate::runtime::{Closed, Positioned};
 use crate::source::{
     record_fingerprint, record_quantity, CounterSignal, HandshakePosition, Presented, RecordSignal,
     SourceContext,
@@ -199,7 +200,7 @@ struct Position {
     records: BTreeMap<String, HandshakePosition>,
 }
 
-impl Position {
+impl crate::runtime::Position for Position {
     /// Today's form, or the counter-only map stored before handshake
     /// positions existed.
     fn decode(bytes: &[u8]) -> Result<Self, String> {
@@ -435,7 +436,7 @@ fn bus_for(endpoint: &Endpoint) -> Arc<Bus> {
 
 /// The Modbus source task: polls until shutdown.
 pub async fn run(ctx: SourceContext, config: ModbusConfig, stats: Arc<ModbusStats>) {
-    let mut position: Position = ctx.stored_position(Position::decode);
+    let mut position = Positioned::<Position>::load(&ctx);
     let mut shutdown = ctx.shutdown.clone();
     let bus = Some(bus_for(&config.endpoint));
     let mut own: Option<Context> = None;
@@ -549,12 +550,12 @@ async fn poll(
     ctx: &SourceContext,
     config: &ModbusConfig,
     stats: &ModbusStats,
-    position: &mut Position,
+    position: &mut Positioned<Position>,
     acked: &mut BTreeMap<String, bool>,
     bridged: bool,
 ) -> Result<(), PollError> {
     let poll_started = tokio::time::Instant::now();
-    let states = &position.counters;
+    let states = &position.get().counters;
     if !config.counters.is_empty() {
         let spans: Vec<(Address, u16)> = config
             .counters
@@ -656,23 +657,14 @@ async fn poll(
             let count = events.len() as u64;
             let next = Position {
                 counters: next_states,
-                records: position.records.clone(),
+                records: position.get().records.clone(),
             };
-            let request = AppendRequest {
-                source: ctx.name.clone(),
-                events,
-                cursor: next.encode(),
-            };
-            match ctx.appender.append(request).await {
-                Ok(_) => {
-                    *position = next;
-                    stats.events.fetch_add(count, Ordering::Relaxed);
-                }
-                Err(JournalError::Closed) => return Err(PollError::Stopped),
-                // Not adopted: the next poll counts the same parts again.
-                Err(e) => {
-                    tracing::error!(source = %ctx.name, error = %e, "append failed; counting again next poll")
-                }
+            let stored = position
+                .store(ctx, events, next, "counting again next poll")
+                .await
+                .map_err(|Closed| PollError::Stopped)?;
+            if stored.is_some() {
+                stats.events.fetch_add(count, Ordering::Relaxed);
             }
         }
     }
@@ -695,7 +687,7 @@ async fn drain_records(
     ctx: &SourceContext,
     config: &ModbusConfig,
     stats: &ModbusStats,
-    position: &mut Position,
+    position: &mut Positioned<Position>,
     acked: &mut BTreeMap<String, bool>,
     poll_started: tokio::time::Instant,
 ) -> Result<(), PollError> {
@@ -771,38 +763,13 @@ async fn write_ack(
     }
 }
 
-/// Stores `next` as this source's position (no events); adopted only
-/// once durable. `false` if the journal could not take it now.
-async fn store_position(
-    ctx: &SourceContext,
-    position: &mut Position,
-    next: Position,
-) -> Result<bool, PollError> {
-    let request = AppendRequest {
-        source: ctx.name.clone(),
-        events: Vec::new(),
-        cursor: next.encode(),
-    };
-    match ctx.appender.append(request).await {
-        Ok(_) => {
-            *position = next;
-            Ok(true)
-        }
-        Err(JournalError::Closed) => Err(PollError::Stopped),
-        Err(e) => {
-            tracing::error!(source = %ctx.name, error = %e, "position not stored; tried again next poll");
-            Ok(false)
-        }
-    }
-}
-
 async fn handle_record(
     link: &mut Context,
     ctx: &SourceContext,
     config: &ModbusConfig,
     stats: &ModbusStats,
     record: &RecordSpec,
-    position: &mut Position,
+    position: &mut Positioned<Position>,
     acked: &mut BTreeMap<String, bool>,
 ) -> Result<Exchange, PollError> {
     let flags = read_spans(link, &[(record.ready, 1), (record.ack, 1)], config, stats).await?;
@@ -816,20 +783,23 @@ async fn handle_record(
     let (Some(ready), Some(ack_set)) = (flag(record.ready), flag(record.ack)) else {
         return Ok(Exchange::Idle);
     };
-    let handshake = position
-        .records
-        .entry(record.signal.clone())
-        .or_default()
-        .clone();
+    position.complete(|p| {
+        p.records.entry(record.signal.clone()).or_default();
+    });
+    let handshake = position.get().records[&record.signal].clone();
     if !ready {
         let mut moved = false;
         if let Some(released) = handshake.released() {
             // The PLC released the stored record. Stored before the ack is
             // cleared (after which the PLC may present the next record), so
             // that after any crash an equal next record is still new.
-            let mut next = position.clone();
+            let mut next = position.get().clone();
             next.records.insert(record.signal.clone(), released);
-            if !store_position(ctx, position, next).await? {
+            let stored = position
+                .store(ctx, Vec::new(), next, "release stored again next poll")
+                .await
+                .map_err(|Closed| PollError::Stopped)?;
+            if stored.is_none() {
                 return Ok(Exchange::Idle);
             }
             moved = true;
@@ -894,41 +864,35 @@ async fn handle_record(
     );
     if let Presented::New { id, next } = presented {
         let event = record_event(ctx, config, record, id, &values);
-        let mut next_position = position.clone();
+        let mut next_position = position.get().clone();
         next_position.records.insert(record.signal.clone(), next);
-        let request = AppendRequest {
-            source: ctx.name.clone(),
-            events: vec![ctx.new_event(&event)],
-            cursor: next_position.encode(),
-        };
+        let events = vec![ctx.new_event(&event)];
+        const THEN: &str = "record not acknowledged; taken again next poll";
         // A type code the map does not know: kept as a dead letter (durable,
         // with the position, so the record may be acknowledged), never
         // posted with a guessed type.
         let refused = record_signal(config, record).event_type_for(&values).err();
         let stored = match &refused {
-            None => ctx.appender.append(request).await.map(|o| o.appended()),
+            None => position
+                .store(ctx, events, next_position, THEN)
+                .await
+                .map(|o| o.map(|o| o.appended())),
             Some(reason) => {
                 tracing::error!(source = %ctx.name, signal = %record.signal, reason = %reason, "record kept as a dead letter, not posted");
-                ctx.appender
-                    .dead_letter(request, &format!("record refused: {reason}"))
+                let reason = format!("record refused: {reason}");
+                position
+                    .store_dead_letter(ctx, events, next_position, &reason, THEN)
                     .await
             }
         };
-        match stored {
-            Ok(appended) => {
-                *position = next_position;
-                acked.insert(record.signal.clone(), false);
-                if refused.is_some() {
-                    stats.records_refused.fetch_add(1, Ordering::Relaxed);
-                } else if appended > 0 {
-                    stats.events.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            Err(JournalError::Closed) => return Err(PollError::Stopped),
-            Err(e) => {
-                tracing::error!(source = %ctx.name, signal = %record.signal, error = %e, "record not stored; not acknowledged");
-                return Ok(Exchange::Idle);
-            }
+        let Some(appended) = stored.map_err(|Closed| PollError::Stopped)? else {
+            return Ok(Exchange::Idle);
+        };
+        acked.insert(record.signal.clone(), false);
+        if refused.is_some() {
+            stats.records_refused.fetch_add(1, Ordering::Relaxed);
+        } else if appended > 0 {
+            stats.events.fetch_add(1, Ordering::Relaxed);
         }
     }
     // Durable (now, or before a restart): only now tell the PLC.

@@ -41,7 +41,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use buffer::event::{EventData, Origin, Quantity};
-use buffer::{AppendRequest, CloudEvent, EventType, JournalError};
+use buffer::{CloudEvent, EventType};
 use opcua::client::{MonitoredItemMap, OnSubscriptionNotificationCore, Session};
 use opcua::types::{
     AttributeId, CallMethodRequest, DataChangeNotification, DataValue, MonitoredItemCreateRequest,
@@ -52,6 +52,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::counter::{CounterRules, CounterState};
+use crate::runtime::{Closed, Positioned};
 use crate::source::{
     record_fingerprint, CounterSignal, FieldValue, HandshakePosition, Presented, RecordSignal,
     SourceContext,
@@ -264,6 +265,15 @@ struct Cursor {
     handshakes: BTreeMap<String, HandshakePosition>,
 }
 
+impl crate::runtime::Position for Cursor {
+    fn encode(&self) -> Option<Vec<u8>> {
+        serde_json::to_vec(self).ok()
+    }
+    fn decode(bytes: &[u8]) -> Result<Self, String> {
+        serde_json::from_slice(bytes).map_err(|e| e.to_string())
+    }
+}
+
 /// The last record stored for a record signal.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 struct RecordMark {
@@ -404,8 +414,7 @@ enum Stop {
 /// The OPC UA source task: connects, subscribes (or polls), reconnects
 /// with capped backoff, until shutdown.
 pub async fn run(ctx: SourceContext, config: OpcUaConfig, stats: Arc<OpcUaStats>) {
-    let mut cursor: Cursor =
-        ctx.stored_position(|bytes| serde_json::from_slice(bytes).map_err(|e| e.to_string()));
+    let mut cursor = Positioned::<Cursor>::load(&ctx);
     let mut shutdown = ctx.shutdown.clone();
     // First wait 500 ms (as the 250 ms × 2 of the first failure was).
     let mut backoff =
@@ -487,7 +496,7 @@ struct Served<'a> {
     config: &'a OpcUaConfig,
     stats: &'a OpcUaStats,
     session: &'a Session,
-    cursor: &'a mut Cursor,
+    cursor: &'a mut Positioned<Cursor>,
     items: Vec<(NodeId, Item)>,
     /// One per configured counter, built once rather than per value.
     counter_signals: Vec<CounterSignal>,
@@ -513,7 +522,7 @@ async fn serve(
     stats: &Arc<OpcUaStats>,
     session: &Session,
     link: &mut mpsc::Receiver<session::LinkEvent>,
-    cursor: &mut Cursor,
+    cursor: &mut Positioned<Cursor>,
 ) -> Stop {
     let items = watched(config);
     let mut served = Served {
@@ -864,7 +873,7 @@ impl Served<'_> {
 
     /// The cursor as it will be once the pending batch is durable.
     fn working(&self) -> &Cursor {
-        self.pending.next.as_ref().unwrap_or(self.cursor)
+        self.pending.next.as_ref().unwrap_or(self.cursor.get())
     }
 
     fn stage(&mut self, events: Vec<CloudEvent>, next: Cursor) {
@@ -878,31 +887,29 @@ impl Served<'_> {
     async fn flush(&mut self) -> Result<(), Stop> {
         let pending = std::mem::take(&mut self.pending);
         if let Some(next) = pending.next {
-            if next != *self.cursor || !pending.events.is_empty() {
+            if next != *self.cursor.get() || !pending.events.is_empty() {
                 let count = pending.events.len() as u64;
-                let request = AppendRequest {
-                    source: self.ctx.name.clone(),
-                    events: pending
-                        .events
-                        .iter()
-                        .map(|e| self.ctx.new_event(e))
-                        .collect(),
-                    cursor: serde_json::to_vec(&next).ok(),
-                };
-                match self.ctx.appender.append(request).await {
-                    Ok(_) => {
-                        *self.cursor = next;
-                        self.stats.events.fetch_add(count, Ordering::Relaxed);
-                    }
-                    Err(JournalError::Closed) => return Err(Stop::Shutdown),
-                    Err(e) => {
-                        // Not adopted, nothing acknowledged: the next
-                        // reading takes the same values again.
-                        tracing::error!(source = %self.ctx.name, error = %e, "append failed; the values are taken again on the next reading");
-                        self.resync = true;
-                        return Ok(());
-                    }
+                let events = pending
+                    .events
+                    .iter()
+                    .map(|e| self.ctx.new_event(e))
+                    .collect();
+                let stored = self
+                    .cursor
+                    .store(
+                        self.ctx,
+                        events,
+                        next,
+                        "the values are taken again on the next reading",
+                    )
+                    .await
+                    .map_err(|Closed| Stop::Shutdown)?;
+                if stored.is_none() {
+                    // Nothing acknowledged: read everything again.
+                    self.resync = true;
+                    return Ok(());
                 }
+                self.stats.events.fetch_add(count, Ordering::Relaxed);
             }
         }
         for due in pending.acks {
@@ -1274,24 +1281,15 @@ impl Served<'_> {
             attributes,
         };
         let event = CloudEvent::new(id, urn, spec.event_type.clone(), time, data);
-        let request = AppendRequest {
-            source: self.ctx.name.clone(),
-            events: vec![self.ctx.new_event(&event)],
-            cursor: None,
-        };
-        match self
-            .ctx
-            .appender
-            .dead_letter(request, &format!("malformed record: {reason}"))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(JournalError::Closed) => Err(Stop::Shutdown),
-            Err(e) => {
-                tracing::error!(source = %self.ctx.name, error = %e, "malformed record could not be stored");
-                Ok(())
-            }
-        }
+        crate::runtime::keep_dead_letter(
+            self.ctx,
+            vec![self.ctx.new_event(&event)],
+            &format!("malformed record: {reason}"),
+            "the malformed record is not kept",
+        )
+        .await
+        .map(|_| ())
+        .map_err(|Closed| Stop::Shutdown)
     }
 
     async fn acknowledge(
