@@ -953,8 +953,92 @@ impl Config {
     /// Parses and checks config text (`file` is for messages).
     pub fn parse(file: &Path, text: &str) -> Result<Self, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| toml_error(file, text, &e))?;
-        check(file, raw)
+        check(file, raw).map_err(|mut e| {
+            // Checks after parsing know the key, not the line: found here
+            // once for all of them.
+            if e.line.is_none() {
+                e.line = line_of(text, &e.key);
+            }
+            e
+        })
     }
+}
+
+/// The line (1-based) that sets `key` (dotted, `name[n]` for the n-th of
+/// an array of tables) in TOML `text`, or the nearest table or inline
+/// table above it; `None` when nothing of the key is in the text (a
+/// default).
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    let wanted: Vec<&str> = key.split('.').collect();
+    let mut table: Vec<String> = Vec::new();
+    // Arrays of tables seen so far, by their path: how many entries.
+    let mut arrays: BTreeMap<String, usize> = BTreeMap::new();
+    let mut best: Option<(usize, usize)> = None;
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('#') || t.is_empty() {
+            continue;
+        }
+        let path: Vec<String> = if let Some(header) = t.strip_prefix("[[") {
+            let name = header.split("]]").next().unwrap_or("").trim();
+            let mut parts = resolve_arrays(name, &arrays);
+            let full = name.to_owned();
+            let index = arrays.get(&full).copied().unwrap_or(0);
+            arrays.insert(full, index + 1);
+            if let Some(last) = parts.last_mut() {
+                *last = format!("{last}[{index}]");
+            }
+            table = parts.clone();
+            parts
+        } else if let Some(header) = t.strip_prefix('[') {
+            let name = header.split(']').next().unwrap_or("").trim();
+            table = resolve_arrays(name, &arrays);
+            table.clone()
+        } else if let Some((name, _)) = t.split_once('=') {
+            let mut path = table.clone();
+            path.extend(
+                name.trim()
+                    .split('.')
+                    .map(|p| p.trim().trim_matches('"').to_owned()),
+            );
+            path
+        } else {
+            continue;
+        };
+        // `records = [...]` (an inline array) holds `records[0]`.
+        let matched = path
+            .iter()
+            .zip(&wanted)
+            .take_while(|(have, want)| {
+                want.strip_prefix(have.as_str())
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('['))
+            })
+            .count();
+        // Only a line on the key's own path counts (not a sibling that
+        // shares its table), and the deepest one wins.
+        if matched == path.len() && matched > 0 && best.is_none_or(|(depth, _)| matched > depth) {
+            best = Some((matched, i + 1));
+        }
+    }
+    best.map(|(_, line)| line)
+}
+
+/// `sources.mes1.records` inside the current entry of an array of tables
+/// above it (`sources.mes1` is not one; `x.items` in `[[x.items]]` is).
+fn resolve_arrays(name: &str, arrays: &BTreeMap<String, usize>) -> Vec<String> {
+    let parts: Vec<&str> = name.split('.').map(str::trim).collect();
+    let mut resolved = Vec::with_capacity(parts.len());
+    for (i, part) in parts.iter().enumerate() {
+        let prefix = parts[..=i].join(".");
+        match arrays.get(&prefix) {
+            // Not the header's own last part: that one is indexed by the caller.
+            Some(count) if i + 1 < parts.len() => {
+                resolved.push(format!("{part}[{}]", count.saturating_sub(1)))
+            }
+            _ => resolved.push((*part).to_owned()),
+        }
+    }
+    resolved
 }
 
 /// Turns a TOML/serde error into file, dotted key, line and message.
@@ -2587,6 +2671,50 @@ records = [{ signal = "completion", type = "production.completion", node = "ns=2
             let e = parse(&text).expect_err(key);
             assert_eq!(e.key, key, "{e}");
         }
+    }
+
+    #[test]
+    fn errors_found_after_parsing_name_their_line() {
+        let line_of_error = |text: &str| {
+            let e = parse(text).expect_err("invalid");
+            let line = e.line.unwrap_or_else(|| panic!("no line: {e}"));
+            (
+                e.key.clone(),
+                text.lines().nth(line - 1).unwrap_or("").trim().to_owned(),
+            )
+        };
+        let (key, line) =
+            line_of_error(&MINIMAL.replace("gateway = \"gw1\"", "gateway = \"gw 1\""));
+        assert_eq!(
+            (key.as_str(), line.as_str()),
+            ("agent.gateway", "gateway = \"gw 1\"")
+        );
+        // Inside an inline array of tables: the line holding it.
+        let text = format!(
+            "{MINIMAL}{}",
+            OPCUA.replacen("type = \"production.completion\", node = \"ns=2;s=Line1.Record\"", "type = \"production.completion\", reasons = { \"17\" = \"jam\" }, node = \"ns=2;s=Line1.Record\"", 1)
+        );
+        let (key, line) = line_of_error(&text);
+        assert_eq!(key, "sources.mes1.records[0].reasons");
+        assert!(
+            line.starts_with("records = [{") && line.contains("reasons"),
+            "{line}"
+        );
+        // The second of two tables of an array: its own lines.
+        let text = format!(
+            "{MINIMAL}\n[sources.press1]\nkind = \"modbus\"\nendpoint = \"tcp://127.0.0.1:502\"\nline = \"L1\"\nmachine = \"p\"\n\n[[sources.press1.counters]]\nsignal = \"good\"\ntype = \"production.completion\"\naddress = \"holding:0\"\n\n[[sources.press1.counters]]\nsignal = \"scrap\"\ntype = \"production.scrap\"\naddress = \"holding:1\"\nmax_step = 0\n"
+        );
+        let (key, line) = line_of_error(&text);
+        assert_eq!(
+            (key.as_str(), line.as_str()),
+            ("sources.press1.counters[1].max_step", "max_step = 0")
+        );
+        // A key left to its default: the table that lacks it.
+        let (key, line) = line_of_error(&format!("{MINIMAL}\n[sources.line1]\nkind = \"simulated\"\nline = \"L1\"\nmachine = \"m\"\nsinks = [\"erp\"]\n"));
+        assert_eq!(
+            (key.as_str(), line.as_str()),
+            ("sources.line1.sinks", "sinks = [\"erp\"]")
+        );
     }
 
     #[test]
