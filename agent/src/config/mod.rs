@@ -1,0 +1,1205 @@
+//! Configuration: TOML file → raw structs (serde, unknown keys refused) →
+//! checked [`Config`] (references resolved, bounds and paths checked).
+//!
+//! Every error names the file, the key and what was expected; `main` turns
+//! it into exit code 78 (EX_CONFIG) so systemd's `RestartPreventExitStatus`
+//! stops a restart loop on a bad config.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use protocols::counter::CounterWidth;
+use protocols::sinks::file::FileSinkConfig;
+use protocols::sinks::https::{HttpsAuth, HttpsMode, HttpsSinkConfig};
+use protocols::sinks::mqtt::{MqttSinkConfig, MqttVersion};
+use protocols::source::FieldValue;
+use protocols::sources::modbus::map::{Address, Format, Order, Table};
+use protocols::sources::modbus::{
+    CounterSpec, Endpoint, FieldSpec, ModbusConfig, RecordSpec, SerialSettings,
+};
+use protocols::sources::opcua::record::JsonField;
+use protocols::sources::opcua::session as opcua_session;
+use protocols::sources::opcua::{
+    Ack, AckArgument, AckValue, Acquisition, Connection, NodeCounter, NodeRecord, OpcUaConfig,
+    RecordLayout, Sampling, UserIdentity, ACK_TYPES,
+};
+use protocols::sources::simulated::SimulatedConfig;
+use protocols::tls::TlsSettings;
+use protocols::NodeId;
+use serde::Deserialize;
+
+mod https;
+mod modbus;
+mod mqtt;
+mod opcua;
+mod signals;
+
+use https::*;
+use modbus::*;
+use mqtt::*;
+use opcua::*;
+use signals::*;
+
+/// The commented default configuration (`plant-edge print-config`).
+pub const DEFAULT_CONFIG: &str = include_str!("../../../packaging/plant-edge.toml");
+
+/// A configuration problem: which file, which key, what was expected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The config file.
+    pub file: PathBuf,
+    /// Dotted key path (`journal.max_bytes`), or `-` for the whole file.
+    pub key: String,
+    /// What the key should hold, or what went wrong.
+    pub expected: String,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{}: ", self.file.display(), line)?,
+            None => write!(f, "{}: ", self.file.display())?,
+        }
+        write!(f, "key `{}`: {}", self.key, self.expected)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/plant-edge")
+}
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_bytes() -> ByteSize {
+    ByteSize::gib(1)
+}
+fn default_cache() -> ByteSize {
+    ByteSize::mib(32)
+}
+fn default_min_free_disk() -> ByteSize {
+    ByteSize::b(buffer::JournalConfig::DEFAULT_MIN_FREE_DISK)
+}
+fn default_dedup_window() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn default_dedup_window_count() -> usize {
+    200_000
+}
+fn default_batch_size() -> usize {
+    256
+}
+fn default_retry_initial() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_retry_max() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_rotate_bytes() -> ByteSize {
+    ByteSize::mib(64)
+}
+fn default_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_good_per_tick() -> u64 {
+    3
+}
+fn default_scrap_every() -> u64 {
+    10
+}
+fn default_counter_bits() -> u8 {
+    16
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Plain text lines (journald adds time and unit).
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    agent: RawAgent,
+    #[serde(default)]
+    journal: RawJournal,
+    #[serde(default)]
+    forwarder: RawForwarder,
+    #[serde(default)]
+    sinks: BTreeMap<String, RawSink>,
+    #[serde(default)]
+    sources: BTreeMap<String, RawSource>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    site: String,
+    gateway: String,
+    #[serde(default = "default_state_dir")]
+    state_dir: PathBuf,
+    #[serde(default)]
+    log_format: LogFormat,
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    shutdown_timeout: Duration,
+    #[serde(default = "default_metrics_listen")]
+    metrics_listen: String,
+    #[serde(default = "default_ready_max_age", with = "humantime_serde")]
+    ready_max_backlog_age: Duration,
+}
+
+fn default_metrics_listen() -> String {
+    "127.0.0.1:9464".into()
+}
+fn default_ready_max_age() -> Duration {
+    Duration::from_secs(15 * 60)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJournal {
+    #[serde(default = "default_max_bytes")]
+    max_bytes: ByteSize,
+    #[serde(default, with = "humantime_serde")]
+    ttl: Option<Duration>,
+    #[serde(default = "default_cache")]
+    cache: ByteSize,
+    #[serde(default = "default_min_free_disk")]
+    min_free_disk: ByteSize,
+    #[serde(default = "default_dedup_window", with = "humantime_serde")]
+    dedup_window: Duration,
+    #[serde(default = "default_dedup_window_count")]
+    dedup_window_count: usize,
+    #[serde(default)]
+    telemetry_types: Vec<String>,
+}
+
+impl Default for RawJournal {
+    fn default() -> Self {
+        Self {
+            max_bytes: default_max_bytes(),
+            ttl: None,
+            cache: default_cache(),
+            min_free_disk: default_min_free_disk(),
+            dedup_window: default_dedup_window(),
+            dedup_window_count: default_dedup_window_count(),
+            telemetry_types: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawForwarder {
+    #[serde(default = "default_batch_size")]
+    batch_size: usize,
+    #[serde(default = "default_retry_initial", with = "humantime_serde")]
+    retry_initial: Duration,
+    #[serde(default = "default_retry_max", with = "humantime_serde")]
+    retry_max: Duration,
+    #[serde(default)]
+    max_attempts: Option<u32>,
+}
+
+impl Default for RawForwarder {
+    fn default() -> Self {
+        Self {
+            batch_size: default_batch_size(),
+            retry_initial: default_retry_initial(),
+            retry_max: default_retry_max(),
+            max_attempts: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+enum RawSink {
+    File(RawFileSink),
+    Mqtt(Box<RawMqttSink>),
+    Https(Box<RawHttpsSink>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFileSink {
+    path: PathBuf,
+    #[serde(default = "default_rotate_bytes")]
+    rotate_bytes: ByteSize,
+    #[serde(default)]
+    keep_files: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+enum RawSource {
+    Simulated(RawSimulated),
+    Modbus(Box<RawModbus>),
+    Opcua(Box<RawOpcUa>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSimulated {
+    line: String,
+    machine: String,
+    #[serde(default = "default_interval", with = "humantime_serde")]
+    interval: Duration,
+    #[serde(default = "default_good_per_tick")]
+    good_per_tick: u64,
+    #[serde(default = "default_scrap_every")]
+    scrap_every: u64,
+    #[serde(default = "default_counter_bits")]
+    counter_bits: u8,
+    #[serde(default)]
+    start: u64,
+    #[serde(default)]
+    sinks: Option<Vec<String>>,
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
+}
+
+/// Journal settings after checking.
+#[derive(Clone, Debug)]
+pub struct JournalSettings {
+    /// Bound on stored bytes.
+    pub max_bytes: u64,
+    /// Time-to-live of pending events.
+    pub ttl: Option<Duration>,
+    /// sled cache bound.
+    pub cache_bytes: u64,
+    /// Free space kept on the journal's filesystem (0: no check).
+    pub min_free_disk: u64,
+    /// Dedup window by age.
+    pub dedup_window: Duration,
+    /// Dedup window by count.
+    pub dedup_window_count: usize,
+    /// Event types treated as telemetry.
+    pub telemetry_types: BTreeSet<String>,
+}
+
+/// Forwarder settings after checking.
+#[derive(Clone, Debug)]
+pub struct ForwarderSettings {
+    /// Events per delivery.
+    pub batch_size: usize,
+    /// First retry delay.
+    pub retry_initial: Duration,
+    /// Retry delay cap.
+    pub retry_max: Duration,
+    /// Give up (dead-letter) after this many attempts; `None` retries until
+    /// the journal TTL expires the event.
+    pub max_attempts: Option<u32>,
+}
+
+/// A configured sink.
+#[derive(Clone, Debug)]
+pub enum SinkKind {
+    /// JSON-lines archive.
+    File(FileSinkConfig),
+    /// MQTT broker.
+    Mqtt(Box<MqttSinkConfig>),
+    /// HTTPS endpoint (ERP).
+    Https(Box<HttpsSinkConfig>),
+}
+
+/// A configured sink with its name.
+#[derive(Clone, Debug)]
+pub struct SinkConfig {
+    /// Name (journal cursor key).
+    pub name: String,
+    /// What it is.
+    pub kind: SinkKind,
+}
+
+/// A configured source.
+#[derive(Clone, Debug)]
+pub enum SourceKind {
+    /// Simulated line.
+    Simulated(SimulatedConfig),
+    /// Modbus TCP/RTU device.
+    Modbus(Box<ModbusConfig>),
+    /// OPC UA server (MES or PLC).
+    OpcUa(Box<OpcUaConfig>),
+}
+
+/// A configured source with its name and routing.
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    /// Name (cursor key, part of event ids).
+    pub name: String,
+    /// Sinks its events go to.
+    pub sinks: Vec<String>,
+    /// Static attributes.
+    pub attributes: BTreeMap<String, String>,
+    /// What it is.
+    pub kind: SourceKind,
+}
+
+/// The checked configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where it was read from.
+    pub file: PathBuf,
+    /// Site code.
+    pub site: String,
+    /// Gateway name.
+    pub gateway: String,
+    /// State directory (journal lives in `<state_dir>/journal`).
+    pub state_dir: PathBuf,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Bound on graceful shutdown.
+    pub shutdown_timeout: Duration,
+    /// Metrics and health endpoint (`None`: off).
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// `/readyz` fails when the oldest pending event is older.
+    pub ready_max_backlog_age: Duration,
+    /// Journal settings.
+    pub journal: JournalSettings,
+    /// Forwarder settings.
+    pub forwarder: ForwarderSettings,
+    /// Sinks, by name order.
+    pub sinks: Vec<SinkConfig>,
+    /// Sources, by name order.
+    pub sources: Vec<SourceConfig>,
+}
+
+impl Config {
+    /// The journal directory.
+    pub fn journal_dir(&self) -> PathBuf {
+        self.state_dir.join("journal")
+    }
+
+    /// Reads, parses and checks a config file.
+    pub fn load(file: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
+            file: file.to_owned(),
+            key: "-".into(),
+            expected: format!("a readable TOML file ({e})"),
+            line: None,
+        })?;
+        Self::parse(file, &text)
+    }
+
+    /// Parses and checks config text (`file` is for messages).
+    pub fn parse(file: &Path, text: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| toml_error(file, text, &e))?;
+        check(file, raw).map_err(|mut e| {
+            // Checks after parsing know the key, not the line: found here
+            // once for all of them.
+            if e.line.is_none() {
+                e.line = line_of(text, &e.key);
+            }
+            e
+        })
+    }
+}
+
+/// The line (1-based) that sets `key` (dotted, `name[n]` for the n-th of
+/// an array of tables) in TOML `text`, or the nearest table or inline
+/// table above it; `None` when nothing of the key is in the text (a
+/// default).
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    let wanted: Vec<&str> = key.split('.').collect();
+    let mut table: Vec<String> = Vec::new();
+    // Arrays of tables seen so far, by their path: how many entries.
+    let mut arrays: BTreeMap<String, usize> = BTreeMap::new();
+    let mut best: Option<(usize, usize)> = None;
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('#') || t.is_empty() {
+            continue;
+        }
+        let path: Vec<String> = if let Some(header) = t.strip_prefix("[[") {
+            let name = header.split("]]").next().unwrap_or("").trim();
+            let mut parts = resolve_arrays(name, &arrays);
+            let full = name.to_owned();
+            let index = arrays.get(&full).copied().unwrap_or(0);
+            arrays.insert(full, index + 1);
+            if let Some(last) = parts.last_mut() {
+                *last = format!("{last}[{index}]");
+            }
+            table = parts.clone();
+            parts
+        } else if let Some(header) = t.strip_prefix('[') {
+            let name = header.split(']').next().unwrap_or("").trim();
+            table = resolve_arrays(name, &arrays);
+            table.clone()
+        } else if let Some((name, _)) = t.split_once('=') {
+            let mut path = table.clone();
+            path.extend(
+                name.trim()
+                    .split('.')
+                    .map(|p| p.trim().trim_matches('"').to_owned()),
+            );
+            path
+        } else {
+            continue;
+        };
+        // `records = [...]` (an inline array) holds `records[0]`.
+        let matched = path
+            .iter()
+            .zip(&wanted)
+            .take_while(|(have, want)| {
+                want.strip_prefix(have.as_str())
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('['))
+            })
+            .count();
+        // Only a line on the key's own path counts (not a sibling that
+        // shares its table), and the deepest one wins.
+        if matched == path.len() && matched > 0 && best.is_none_or(|(depth, _)| matched > depth) {
+            best = Some((matched, i + 1));
+        }
+    }
+    best.map(|(_, line)| line)
+}
+
+/// `sources.mes1.records` inside the current entry of an array of tables
+/// above it (`sources.mes1` is not one; `x.items` in `[[x.items]]` is).
+fn resolve_arrays(name: &str, arrays: &BTreeMap<String, usize>) -> Vec<String> {
+    let parts: Vec<&str> = name.split('.').map(str::trim).collect();
+    let mut resolved = Vec::with_capacity(parts.len());
+    for (i, part) in parts.iter().enumerate() {
+        let prefix = parts[..=i].join(".");
+        match arrays.get(&prefix) {
+            // Not the header's own last part: that one is indexed by the caller.
+            Some(count) if i + 1 < parts.len() => {
+                resolved.push(format!("{part}[{}]", count.saturating_sub(1)))
+            }
+            _ => resolved.push((*part).to_owned()),
+        }
+    }
+    resolved
+}
+
+/// Turns a TOML/serde error into file, dotted key, line and message.
+fn toml_error(file: &Path, text: &str, error: &toml::de::Error) -> ConfigError {
+    let message = error.message().trim().to_owned();
+    let Some(span) = error.span() else {
+        return ConfigError {
+            file: file.to_owned(),
+            key: "-".into(),
+            expected: message,
+            line: None,
+        };
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line_no = before.matches('\n').count() + 1;
+    let mut table = String::new();
+    for line in before.lines() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            table = t.trim_matches(|c| c == '[' || c == ']').trim().to_owned();
+        }
+    }
+    let current = text.lines().nth(line_no - 1).unwrap_or("").trim();
+    if current.starts_with('[') {
+        // Errors inside a tagged table (a sink's or source's kind) point at
+        // its header: that header is the table the field belongs to.
+        table = current
+            .trim_matches(|c| c == '[' || c == ']')
+            .trim()
+            .to_owned();
+    }
+    let mut key = if current.starts_with('[') {
+        table.clone()
+    } else {
+        let name = current.split('=').next().unwrap_or("").trim();
+        match (table.is_empty(), name.is_empty()) {
+            (_, true) => table.clone(),
+            (true, false) => name.to_owned(),
+            (false, false) => format!("{table}.{name}"),
+        }
+    };
+    // serde names the offending field itself for unknown and missing ones.
+    if let Some(field) = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split('`').next())
+    {
+        if !key.ends_with(field) {
+            key = if table.is_empty() {
+                field.to_owned()
+            } else {
+                format!("{table}.{field}")
+            };
+        }
+    }
+    if let Some(field) = message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next())
+    {
+        key = if key.is_empty() {
+            field.to_owned()
+        } else {
+            format!("{key}.{field}")
+        };
+    }
+    if key.is_empty() {
+        key = "-".into();
+    }
+    ConfigError {
+        file: file.to_owned(),
+        key,
+        expected: message,
+        line: Some(line_no),
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// Whether `dir` (or, if absent, its nearest existing ancestor) accepts a
+/// new file. Probes with a real file: permission bits do not tell the whole
+/// truth (read-only mounts, ACLs, systemd's ProtectSystem).
+fn writable(dir: &Path) -> Result<(), String> {
+    let mut probe_dir = dir;
+    while !probe_dir.exists() {
+        match probe_dir.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => probe_dir = parent,
+            _ => return Ok(()),
+        }
+    }
+    if !probe_dir.is_dir() {
+        return Err(format!("{} is not a directory", probe_dir.display()));
+    }
+    let probe = probe_dir.join(format!(".plant-edge-probe-{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => Err(format!("{} is not writable: {e}", probe_dir.display())),
+    }
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+fn readable_file(path: &Path) -> Result<(), String> {
+    std::fs::File::open(path)
+        .map(|_| ())
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Reads a secret from a file (or a systemd credential: the path is then
+/// `$CREDENTIALS_DIRECTORY/<name>`); trailing newlines are not part of it.
+fn read_secret(path: &Path) -> Result<String, String> {
+    let path = match (
+        path.is_relative(),
+        std::env::var_os("CREDENTIALS_DIRECTORY"),
+    ) {
+        (true, Some(dir)) if !path.exists() => PathBuf::from(dir).join(path),
+        _ => path.to_owned(),
+    };
+    std::fs::read_to_string(&path)
+        .map(|s| s.trim_end_matches(['\n', '\r']).to_owned())
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// CA file, client certificate and key: readable, and cert and key together.
+fn check_tls_files(
+    ca_file: &Option<PathBuf>,
+    client_cert: &Option<PathBuf>,
+    client_key: &Option<PathBuf>,
+) -> Result<(), (&'static str, String)> {
+    if client_cert.is_some() != client_key.is_some() {
+        return Err((
+            "client_key",
+            "set together with client_cert (mutual TLS needs both)".into(),
+        ));
+    }
+    for (sub, path) in [
+        ("ca_file", ca_file),
+        ("client_cert", client_cert),
+        ("client_key", client_key),
+    ] {
+        if let Some(path) = path {
+            readable_file(path).map_err(|why| (sub, format!("a readable PEM file ({why})")))?;
+        }
+    }
+    Ok(())
+}
+
+/// Errors for the keys of one table: `keyed(file, "sources.mes1")`
+/// makes `err("endpoint", ...)` name `sources.mes1.endpoint` (an empty
+/// table: the key as given). The line is found later, from the text.
+fn keyed<'a, K: fmt::Display>(
+    file: &'a Path,
+    table: &'a str,
+) -> impl Fn(K, String) -> ConfigError + 'a {
+    move |sub, expected| ConfigError {
+        file: file.to_owned(),
+        key: if table.is_empty() {
+            sub.to_string()
+        } else {
+            format!("{table}.{sub}")
+        },
+        expected,
+        line: None,
+    }
+}
+
+fn check_routes(
+    file: &Path,
+    key: &str,
+    routed: &[String],
+    sink_names: &[String],
+) -> Result<(), ConfigError> {
+    let within = keyed(file, key);
+    let err = |expected: String| within("sinks", expected);
+    if let Some(missing) = routed.iter().find(|s| !sink_names.contains(s)) {
+        return Err(err(format!(
+            "names of configured sinks ({}), found {missing:?}",
+            sink_names.join(", ")
+        )));
+    }
+    if routed.is_empty() {
+        return Err(err("at least one sink".into()));
+    }
+    Ok(())
+}
+
+/// Spans of one signal, for the overlap check: (table, start, end).
+type Spans = Vec<(Table, u32, u32)>;
+
+fn check(file: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
+    let err = |key: &str, expected: String| keyed(file, "")(key, expected);
+    for (key, value) in [
+        ("agent.site", &raw.agent.site),
+        ("agent.gateway", &raw.agent.gateway),
+    ] {
+        if !valid_name(value) {
+            return Err(err(
+                key,
+                format!("1-64 letters, digits, '-' or '_', found {value:?}"),
+            ));
+        }
+    }
+    writable(&raw.agent.state_dir)
+        .map_err(|why| err("agent.state_dir", format!("a writable directory ({why})")))?;
+    if raw.agent.shutdown_timeout.is_zero() || raw.agent.shutdown_timeout > Duration::from_secs(300)
+    {
+        return Err(err(
+            "agent.shutdown_timeout",
+            "a duration between 1s and 5m".into(),
+        ));
+    }
+
+    let metrics_listen = match raw.agent.metrics_listen.as_str() {
+        "off" | "" => None,
+        text => Some(text.parse::<std::net::SocketAddr>().map_err(|_| {
+            err(
+                "agent.metrics_listen",
+                format!("an address like 127.0.0.1:9464, or \"off\"; found {text:?}"),
+            )
+        })?),
+    };
+    let j = &raw.journal;
+    if j.max_bytes.as_u64() < ByteSize::mib(1).as_u64() {
+        return Err(err(
+            "journal.max_bytes",
+            format!("at least 1MiB, found {}", j.max_bytes),
+        ));
+    }
+    if j.cache.as_u64() < ByteSize::mib(1).as_u64() || j.cache.as_u64() > ByteSize::gib(4).as_u64()
+    {
+        return Err(err(
+            "journal.cache",
+            format!("between 1MiB and 4GiB, found {}", j.cache),
+        ));
+    }
+    if let Some(ttl) = j.ttl {
+        if ttl < Duration::from_secs(60) {
+            return Err(err(
+                "journal.ttl",
+                "at least 1m (or leave it out for no expiry)".into(),
+            ));
+        }
+    }
+    if j.dedup_window_count == 0 || j.dedup_window_count > 10_000_000 {
+        return Err(err(
+            "journal.dedup_window_count",
+            "between 1 and 10000000".into(),
+        ));
+    }
+    for t in &j.telemetry_types {
+        if t == buffer::EventType::COMPLETION || t == buffer::EventType::SCRAP {
+            return Err(err(
+                "journal.telemetry_types",
+                format!("event types that may be dropped when full; {t} is a business event and is never dropped"),
+            ));
+        }
+    }
+
+    let f = &raw.forwarder;
+    if f.batch_size == 0 || f.batch_size > 10_000 {
+        return Err(err(
+            "forwarder.batch_size",
+            format!("between 1 and 10000, found {}", f.batch_size),
+        ));
+    }
+    if f.retry_initial.is_zero() || f.retry_initial > f.retry_max {
+        return Err(err(
+            "forwarder.retry_initial",
+            "a duration above 0 and not above forwarder.retry_max".into(),
+        ));
+    }
+
+    if raw.sinks.is_empty() {
+        return Err(err(
+            "sinks",
+            "at least one sink, e.g. [sinks.archive] with kind = \"file\"".into(),
+        ));
+    }
+    if raw.sinks.len() > buffer::journal::MAX_SINKS {
+        return Err(err(
+            "sinks",
+            format!("at most {} sinks", buffer::journal::MAX_SINKS),
+        ));
+    }
+    let mut sinks = Vec::new();
+    for (name, sink) in raw.sinks {
+        let key = format!("sinks.{name}");
+        if !valid_name(&name) {
+            return Err(err(
+                &key,
+                "a name of 1-64 letters, digits, '-' or '_'".into(),
+            ));
+        }
+        let kind = match sink {
+            RawSink::File(fs) => {
+                let dir = fs.path.parent().unwrap_or(Path::new("."));
+                if fs.path.file_name().is_none() {
+                    return Err(err(&format!("{key}.path"), "a file path".into()));
+                }
+                writable(dir).map_err(|why| {
+                    err(
+                        &format!("{key}.path"),
+                        format!("a file in a writable directory ({why})"),
+                    )
+                })?;
+                if fs.rotate_bytes.as_u64() < 4096 {
+                    return Err(err(&format!("{key}.rotate_bytes"), "at least 4KiB".into()));
+                }
+                if fs.keep_files == Some(0) {
+                    return Err(err(
+                        &format!("{key}.keep_files"),
+                        "at least 1 (or leave it out to keep all)".into(),
+                    ));
+                }
+                SinkKind::File(FileSinkConfig {
+                    path: fs.path,
+                    rotate_bytes: fs.rotate_bytes.as_u64(),
+                    keep_files: fs.keep_files,
+                })
+            }
+            RawSink::Mqtt(m) => SinkKind::Mqtt(Box::new(check_mqtt(file, &key, *m, &raw.agent)?)),
+            RawSink::Https(h) => SinkKind::Https(Box::new(check_https(file, &key, *h)?)),
+        };
+        sinks.push(SinkConfig { name, kind });
+    }
+    let sink_names: Vec<String> = sinks.iter().map(|s| s.name.clone()).collect();
+
+    let mut sources = Vec::new();
+    for (name, source) in raw.sources {
+        let key = format!("sources.{name}");
+        if !valid_name(&name) {
+            return Err(err(
+                &key,
+                "a name of 1-64 letters, digits, '-' or '_'".into(),
+            ));
+        }
+        match source {
+            RawSource::Modbus(m) => {
+                let routed = m.sinks.clone().unwrap_or_else(|| sink_names.clone());
+                check_routes(file, &key, &routed, &sink_names)?;
+                let attributes = m.attributes.clone();
+                sources.push(SourceConfig {
+                    name,
+                    sinks: routed,
+                    attributes,
+                    kind: SourceKind::Modbus(Box::new(check_modbus(file, &key, *m)?)),
+                });
+            }
+            RawSource::Opcua(m) => {
+                let routed = m.sinks.clone().unwrap_or_else(|| sink_names.clone());
+                check_routes(file, &key, &routed, &sink_names)?;
+                let attributes = m.attributes.clone();
+                let checked = check_opcua(
+                    file,
+                    &key,
+                    *m,
+                    &raw.agent.state_dir,
+                    &raw.agent.site,
+                    &raw.agent.gateway,
+                )?;
+                sources.push(SourceConfig {
+                    name,
+                    sinks: routed,
+                    attributes,
+                    kind: SourceKind::OpcUa(Box::new(checked)),
+                });
+            }
+            RawSource::Simulated(sim) => {
+                let routed = sim.sinks.unwrap_or_else(|| sink_names.clone());
+                if let Some(missing) = routed.iter().find(|s| !sink_names.contains(s)) {
+                    return Err(err(
+                        &format!("{key}.sinks"),
+                        format!(
+                            "names of configured sinks ({}), found {missing:?}",
+                            sink_names.join(", ")
+                        ),
+                    ));
+                }
+                if routed.is_empty() {
+                    return Err(err(&format!("{key}.sinks"), "at least one sink".into()));
+                }
+                if sim.interval < Duration::from_millis(10) {
+                    return Err(err(&format!("{key}.interval"), "at least 10ms".into()));
+                }
+                let width = match sim.counter_bits {
+                    16 => CounterWidth::U16,
+                    32 => CounterWidth::U32,
+                    64 => CounterWidth::U64,
+                    other => {
+                        return Err(err(
+                            &format!("{key}.counter_bits"),
+                            format!("16, 32 or 64, found {other}"),
+                        ))
+                    }
+                };
+                sources.push(SourceConfig {
+                    name,
+                    sinks: routed,
+                    attributes: sim.attributes,
+                    kind: SourceKind::Simulated(SimulatedConfig {
+                        line: sim.line,
+                        machine: sim.machine,
+                        interval: sim.interval,
+                        good_per_tick: sim.good_per_tick,
+                        scrap_every: sim.scrap_every,
+                        width,
+                        start: sim.start,
+                    }),
+                });
+            }
+        }
+    }
+
+    Ok(Config {
+        file: file.to_owned(),
+        site: raw.agent.site,
+        gateway: raw.agent.gateway,
+        state_dir: raw.agent.state_dir,
+        log_format: raw.agent.log_format,
+        shutdown_timeout: raw.agent.shutdown_timeout,
+        metrics_listen,
+        ready_max_backlog_age: raw.agent.ready_max_backlog_age,
+        journal: JournalSettings {
+            max_bytes: j.max_bytes.as_u64(),
+            ttl: j.ttl,
+            cache_bytes: j.cache.as_u64(),
+            min_free_disk: j.min_free_disk.as_u64(),
+            dedup_window: j.dedup_window,
+            dedup_window_count: j.dedup_window_count,
+            telemetry_types: j.telemetry_types.iter().cloned().collect(),
+        },
+        forwarder: ForwarderSettings {
+            batch_size: f.batch_size,
+            retry_initial: f.retry_initial,
+            retry_max: f.retry_max,
+            max_attempts: f.max_attempts,
+        },
+        sinks,
+        sources,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("test.toml"), text)
+    }
+
+    const MINIMAL: &str = r#"
+[agent]
+site = "plant1"
+gateway = "gw1"
+state_dir = "/tmp/plant-edge-config-test"
+
+[sinks.archive]
+kind = "file"
+path = "/tmp/plant-edge-config-test/archive/events.jsonl"
+"#;
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let config = parse(MINIMAL).expect("valid");
+        assert_eq!(config.journal.max_bytes, 1 << 30);
+        assert_eq!(config.journal.cache_bytes, 32 << 20);
+        assert_eq!(config.forwarder.batch_size, 256);
+        assert_eq!(config.sinks.len(), 1);
+    }
+
+    #[test]
+    fn sizes_and_durations_are_human() {
+        let text = format!("{MINIMAL}\n[journal]\nmax_bytes = \"512MiB\"\nttl = \"30d\"\ndedup_window = \"2h 30m\"\n");
+        let config = parse(&text).expect("valid");
+        assert_eq!(config.journal.max_bytes, 512 << 20);
+        assert_eq!(config.journal.ttl, Some(Duration::from_secs(30 * 86400)));
+        assert_eq!(config.journal.dedup_window, Duration::from_secs(9000));
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_table() {
+        let text = format!("{MINIMAL}\n[journal]\nmax_byte = \"1GiB\"\n");
+        let e = parse(&text).expect_err("unknown key");
+        assert_eq!(e.key, "journal.max_byte", "{e}");
+        assert!(e.expected.contains("max_bytes"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_inside_a_tagged_sink_is_refused() {
+        let text = MINIMAL.replace("kind = \"file\"", "kind = \"file\"\nrotate = 5");
+        let e = parse(&text).expect_err("unknown key");
+        assert!(e.to_string().contains("rotate"), "{e}");
+    }
+
+    const OPCUA: &str = r#"
+[sources.mes1]
+kind = "opcua"
+endpoint = "opc.tcp://127.0.0.1:4840/"
+line = "L1"
+machine = "filler1"
+counters = [{ signal = "good", type = "production.completion", node = "ns=2;s=Line1.Good" }]
+records = [{ signal = "completion", type = "production.completion", node = "ns=2;s=Line1.Record", fields = { sequence = "/seq", quantity = "/qty" }, ack = { write = "ns=2;s=Line1.Ack", field = "sequence" } }]
+"#;
+
+    #[test]
+    fn opcua_source_is_checked_and_mistakes_name_their_key() {
+        let config = parse(&format!("{MINIMAL}{OPCUA}")).expect("valid opcua source");
+        let SourceKind::OpcUa(source) = &config.sources[0].kind else {
+            panic!("opcua source expected");
+        };
+        assert_eq!(source.records[0].key, vec!["sequence".to_owned()]);
+        assert!(source.connection.pki_dir.ends_with("pki"));
+        // 0: the server's fastest sampling, every change of a record node.
+        let sampling = |setting: &str| {
+            let text = OPCUA.replacen(
+                "line = \"L1\"",
+                &format!("line = \"L1\"\nsampling_interval = {setting}"),
+                1,
+            );
+            parse(&format!("{MINIMAL}{text}")).map(|config| match &config.sources[0].kind {
+                SourceKind::OpcUa(source) => match &source.acquisition {
+                    Acquisition::Subscription {
+                        sampling_interval, ..
+                    } => *sampling_interval,
+                    other => panic!("subscription expected, got {other:?}"),
+                },
+                _ => panic!("opcua source expected"),
+            })
+        };
+        assert_eq!(
+            sampling("\"0s\"").expect("0s is valid"),
+            Sampling::Every(Duration::ZERO)
+        );
+        // -1: the publishing interval, as a number or a string.
+        for setting in ["-1", "\"-1\""] {
+            assert_eq!(
+                sampling(setting).expect("-1 is valid"),
+                Sampling::PublishingInterval
+            );
+        }
+        for wrong in ["-2", "\"fast\""] {
+            let why = sampling(wrong).expect_err("not a sampling interval");
+            assert_eq!(why.key, "sources.mes1.sampling_interval", "{why}");
+            assert!(
+                why.expected.contains("-1 (the publishing interval)"),
+                "{why}"
+            );
+        }
+        let cases = [
+            (
+                "ns=2;s=Line1.Good\"",
+                "nonsense\"",
+                "sources.mes1.counters[0].node",
+            ),
+            (
+                "endpoint = \"opc.tcp://",
+                "endpoint = \"http://",
+                "sources.mes1.endpoint",
+            ),
+            (
+                "line = \"L1\"",
+                "line = \"L1\"\nsecurity_policy = \"Basic128\"",
+                "sources.mes1.security_policy",
+            ),
+            (
+                "line = \"L1\"",
+                "line = \"L1\"\nsecurity_policy = \"Basic256Sha256\"",
+                "sources.mes1.security_mode",
+            ),
+            (
+                "line = \"L1\"",
+                "line = \"L1\"\nlifetime_count = 5",
+                "sources.mes1.lifetime_count",
+            ),
+            (
+                "\"/qty\" }",
+                "\"qty\" }",
+                "sources.mes1.records[0].fields.quantity",
+            ),
+            (
+                "field = \"sequence\"",
+                "field = \"batch\"",
+                "sources.mes1.records[0].ack.field",
+            ),
+            (
+                "line = \"L1\"",
+                "line = \"L1\"\nuser = \"gw\"",
+                "sources.mes1.password_file",
+            ),
+            (
+                "fields = {",
+                "key = [], fields = {",
+                "sources.mes1.records[0].key",
+            ),
+            (
+                "fields = {",
+                "sequence_scope = \"global\", fields = {",
+                "sources.mes1.records[0].sequence_scope",
+            ),
+            (
+                "type = \"production.completion\", node = \"ns=2;s=Line1.Record\"",
+                "type_from = { field = \"kind\", map = { \"1\" = \"production.completion\" } }, node = \"ns=2;s=Line1.Record\"",
+                "sources.mes1.records[0].type_from.field",
+            ),
+            (
+                "type = \"production.completion\", node = \"ns=2;s=Line1.Record\"",
+                "type = \"production.completion\", type_from = { field = \"sequence\", map = { \"1\" = \"production.scrap\" } }, node = \"ns=2;s=Line1.Record\"",
+                "sources.mes1.records[0].type",
+            ),
+            // Reasons are looked up by the record's reason_code.
+            (
+                "type = \"production.completion\", node = \"ns=2;s=Line1.Record\"",
+                "type = \"production.completion\", reasons = { \"17\" = \"jam\" }, node = \"ns=2;s=Line1.Record\"",
+                "sources.mes1.records[0].reasons",
+            ),
+            // Without an ack the key is the identity: an optional field in
+            // it would make different records look alike.
+            (
+                "quantity = \"/qty\" }, ack = { write = \"ns=2;s=Line1.Ack\", field = \"sequence\" }",
+                "quantity = \"/qty\", order = \"/order\" }, optional = [\"order\"], key = [\"order\"]",
+                "sources.mes1.records[0].key",
+            ),
+        ];
+        for (from, to, key) in cases {
+            let text = format!("{MINIMAL}{}", OPCUA.replacen(from, to, 1));
+            let e = parse(&text).expect_err(key);
+            assert_eq!(e.key, key, "{e}");
+        }
+    }
+
+    #[test]
+    fn errors_found_after_parsing_name_their_line() {
+        let line_of_error = |text: &str| {
+            let e = parse(text).expect_err("invalid");
+            let line = e.line.unwrap_or_else(|| panic!("no line: {e}"));
+            (
+                e.key.clone(),
+                text.lines().nth(line - 1).unwrap_or("").trim().to_owned(),
+            )
+        };
+        let (key, line) =
+            line_of_error(&MINIMAL.replace("gateway = \"gw1\"", "gateway = \"gw 1\""));
+        assert_eq!(
+            (key.as_str(), line.as_str()),
+            ("agent.gateway", "gateway = \"gw 1\"")
+        );
+        // Inside an inline array of tables: the line holding it.
+        let text = format!(
+            "{MINIMAL}{}",
+            OPCUA.replacen("type = \"production.completion\", node = \"ns=2;s=Line1.Record\"", "type = \"production.completion\", reasons = { \"17\" = \"jam\" }, node = \"ns=2;s=Line1.Record\"", 1)
+        );
+        let (key, line) = line_of_error(&text);
+        assert_eq!(key, "sources.mes1.records[0].reasons");
+        assert!(
+            line.starts_with("records = [{") && line.contains("reasons"),
+            "{line}"
+        );
+        // The second of two tables of an array: its own lines.
+        let text = format!(
+            "{MINIMAL}\n[sources.press1]\nkind = \"modbus\"\nendpoint = \"tcp://127.0.0.1:502\"\nline = \"L1\"\nmachine = \"p\"\n\n[[sources.press1.counters]]\nsignal = \"good\"\ntype = \"production.completion\"\naddress = \"holding:0\"\n\n[[sources.press1.counters]]\nsignal = \"scrap\"\ntype = \"production.scrap\"\naddress = \"holding:1\"\nmax_step = 0\n"
+        );
+        let (key, line) = line_of_error(&text);
+        assert_eq!(
+            (key.as_str(), line.as_str()),
+            ("sources.press1.counters[1].max_step", "max_step = 0")
+        );
+        // A key left to its default: the table that lacks it.
+        let (key, line) = line_of_error(&format!("{MINIMAL}\n[sources.line1]\nkind = \"simulated\"\nline = \"L1\"\nmachine = \"m\"\nsinks = [\"erp\"]\n"));
+        assert_eq!(
+            (key.as_str(), line.as_str()),
+            ("sources.line1.sinks", "sinks = [\"erp\"]")
+        );
+    }
+
+    #[test]
+    fn bad_duration_names_the_key() {
+        let text = format!("{MINIMAL}\n[forwarder]\nretry_max = \"soon\"\n");
+        let e = parse(&text).expect_err("bad duration");
+        assert_eq!(e.key, "forwarder.retry_max", "{e}");
+    }
+
+    #[test]
+    fn source_routed_to_missing_sink_is_refused() {
+        let text = format!("{MINIMAL}\n[sources.line1]\nkind = \"simulated\"\nline = \"L1\"\nmachine = \"m\"\nsinks = [\"erp\"]\n");
+        let e = parse(&text).expect_err("missing sink");
+        assert_eq!(e.key, "sources.line1.sinks");
+        assert!(e.expected.contains("archive"), "{e}");
+    }
+
+    #[test]
+    fn completion_cannot_be_declared_telemetry() {
+        let text = format!("{MINIMAL}\n[journal]\ntelemetry_types = [\"production.completion\"]\n");
+        assert_eq!(
+            parse(&text).expect_err("business").key,
+            "journal.telemetry_types"
+        );
+    }
+
+    #[test]
+    fn shipped_default_config_is_valid() {
+        let text =
+            DEFAULT_CONFIG.replace("/var/lib/plant-edge", "/tmp/plant-edge-default-config-test");
+        parse(&text).expect("the packaged default config must validate");
+    }
+}
