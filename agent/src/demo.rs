@@ -15,7 +15,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -478,13 +477,10 @@ fn progress(agent: &RunningAgent, made: &Made, erp: &Erp, started: Instant, tty:
     let produced: u64 = made.lock().map(|t| t.values().sum()).unwrap_or(0);
     let delivered = erp.state.events.lock().map(|e| e.len()).unwrap_or(0);
     let mut links: Vec<String> = Vec::new();
-    for (name, stats) in &agent.modbus {
-        let up = stats.connected.load(Ordering::Relaxed);
-        links.push(format!("{name}:{}", if up { "up" } else { "down" }));
-    }
-    for (name, stats) in &agent.opcua {
-        let up = stats.connected.load(Ordering::Relaxed);
-        links.push(format!("{name}:{}", if up { "up" } else { "down" }));
+    for (name, counters) in &agent.source_counters {
+        if let Some(up) = counters.connected() {
+            links.push(format!("{name}:{}", if up { "up" } else { "down" }));
+        }
     }
     for (name, st) in &agent.forwarders {
         let st = st.lock().unwrap_or_else(|p| p.into_inner());

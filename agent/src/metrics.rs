@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,8 +21,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use protocols::sources::modbus::ModbusStats;
-use protocols::sources::opcua::OpcUaStats;
+use protocols::source::SourceCounters;
 use tokio::sync::watch;
 
 use crate::forwarder::SharedStatus;
@@ -34,10 +32,8 @@ pub struct Metrics {
     pub journal: Journal,
     /// Forwarder status per sink.
     pub forwarders: BTreeMap<String, SharedStatus>,
-    /// Modbus counters per source.
-    pub modbus: Vec<(String, Arc<ModbusStats>)>,
-    /// OPC UA counters per source.
-    pub opcua: Vec<(String, Arc<OpcUaStats>)>,
+    /// Each source's own counters, whatever its kind.
+    pub sources: Vec<(String, Arc<dyn SourceCounters>)>,
     /// Durable-append latency of every source's appends.
     pub append_latency: Histogram,
     /// Events made per source and type.
@@ -291,72 +287,36 @@ impl Metrics {
             "Seconds from a source's append to the journal's durable answer",
             self.append_latency.clone(),
         );
-        let modbus = Family::<Labels, Gauge>::default();
-        for (source, stats) in &self.modbus {
-            for (kind, value) in [
-                ("polls", &stats.polls),
-                ("overruns", &stats.overruns),
-                ("exceptions", &stats.exceptions),
-                ("transport_errors", &stats.transport_errors),
-                ("bad_values", &stats.bad_values),
-                ("events", &stats.events),
-                ("records_acked", &stats.records_acked),
-                ("records_refused", &stats.records_refused),
-            ] {
-                modbus
+        // One family per source kind, named by the kind itself.
+        // Per family: help, counters by kind, connected.
+        type Gauges = Family<Labels, Gauge>;
+        let mut families: BTreeMap<&str, (&str, Gauges, Gauges)> = BTreeMap::new();
+        for (source, counters) in &self.sources {
+            let (family, help) = counters.family();
+            let (_, values, up) = families
+                .entry(family)
+                .or_insert_with(|| (help, Family::default(), Family::default()));
+            for (kind, value) in counters.counters() {
+                values
                     .get_or_create(&vec![
                         ("source".into(), source.clone()),
                         ("kind".into(), kind.into()),
                     ])
-                    .set(value.load(Ordering::Relaxed) as i64);
+                    .set(value as i64);
+            }
+            if let Some(connected) = counters.connected() {
+                up.get_or_create(&vec![("source".into(), source.clone())])
+                    .set(i64::from(connected));
             }
         }
-        registry.register(
-            "modbus_source",
-            "Modbus source counters by kind since start",
-            modbus,
-        );
-        let opcua = Family::<Labels, Gauge>::default();
-        let opcua_up = Family::<Labels, Gauge>::default();
-        for (source, stats) in &self.opcua {
-            for (kind, value) in [
-                ("connects", &stats.connects),
-                ("connection_errors", &stats.connection_errors),
-                ("notifications", &stats.notifications),
-                ("full_reads", &stats.full_reads),
-                ("sequence_gaps", &stats.sequence_gaps),
-                ("republished", &stats.republished),
-                ("notifications_dropped", &stats.notifications_dropped),
-                ("bad_status", &stats.bad_status),
-                ("stale_values", &stats.stale_values),
-                ("bad_values", &stats.bad_values),
-                ("malformed_records", &stats.malformed_records),
-                ("records_missed", &stats.records_missed),
-                ("events", &stats.events),
-                ("records_acked", &stats.records_acked),
-                ("ack_failures", &stats.ack_failures),
-            ] {
-                opcua
-                    .get_or_create(&vec![
-                        ("source".into(), source.clone()),
-                        ("kind".into(), kind.into()),
-                    ])
-                    .set(value.load(Ordering::Relaxed) as i64);
-            }
-            opcua_up
-                .get_or_create(&vec![("source".into(), source.clone())])
-                .set(i64::from(stats.connected.load(Ordering::Relaxed)));
+        for (family, (help, values, up)) in families {
+            registry.register(family, help, values);
+            registry.register(
+                format!("{family}_up"),
+                "1 while the device or server answers",
+                up,
+            );
         }
-        registry.register(
-            "opcua_source",
-            "OPC UA source counters by kind since start",
-            opcua,
-        );
-        registry.register(
-            "opcua_source_up",
-            "1 while the OPC UA session is active",
-            opcua_up,
-        );
         let info = Family::<Labels, Gauge>::default();
         info.get_or_create(&vec![("version".into(), env!("CARGO_PKG_VERSION").into())])
             .set(1);

@@ -15,7 +15,7 @@ use anyhow::Context;
 use buffer::{Journal, JournalConfig};
 use protocols::sinks::file::FileSink;
 use protocols::sinks::mqtt::MqttSink;
-use protocols::source::{Classifier, SourceContext};
+use protocols::source::{Classifier, SourceContext, SourceCounters};
 use protocols::sources::simulated::{self, Tally};
 use protocols::Sink;
 use tokio::sync::watch;
@@ -47,10 +47,8 @@ pub struct RunningAgent {
     pub journal: Journal,
     /// Per-sink forwarder status.
     pub forwarders: BTreeMap<String, SharedStatus>,
-    /// Modbus source counters.
-    pub modbus: Vec<(String, Arc<protocols::sources::modbus::ModbusStats>)>,
-    /// OPC UA source counters.
-    pub opcua: Vec<(String, Arc<protocols::sources::opcua::OpcUaStats>)>,
+    /// Each source's own counters, whatever its kind.
+    pub source_counters: Vec<(String, Arc<dyn SourceCounters>)>,
     /// Supervised source and sink tasks.
     pub tasks: Tasks,
     stop_sources: watch::Sender<bool>,
@@ -61,6 +59,51 @@ pub struct RunningAgent {
     shutdown_timeout: Duration,
 }
 
+/// One start of a source task, from the context of that start.
+type SourceTask = Box<
+    dyn Fn(SourceContext) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// The source kinds: each kind's counters (shown in metrics and status)
+/// and how one start of it runs. A new kind is one arm here.
+fn source_task(kind: &SourceKind, tally: &Tally) -> (Option<Arc<dyn SourceCounters>>, SourceTask) {
+    match kind {
+        SourceKind::Simulated(sc) => {
+            let (sc, tally) = (sc.clone(), tally.clone());
+            let task: SourceTask =
+                Box::new(move |ctx| Box::pin(simulated::run(ctx, sc.clone(), tally.clone())));
+            (None, task)
+        }
+        SourceKind::Modbus(mc) => {
+            let stats = Arc::new(protocols::sources::modbus::ModbusStats::default());
+            let (mc, counters) = ((**mc).clone(), stats.clone());
+            let task: SourceTask = Box::new(move |ctx| {
+                Box::pin(protocols::sources::modbus::run(
+                    ctx,
+                    mc.clone(),
+                    stats.clone(),
+                ))
+            });
+            (Some(counters), task)
+        }
+        SourceKind::OpcUa(oc) => {
+            let stats = Arc::new(protocols::sources::opcua::OpcUaStats::default());
+            let (oc, counters) = ((**oc).clone(), stats.clone());
+            let task: SourceTask = Box::new(move |ctx| {
+                Box::pin(protocols::sources::opcua::run(
+                    ctx,
+                    oc.clone(),
+                    stats.clone(),
+                ))
+            });
+            (Some(counters), task)
+        }
+    }
+}
+
+/// The sink kinds: how each is built (at start and after a panic).
 fn build_sink(kind: &SinkKind) -> anyhow::Result<Box<dyn Sink>> {
     Ok(match kind {
         SinkKind::File(fc) => Box::new(FileSink::open(fc.clone())?),
@@ -162,8 +205,7 @@ impl RunningAgent {
         };
         let read = protocols::source::ReadCounts::default();
         let mut sources = Vec::new();
-        let mut modbus = Vec::new();
-        let mut opcua = Vec::new();
+        let mut source_counters = Vec::new();
         for source in &config.sources {
             let ctx = SourceContext {
                 site: config.site.clone(),
@@ -209,45 +251,19 @@ impl RunningAgent {
                 }
             };
             let stop = stop_src_rx.clone();
-            let handle = match &source.kind {
-                SourceKind::Simulated(sc) => {
-                    let (sc, tally) = (sc.clone(), tally.clone());
-                    supervise::spawn(&tasks, "source", &source.name, stop, move || {
-                        let (ready, sc, tally) = (fresh(), sc.clone(), tally.clone());
-                        Some(async move {
-                            if let Some(ctx) = ready.await {
-                                simulated::run(ctx, sc, tally).await;
-                            }
-                        })
-                    })
-                }
-                SourceKind::Modbus(mc) => {
-                    let stats = Arc::new(protocols::sources::modbus::ModbusStats::default());
-                    modbus.push((source.name.clone(), stats.clone()));
-                    let mc = (**mc).clone();
-                    supervise::spawn(&tasks, "source", &source.name, stop, move || {
-                        let (ready, mc, stats) = (fresh(), mc.clone(), stats.clone());
-                        Some(async move {
-                            if let Some(ctx) = ready.await {
-                                protocols::sources::modbus::run(ctx, mc, stats).await;
-                            }
-                        })
-                    })
-                }
-                SourceKind::OpcUa(oc) => {
-                    let stats = Arc::new(protocols::sources::opcua::OpcUaStats::default());
-                    opcua.push((source.name.clone(), stats.clone()));
-                    let oc = (**oc).clone();
-                    supervise::spawn(&tasks, "source", &source.name, stop, move || {
-                        let (ready, oc, stats) = (fresh(), oc.clone(), stats.clone());
-                        Some(async move {
-                            if let Some(ctx) = ready.await {
-                                protocols::sources::opcua::run(ctx, oc, stats).await;
-                            }
-                        })
-                    })
-                }
-            };
+            let (counters, task) = source_task(&source.kind, &tally);
+            if let Some(counters) = counters {
+                source_counters.push((source.name.clone(), counters));
+            }
+            let task = Arc::new(task);
+            let handle = supervise::spawn(&tasks, "source", &source.name, stop, move || {
+                let (ready, task) = (fresh(), task.clone());
+                Some(async move {
+                    if let Some(ctx) = ready.await {
+                        task(ctx).await;
+                    }
+                })
+            });
             sources.push(handle);
         }
         if config.sources.is_empty() {
@@ -260,8 +276,7 @@ impl RunningAgent {
             let metrics = Arc::new(crate::metrics::Metrics {
                 journal: journal.clone(),
                 forwarders: forwarders.clone(),
-                modbus: modbus.clone(),
-                opcua: opcua.clone(),
+                sources: source_counters.clone(),
                 append_latency,
                 read,
                 ready_max_age: config.ready_max_backlog_age,
@@ -273,8 +288,7 @@ impl RunningAgent {
         Ok(Self {
             journal,
             forwarders,
-            modbus,
-            opcua,
+            source_counters,
             tasks,
             stop_sources,
             stop_forwarders,

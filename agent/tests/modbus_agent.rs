@@ -141,7 +141,12 @@ async fn killed_agent_counts_parts_made_while_it_was_down_exactly_once() {
     plc.mem().set_u32(2, 10);
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("state");
-    let file = write_config(dir.path(), &modbus_config(&state, plc.addr.port()));
+    let port = free_port();
+    let text = modbus_config(&state, plc.addr.port()).replace(
+        "shutdown_timeout = \"5s\"",
+        &format!("shutdown_timeout = \"5s\"\nmetrics_listen = \"127.0.0.1:{port}\""),
+    );
+    let file = write_config(dir.path(), &text);
     let config = file.to_str().expect("utf8").to_owned();
     let (mut good, mut scrap) = (64_000u32, 10u32);
     let (mut made_good, mut made_scrap) = (0u64, 0u64);
@@ -185,6 +190,19 @@ async fn killed_agent_counts_parts_made_while_it_was_down_exactly_once() {
                 );
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
+            // The source's own counters, under its kind's family.
+            wait_for_metric(
+                port,
+                "plant_edge_modbus_source_up{source=\"press1\"}",
+                |up| up == 1.0,
+            )
+            .await;
+            wait_for_metric(
+                port,
+                "plant_edge_modbus_source{source=\"press1\",kind=\"polls\"}",
+                |polls| polls > 0.0,
+            )
+            .await;
             kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
             assert_eq!(child.wait().expect("wait").code(), Some(0));
         } else {

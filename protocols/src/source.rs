@@ -54,6 +54,20 @@ pub struct SourceContext {
     pub read: ReadCounts,
 }
 
+/// A source kind's own counters, as the agent's metrics and status show
+/// them without knowing the kind.
+pub trait SourceCounters: Send + Sync {
+    /// Metric family (`modbus_source`) and its help text.
+    fn family(&self) -> (&'static str, &'static str);
+    /// Counters by kind, since start.
+    fn counters(&self) -> Vec<(&'static str, u64)>;
+    /// Whether the device or server is reachable now (`None`: the kind has
+    /// no connection).
+    fn connected(&self) -> Option<bool> {
+        None
+    }
+}
+
 /// Events every source made, by source and type, and stored positions
 /// that could not be decoded, by source; shared with metrics.
 #[derive(Clone, Debug, Default)]

@@ -189,6 +189,33 @@ pub struct ModbusStats {
     pub records_refused: AtomicU64,
 }
 
+impl crate::source::SourceCounters for ModbusStats {
+    fn family(&self) -> (&'static str, &'static str) {
+        (
+            "modbus_source",
+            "Modbus source counters by kind since start",
+        )
+    }
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        [
+            ("polls", &self.polls),
+            ("overruns", &self.overruns),
+            ("exceptions", &self.exceptions),
+            ("transport_errors", &self.transport_errors),
+            ("bad_values", &self.bad_values),
+            ("events", &self.events),
+            ("records_acked", &self.records_acked),
+            ("records_refused", &self.records_refused),
+        ]
+        .into_iter()
+        .map(|(kind, value)| (kind, value.load(Ordering::Relaxed)))
+        .collect()
+    }
+    fn connected(&self) -> Option<bool> {
+        Some(self.connected.load(Ordering::Relaxed))
+    }
+}
+
 /// The source's stored position: counter states and handshake positions,
 /// by signal. Stored with every append of this source.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -255,6 +255,37 @@ pub struct OpcUaStats {
     pub ack_failures: AtomicU64,
 }
 
+impl crate::source::SourceCounters for OpcUaStats {
+    fn family(&self) -> (&'static str, &'static str) {
+        ("opcua_source", "OPC UA source counters by kind since start")
+    }
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        [
+            ("connects", &self.connects),
+            ("connection_errors", &self.connection_errors),
+            ("notifications", &self.notifications),
+            ("full_reads", &self.full_reads),
+            ("sequence_gaps", &self.sequence_gaps),
+            ("republished", &self.republished),
+            ("notifications_dropped", &self.notifications_dropped),
+            ("bad_status", &self.bad_status),
+            ("stale_values", &self.stale_values),
+            ("bad_values", &self.bad_values),
+            ("malformed_records", &self.malformed_records),
+            ("records_missed", &self.records_missed),
+            ("events", &self.events),
+            ("records_acked", &self.records_acked),
+            ("ack_failures", &self.ack_failures),
+        ]
+        .into_iter()
+        .map(|(kind, value)| (kind, value.load(Ordering::Relaxed)))
+        .collect()
+    }
+    fn connected(&self) -> Option<bool> {
+        Some(self.connected.load(Ordering::Relaxed))
+    }
+}
+
 /// Cursor stored with every append.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 struct Cursor {
