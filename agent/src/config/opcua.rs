@@ -605,3 +605,135 @@ pub(super) fn check_opcua(
         records,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::{parse, MINIMAL, OPCUA};
+
+    #[test]
+    fn opcua_source_is_checked_and_mistakes_name_their_key() {
+        let config = parse(&format!("{MINIMAL}{OPCUA}")).expect("valid opcua source");
+        let SourceKind::OpcUa(source) = &config.sources[0].kind else {
+            panic!("opcua source expected");
+        };
+        assert_eq!(source.records[0].key, vec!["sequence".to_owned()]);
+        assert!(source.connection.pki_dir.ends_with("pki"));
+        // 0: the server's fastest sampling, every change of a record node.
+        let sampling = |setting: &str| {
+            let text = OPCUA.replacen(
+                "line = \"L1\"",
+                &format!("line = \"L1\"\nsampling_interval = {setting}"),
+                1,
+            );
+            parse(&format!("{MINIMAL}{text}")).map(|config| match &config.sources[0].kind {
+                SourceKind::OpcUa(source) => match &source.acquisition {
+                    Acquisition::Subscription {
+                        sampling_interval, ..
+                    } => *sampling_interval,
+                    other => panic!("subscription expected, got {other:?}"),
+                },
+                _ => panic!("opcua source expected"),
+            })
+        };
+        assert_eq!(
+            sampling("\"0s\"").expect("0s is valid"),
+            Sampling::Every(Duration::ZERO)
+        );
+        // -1: the publishing interval, as a number or a string.
+        for setting in ["-1", "\"-1\""] {
+            assert_eq!(
+                sampling(setting).expect("-1 is valid"),
+                Sampling::PublishingInterval
+            );
+        }
+        for wrong in ["-2", "\"fast\""] {
+            let why = sampling(wrong).expect_err("not a sampling interval");
+            assert_eq!(why.key, "sources.mes1.sampling_interval", "{why}");
+            assert!(
+                why.expected.contains("-1 (the publishing interval)"),
+                "{why}"
+            );
+        }
+        let cases = [
+            (
+                "ns=2;s=Line1.Good\"",
+                "nonsense\"",
+                "sources.mes1.counters[0].node",
+            ),
+            (
+                "endpoint = \"opc.tcp://",
+                "endpoint = \"http://",
+                "sources.mes1.endpoint",
+            ),
+            (
+                "line = \"L1\"",
+                "line = \"L1\"\nsecurity_policy = \"Basic128\"",
+                "sources.mes1.security_policy",
+            ),
+            (
+                "line = \"L1\"",
+                "line = \"L1\"\nsecurity_policy = \"Basic256Sha256\"",
+                "sources.mes1.security_mode",
+            ),
+            (
+                "line = \"L1\"",
+                "line = \"L1\"\nlifetime_count = 5",
+                "sources.mes1.lifetime_count",
+            ),
+            (
+                "\"/qty\" }",
+                "\"qty\" }",
+                "sources.mes1.records[0].fields.quantity",
+            ),
+            (
+                "field = \"sequence\"",
+                "field = \"batch\"",
+                "sources.mes1.records[0].ack.field",
+            ),
+            (
+                "line = \"L1\"",
+                "line = \"L1\"\nuser = \"gw\"",
+                "sources.mes1.password_file",
+            ),
+            (
+                "fields = {",
+                "key = [], fields = {",
+                "sources.mes1.records[0].key",
+            ),
+            (
+                "fields = {",
+                "sequence_scope = \"global\", fields = {",
+                "sources.mes1.records[0].sequence_scope",
+            ),
+            (
+                "type = \"production.completion\", node = \"ns=2;s=Line1.Record\"",
+                "type_from = { field = \"kind\", map = { \"1\" = \"production.completion\" } }, node = \"ns=2;s=Line1.Record\"",
+                "sources.mes1.records[0].type_from.field",
+            ),
+            (
+                "type = \"production.completion\", node = \"ns=2;s=Line1.Record\"",
+                "type = \"production.completion\", type_from = { field = \"sequence\", map = { \"1\" = \"production.scrap\" } }, node = \"ns=2;s=Line1.Record\"",
+                "sources.mes1.records[0].type",
+            ),
+            // Reasons are looked up by the record's reason_code.
+            (
+                "type = \"production.completion\", node = \"ns=2;s=Line1.Record\"",
+                "type = \"production.completion\", reasons = { \"17\" = \"jam\" }, node = \"ns=2;s=Line1.Record\"",
+                "sources.mes1.records[0].reasons",
+            ),
+            // Without an ack the key is the identity: an optional field in
+            // it would make different records look alike.
+            (
+                "quantity = \"/qty\" }, ack = { write = \"ns=2;s=Line1.Ack\", field = \"sequence\" }",
+                "quantity = \"/qty\", order = \"/order\" }, optional = [\"order\"], key = [\"order\"]",
+                "sources.mes1.records[0].key",
+            ),
+        ];
+        for (from, to, key) in cases {
+            let text = format!("{MINIMAL}{}", OPCUA.replacen(from, to, 1));
+            let e = parse(&text).expect_err(key);
+            assert_eq!(e.key, key, "{e}");
+        }
+    }
+}
