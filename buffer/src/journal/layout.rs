@@ -21,6 +21,9 @@ pub(crate) const SINK_SLOT: u8 = b'n';
 pub(crate) const SINK_CURSOR: u8 = b's';
 /// `x` + dead-letter number: a [`DeadLetterRecord`].
 pub(crate) const DEAD_LETTER: u8 = b'x';
+/// `q` + first seq: the raw bytes of a chunk that no longer decodes, kept
+/// for recovery by hand (its events are counted as quarantined).
+pub(crate) const QUARANTINE: u8 = b'q';
 /// Next sequence to assign.
 pub(crate) const NEXT_SEQ: &[u8] = b"m:next_seq";
 /// Next dead-letter number.

@@ -161,7 +161,7 @@ impl Journal {
         };
         let mut st = self.state();
         let mut batch = sled::Batch::default();
-        batch.insert(&layout::seq_key(b'q', first), raw);
+        batch.insert(&layout::seq_key(layout::QUARANTINE, first), raw);
         batch.remove(&key);
         if let Some(meta) = st.chunks.get_mut(&first) {
             meta.dropped = true;
