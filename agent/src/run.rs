@@ -35,6 +35,7 @@ pub fn journal_config(config: &Config) -> JournalConfig {
     jc.min_free_disk = config.journal.min_free_disk;
     jc.dedup_window = config.journal.dedup_window;
     jc.dedup_window_count = config.journal.dedup_window_count;
+    jc.commit_window = config.journal.commit_window;
     jc.sinks = config.sinks.iter().map(|s| s.name.clone()).collect();
     jc
 }

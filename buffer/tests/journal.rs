@@ -680,3 +680,56 @@ fn a_journal_in_use_is_refused_as_locked_and_opens_once_released() {
         "nothing lost by the refused open"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_counter_poll_waits_for_the_commit_window_and_a_handshake_does_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = config(dir.path(), &["erp"]);
+    // Long enough that only an urgent append can end the wait.
+    config.commit_window = Duration::from_secs(3600);
+    let journal = Journal::open(config).expect("open");
+    let (appender, _writer) = journal.start_writer();
+    let routes = journal.routes_all();
+    let request = move |n: u64, source: &str| AppendRequest {
+        source: source.into(),
+        events: vec![event(n, EventClass::Business, routes)],
+        cursor: Some(n.to_be_bytes().to_vec()),
+    };
+    let deadline = Duration::from_secs(30);
+    tokio::time::timeout(deadline, appender.append_batched(request(0, "counters")))
+        .await
+        .expect("the first commit does not wait")
+        .expect("stored");
+    let poll = tokio::spawn({
+        let appender = appender.clone();
+        async move { appender.append_batched(request(1, "counters")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!poll.is_finished(), "a counter poll shares the next commit");
+    assert_eq!(
+        journal
+            .source_cursor("counters")
+            .expect("cursor")
+            .as_deref(),
+        Some(&0u64.to_be_bytes()[..]),
+        "the waiting poll's position is not stored yet"
+    );
+    tokio::time::timeout(deadline, appender.append(request(2, "handshake")))
+        .await
+        .expect("a handshake record is not held by the window")
+        .expect("stored");
+    tokio::time::timeout(deadline, poll)
+        .await
+        .expect("the waiting poll went with it")
+        .expect("task")
+        .expect("stored");
+    assert_eq!(drain(&journal, "erp").len(), 3);
+    assert_eq!(
+        journal
+            .source_cursor("counters")
+            .expect("cursor")
+            .as_deref(),
+        Some(&1u64.to_be_bytes()[..]),
+        "the poll's position is stored with its events"
+    );
+}

@@ -72,9 +72,10 @@ impl<P: Position> Positioned<P> {
     }
 
     /// Stores `events` with `next` as one durable write and adopts `next`
-    /// once the journal confirmed it. `Ok(None)`: not stored now (logged
-    /// with `then`, what the source does about it); the old position
-    /// stays, so the same reading makes the same events again.
+    /// once the journal confirmed it, at once: a device waits on it (a
+    /// handshake). `Ok(None)`: not stored now (logged with `then`, what the
+    /// source does about it); the old position stays, so the same reading
+    /// makes the same events again.
     pub async fn store(
         &mut self,
         ctx: &SourceContext,
@@ -82,8 +83,37 @@ impl<P: Position> Positioned<P> {
         next: P,
         then: &str,
     ) -> Result<Option<AppendOutcome>, Closed> {
+        self.store_with(ctx, events, next, then, true).await
+    }
+
+    /// As [`store`](Self::store) for what no device waits on (a counter
+    /// poll): the commit may wait up to the journal's `commit_window` to
+    /// share its write with others.
+    pub async fn store_batched(
+        &mut self,
+        ctx: &SourceContext,
+        events: Vec<NewEvent>,
+        next: P,
+        then: &str,
+    ) -> Result<Option<AppendOutcome>, Closed> {
+        self.store_with(ctx, events, next, then, false).await
+    }
+
+    async fn store_with(
+        &mut self,
+        ctx: &SourceContext,
+        events: Vec<NewEvent>,
+        next: P,
+        then: &str,
+        urgent: bool,
+    ) -> Result<Option<AppendOutcome>, Closed> {
         let request = self.request(ctx, events, &next);
-        match ctx.appender.append(request).await {
+        let answer = if urgent {
+            ctx.appender.append(request).await
+        } else {
+            ctx.appender.append_batched(request).await
+        };
+        match answer {
             Ok(outcome) => {
                 self.current = next;
                 Ok(Some(outcome))

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use buffer::{EventType, Journal, JournalConfig};
+use plant_edge_tests::measure::cpu_seconds;
 use plant_edge_tests::plc::Plc;
 use protocols::source::{Classifier, SourceContext};
 use protocols::sources::modbus::map::{Format, Order};
@@ -84,18 +85,6 @@ async fn plc_program(plc: Arc<Plc>, lines: u16, delay: Duration, acked: Arc<Atom
     }
 }
 
-/// CPU time this process has used (user + system), from /proc/self/stat.
-fn cpu_used() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
-    // Fields after the command name (which may hold spaces) start at state.
-    let after_name = &stat[stat.rfind(')').expect("stat format") + 2..];
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let ticks: u64 =
-        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
-    // USER_HZ is 100 on Linux.
-    Duration::from_millis(ticks * 10)
-}
-
 /// Records/s per line and the process's CPU (agent and in-process PLC) as
 /// a share of one core over the same window.
 async fn run(lines: u16, delay: Duration) -> (f64, f64) {
@@ -134,12 +123,12 @@ async fn run(lines: u16, delay: Duration) -> (f64, f64) {
     };
     let task = tokio::spawn(modbus::run(ctx, config, Arc::new(ModbusStats::default())));
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (start, from, cpu_from) = (Instant::now(), acked.load(Ordering::Relaxed), cpu_used());
+    let (start, from, cpu_from) = (Instant::now(), acked.load(Ordering::Relaxed), cpu_seconds());
     tokio::time::sleep(Duration::from_secs(seconds())).await;
     let done = acked.load(Ordering::Relaxed) - from;
     let elapsed = start.elapsed().as_secs_f64();
     let per_line = done as f64 / elapsed / f64::from(lines);
-    let cpu = (cpu_used() - cpu_from).as_secs_f64() / elapsed;
+    let cpu = (cpu_seconds() - cpu_from) / elapsed;
     let _ = stop.send(true);
     let _ = task.await;
     program.abort();

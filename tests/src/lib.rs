@@ -105,6 +105,18 @@ pub mod measure {
             .unwrap_or(f64::NAN)
     }
 
+    /// Bytes this process caused to be written to storage so far
+    /// (`write_bytes` of /proc/self/io: what reaches the disk, page-sized,
+    /// not what was passed to write()).
+    pub fn storage_bytes_written() -> u64 {
+        std::fs::read_to_string("/proc/self/io")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("write_bytes:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// User + system CPU seconds of this process.
     pub fn cpu_seconds() -> f64 {
         stat_ticks("self") as f64 / 100.0

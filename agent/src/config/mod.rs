@@ -89,6 +89,9 @@ fn default_min_free_disk() -> ByteSize {
 fn default_dedup_window() -> Duration {
     Duration::from_secs(24 * 3600)
 }
+fn default_commit_window() -> Duration {
+    Duration::from_millis(50)
+}
 fn default_dedup_window_count() -> usize {
     200_000
 }
@@ -181,6 +184,8 @@ struct RawJournal {
     dedup_window: Duration,
     #[serde(default = "default_dedup_window_count")]
     dedup_window_count: usize,
+    #[serde(default = "default_commit_window", with = "humantime_serde")]
+    commit_window: Duration,
     #[serde(default)]
     telemetry_types: Vec<String>,
 }
@@ -194,6 +199,7 @@ impl Default for RawJournal {
             min_free_disk: default_min_free_disk(),
             dedup_window: default_dedup_window(),
             dedup_window_count: default_dedup_window_count(),
+            commit_window: default_commit_window(),
             telemetry_types: Vec::new(),
         }
     }
@@ -285,6 +291,8 @@ pub struct JournalSettings {
     pub dedup_window: Duration,
     /// Dedup window by count.
     pub dedup_window_count: usize,
+    /// Counter polls within this share one commit (handshakes never wait).
+    pub commit_window: Duration,
     /// Event types treated as telemetry.
     pub telemetry_types: BTreeSet<String>,
 }
@@ -741,6 +749,12 @@ fn check(file: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
             ));
         }
     }
+    if j.commit_window > Duration::from_secs(1) {
+        return Err(err(
+            "journal.commit_window",
+            "at most 1s (counter polls wait this long for their commit; 0s commits at once)".into(),
+        ));
+    }
     if j.dedup_window_count == 0 || j.dedup_window_count > 10_000_000 {
         return Err(err(
             "journal.dedup_window_count",
@@ -927,6 +941,7 @@ fn check(file: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
             min_free_disk: j.min_free_disk.as_u64(),
             dedup_window: j.dedup_window,
             dedup_window_count: j.dedup_window_count,
+            commit_window: j.commit_window,
             telemetry_types: j.telemetry_types.iter().cloned().collect(),
         },
         forwarder: ForwarderSettings {
@@ -975,6 +990,18 @@ path = "/tmp/plant-edge-config-test/archive/events.jsonl"
         assert_eq!(config.journal.max_bytes, 512 << 20);
         assert_eq!(config.journal.ttl, Some(Duration::from_secs(30 * 86400)));
         assert_eq!(config.journal.dedup_window, Duration::from_secs(9000));
+        assert_eq!(
+            config.journal.commit_window,
+            Duration::from_millis(50),
+            "documented default"
+        );
+        let zero =
+            parse(&format!("{MINIMAL}\n[journal]\ncommit_window = \"0s\"\n")).expect("0s is valid");
+        assert_eq!(zero.journal.commit_window, Duration::ZERO);
+        let e = parse(&format!("{MINIMAL}\n[journal]\ncommit_window = \"2s\"\n"))
+            .expect_err("too long");
+        assert_eq!(e.key, "journal.commit_window", "{e}");
+        assert!(e.line.is_some(), "{e}");
     }
 
     #[test]

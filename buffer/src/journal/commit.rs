@@ -111,6 +111,9 @@ struct Job {
     /// Set for events a source could not make sense of: they go straight
     /// to the dead letters of their sinks with this reason.
     dead_letter: Option<String>,
+    /// A device waits for this answer (a handshake): commit without
+    /// waiting out the commit window.
+    urgent: bool,
 }
 
 impl Job {
@@ -135,8 +138,28 @@ pub type AppendObserver = std::sync::Arc<dyn Fn(Duration) + Send + Sync>;
 
 impl Appender {
     /// Appends and waits until the events are durable (or parked until space
-    /// frees, for business events on a full journal).
+    /// frees, for business events on a full journal). Commits without
+    /// waiting out `commit_window`: for appends a device waits on.
     pub async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, JournalError> {
+        self.append_with(request, true).await
+    }
+
+    /// As [`append`](Self::append), but the commit may wait up to
+    /// `commit_window` for other appends to share its write and sync (a
+    /// counter poll: nobody is held while it waits, and its position is
+    /// still adopted only once durable).
+    pub async fn append_batched(
+        &self,
+        request: AppendRequest,
+    ) -> Result<AppendOutcome, JournalError> {
+        self.append_with(request, false).await
+    }
+
+    async fn append_with(
+        &self,
+        request: AppendRequest,
+        urgent: bool,
+    ) -> Result<AppendOutcome, JournalError> {
         let started = std::time::Instant::now();
         let (reply, answer) = oneshot::channel();
         let job = Job {
@@ -144,6 +167,7 @@ impl Appender {
             reply: Some(reply),
             parked: false,
             dead_letter: None,
+            urgent,
         };
         self.tx.send(job).await.map_err(|_| JournalError::Closed)?;
         let result = answer.await.map_err(|_| JournalError::Closed)?;
@@ -175,6 +199,7 @@ impl Appender {
             reply: Some(reply),
             parked: false,
             dead_letter: Some(reason.to_owned()),
+            urgent: true,
         };
         self.tx.send(job).await.map_err(|_| JournalError::Closed)?;
         let outcome = answer.await.map_err(|_| JournalError::Closed)??;
@@ -285,6 +310,8 @@ impl Journal {
         // parked appends look again every second.
         let mut recheck = tokio::time::interval(Duration::from_secs(1));
         recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let window = self.inner.config.commit_window;
+        let mut last_commit: Option<tokio::time::Instant> = None;
         loop {
             let mut jobs: Vec<Job> = Vec::new();
             tokio::select! {
@@ -306,6 +333,21 @@ impl Journal {
                     continue;
                 }
             }
+            // At most one commit per window, unless a device waits on an
+            // append: what arrives meanwhile joins the commit.
+            if let Some(last) = last_commit.filter(|_| !window.is_zero()) {
+                let until = last + window;
+                while !jobs.iter().any(|j| j.urgent) {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(until) => break,
+                        job = rx.recv() => match job {
+                            Some(job) => jobs.push(job),
+                            None => break,
+                        },
+                    }
+                }
+            }
+            last_commit = Some(tokio::time::Instant::now());
             let mut events: usize = jobs.iter().map(|j| j.request.events.len()).sum();
             while events < max_events {
                 match rx.try_recv() {
@@ -342,6 +384,7 @@ impl Journal {
             reply: Some(reply),
             parked: false,
             dead_letter: None,
+            urgent: true,
         };
         if !self.commit_jobs(vec![job]).is_empty() {
             return Ok(None);

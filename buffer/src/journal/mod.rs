@@ -180,6 +180,12 @@ pub struct JournalConfig {
     pub channel_capacity: usize,
     /// Most events one group commit takes.
     pub max_batch_events: usize,
+    /// Commits start at most once per window: appends arriving meanwhile
+    /// wait (at most this long) and share one write and one fdatasync.
+    /// Zero commits as soon as the last one ended. Fewer, fuller writes
+    /// wear flash less; each source still hears "stored" only after its
+    /// commit is durable.
+    pub commit_window: Duration,
     /// Sinks to register (a sink's cursor starts at the current end).
     pub sinks: Vec<String>,
     /// How long open waits for another handle to release sled's lock.
@@ -219,6 +225,7 @@ impl JournalConfig {
             dedup_window_count: Self::DEFAULT_DEDUP_WINDOW_COUNT,
             channel_capacity: Self::DEFAULT_CHANNEL_CAPACITY,
             max_batch_events: Self::DEFAULT_MAX_BATCH_EVENTS,
+            commit_window: Duration::ZERO,
             sinks: Vec::new(),
             lock_wait: Duration::from_secs(5),
             min_free_disk: Self::DEFAULT_MIN_FREE_DISK,

@@ -115,7 +115,7 @@ pub async fn run(ctx: SourceContext, config: SimulatedConfig, tally: Tally) {
             }
         }
         let stored = states
-            .store(&ctx, events, next_states, "counting again next poll")
+            .store_batched(&ctx, events, next_states, "counting again next poll")
             .await;
         match stored {
             Ok(Some(outcome)) => {

@@ -771,16 +771,16 @@ impl Served<'_> {
                     .iter()
                     .map(|e| self.ctx.new_event(e))
                     .collect();
-                let stored = self
-                    .cursor
-                    .store(
-                        self.ctx,
-                        events,
-                        next,
-                        "the values are taken again on the next reading",
-                    )
-                    .await
-                    .map_err(|Closed| Stop::Shutdown)?;
+                const THEN: &str = "the values are taken again on the next reading";
+                // The MES waits only for records with an acknowledgement.
+                let stored = if pending.acks.is_empty() {
+                    self.cursor
+                        .store_batched(self.ctx, events, next, THEN)
+                        .await
+                } else {
+                    self.cursor.store(self.ctx, events, next, THEN).await
+                }
+                .map_err(|Closed| Stop::Shutdown)?;
                 if stored.is_none() {
                     // Nothing acknowledged: read everything again.
                     self.resync = true;
