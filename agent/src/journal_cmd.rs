@@ -153,7 +153,12 @@ pub fn run(target: Target, command: JournalCommand) -> anyhow::Result<bool> {
                     "dead letters       {} ({} bytes)",
                     s.dead_letters, s.dead_letter_bytes
                 )?;
-                writeln!(out, "dedup window ids   {}", s.dedup_ids)?;
+                writeln!(
+                    out,
+                    "dedup window ids   {} ({} KiB in memory)",
+                    s.dedup_ids,
+                    s.dedup_bytes / 1024
+                )?;
                 for sink in &s.sinks {
                     writeln!(
                         out,

@@ -106,7 +106,17 @@ impl Metrics {
         for (name, help, value) in counters {
             registry.register(name, help, ConstCounter::new(value));
         }
-        let gauges: [(&str, &str, i64); 9] = [
+        let gauges: [(&str, &str, i64); 11] = [
+            (
+                "journal_dedup_ids",
+                "Ids in the dedup window",
+                s.dedup_ids as i64,
+            ),
+            (
+                "journal_dedup_memory_bytes",
+                "Memory the dedup window holds (bounded by journal.dedup_window_count)",
+                s.dedup_bytes as i64,
+            ),
             (
                 "journal_pending_events",
                 "Events not yet done by every sink",

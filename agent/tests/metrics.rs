@@ -51,6 +51,10 @@ async fn metrics_move_as_events_flow_and_an_outage_shows_in_backlog_and_readines
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    assert!(
+        metric(&first, "plant_edge_journal_dedup_memory_bytes").is_some_and(|b| b > 0.0),
+        "the dedup window's memory is shown"
+    );
     assert_eq!(get("/healthz").await.map(|r| r.0), Some(200));
     // The MQTT sink waits a few seconds for its broker before it reports
     // a retry; the outage shows once it does.

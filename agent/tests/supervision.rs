@@ -69,9 +69,16 @@ async fn a_panicking_source_is_restarted_counted_and_shown_and_loses_no_part() {
         metrics.contains("plant_edge_task_restarts{kind=\"source\",task=\"press\"} 3"),
         "{metrics}"
     );
-    // The restarted source goes on counting before the agent stops.
+    // The restarted source goes on counting (good parts and scrap) before
+    // the agent stops.
     let appended = metric(&metrics, "plant_edge_journal_appended_total").expect("appended");
     wait_for_metric(port, "plant_edge_journal_appended_total", |n| n > appended).await;
+    wait_for_metric(
+        port,
+        "plant_edge_source_events_read{source=\"press\",type=\"production.scrap\"}",
+        |n| n > 0.0,
+    )
+    .await;
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
     assert_eq!(child.wait().expect("wait").code(), Some(0));
 

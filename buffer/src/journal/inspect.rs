@@ -45,6 +45,9 @@ pub struct JournalStats {
     pub dead_letter_bytes: u64,
     /// Ids in the dedup window.
     pub dedup_ids: usize,
+    /// Heap bytes the dedup window holds (bounded by
+    /// `dedup_window_count`, under 100 bytes per id).
+    pub dedup_bytes: usize,
     /// Business appends waiting for space right now.
     pub full: bool,
     /// The filesystem is below `min_free_disk` (appends held for it).
@@ -161,6 +164,7 @@ impl Journal {
             dead_letters: st.dead_letter_count,
             dead_letter_bytes: st.dead_letter_bytes,
             dedup_ids: st.dedup.len(),
+            dedup_bytes: st.dedup.memory_bytes(),
             full: st.full,
             disk_low: st.disk_low,
             disk_free_bytes: self.disk_free(),
