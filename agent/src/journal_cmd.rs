@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use buffer::journal::DeadLetter;
 use buffer::{Journal, JournalConfig, JournalError};
 use clap::{Args, Subcommand};
 
@@ -81,23 +82,82 @@ pub enum DeadLetterCommand {
         /// Print JSON lines with the event included.
         #[arg(long)]
         json: bool,
+        /// Only those whose reason contains this text (any case).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Every dead letter (or those with a reason containing `--reason`) as
+    /// JSON lines with the event, for a spreadsheet or the ERP team.
+    Export {
+        /// Only those whose reason contains this text (any case).
+        #[arg(long)]
+        reason: Option<String>,
     },
     /// Send dead letters again (same id) to the sink that refused them.
     Requeue {
         /// Dead-letter numbers.
         numbers: Vec<u64>,
         /// All of them.
-        #[arg(long, conflicts_with = "numbers")]
+        #[arg(long, conflicts_with_all = ["numbers", "reason"])]
         all: bool,
+        /// Those whose reason contains this text (any case): after fixing
+        /// the cause, e.g. `--reason "material unknown"`.
+        #[arg(long, conflicts_with = "numbers")]
+        reason: Option<String>,
     },
     /// Delete dead letters for good.
     Purge {
         /// Dead-letter numbers.
         numbers: Vec<u64>,
         /// All of them.
-        #[arg(long, conflicts_with = "numbers")]
+        #[arg(long, conflicts_with_all = ["numbers", "reason"])]
         all: bool,
+        /// Those whose reason contains this text (any case).
+        #[arg(long, conflicts_with = "numbers")]
+        reason: Option<String>,
     },
+}
+
+/// Dead letters whose reason contains `pattern` (any case); all without one.
+fn matching(letters: Vec<DeadLetter>, pattern: Option<&str>) -> Vec<DeadLetter> {
+    let Some(pattern) = pattern.map(str::to_lowercase) else {
+        return letters;
+    };
+    letters
+        .into_iter()
+        .filter(|d| d.reason.to_lowercase().contains(&pattern))
+        .collect()
+}
+
+/// The numbers a requeue or purge acts on: named, all (`None`), or those
+/// matching a reason.
+fn selected(
+    journal: &Journal,
+    numbers: Vec<u64>,
+    all: bool,
+    reason: Option<&str>,
+) -> anyhow::Result<Option<Vec<u64>>> {
+    Ok(match (all, reason) {
+        (true, _) => None,
+        (false, Some(pattern)) => Some(
+            matching(journal.dead_letters()?, Some(pattern))
+                .iter()
+                .map(|d| d.number)
+                .collect(),
+        ),
+        (false, None) if numbers.is_empty() => {
+            bail!("name dead-letter numbers, or pass --all or --reason TEXT")
+        }
+        (false, None) => Some(numbers),
+    })
+}
+
+fn json_line(d: &DeadLetter) -> anyhow::Result<String> {
+    let event: serde_json::Value =
+        serde_json::from_slice(&d.payload).unwrap_or(serde_json::Value::Null);
+    let mut v = serde_json::to_value(d)?;
+    v["event"] = event;
+    Ok(v.to_string())
 }
 
 fn open(target: &Target) -> anyhow::Result<Journal> {
@@ -287,14 +347,15 @@ pub fn run(target: Target, command: JournalCommand) -> anyhow::Result<bool> {
             )?;
         }
         JournalCommand::DeadLetters(cmd) => match cmd {
-            DeadLetterCommand::List { json } => {
-                for d in journal.dead_letters()? {
+            DeadLetterCommand::Export { reason } => {
+                for d in matching(journal.dead_letters()?, reason.as_deref()) {
+                    writeln!(out, "{}", json_line(&d)?)?;
+                }
+            }
+            DeadLetterCommand::List { json, reason } => {
+                for d in matching(journal.dead_letters()?, reason.as_deref()) {
                     if json {
-                        let event: serde_json::Value =
-                            serde_json::from_slice(&d.payload).unwrap_or(serde_json::Value::Null);
-                        let mut v = serde_json::to_value(&d)?;
-                        v["event"] = event;
-                        writeln!(out, "{v}")?;
+                        writeln!(out, "{}", json_line(&d)?)?;
                     } else {
                         writeln!(
                             out,
@@ -304,18 +365,22 @@ pub fn run(target: Target, command: JournalCommand) -> anyhow::Result<bool> {
                     }
                 }
             }
-            DeadLetterCommand::Requeue { numbers, all } => {
-                if !all && numbers.is_empty() {
-                    bail!("name dead-letter numbers or pass --all");
-                }
-                let n = journal.requeue_dead_letters((!all).then_some(&numbers[..]))?;
+            DeadLetterCommand::Requeue {
+                numbers,
+                all,
+                reason,
+            } => {
+                let chosen = selected(&journal, numbers, all, reason.as_deref())?;
+                let n = journal.requeue_dead_letters(chosen.as_deref())?;
                 writeln!(out, "requeued {n} dead letters")?;
             }
-            DeadLetterCommand::Purge { numbers, all } => {
-                if !all && numbers.is_empty() {
-                    bail!("name dead-letter numbers or pass --all");
-                }
-                let n = journal.purge_dead_letters((!all).then_some(&numbers[..]))?;
+            DeadLetterCommand::Purge {
+                numbers,
+                all,
+                reason,
+            } => {
+                let chosen = selected(&journal, numbers, all, reason.as_deref())?;
+                let n = journal.purge_dead_letters(chosen.as_deref())?;
                 writeln!(out, "purged {n} dead letters")?;
             }
         },

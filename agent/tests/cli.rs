@@ -271,6 +271,73 @@ fn dead_letters_can_be_listed_requeued_and_purged_from_the_cli() {
     );
     let out = run(&["journal", "--state", state, "dead-letters", "list"]);
     assert!(stdout(&out).trim().is_empty());
+
+    // Refused for two reasons; the operator fixes one and requeues only
+    // what it refused.
+    let journal = Journal::open(jc.clone()).expect("open");
+    let batch = journal.read_batch("erp", 10).expect("read");
+    let seq_of = |n: u128| {
+        batch
+            .iter()
+            .find(|e| e.id == uuid::Uuid::from_u128(n + 1))
+            .map(|e| e.seq)
+            .expect("pending")
+    };
+    journal
+        .reject("erp", seq_of(0), "HTTP 422: material M-7 unknown", 1)
+        .expect("reject");
+    journal
+        .reject("erp", seq_of(2), "HTTP 409: order closed", 1)
+        .expect("reject");
+    journal.close().expect("close");
+    drop(journal);
+    let dead = |args: &[&str]| {
+        let mut all = vec!["journal", "--state", state, "dead-letters"];
+        all.extend_from_slice(args);
+        let out = run(&all);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        stdout(&out)
+    };
+    let exported = dead(&["export"]);
+    let lines: Vec<serde_json::Value> = exported
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{exported}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["event"]["type"] == "production.completion" && l["reason"].is_string()),
+        "each line carries the reason and the event: {exported}"
+    );
+    let only = dead(&["export", "--reason", "ORDER CLOSED"]);
+    assert_eq!(only.lines().count(), 1, "{only}");
+    assert!(only.contains("409"), "{only}");
+    assert!(dead(&["requeue", "--reason", "material m-7"]).contains("requeued 1"));
+    let left = dead(&["list"]);
+    assert!(
+        left.contains("order closed") && !left.contains("material"),
+        "only the fixed reason was requeued: {left}"
+    );
+    assert!(dead(&["requeue", "--reason", "nothing like this"]).contains("requeued 0"));
+    let journal = Journal::open(jc.clone()).expect("open");
+    let resent: Vec<uuid::Uuid> = journal
+        .read_batch("erp", 10)
+        .expect("read")
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    // (Refusals above an unacknowledged event are sent again after a
+    // reopen too: README, "Known limits".)
+    assert_eq!(
+        resent.iter().filter(|id| **id == uuid::Uuid::from_u128(1)).count(),
+        1,
+        "the requeued event is pending again with its id: {resent:?}"
+    );
+    journal.close().expect("close");
+    drop(journal);
+    assert!(dead(&["purge", "--reason", "order closed"]).contains("purged 1"));
+    assert!(dead(&["list"]).trim().is_empty());
 }
 
 #[test]
