@@ -43,6 +43,25 @@ if [ ! -x /usr/bin/systemd-analyze ]; then
   apt-get install -y -qq --no-install-recommends systemd
 fi
 
+# The monitoring test checks the shipped alert rules with promtool, from
+# Debian's prometheus package: extracted into target/, not installed (the
+# package would start a Prometheus server).
+if [ -z "${PROMTOOL:-}" ]; then
+  if command -v promtool >/dev/null 2>&1; then
+    PROMTOOL=$(command -v promtool)
+  else
+    PROMTOOL="$PWD/target/tools/prometheus/usr/bin/promtool"
+    if [ ! -x "$PROMTOOL" ]; then
+      echo "promtool missing: extracting it from Debian's prometheus package" >&2
+      mkdir -p target/tools
+      apt-get update -qq
+      (cd target/tools && rm -f prometheus_*.deb && apt-get download -qq prometheus)
+      dpkg-deb -x target/tools/prometheus_*.deb target/tools/prometheus
+    fi
+  fi
+  export PROMTOOL
+fi
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 # Among them: the handshake chaos test (a PLC restarting mid-run while the

@@ -330,7 +330,10 @@ fn dead_letters_can_be_listed_requeued_and_purged_from_the_cli() {
     // (Refusals above an unacknowledged event are sent again after a
     // reopen too: README, "Known limits".)
     assert_eq!(
-        resent.iter().filter(|id| **id == uuid::Uuid::from_u128(1)).count(),
+        resent
+            .iter()
+            .filter(|id| **id == uuid::Uuid::from_u128(1))
+            .count(),
         1,
         "the requeued event is pending again with its id: {resent:?}"
     );
