@@ -43,6 +43,14 @@ if [ ! -x /usr/bin/systemd-analyze ]; then
   apt-get install -y -qq --no-install-recommends systemd
 fi
 
+# The status page is tested in a real headless browser (Debian's chromium).
+if ! command -v chromium >/dev/null 2>&1 && [ -z "${CHROMIUM:-}" ]; then
+  echo "chromium missing: installing Debian's package" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends chromium
+fi
+
 # The monitoring test checks the shipped alert rules with promtool, from
 # Debian's prometheus package: extracted into target/, not installed (the
 # package would start a Prometheus server).

@@ -37,6 +37,10 @@ pub struct ForwarderStatus {
     pub retrying: Option<String>,
     /// Why the endpoint refuses everything, while it does (events held).
     pub holding: Option<String>,
+    /// When the sink last confirmed a delivery.
+    pub last_delivery: Option<std::time::SystemTime>,
+    /// The last failure (retry or hold), kept after recovery.
+    pub last_error: Option<String>,
     /// Seconds from the event's source time to the sink's acknowledgement.
     pub delivery_latency: Histogram,
 }
@@ -53,6 +57,8 @@ impl Default for ForwarderStatus {
             retries: 0,
             retrying: None,
             holding: None,
+            last_delivery: None,
+            last_error: None,
             // 50 ms .. 1 day: a live link is sub-second; a backlog after an
             // outage is hours old.
             delivery_latency: Histogram::new([
@@ -269,6 +275,12 @@ async fn deliver_batch(
                     || s.rejected_reasons.contains_key(&kind);
                 let key = if known { kind } else { "other".to_owned() };
                 *s.rejected_reasons.entry(key).or_default() += 1;
+            }
+            if recorded && n_delivered > 0 {
+                s.last_delivery = Some(std::time::SystemTime::now());
+            }
+            if !retry.is_empty() {
+                s.last_error = Some(reason.clone());
             }
             s.retrying = (!retry.is_empty()).then(|| reason.clone());
             if !retry.is_empty() {

@@ -1,8 +1,9 @@
 //! The metrics and health endpoint: `/metrics` (Prometheus text),
 //! `/healthz` (process alive), `/readyz` (journal writable, not full,
 //! backlog younger than the threshold), `/status` (JSON for `plant-edge
-//! status`). Loopback by default; values are read at scrape time from the
-//! journal and the tasks' own counters, so nothing is counted twice.
+//! status` and the page), `/` (the read-only status page, one HTML file in
+//! the binary). Loopback by default; values are read at scrape time from
+//! the journal and the tasks' own counters, so nothing is counted twice.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -45,6 +46,56 @@ pub struct Metrics {
     pub unconfigured_sinks: Vec<String>,
     /// Supervised source and sink tasks.
     pub tasks: crate::supervise::Tasks,
+    /// Each source's kind and where it reads (status page).
+    pub source_endpoints: BTreeMap<String, (String, String)>,
+    /// Backlog and deliveries sampled over the last hour (status page).
+    pub history: History,
+}
+
+/// Samples of the whole journal's backlog and deliveries, one every
+/// [`HISTORY_EVERY`], the last hour of them.
+#[derive(Clone, Default)]
+pub struct History(Arc<std::sync::Mutex<std::collections::VecDeque<Sample>>>);
+
+/// One sample of [`History`].
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct Sample {
+    /// Unix seconds.
+    pub t: u64,
+    /// Events pending (not yet done by every sink).
+    pub backlog: u64,
+    /// Deliveries confirmed since start (all sinks).
+    pub delivered: u64,
+}
+
+/// Sampling period of [`History`].
+pub const HISTORY_EVERY: Duration = Duration::from_secs(10);
+/// Samples kept: one hour.
+const HISTORY_SAMPLES: usize = 360;
+
+impl History {
+    fn push(&self, sample: Sample) {
+        let mut samples = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if samples.len() >= HISTORY_SAMPLES {
+            samples.pop_front();
+        }
+        samples.push_back(sample);
+    }
+
+    fn samples(&self) -> Vec<Sample> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect()
+    }
+}
+
+fn unix_seconds(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 type Labels = Vec<(String, String)>;
@@ -396,19 +447,78 @@ impl Metrics {
             .sinks
             .iter()
             .map(|sink| {
-                let (retrying, holding) = self
-                    .forwarders
-                    .get(&sink.name)
-                    .map(|st| {
-                        let st = st.lock().unwrap_or_else(|p| p.into_inner());
-                        (st.retrying.clone(), st.holding.clone())
+                let forwarder = self.forwarders.get(&sink.name).map(|st| {
+                    let st = st.lock().unwrap_or_else(|p| p.into_inner());
+                    serde_json::json!({
+                        "retrying": st.retrying,
+                        "holding": st.holding,
+                        "delivered": st.delivered,
+                        "rejected": st.rejected,
+                        "rejected_reasons": st.rejected_reasons,
+                        "last_delivery": st.last_delivery.map(unix_seconds),
+                        "last_error": st.last_error,
                     })
-                    .unwrap_or_default();
+                });
+                let field = |name: &str| {
+                    forwarder
+                        .as_ref()
+                        .map_or(serde_json::Value::Null, |f| f[name].clone())
+                };
                 let configured = !self.unconfigured_sinks.contains(&sink.name);
-                serde_json::json!({"sink": sink.name, "backlog": sink.backlog, "retrying": retrying, "holding": holding, "configured": configured})
+                serde_json::json!({
+                    "sink": sink.name,
+                    "backlog": sink.backlog,
+                    "retrying": field("retrying"),
+                    "holding": field("holding"),
+                    "delivered": field("delivered"),
+                    "rejected": field("rejected"),
+                    "rejected_reasons": field("rejected_reasons"),
+                    "last_delivery": field("last_delivery"),
+                    "last_error": field("last_error"),
+                    "configured": configured,
+                })
+            })
+            .collect();
+        let counters: BTreeMap<&str, &Arc<dyn SourceCounters>> =
+            self.sources.iter().map(|(n, c)| (n.as_str(), c)).collect();
+        let read = self.read.snapshot();
+        let last = self.read.last_events();
+        let sources: Vec<serde_json::Value> = self
+            .tasks
+            .snapshot()
+            .into_iter()
+            .filter(|t| t.kind == "source")
+            .map(|t| {
+                let own = counters.get(t.name.as_str());
+                let (kind, endpoint) = self
+                    .source_endpoints
+                    .get(&t.name)
+                    .cloned()
+                    .unwrap_or_default();
+                let events: BTreeMap<&str, u64> = read
+                    .iter()
+                    .filter(|((source, _), _)| *source == t.name)
+                    .map(|((_, event_type), n)| (event_type.as_str(), *n))
+                    .collect();
+                serde_json::json!({
+                    "source": t.name,
+                    "kind": kind,
+                    "endpoint": endpoint,
+                    "up": t.up,
+                    "connected": own.and_then(|c| c.connected()),
+                    "restarts": t.restarts,
+                    "last_failure": t.last_failure,
+                    "events": events,
+                    "last_event": last.get(&t.name).copied().map(unix_seconds),
+                    "counters": own.map(|c| c.counters().into_iter().collect::<BTreeMap<_, _>>()),
+                })
             })
             .collect();
         serde_json::json!({
+            "now": unix_seconds(std::time::SystemTime::now()),
+            "sources": sources,
+            "recent_events": self.read.recent(),
+            "history": self.history.samples(),
             "version": env!("CARGO_PKG_VERSION"),
             "ready": self.ready().err().unwrap_or_else(|| "ready".into()),
             "pending_events": s.pending_events,
@@ -468,7 +578,34 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, mut stop: watch::Rec
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready_check))
         .route("/status", get(status_json))
-        .with_state(metrics);
+        .route("/", get(status_page))
+        .with_state(metrics.clone());
+    // The page's chart: backlog and deliveries over the last hour.
+    let sampler = {
+        let (metrics, mut stop) = (metrics.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HISTORY_EVERY);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                let m = metrics.clone();
+                let sample = tokio::task::spawn_blocking(move || {
+                    let s = m.journal.stats();
+                    Sample {
+                        t: unix_seconds(std::time::SystemTime::now()),
+                        backlog: s.pending_events,
+                        delivered: s.counters.delivered,
+                    }
+                })
+                .await;
+                if let Ok(sample) = sample {
+                    metrics.history.push(sample);
+                }
+            }
+        })
+    };
     let shutdown = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
@@ -478,4 +615,17 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, mut stop: watch::Rec
     {
         tracing::error!(error = %e, "metrics endpoint failed");
     }
+    sampler.abort();
+}
+
+/// The status page: one self-contained HTML file (no CDN, no framework),
+/// read-only, refreshing itself from `/status`.
+async fn status_page() -> impl IntoResponse {
+    (
+        [
+            ("content-type", "text/html; charset=utf-8"),
+            ("cache-control", "no-store"),
+        ],
+        include_str!("status_page.html"),
+    )
 }

@@ -104,6 +104,23 @@ fn source_task(kind: &SourceKind, tally: &Tally) -> (Option<Arc<dyn SourceCounte
     }
 }
 
+/// Each source kind's name and where it reads, for the status page.
+fn source_endpoint(kind: &SourceKind) -> (String, String) {
+    match kind {
+        SourceKind::Simulated(sc) => ("simulated".into(), format!("sim://{}", sc.machine)),
+        SourceKind::Modbus(mc) => (
+            "modbus".into(),
+            match &mc.endpoint {
+                protocols::sources::modbus::Endpoint::Tcp(addr) => format!("tcp://{addr}"),
+                protocols::sources::modbus::Endpoint::Rtu(serial) => {
+                    format!("rtu://{}", serial.path)
+                }
+            },
+        ),
+        SourceKind::OpcUa(oc) => ("opcua".into(), oc.connection.endpoint.clone()),
+    }
+}
+
 /// The sink kinds: how each is built (at start and after a panic).
 fn build_sink(kind: &SinkKind) -> anyhow::Result<Box<dyn Sink>> {
     Ok(match kind {
@@ -278,6 +295,12 @@ impl RunningAgent {
                 journal: journal.clone(),
                 forwarders: forwarders.clone(),
                 sources: source_counters.clone(),
+                source_endpoints: config
+                    .sources
+                    .iter()
+                    .map(|s| (s.name.clone(), source_endpoint(&s.kind)))
+                    .collect(),
+                history: Default::default(),
                 append_latency,
                 read,
                 ready_max_age: config.ready_max_backlog_age,

@@ -74,7 +74,31 @@ pub trait SourceCounters: Send + Sync {
 pub struct ReadCounts {
     events: std::sync::Arc<std::sync::Mutex<BTreeMap<String, BTreeMap<String, u64>>>>,
     positions_lost: std::sync::Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
+    /// When each source last made an event.
+    last_event: std::sync::Arc<std::sync::Mutex<BTreeMap<String, SystemTime>>>,
+    /// The newest events of all sources, newest last (status page).
+    recent: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<RecentEvent>>>,
 }
+
+/// One event as the status page lists it.
+#[derive(Clone, Debug, Serialize)]
+pub struct RecentEvent {
+    /// Event time, RFC 3339.
+    pub time: String,
+    /// Source name.
+    pub source: String,
+    /// Line.
+    pub line: String,
+    /// Event type.
+    pub event_type: String,
+    /// Quantity as text (count or measure).
+    pub quantity: String,
+    /// Event id.
+    pub id: String,
+}
+
+/// Newest events kept for the status page.
+pub const RECENT_EVENTS: usize = 20;
 
 impl ReadCounts {
     /// Counts one event (allocates only the first time a pair is seen).
@@ -103,6 +127,49 @@ impl ReadCounts {
                     .iter()
                     .map(move |(t, n)| ((source.clone(), t.clone()), *n))
             })
+            .collect()
+    }
+
+    /// Counts one event of `source` and keeps it among the newest.
+    pub fn seen(&self, source: &str, event: &CloudEvent) {
+        self.add(source, event.event_type.as_str());
+        let now = SystemTime::now();
+        self.last_event
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(source.to_owned(), now);
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() >= RECENT_EVENTS {
+            recent.pop_front();
+        }
+        recent.push_back(RecentEvent {
+            time: event.time.clone(),
+            source: source.to_owned(),
+            line: event.data.line.clone(),
+            event_type: event.event_type.to_string(),
+            quantity: match event.data.quantity {
+                Quantity::Count(n) => n.to_string(),
+                Quantity::Measure(v) => v.to_string(),
+            },
+            id: event.id.to_string(),
+        });
+    }
+
+    /// When each source last made an event.
+    pub fn last_events(&self) -> BTreeMap<String, SystemTime> {
+        self.last_event
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The newest events, newest last.
+    pub fn recent(&self) -> Vec<RecentEvent> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
             .collect()
     }
 
@@ -155,7 +222,7 @@ impl SourceContext {
 
     /// Wraps a canonical event for the journal.
     pub fn new_event(&self, event: &CloudEvent) -> NewEvent {
-        self.read.add(&self.name, event.event_type.as_str());
+        self.read.seen(&self.name, event);
         NewEvent::from_cloud_event(
             event,
             self.classifier.class_of(&event.event_type),
