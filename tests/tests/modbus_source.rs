@@ -525,7 +525,18 @@ async fn a_float_scrap_counter_in_kg_reports_measured_quantities() {
         let journal = rig.journal.clone();
         async move {
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while journal.stats().pending_events < n as u64 {
+            // Counted once readable (durable), not when merely applied.
+            let readable = || {
+                let mut count = 0;
+                journal
+                    .scan_events(0, |_| {
+                        count += 1;
+                        true
+                    })
+                    .expect("scan");
+                count
+            };
+            while readable() < n {
                 assert!(std::time::Instant::now() < deadline, "expected {n} events");
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
