@@ -1,6 +1,7 @@
 //! `plant-edge`: durable store-and-forward of production events from PLCs
 //! and MES to the ERP. See `plant-edge --help`.
 
+mod commission;
 mod config;
 #[cfg(feature = "demo")]
 mod demo;
@@ -50,6 +51,11 @@ enum Command {
         /// Config file.
         #[arg(short, long)]
         config: PathBuf,
+        /// Then try every source and sink as configured (reads only, no
+        /// event posted, no journal touched): one line each, exit 0 only
+        /// if all are ok (commissioning).
+        #[arg(long)]
+        connect: bool,
     },
     /// Print a commented default configuration.
     PrintConfig,
@@ -190,7 +196,7 @@ fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     match cli.command {
-        Command::Validate { config } => match Config::load(&config) {
+        Command::Validate { config, connect } => match Config::load(&config) {
             Ok(c) => {
                 println!(
                     "{}: OK ({} sources, {} sinks)",
@@ -198,7 +204,24 @@ fn main() -> ExitCode {
                     c.sources.len(),
                     c.sinks.len()
                 );
-                ExitCode::SUCCESS
+                if !connect {
+                    return ExitCode::SUCCESS;
+                }
+                let report = match runtime() {
+                    Ok(rt) => rt.block_on(commission::run(&c)),
+                    Err(e) => return failure(e.into()),
+                };
+                for line in &report {
+                    println!("{line}");
+                }
+                let failed = report.iter().filter(|c| c.result.is_err()).count();
+                if failed == 0 {
+                    println!("all {} checks ok", report.len());
+                    ExitCode::SUCCESS
+                } else {
+                    println!("{failed} of {} checks FAILED", report.len());
+                    ExitCode::FAILURE
+                }
             }
             Err(e) => config_failure(&e),
         },

@@ -209,7 +209,8 @@ fn variant_text(v: &opcua_lib::types::Variant) -> String {
     }
 }
 
-fn type_name(v: &opcua_lib::types::Variant) -> String {
+/// The OPC UA type name of a value (`UInt32`, `String`).
+pub(crate) fn type_name(v: &opcua_lib::types::Variant) -> String {
     use opcua_lib::types::VariantTypeId;
     match v.type_id() {
         VariantTypeId::Empty => "Empty".into(),

@@ -402,6 +402,42 @@ impl HttpsSink {
         }
     }
 
+    /// Commissioning: an OPTIONS request to the URL with the configured
+    /// credentials, never a POST. Proves the address, the TLS trust and
+    /// that the credentials are not refused (an OAuth2 token is fetched).
+    /// `Ok` with what the endpoint answered; `Err` the reason.
+    pub async fn check(&mut self) -> Result<String, String> {
+        let authorization = self.authorization(false).await?;
+        let mut request = self
+            .client
+            .request(reqwest::Method::OPTIONS, &self.config.url);
+        if let Some(a) = authorization {
+            request = request.header(reqwest::header::AUTHORIZATION, a);
+        }
+        if let HttpsAuth::Basic { user, password } = &self.config.auth {
+            request = request.basic_auth(user, Some(password));
+        }
+        let response = request.send().await.map_err(|e| describe(&e))?;
+        let status = response.status();
+        match status.as_u16() {
+            401 | 403 | 407 => Err(format!(
+                "HTTP {status}: the endpoint refuses the credentials"
+            )),
+            300..=399 => Err(format!(
+                "HTTP {status}: redirected to {} (deliveries are never redirected; use the final URL)",
+                response
+                    .headers()
+                    .get(reqwest::header::LOCATION)
+                    .and_then(|l| l.to_str().ok())
+                    .unwrap_or("?")
+            )),
+            404 | 410 => Err(format!("HTTP {status}: no such endpoint; check the URL")),
+            500..=599 => Err(format!("HTTP {status}: the endpoint has a problem")),
+            // 2xx, or 405 and the like: reachable, trusted, not refused.
+            _ => Ok(format!("reachable, TLS trusted, credentials accepted (OPTIONS answered {status})")),
+        }
+    }
+
     /// One POST of `events` (one or a batch); a 401 refreshes the
     /// credentials and tries once more.
     async fn post(&mut self, events: &[PendingEvent]) -> Sent {

@@ -655,6 +655,39 @@ impl MqttSink {
         *self.link.connected.borrow()
     }
 
+    /// Commissioning: waits for the broker to accept the login, publishes
+    /// the gateway's status ("online", retained, QoS 1) and waits for its
+    /// acknowledgement. Proves address, TLS, credentials and the status
+    /// topic's permission without sending any event.
+    pub async fn confirm_status(&self, patience: Duration) -> Result<(), String> {
+        let mut connected = self.link.connected.subscribe();
+        let up = tokio::time::timeout(patience, connected.wait_for(|c| *c)).await;
+        if !matches!(up, Ok(Ok(_))) {
+            let why = self.link.last_error();
+            return Err(if why.is_empty() {
+                format!("no answer from the broker within {patience:?}")
+            } else {
+                why
+            });
+        }
+        let acked = self.link.status_acked.notified();
+        tokio::pin!(acked);
+        acked.as_mut().enable();
+        let online = Publication {
+            topic: self.config.status_topic.clone(),
+            payload: status_payload(&self.config, "online").into(),
+            retain: true,
+            properties: None,
+        };
+        self.link.publish(1, STATUS, online)?;
+        tokio::time::timeout(patience, acked).await.map_err(|_| {
+            format!(
+                "the broker did not acknowledge a publish to {} within {patience:?} (not allowed on that topic?)",
+                self.config.status_topic
+            )
+        })
+    }
+
     fn publication(&self, event: &PendingEvent) -> Result<Publication, String> {
         let fields = topic_fields(&event.payload)?;
         let topic = render_fields(

@@ -249,6 +249,9 @@ impl crate::runtime::Position for Position {
     }
 }
 
+/// A connection to one device (as [`connect`] returns it).
+pub type Link = Context;
+
 /// Why a poll stopped.
 #[derive(Debug)]
 enum PollError {
