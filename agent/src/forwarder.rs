@@ -41,6 +41,8 @@ pub struct ForwarderStatus {
     pub last_delivery: Option<std::time::SystemTime>,
     /// The last failure (retry or hold), kept after recovery.
     pub last_error: Option<String>,
+    /// The current outage (logged when it starts and when it ends).
+    pub outage: protocols::pace::Outage,
     /// Seconds from the event's source time to the sink's acknowledgement.
     pub delivery_latency: Histogram,
 }
@@ -59,6 +61,7 @@ impl Default for ForwarderStatus {
             holding: None,
             last_delivery: None,
             last_error: None,
+            outage: Default::default(),
             // 50 ms .. 1 day: a live link is sub-second; a backlog after an
             // outage is hours old.
             delivery_latency: Histogram::new([
@@ -282,6 +285,17 @@ async fn deliver_batch(
             if !retry.is_empty() {
                 s.last_error = Some(reason.clone());
             }
+            // One line when deliveries stop working, one when they work
+            // again: not one per retry.
+            if !retry.is_empty() && n_delivered == 0 && held.is_none() && s.outage.failed() {
+                tracing::warn!(sink = %sink_name, since = %s.outage.since_text(), reason = %reason, "SINK DOWN: deliveries fail; retrying with backoff, nothing is lost");
+            }
+            if n_delivered > 0 && recorded {
+                if let Some((lasted, failures)) = s.outage.recovered() {
+                    let backlog = journal.backlog(sink_name).unwrap_or(0);
+                    tracing::info!(sink = %sink_name, after = %protocols::pace::human(lasted), failed_attempts = failures, backlog, "sink back: delivering again; the backlog drains in order");
+                }
+            }
             s.retrying = (!retry.is_empty()).then(|| reason.clone());
             if !retry.is_empty() {
                 s.retries += 1;
@@ -313,7 +327,7 @@ async fn deliver_batch(
         }
         let wait = backoff(settings, attempt - 1, peer_delay);
         if !hold_seen {
-            tracing::warn!(sink = %sink_name, events = retry.len(), attempt, wait_ms = wait.as_millis() as u64, reason = %reason, "delivery failed; retrying");
+            tracing::debug!(sink = %sink_name, events = retry.len(), attempt, wait_ms = wait.as_millis() as u64, reason = %reason, "delivery failed; retrying");
         }
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}

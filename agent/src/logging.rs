@@ -7,11 +7,12 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
-/// What is logged unless `RUST_LOG` says otherwise: the agent at info;
-/// the OPC UA library's own lines (several per reconnect attempt) only on
-/// request, since the source's own line says what happened and what to do.
-pub const DEFAULT_FILTER: &str =
-    "info,opcua_client=off,opcua_core=off,opcua_crypto=off,opcua_types=off,opcua_nodes=off";
+/// What is logged unless `RUST_LOG` says otherwise: the agent at info,
+/// one line when a link goes down and one when it is back; the network
+/// libraries' own lines (OPC UA, MQTT, HTTP, TLS: several per reconnect
+/// attempt) only on request, since the agent's line says what happened and
+/// what to do. sled's warnings stay.
+pub const DEFAULT_FILTER: &str = "info,opcua_client=off,opcua_core=off,opcua_crypto=off,opcua_types=off,opcua_nodes=off,rumqttc=off,hyper=off,hyper_util=off,reqwest=off,h2=off,rustls=off,sled=warn";
 
 /// Installs the global subscriber; `RUST_LOG` overrides [`DEFAULT_FILTER`].
 pub fn init(format: LogFormat) {

@@ -260,3 +260,53 @@ async fn a_sink_missing_from_the_config_keeps_its_backlog_until_it_is_retired() 
     ]);
     assert!(!stdout(&list).contains("erp\t"), "{}", stdout(&list));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erp_outage_is_one_log_line_when_it_starts_and_one_when_it_ends() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = plant_edge_tests::pki::generate(dir.path(), "erp");
+    let erp = Erp::start(&pki.server_cert, &pki.server_key).await;
+    // 503: the ERP is down for maintenance (retried, not held).
+    *erp.state.refuse_all.lock().expect("state") = Some(503);
+    let state = dir.path().join("state");
+    let port = free_port();
+    let sink = format!(
+        "[sinks.erp]\nkind = \"https\"\nurl = \"{}\"\nca_file = \"{}\"\n\n[forwarder]\nretry_initial = \"50ms\"\nretry_max = \"200ms\"\n",
+        erp.url(),
+        pki.ca.display()
+    );
+    let text = pipeline_config_with_sinks(&state, "20ms", &sink).replace(
+        "shutdown_timeout = \"5s\"",
+        &format!("shutdown_timeout = \"5s\"\nmetrics_listen = \"127.0.0.1:{port}\""),
+    );
+    let file = write_config(dir.path(), &text);
+    let log_path = dir.path().join("agent.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut child = bin()
+        .args(["run", "-c", file.to_str().expect("utf8")])
+        .env_remove("RUST_LOG")
+        .stderr(log)
+        .spawn()
+        .expect("spawn");
+    // Many retries during the outage...
+    wait_for_metric(port, "plant_edge_sink_retries{sink=\"erp\"}", |n| n >= 10.0).await;
+    // ...then the ERP is back and the backlog drains.
+    *erp.state.refuse_all.lock().expect("state") = None;
+    wait_for_posted(&erp, 20).await;
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    assert_eq!(child.wait().expect("wait").code(), Some(0));
+    let log = std::fs::read_to_string(&log_path).expect("log");
+    let count = |text: &str| log.lines().filter(|l| l.contains(text)).count();
+    assert_eq!(count("SINK DOWN"), 1, "one line when it starts:\n{log}");
+    assert_eq!(count("sink back"), 1, "one line when it ends:\n{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("sink back") && l.contains("after=")),
+        "the recovery says how long it lasted:\n{log}"
+    );
+    assert_eq!(
+        count("delivery failed"),
+        0,
+        "not one line per retry:\n{log}"
+    );
+}

@@ -90,6 +90,53 @@ impl Pacer {
     }
 }
 
+/// One outage of a link (a PLC, a server, a broker, an endpoint), so that
+/// it is logged once when it starts and once when it ends, not once per
+/// retry.
+#[derive(Clone, Debug, Default)]
+pub struct Outage {
+    since: Option<(std::time::Instant, std::time::SystemTime)>,
+    failures: u64,
+}
+
+impl Outage {
+    /// A failed attempt; `true` the first time of an outage (log it).
+    pub fn failed(&mut self) -> bool {
+        self.failures += 1;
+        if self.since.is_some() {
+            return false;
+        }
+        self.since = Some((std::time::Instant::now(), std::time::SystemTime::now()));
+        true
+    }
+
+    /// A working attempt: how long the outage lasted and how many attempts
+    /// failed, if one just ended (log the recovery).
+    pub fn recovered(&mut self) -> Option<(Duration, u64)> {
+        let (started, _) = self.since.take()?;
+        let failures = std::mem::take(&mut self.failures);
+        Some((started.elapsed(), failures))
+    }
+
+    /// When the current outage started, RFC 3339 (for the log line).
+    pub fn since_text(&self) -> String {
+        self.since
+            .map(|(_, at)| humantime::format_rfc3339_seconds(at).to_string())
+            .unwrap_or_default()
+    }
+}
+
+/// A duration as an operator reads it: `3m12s`, `2h05m`, `450ms`.
+pub fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0 => format!("{}ms", d.as_millis()),
+        1..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,6 +169,22 @@ mod tests {
             "jitter: {} distinct waits of 50",
             waits.len()
         );
+    }
+
+    #[test]
+    fn an_outage_is_reported_once_when_it_starts_and_once_when_it_ends() {
+        let mut outage = Outage::default();
+        assert_eq!(outage.recovered(), None, "nothing to recover from");
+        assert!(outage.failed(), "the first failure starts the incident");
+        assert!(!outage.failed() && !outage.failed(), "retries are not news");
+        assert!(!outage.since_text().is_empty());
+        let (_, failures) = outage.recovered().expect("recovery");
+        assert_eq!(failures, 3);
+        assert_eq!(outage.recovered(), None, "reported once");
+        assert!(outage.failed(), "a new outage is news again");
+        assert_eq!(human(Duration::from_secs(192)), "3m12s");
+        assert_eq!(human(Duration::from_secs(7500)), "2h05m");
+        assert_eq!(human(Duration::from_millis(450)), "450ms");
     }
 
     #[tokio::test(start_paused = true)]

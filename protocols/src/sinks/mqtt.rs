@@ -443,6 +443,7 @@ async fn run_link(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(400), Duration::from_secs(30));
+    let mut outage = crate::pace::Outage::default();
     loop {
         let (client, mut event_loop) = new_connection(&config, tls.as_ref());
         link.lock().client = Some(client);
@@ -467,7 +468,13 @@ async fn run_link(
                     backoff.reset();
                     link.generation.fetch_add(1, Ordering::SeqCst);
                     link.connected.send_replace(true);
-                    tracing::info!(broker = %format!("{}:{}", config.host, config.port), "MQTT connected");
+                    let broker = format!("{}:{}", config.host, config.port);
+                    match outage.recovered() {
+                        Some((lasted, failures)) => {
+                            tracing::info!(%broker, after = %crate::pace::human(lasted), failed_attempts = failures, "MQTT broker back")
+                        }
+                        None => tracing::info!(%broker, "MQTT connected"),
+                    }
                     let birth = Publication {
                         topic: config.status_topic.clone(),
                         payload: status_payload(&config, "online").into(),
@@ -516,7 +523,11 @@ async fn run_link(
             let _ = verdicts.send((seq, Verdict::retry(error.clone())));
         }
         let wait = backoff.next_wait();
-        tracing::warn!(error = %error, retry_in_ms = wait.as_millis() as u64, "MQTT link down");
+        if outage.failed() {
+            tracing::warn!(error = %error, since = %outage.since_text(), "MQTT LINK DOWN: reconnecting with backoff; events wait in the journal");
+        } else {
+            tracing::debug!(error = %error, retry_in_ms = wait.as_millis() as u64, "MQTT link still down");
+        }
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = stop.changed() => if *stop.borrow() { return; },

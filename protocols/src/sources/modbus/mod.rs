@@ -477,6 +477,7 @@ pub async fn run(ctx: SourceContext, config: ModbusConfig, stats: Arc<ModbusStat
     let mut backoff =
         crate::pace::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let mut retry_at = tokio::time::Instant::now();
+    let mut outage = crate::pace::Outage::default();
     let mut bridged = false;
     // Record signals whose pending record this process acknowledged.
     let mut acked: BTreeMap<String, bool> = BTreeMap::new();
@@ -504,14 +505,26 @@ pub async fn run(ctx: SourceContext, config: ModbusConfig, stats: Arc<ModbusStat
         if slot.is_none() {
             match connect(&config.endpoint, config.unit, config.timeout).await {
                 Ok(link) => {
-                    tracing::info!(source = %ctx.name, device = %endpoint_text(&config.endpoint), unit = config.unit, "PLC connected");
+                    let device = endpoint_text(&config.endpoint);
+                    match outage.recovered() {
+                        Some((lasted, failures)) => {
+                            tracing::info!(source = %ctx.name, %device, unit = config.unit, after = %crate::pace::human(lasted), failed_attempts = failures, "PLC back; counters catch up from their stored positions")
+                        }
+                        None => {
+                            tracing::info!(source = %ctx.name, %device, unit = config.unit, "PLC connected")
+                        }
+                    }
                     *slot = Some(link);
                 }
                 Err(e) => {
                     stats.transport_errors.fetch_add(1, Ordering::Relaxed);
                     let wait = backoff.next_wait();
                     stats.connected.store(false, Ordering::Relaxed);
-                    tracing::warn!(source = %ctx.name, error = %e, retry_in_ms = wait.as_millis() as u64, "PLC unreachable");
+                    if outage.failed() {
+                        tracing::warn!(source = %ctx.name, error = %e, since = %outage.since_text(), "PLC UNREACHABLE: reconnecting with backoff");
+                    } else {
+                        tracing::debug!(source = %ctx.name, error = %e, retry_in_ms = wait.as_millis() as u64, "PLC still unreachable");
+                    }
                     retry_at = tokio::time::Instant::now() + wait;
                     bridged = true;
                     continue;

@@ -296,6 +296,7 @@ pub async fn run(ctx: SourceContext, config: OpcUaConfig, stats: Arc<OpcUaStats>
     // First wait 500 ms (as the 250 ms × 2 of the first failure was).
     let mut backoff =
         crate::pace::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let mut outage = crate::pace::Outage::default();
     let mut client = None;
     loop {
         if *shutdown.borrow() {
@@ -322,7 +323,14 @@ pub async fn run(ctx: SourceContext, config: OpcUaConfig, stats: Arc<OpcUaStats>
                         backoff.reset();
                         stats.connects.fetch_add(1, Ordering::Relaxed);
                         stats.connected.store(true, Ordering::SeqCst);
-                        tracing::info!(source = %ctx.name, endpoint = %config.connection.endpoint, policy = %config.connection.security_policy, mode = %config.connection.security_mode, "OPC UA session established");
+                        match outage.recovered() {
+                            Some((lasted, failures)) => {
+                                tracing::info!(source = %ctx.name, endpoint = %config.connection.endpoint, after = %crate::pace::human(lasted), failed_attempts = failures, "OPC UA server back; everything is read once")
+                            }
+                            None => {
+                                tracing::info!(source = %ctx.name, endpoint = %config.connection.endpoint, policy = %config.connection.security_policy, mode = %config.connection.security_mode, "OPC UA session established")
+                            }
+                        }
                         let stop =
                             serve(&ctx, &config, &stats, &session, &mut link_rx, &mut cursor).await;
                         stats.connected.store(false, Ordering::SeqCst);
@@ -341,7 +349,11 @@ pub async fn run(ctx: SourceContext, config: OpcUaConfig, stats: Arc<OpcUaStats>
             Stop::Lost(reason) => {
                 stats.connection_errors.fetch_add(1, Ordering::Relaxed);
                 let wait = backoff.next_wait();
-                tracing::warn!(source = %ctx.name, endpoint = %config.connection.endpoint, error = %reason, retry_in_ms = wait.as_millis() as u64, "OPC UA server unreachable");
+                if outage.failed() {
+                    tracing::warn!(source = %ctx.name, endpoint = %config.connection.endpoint, error = %reason, since = %outage.since_text(), "OPC UA SERVER UNREACHABLE: reconnecting with backoff");
+                } else {
+                    tracing::debug!(source = %ctx.name, error = %reason, retry_in_ms = wait.as_millis() as u64, "OPC UA server still unreachable");
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = shutdown.changed() => {}
