@@ -257,6 +257,17 @@ pub async fn run(
         }
     };
     std::fs::create_dir_all(&state)?;
+    let log_file = state.join("agent.log");
+    crate::logging::init_file(&log_file)?;
+    eprintln!(
+        "agent log: {}{}",
+        log_file.display(),
+        if _keep.is_some() {
+            " (removed at the end; pass --state DIR to keep it)"
+        } else {
+            ""
+        }
+    );
     let peers = state.join("peers");
     std::fs::create_dir_all(&peers)?;
     let pki = simulators::pki::generate(&peers, "plant-edge demo CA");
@@ -325,6 +336,8 @@ pub async fn run(
     };
     let mut outage_window: Option<(Duration, Option<Duration>)> = None;
     let mut peak_pending_in_outage = 0u64;
+    // Backlog once a second, for the chart at the end.
+    let mut backlog: Vec<u64> = Vec::new();
     let tty = std::io::stderr().is_terminal();
     let mut produce = tokio::time::interval(Duration::from_millis(100));
     let mut report = tokio::time::interval(Duration::from_secs(1));
@@ -357,6 +370,7 @@ pub async fn run(
             _ = produce.tick() => plant.tick(),
             _ = report.tick() => {
                 let pending = agent.journal.stats().pending_events;
+                backlog.push(pending);
                 if matches!(outage_window, Some((_, None))) {
                     peak_pending_in_outage = peak_pending_in_outage.max(pending);
                 }
@@ -412,6 +426,13 @@ pub async fn run(
             peak_pending_in_outage
         )?;
     }
+    writeln!(
+        out,
+        "backlog, one column per second: t=0s {} t={}s (peak {} events)",
+        sparkline(&backlog),
+        backlog.len(),
+        backlog.iter().max().copied().unwrap_or(0)
+    )?;
     writeln!(
         out,
         "journal: appended {} delivered {} pending {} dead letters {}; ERP requests {}",
@@ -470,6 +491,16 @@ fn reconcile(made: &Made, erp: &Erp) -> BTreeMap<(String, String, String), Recon
         row.delivered += event["data"]["quantity"].as_u64().unwrap_or(0);
     }
     rows
+}
+
+/// Values as a one-line chart of block characters (the demo's outage).
+fn sparkline(values: &[u64]) -> String {
+    const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+    let max = values.iter().max().copied().unwrap_or(0).max(1);
+    values
+        .iter()
+        .map(|v| BARS[((*v * 7).div_ceil(max)).min(7) as usize])
+        .collect()
 }
 
 fn progress(agent: &RunningAgent, made: &Made, erp: &Erp, started: Instant, tty: bool) {

@@ -28,3 +28,21 @@ pub fn init(format: LogFormat) {
         LogFormat::Json => builder.json().try_init(),
     };
 }
+
+/// Installs the global subscriber writing plain text to `file` (the demo:
+/// its terminal shows progress, the agent's log goes to a file).
+#[cfg(feature = "demo")]
+pub fn init_file(file: &std::path::Path) -> std::io::Result<()> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(file)?;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::sync::Mutex::new(log))
+        .with_ansi(false)
+        .try_init();
+    Ok(())
+}

@@ -340,7 +340,8 @@ fn main() -> ExitCode {
             outage,
             state,
         } => {
-            logging::init(LogFormat::Text);
+            // The agent's log goes to a file in the demo's state folder
+            // (demo::run sets it up); the terminal shows progress only.
             match runtime()
                 .map_err(anyhow::Error::from)
                 .and_then(|rt| rt.block_on(demo::run(duration, outage, state)))

@@ -68,6 +68,22 @@ fn demo_reconciles_plc_and_mes_production_with_the_erp_across_an_outage() {
         held > 0,
         "the outage shows in the journal's backlog:\n{table}"
     );
+    let chart = table
+        .lines()
+        .find(|l| l.starts_with("backlog, one column per second"))
+        .unwrap_or_else(|| panic!("no backlog chart:\n{table}"));
+    assert!(
+        chart.contains('█') && chart.contains('▁'),
+        "the outage shows as a rise and fall of the backlog: {chart}"
+    );
+    // The terminal shows progress; the agent's log is in the state folder.
+    assert!(progress.contains("agent log: "), "{progress}");
+    assert!(
+        !progress.contains(" INFO ") && !progress.contains(" WARN "),
+        "no agent log lines on the terminal:\n{progress}"
+    );
+    let log = std::fs::read_to_string(state.join("agent.log")).expect("agent log kept");
+    assert!(log.contains("plant-edge running"), "{log}");
     assert!(progress.contains("erp:retrying"), "{progress}");
     assert!(progress.contains("cloud link back"), "{progress}");
     assert!(
