@@ -67,13 +67,6 @@ pub async fn run(config: &Config) -> Vec<Check> {
     report
 }
 
-fn endpoint_text(endpoint: &modbus::Endpoint) -> String {
-    match endpoint {
-        modbus::Endpoint::Tcp(addr) => format!("tcp://{addr}"),
-        modbus::Endpoint::Rtu(serial) => format!("rtu://{}", serial.path),
-    }
-}
-
 /// Reads one value as the source would and decodes it as configured.
 async fn read_value(
     link: &mut modbus::Link,
@@ -120,7 +113,7 @@ fn format_name(format: Format, address: Address) -> String {
 }
 
 async fn modbus_checks(name: &str, mc: &ModbusConfig, report: &mut Vec<Check>) {
-    let device = format!("{} unit {}", endpoint_text(&mc.endpoint), mc.unit);
+    let device = format!("{} unit {}", mc.endpoint, mc.unit);
     let mut link = match modbus::connect(&mc.endpoint, mc.unit, mc.timeout).await {
         Ok(link) => {
             report.push(check(

@@ -108,15 +108,7 @@ fn source_task(kind: &SourceKind, tally: &Tally) -> (Option<Arc<dyn SourceCounte
 fn source_endpoint(kind: &SourceKind) -> (String, String) {
     match kind {
         SourceKind::Simulated(sc) => ("simulated".into(), format!("sim://{}", sc.machine)),
-        SourceKind::Modbus(mc) => (
-            "modbus".into(),
-            match &mc.endpoint {
-                protocols::sources::modbus::Endpoint::Tcp(addr) => format!("tcp://{addr}"),
-                protocols::sources::modbus::Endpoint::Rtu(serial) => {
-                    format!("rtu://{}", serial.path)
-                }
-            },
-        ),
+        SourceKind::Modbus(mc) => ("modbus".into(), mc.endpoint.to_string()),
         SourceKind::OpcUa(oc) => ("opcua".into(), oc.connection.endpoint.clone()),
     }
 }

@@ -81,7 +81,7 @@ pub struct ReadCounts {
 }
 
 /// One event as the status page lists it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct RecentEvent {
     /// Event time, RFC 3339.
     pub time: String,
@@ -132,27 +132,40 @@ impl ReadCounts {
 
     /// Counts one event of `source` and keeps it among the newest.
     pub fn seen(&self, source: &str, event: &CloudEvent) {
+        use std::fmt::Write;
         self.add(source, event.event_type.as_str());
         let now = SystemTime::now();
-        self.last_event
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(source.to_owned(), now);
-        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        if recent.len() >= RECENT_EVENTS {
-            recent.pop_front();
+        {
+            let mut last = self.last_event.lock().unwrap_or_else(|p| p.into_inner());
+            match last.get_mut(source) {
+                Some(at) => *at = now,
+                None => {
+                    last.insert(source.to_owned(), now);
+                }
+            }
         }
-        recent.push_back(RecentEvent {
-            time: event.time.clone(),
-            source: source.to_owned(),
-            line: event.data.line.clone(),
-            event_type: event.event_type.to_string(),
-            quantity: match event.data.quantity {
-                Quantity::Count(n) => n.to_string(),
-                Quantity::Measure(v) => v.to_string(),
-            },
-            id: event.id.to_string(),
-        });
+        // Per event: the oldest entry's buffers are reused, so a full list
+        // allocates nothing.
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let mut entry = if recent.len() >= RECENT_EVENTS {
+            recent.pop_front().unwrap_or_default()
+        } else {
+            RecentEvent::default()
+        };
+        entry.time.clone_from(&event.time);
+        entry.source.clear();
+        entry.source.push_str(source);
+        entry.line.clone_from(&event.data.line);
+        entry.event_type.clear();
+        entry.event_type.push_str(event.event_type.as_str());
+        entry.quantity.clear();
+        let _ = match event.data.quantity {
+            Quantity::Count(n) => write!(entry.quantity, "{n}"),
+            Quantity::Measure(v) => write!(entry.quantity, "{v}"),
+        };
+        entry.id.clear();
+        let _ = write!(entry.id, "{}", event.id);
+        recent.push_back(entry);
     }
 
     /// When each source last made an event.
@@ -708,6 +721,43 @@ mod tests {
         let a = HandshakePosition::default().presented("urn", "rec", fp, false);
         let b = HandshakePosition::default().presented("urn", "rec", fp, false);
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn the_newest_events_are_kept_in_order_with_their_own_fields() {
+        let counts = ReadCounts::default();
+        let event = |n: u64, line: &str| {
+            let mut data: EventData = serde_json::from_value(serde_json::json!({
+                "site": "s", "line": line, "machine": "m", "quantity": n, "unit": "EA",
+                "origin": {"protocol": "modbus", "endpoint": "tcp://plc", "address": "holding:0", "quality": "good"},
+            }))
+            .expect("event data");
+            data.quantity = Quantity::Count(n);
+            CloudEvent::new(
+                uuid::Uuid::from_u128(n.into()),
+                "urn".into(),
+                EventType::completion(),
+                SystemTime::UNIX_EPOCH,
+                data,
+            )
+        };
+        // More than the list holds, with lines of different lengths so a
+        // reused entry that kept old text would show.
+        let total = RECENT_EVENTS as u64 + 7;
+        for n in 1..=total {
+            let line = if n % 2 == 0 { "L2" } else { "LINE-ELEVEN" };
+            counts.seen(if n % 3 == 0 { "mes" } else { "press" }, &event(n, line));
+        }
+        let recent = counts.recent();
+        assert_eq!(recent.len(), RECENT_EVENTS);
+        for (entry, n) in recent.iter().zip(total - RECENT_EVENTS as u64 + 1..) {
+            assert_eq!(entry.quantity, n.to_string());
+            assert_eq!(entry.id, uuid::Uuid::from_u128(n.into()).to_string());
+            assert_eq!(entry.line, if n % 2 == 0 { "L2" } else { "LINE-ELEVEN" });
+            assert_eq!(entry.source, if n % 3 == 0 { "mes" } else { "press" });
+            assert_eq!(entry.event_type, "production.completion");
+        }
+        assert_eq!(counts.last_events().len(), 2);
     }
 
     #[test]

@@ -264,7 +264,7 @@ fn record_event(
     let (time, time_source) = device.unwrap_or((now, "gateway"));
     let origin = Origin {
         protocol: "modbus".into(),
-        endpoint: endpoint_text(&config.endpoint),
+        endpoint: config.endpoint.to_string(),
         address: format!("unit {} record {}", config.unit, record.signal),
         quality: "good".into(),
         source_time: (time_source == "device").then(|| buffer::event::rfc3339_millis(time)),

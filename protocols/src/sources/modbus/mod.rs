@@ -64,6 +64,16 @@ pub enum Endpoint {
     Rtu(SerialSettings),
 }
 
+impl std::fmt::Display for Endpoint {
+    /// As configured: `tcp://host:port` or `rtu:///dev/ttyUSB0`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Tcp(addr) => write!(f, "tcp://{addr}"),
+            Endpoint::Rtu(serial) => write!(f, "rtu://{}", serial.path),
+        }
+    }
+}
+
 /// Serial line settings for Modbus RTU.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SerialSettings {
@@ -261,13 +271,6 @@ enum PollError {
     Stopped,
 }
 
-fn endpoint_text(endpoint: &Endpoint) -> String {
-    match endpoint {
-        Endpoint::Tcp(addr) => format!("tcp://{addr}"),
-        Endpoint::Rtu(s) => format!("rtu://{}", s.path),
-    }
-}
-
 /// Opens the connection (TCP or serial) to one unit.
 pub async fn connect(endpoint: &Endpoint, unit: u8, timeout: Duration) -> Result<Context, String> {
     match endpoint {
@@ -408,7 +411,7 @@ async fn read_spans(
             }
             Ok(Err(code)) => {
                 stats.exceptions.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(device = %endpoint_text(&config.endpoint), unit = config.unit, table = table_name(r.table), start = r.start, count = r.count, exception = ?code, "device refused the read: values marked bad");
+                tracing::warn!(device = %config.endpoint, unit = config.unit, table = table_name(r.table), start = r.start, count = r.count, exception = ?code, "device refused the read: values marked bad");
                 for i in 0..r.count {
                     snapshot.words.insert((r.table, r.start + i), None);
                 }
@@ -451,7 +454,7 @@ fn bus_for(endpoint: &Endpoint) -> Arc<Bus> {
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|p| p.into_inner());
-    let key = endpoint_text(endpoint);
+    let key = endpoint.to_string();
     if let Some(bus) = buses.get(&key).and_then(std::sync::Weak::upgrade) {
         return bus;
     }
@@ -505,7 +508,7 @@ pub async fn run(ctx: SourceContext, config: ModbusConfig, stats: Arc<ModbusStat
         if slot.is_none() {
             match connect(&config.endpoint, config.unit, config.timeout).await {
                 Ok(link) => {
-                    let device = endpoint_text(&config.endpoint);
+                    let device = config.endpoint.to_string();
                     match outage.recovered() {
                         Some((lasted, failures)) => {
                             tracing::info!(source = %ctx.name, %device, unit = config.unit, after = %crate::pace::human(lasted), failed_attempts = failures, "PLC back; counters catch up from their stored positions")
@@ -636,7 +639,7 @@ async fn poll(
                                 next,
                                 Origin {
                                     protocol: "modbus".into(),
-                                    endpoint: endpoint_text(&config.endpoint),
+                                    endpoint: config.endpoint.to_string(),
                                     address: format!("unit {} {}", config.unit, spec.address),
                                     quality: "good".into(),
                                     source_time: None,
@@ -678,7 +681,7 @@ async fn poll(
             next_states.insert(spec.signal.clone(), observation.next);
             let origin = Origin {
                 protocol: "modbus".into(),
-                endpoint: endpoint_text(&config.endpoint),
+                endpoint: config.endpoint.to_string(),
                 address: format!("unit {} {}", config.unit, spec.address),
                 quality: "good".into(),
                 source_time: None,
