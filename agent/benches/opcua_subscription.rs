@@ -28,13 +28,7 @@ fn main() {
         .expect("runtime");
     runtime.block_on(async move {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mes = Mes::start(&MesOptions {
-            port: 0,
-            pki_dir: dir.path().join("mes-pki"),
-            trust_clients: true,
-            require_user: false,
-            x509_user: None,
-        })
+        let mes = Mes::start(&MesOptions::open(dir.path().join("mes-pki")))
         .await;
         let nodes = mes.add_counters(NODES);
         let state = dir.path().join("state");

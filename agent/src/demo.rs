@@ -276,14 +276,7 @@ pub async fn run(
         let mut m = plc.mem();
         m.holding.insert(0, 65_000);
     }
-    let mes = Mes::start(&MesOptions {
-        port: 0,
-        pki_dir: peers.join("mes-pki"),
-        trust_clients: true,
-        require_user: false,
-        x509_user: None,
-    })
-    .await;
+    let mes = Mes::start(&MesOptions::open(peers.join("mes-pki"))).await;
     let mut erp = Erp::start(&pki.server_cert, &pki.server_key).await;
     let config_path = state.join("plant-edge-demo.toml");
     std::fs::write(&config_path, demo_config(&state, &plc, &mes, &erp, &pki.ca))?;

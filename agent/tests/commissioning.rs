@@ -25,11 +25,8 @@ async fn validate_connect_names_every_item_and_what_is_wrong_with_it() {
         m.coils.insert(10, true);
     }
     let mes = Mes::start(&MesOptions {
-        port: 0,
-        pki_dir: dir.path().join("mes-pki"),
-        trust_clients: true,
         require_user: true,
-        x509_user: None,
+        ..MesOptions::open(dir.path().join("mes-pki"))
     })
     .await;
     mes.set("Line1.Good", 77u32);

@@ -6,7 +6,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use common::*;
 use nix::sys::signal::{kill, Signal};
@@ -59,10 +58,7 @@ async fn a_full_disk_holds_the_sources_and_the_agent_recovers_when_space_returns
         "[sinks.archive]\nkind = \"file\"\npath = \"{}/archive/events.jsonl\"\n\n[journal]\nmin_free_disk = \"24MiB\"\n",
         outside.display()
     );
-    let text = pipeline_config_with_sinks(&state, "20ms", &sinks).replace(
-        "shutdown_timeout = \"5s\"",
-        &format!("shutdown_timeout = \"5s\"\nmetrics_listen = \"127.0.0.1:{port}\""),
-    );
+    let text = with_metrics(&pipeline_config_with_sinks(&state, "20ms", &sinks), port);
     let file = write_config(dir.path(), &text);
     let mut child = bin()
         .args(["run", "-c", file.to_str().expect("utf8")])
@@ -110,15 +106,7 @@ async fn a_full_disk_holds_the_sources_and_the_agent_recovers_when_space_returns
     for event in archived_events(&outside) {
         distinct.add(event);
     }
-    let mut jc = buffer::JournalConfig::new(state.join("journal"));
-    jc.lock_wait = Duration::from_secs(5);
-    let journal = buffer::Journal::open(jc).expect("journal");
-    journal
-        .scan_events(0, |e| {
-            distinct.add(serde_json::from_slice(&e.payload).expect("payload"));
-            true
-        })
-        .expect("scan");
+    let journal = distinct.add_pending(&state);
     let parts = check_counter_chains(&distinct.by_id, &journal);
     assert!(parts > 50, "progress before and after ({parts} parts)");
     journal.close().expect("close");

@@ -108,10 +108,7 @@ async fn revoked_credentials_hold_the_backlog_fail_readiness_and_resume_when_fix
         erp.url(),
         pki.ca.display()
     );
-    let text = pipeline_config_with_sinks(&state, "20ms", &sink).replace(
-        "shutdown_timeout = \"5s\"",
-        &format!("shutdown_timeout = \"5s\"\nmetrics_listen = \"127.0.0.1:{port}\""),
-    );
+    let text = with_metrics(&pipeline_config_with_sinks(&state, "20ms", &sink), port);
     let file = write_config(dir.path(), &text);
     let mut child = bin()
         .args(["run", "-c", file.to_str().expect("utf8")])
@@ -275,10 +272,7 @@ async fn an_erp_outage_is_one_log_line_when_it_starts_and_one_when_it_ends() {
         erp.url(),
         pki.ca.display()
     );
-    let text = pipeline_config_with_sinks(&state, "20ms", &sink).replace(
-        "shutdown_timeout = \"5s\"",
-        &format!("shutdown_timeout = \"5s\"\nmetrics_listen = \"127.0.0.1:{port}\""),
-    );
+    let text = with_metrics(&pipeline_config_with_sinks(&state, "20ms", &sink), port);
     let file = write_config(dir.path(), &text);
     let log_path = dir.path().join("agent.log");
     let log = std::fs::File::create(&log_path).expect("log file");

@@ -13,15 +13,9 @@ async fn metrics_move_as_events_flow_and_an_outage_shows_in_backlog_and_readines
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("state");
     let (port, closed) = (free_port(), free_port());
-    // The archive delivers; the cloud link is down for the whole test.
-    let sinks = format!(
-        "[sinks.archive]\nkind = \"file\"\npath = \"{}/archive/events.jsonl\"\n\n[sinks.cloud]\nkind = \"mqtt\"\nhost = \"127.0.0.1\"\nport = {closed}\n",
-        state.display()
-    );
-    let text = pipeline_config_with_sinks(&state, "20ms", &sinks).replace(
-        "shutdown_timeout = \"5s\"",
-        &format!("shutdown_timeout = \"5s\"\nmetrics_listen = \"127.0.0.1:{port}\"\nready_max_backlog_age = \"1s\""),
-    );
+    let sinks = archive_and_dead_broker(&state, closed);
+    let text = with_metrics(&pipeline_config_with_sinks(&state, "20ms", &sinks), port)
+        .replace("[agent]", "[agent]\nready_max_backlog_age = \"1s\"");
     let file = write_config(dir.path(), &text);
     let mut child = bin()
         .args(["run", "-c", file.to_str().expect("utf8")])

@@ -142,10 +142,7 @@ async fn killed_agent_counts_parts_made_while_it_was_down_exactly_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("state");
     let port = free_port();
-    let text = modbus_config(&state, plc.addr.port()).replace(
-        "shutdown_timeout = \"5s\"",
-        &format!("shutdown_timeout = \"5s\"\nmetrics_listen = \"127.0.0.1:{port}\""),
-    );
+    let text = with_metrics(&modbus_config(&state, plc.addr.port()), port);
     let file = write_config(dir.path(), &text);
     let config = file.to_str().expect("utf8").to_owned();
     let (mut good, mut scrap) = (64_000u32, 10u32);
@@ -219,15 +216,7 @@ async fn killed_agent_counts_parts_made_while_it_was_down_exactly_once() {
     for event in archived_events(&state) {
         distinct.add(event);
     }
-    let mut jc = buffer::JournalConfig::new(state.join("journal"));
-    jc.lock_wait = Duration::from_secs(5);
-    let journal = buffer::Journal::open(jc).expect("journal");
-    journal
-        .scan_events(0, |e| {
-            distinct.add(serde_json::from_slice(&e.payload).expect("json"));
-            true
-        })
-        .expect("scan");
+    distinct.add_pending(&state);
     let sum = |t: &str| -> u64 {
         distinct
             .by_id

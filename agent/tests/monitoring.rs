@@ -136,14 +136,7 @@ async fn dashboard_and_alert_rules_query_only_metrics_the_agent_exports() {
     let state = dir.path().join("state");
     let plc = Plc::start().await;
     plc.mem().holding.insert(0, 5);
-    let mes = Mes::start(&MesOptions {
-        port: 0,
-        pki_dir: dir.path().join("mes-pki"),
-        trust_clients: true,
-        require_user: false,
-        x509_user: None,
-    })
-    .await;
+    let mes = Mes::start(&MesOptions::open(dir.path().join("mes-pki"))).await;
     mes.set("Line1.Good", 100u32);
     let (port, closed) = (free_port(), free_port());
     let file = write_config(dir.path(), &config(&state, port, &plc, &mes, closed));

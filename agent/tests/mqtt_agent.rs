@@ -63,15 +63,7 @@ async fn sigkilled_agent_delivers_every_part_to_the_broker() {
         distinct.add(serde_json::from_slice(&message.payload).expect("CloudEvent JSON"));
         from_broker += 1;
     }
-    let mut jc = buffer::JournalConfig::new(state.join("journal"));
-    jc.lock_wait = Duration::from_secs(5);
-    let journal = buffer::Journal::open(jc).expect("journal reopens");
-    journal
-        .scan_events(0, |e| {
-            distinct.add(serde_json::from_slice(&e.payload).expect("payload"));
-            true
-        })
-        .expect("scan");
+    let journal = distinct.add_pending(&state);
     let parts = check_counter_chains(&distinct.by_id, &journal);
     assert!(
         from_broker > 100,

@@ -67,14 +67,7 @@ fn record(seq: u32) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshake_records_survive_sigkill_exactly_once_and_are_acknowledged_only_when_durable() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mes = Mes::start(&MesOptions {
-        port: 0,
-        pki_dir: dir.path().join("mes-pki"),
-        trust_clients: true,
-        require_user: false,
-        x509_user: None,
-    })
-    .await;
+    let mes = Mes::start(&MesOptions::open(dir.path().join("mes-pki"))).await;
     mes.set("Line1.Good", 0u32);
     let state = dir.path().join("state");
     let file = write_config(dir.path(), &opcua_config(&state, &mes));
@@ -189,14 +182,7 @@ async fn handshake_records_survive_sigkill_exactly_once_and_are_acknowledged_onl
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probe_opcua_browses_reads_and_explains_untrusted_servers() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mes = Mes::start(&MesOptions {
-        port: 0,
-        pki_dir: dir.path().join("mes-pki"),
-        trust_clients: true,
-        require_user: false,
-        x509_user: None,
-    })
-    .await;
+    let mes = Mes::start(&MesOptions::open(dir.path().join("mes-pki"))).await;
     mes.set("Line1.Good", 1234u32);
     let endpoint = mes.endpoint();
     let pki = dir.path().join("pki");

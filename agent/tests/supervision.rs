@@ -15,10 +15,7 @@ async fn a_panicking_source_is_restarted_counted_and_shown_and_loses_no_part() {
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("state");
     let port = free_port();
-    let text = pipeline_config(&state, "20ms").replace(
-        "shutdown_timeout = \"5s\"",
-        &format!("shutdown_timeout = \"5s\"\nmetrics_listen = \"127.0.0.1:{port}\""),
-    );
+    let text = with_metrics(&pipeline_config(&state, "20ms"), port);
     let file = write_config(dir.path(), &text);
     let mut child = bin()
         .args(["run", "-c", file.to_str().expect("utf8")])
@@ -86,15 +83,7 @@ async fn a_panicking_source_is_restarted_counted_and_shown_and_loses_no_part() {
     for event in archived_events(&state) {
         distinct.add(event);
     }
-    let mut jc = buffer::JournalConfig::new(state.join("journal"));
-    jc.lock_wait = Duration::from_secs(5);
-    let journal = buffer::Journal::open(jc).expect("journal");
-    journal
-        .scan_events(0, |e| {
-            distinct.add(serde_json::from_slice(&e.payload).expect("payload"));
-            true
-        })
-        .expect("scan");
+    let journal = distinct.add_pending(&state);
     let parts = check_counter_chains(&distinct.by_id, &journal);
     assert!(
         parts > 50,

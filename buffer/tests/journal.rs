@@ -704,6 +704,9 @@ async fn a_counter_poll_waits_for_the_commit_window_and_a_handshake_does_not() {
         let appender = appender.clone();
         async move { appender.append_batched(request(1, "counters")).await }
     });
+    // Something that must not happen has no condition to wait for: the
+    // pause only gives a broken window the time to show; with the hour-long
+    // window a correct one cannot finish, however slow the machine.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!poll.is_finished(), "a counter poll shares the next commit");
     assert_eq!(

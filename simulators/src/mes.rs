@@ -44,6 +44,20 @@ pub struct MesOptions {
     pub x509_user: Option<PathBuf>,
 }
 
+impl MesOptions {
+    /// Any free port, every client certificate trusted, anonymous users
+    /// allowed: the MES most tests and the demo need.
+    pub fn open(pki_dir: PathBuf) -> Self {
+        Self {
+            port: 0,
+            pki_dir,
+            trust_clients: true,
+            require_user: false,
+            x509_user: None,
+        }
+    }
+}
+
 /// What the MES saw of acknowledgements.
 #[derive(Clone, Debug, Default)]
 pub struct Acks {

@@ -214,13 +214,7 @@ fn record_json(seq: u32, order: &str, qty: f64) -> String {
 }
 
 fn options(dir: &Path) -> MesOptions {
-    MesOptions {
-        port: 0,
-        pki_dir: dir.join("mes-pki"),
-        trust_clients: true,
-        require_user: false,
-        x509_user: None,
-    }
+    MesOptions::open(dir.join("mes-pki"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,6 +22,23 @@ pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// `text` (from [`pipeline_config`]) with the metrics endpoint on `port`.
+pub fn with_metrics(text: &str, port: u16) -> String {
+    text.replace(
+        "shutdown_timeout = \"5s\"",
+        &format!("shutdown_timeout = \"5s\"\nmetrics_listen = \"127.0.0.1:{port}\""),
+    )
+}
+
+/// Sinks for an outage: an archive that delivers and a cloud broker that
+/// is down for the whole test (nothing listens on `closed`).
+pub fn archive_and_dead_broker(state: &Path, closed: u16) -> String {
+    format!(
+        "[sinks.archive]\nkind = \"file\"\npath = \"{}/archive/events.jsonl\"\n\n[sinks.cloud]\nkind = \"mqtt\"\nhost = \"127.0.0.1\"\nport = {closed}\n",
+        state.display()
+    )
+}
+
 /// A config with simulated lines and a file archive under `state`.
 pub fn pipeline_config(state: &Path, interval: &str) -> String {
     let archive = format!(
@@ -220,6 +237,21 @@ impl Distinct {
                 self.by_id.insert(id, event);
             }
         }
+    }
+
+    /// Adds the events still pending in the journal under `state` (the
+    /// agent stopped); returns the journal, for the counter chains.
+    pub fn add_pending(&mut self, state: &Path) -> buffer::Journal {
+        let mut jc = buffer::JournalConfig::new(state.join("journal"));
+        jc.lock_wait = Duration::from_secs(5);
+        let journal = buffer::Journal::open(jc).expect("the journal reopens");
+        journal
+            .scan_events(0, |e| {
+                self.add(serde_json::from_slice(&e.payload).expect("pending payload"));
+                true
+            })
+            .expect("scan");
+        journal
     }
 }
 
