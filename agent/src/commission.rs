@@ -5,8 +5,10 @@
 //!
 //! Invariant: nothing is written to a PLC or MES (reads only; handshake
 //! flags are read, never set), no journal is opened, no event is posted
-//! (the MQTT check publishes the gateway's status message only; HTTPS
-//! sends OPTIONS).
+//! (the MQTT check publishes a status message under the gateway's status
+//! topic, `<status_topic>/commissioning`, with its own client id, so a
+//! running agent's session and retained status are untouched; HTTPS sends
+//! OPTIONS).
 
 use std::time::Duration;
 
@@ -259,13 +261,26 @@ fn file_check(fc: &FileSinkConfig) -> Result<String, String> {
 }
 
 async fn mqtt_check(mc: &MqttSinkConfig) -> Result<String, String> {
-    let mut sink = MqttSink::start(mc.clone()).map_err(|e| e.to_string())?;
+    // Its own client id and a clean session: the broker would otherwise
+    // hand the running agent's session (and its in-flight publishes) to
+    // the check and drop the agent's connection. Its own status topic
+    // under the agent's: its birth, will and goodbye must not overwrite
+    // the agent's retained online/offline.
+    let check = MqttSinkConfig {
+        client_id: format!("{}-check", mc.client_id),
+        clean_session: true,
+        session_expiry: Duration::ZERO,
+        status_topic: format!("{}/commissioning", mc.status_topic),
+        ..mc.clone()
+    };
+    let topic = check.status_topic.clone();
+    let mut sink = MqttSink::start(check).map_err(|e| e.to_string())?;
     let confirmed = sink.confirm_status(Duration::from_secs(10)).await;
     sink.close().await;
     confirmed.map(|()| {
         format!(
-            "{}:{} login accepted, status published to {} and acknowledged",
-            mc.host, mc.port, mc.status_topic
+            "{}:{} login accepted, a status publish to {topic} acknowledged",
+            mc.host, mc.port
         )
     })
 }
