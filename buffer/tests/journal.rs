@@ -222,12 +222,25 @@ fn delivered_events_are_collected_and_free_their_bytes() {
         "b has not delivered yet"
     );
     drain(&journal, "b");
-    // GC runs on ack when no commit holds the lock, or at the next commit.
+    assert_eq!(journal.stats().pending_bytes, 0);
+    assert_eq!(
+        journal.stats().used_bytes,
+        before,
+        "acks are saved and chunks collected with the next commit, not at once"
+    );
+    // The next commit collects (one batch with its events)...
     append(&journal, "s", 1000..1001);
+    assert!(journal.stats().used_bytes < 1000, "{:?}", journal.stats());
     drain(&journal, "a");
     drain(&journal, "b");
+    // ...and with none coming, the writer saves acks within a second.
+    journal.save_acks().expect("save acks");
     assert_eq!(journal.stats().pending_bytes, 0);
+    assert_eq!(journal.stats().used_bytes, 0);
     assert_eq!(journal.stats().pending_events, 0);
+    drop(journal);
+    let journal = Journal::open(config(dir.path(), &["a", "b"])).expect("reopen");
+    assert_eq!(journal.stats().used_bytes, 0, "collection was stored");
 }
 
 #[test]
@@ -401,6 +414,44 @@ async fn writer_parks_business_appends_until_space_frees() {
     assert_eq!(journal.counters().backpressured, 1);
     drop(appender);
     writer.await.expect("writer ends when appenders are gone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_with_no_commit_after_them_are_saved_by_the_writer_within_seconds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = Journal::open(config(dir.path(), &["erp"])).expect("open");
+    let (appender, writer) = journal.start_writer();
+    let routes = journal.routes_all();
+    appender
+        .append(AppendRequest {
+            source: "s".into(),
+            events: (0..5)
+                .map(|n| event(n, EventClass::Business, routes))
+                .collect(),
+            cursor: None,
+        })
+        .await
+        .expect("append");
+    let j = journal.clone();
+    tokio::task::spawn_blocking(move || drain(&j, "erp"))
+        .await
+        .expect("drain");
+    assert!(journal.stats().used_bytes > 0, "not collected at the ack");
+    // No append follows: the writer's tick saves the cursor and collects.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while journal.stats().used_bytes > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "delivered chunks never collected: {:?}",
+            journal.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(appender);
+    writer.await.expect("writer");
+    drop(journal);
+    let journal = Journal::open(config(dir.path(), &["erp"])).expect("reopen");
+    assert!(journal.read_batch("erp", 10).expect("read").is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

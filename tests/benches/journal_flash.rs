@@ -1,13 +1,14 @@
 //! Bytes written to storage per event for a steady trickle of small
 //! commits, as a gateway sees it: 20 lines polled every 100 ms, each poll
-//! appending 0–2 events of ~700 bytes (one per poll on average: 200
+//! appending 0–2 realistic events of ~700 bytes (one per poll on average: 200
 //! events/s), with a sink that acknowledges everything every 100 ms, so
 //! acks, cursor moves and garbage collection are counted too. Real journal
 //! in a directory on disk (not tmpfs).
 //!
 //! Run: `cargo bench -p plant-edge-tests --bench journal_flash`
 //! (`PLANT_EDGE_BENCH_SECONDS` sets each run's length, default 20;
-//! `PLANT_EDGE_BENCH_DIR` the directory, default the system temp dir).
+//! `PLANT_EDGE_BENCH_DIR` the directory, default the system temp dir;
+//! `PLANT_EDGE_BENCH_WINDOWS` which commit windows, e.g. `50`).
 //! Prints, per `journal.commit_window`: bytes written per event
 //! (`write_bytes` of /proc/self/io), commits per second, and the append
 //! latency a source waits for "stored" (p50, p99).
@@ -17,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use buffer::{AppendRequest, EventClass, Journal, JournalConfig, NewEvent};
-use plant_edge_tests::measure::storage_bytes_written;
+use plant_edge_tests::measure::{realistic_event, storage_bytes_written};
 
 const LINES: u64 = 20;
 const SINK: &str = "cloud";
@@ -29,6 +30,15 @@ fn seconds() -> u64 {
         .unwrap_or(20)
 }
 
+/// The commit windows to measure (`PLANT_EDGE_BENCH_WINDOWS`, milliseconds,
+/// comma-separated; default 0,20,50,100).
+fn windows() -> Vec<u64> {
+    std::env::var("PLANT_EDGE_BENCH_WINDOWS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|w| w.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![0, 20, 50, 100])
+}
+
 /// How often the sink acknowledges what it read (`PLANT_EDGE_BENCH_ACK_MS`,
 /// default 100; 0: never, to see what appends alone cost).
 fn ack_every() -> Option<Duration> {
@@ -37,17 +47,6 @@ fn ack_every() -> Option<Duration> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
     (ms > 0).then(|| Duration::from_millis(ms))
-}
-
-fn payload(line: u64, n: u64) -> Vec<u8> {
-    let mut p = format!(
-        "{{\"specversion\":\"1.0\",\"id\":\"{}\",\"source\":\"urn:plant-edge:p:g:line{line}\",\"type\":\"production.completion\",\"data\":{{\"site\":\"p\",\"line\":\"L{line}\",\"n\":{n},\"pad\":\"",
-        uuid::Uuid::from_u128(((line as u128) << 64) | n as u128)
-    )
-    .into_bytes();
-    p.resize(690, b'x');
-    p.extend_from_slice(b"\"}}");
-    p
 }
 
 struct Figures {
@@ -96,7 +95,7 @@ async fn run(window: Duration) -> Figures {
                             id: uuid::Uuid::from_u128(((line as u128) << 64) | n as u128),
                             class: EventClass::Business,
                             routes,
-                            payload: payload(line, n),
+                            payload: realistic_event(line, n),
                         }
                     })
                     .collect();
@@ -181,10 +180,11 @@ fn main() {
         .build()
         .expect("runtime");
     println!(
-        "journal writes per event: {LINES} lines polled every 100 ms, ~700-byte events, acked every 100 ms, {} s each",
+        "journal writes per event: {LINES} lines polled every 100 ms, {}-byte events, acked every 100 ms, {} s each",
+        realistic_event(1, 1).len(),
         seconds()
     );
-    for window_ms in [0u64, 20, 50, 100] {
+    for window_ms in windows() {
         let f = runtime.block_on(run(Duration::from_millis(window_ms)));
         println!(
             "  commit_window {window_ms:>3} ms: {:>6.0} bytes/event ({} events, {:.0} KiB/s), {:5.1} commits/s, append latency p50 {:5.1} ms p99 {:5.1} ms",

@@ -25,14 +25,7 @@ fn events() -> u64 {
 }
 
 fn payload(n: u64) -> Vec<u8> {
-    let mut p = format!(
-        "{{\"specversion\":\"1.0\",\"id\":\"{}\",\"source\":\"urn:plant-edge:p:g:press\",\"type\":\"production.completion\",\"data\":{{\"site\":\"p\",\"line\":\"L1\",\"machine\":\"m\",\"n\":{n},\"pad\":\"",
-        uuid::Uuid::from_u128(n as u128 + 1)
-    )
-    .into_bytes();
-    p.resize(498, b'x');
-    p.extend_from_slice(b"\"}}");
-    p
+    plant_edge_tests::measure::realistic_event(n % 20, n)
 }
 
 fn open(dir: &std::path::Path) -> Journal {

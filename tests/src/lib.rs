@@ -136,4 +136,63 @@ pub mod measure {
     pub fn peak_rss_mib_of(pid: u32) -> f64 {
         hwm_mib(&pid.to_string())
     }
+
+    /// The JSON of a production completion as a Modbus counter source
+    /// writes it (work order, material, lot, counter, origin, three
+    /// attributes; about 700 bytes), for benchmarks whose figures depend
+    /// on what the payload is made of (compression, parsing): a padded
+    /// dummy would compress unrealistically well.
+    pub fn realistic_event(line: u64, n: u64) -> Vec<u8> {
+        use buffer::event::{CounterReading, Origin};
+        use buffer::{CloudEvent, EventData, EventType, Quantity};
+        let now = std::time::SystemTime::now();
+        let machine = format!("press-{line:02}");
+        let id = uuid::Uuid::new_v5(
+            &uuid::Uuid::NAMESPACE_OID,
+            format!("{line}/{n}/{}", fastrand::u64(..)).as_bytes(),
+        );
+        let attributes = [
+            ("cost_center", format!("CC-{}", 4100 + line)),
+            ("work_center", format!("WC-PRESS-{line:02}")),
+            (
+                "shift",
+                ["early", "late", "night"][(n % 3) as usize].to_owned(),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let mut event = CloudEvent::new(
+            id,
+            buffer::event::source_urn("plant-hamburg", "gw-hall-3", &machine),
+            EventType::completion(),
+            now,
+            EventData {
+                site: "plant-hamburg".into(),
+                line: format!("L{line}"),
+                machine: machine.clone(),
+                work_order: Some(format!("WO-2026-{:06}", 4800 + line * 7 + n / 500)),
+                material: Some(format!("MAT-{:08}", 10_000_000 + line * 13)),
+                quantity: Quantity::Count(1 + n % 2),
+                unit: "EA".into(),
+                lot: Some(format!("LOT-{}-{:04}", 26_340 + n / 2000, line)),
+                reason_code: None,
+                counter: Some(CounterReading {
+                    value: 1_000_000 + n,
+                    previous: 1_000_000 + n - 1,
+                    epoch: 3,
+                }),
+                origin: Origin {
+                    protocol: "modbus".into(),
+                    endpoint: format!("tcp://10.20.3.{}:502", 10 + line),
+                    address: "hr:4000".into(),
+                    quality: "good".into(),
+                    source_time: Some(buffer::event::rfc3339_millis(now)),
+                },
+                attributes,
+            },
+        );
+        event.sequence = Some((1_000_000 + n).to_string());
+        event.to_json()
+    }
 }

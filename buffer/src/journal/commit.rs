@@ -272,7 +272,7 @@ impl ChunkPlan {
     ) -> Result<u64, JournalError> {
         self.close();
         for (first, meta, events) in self.closed {
-            let chunk = layout::encode(&events).map_err(|e| encode_err("chunk", e))?;
+            let chunk = layout::encode_chunk(&events).map_err(|e| encode_err("chunk", e))?;
             let meta_bytes = layout::encode(&meta).map_err(|e| encode_err("chunk meta", e))?;
             batch.insert(&layout::seq_key(layout::CHUNK, first), chunk);
             batch.insert(&layout::seq_key(layout::CHUNK_META, first), meta_bytes);
@@ -310,6 +310,10 @@ impl Journal {
         // parked appends look again every second.
         let mut recheck = tokio::time::interval(Duration::from_secs(1));
         recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Acks wait for the next commit to be written; with no commit
+        // coming they are saved (and delivered chunks freed) every second.
+        let mut save_acks = tokio::time::interval(Duration::from_secs(1));
+        save_acks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let window = self.inner.config.commit_window;
         let mut last_commit: Option<tokio::time::Instant> = None;
         loop {
@@ -323,6 +327,19 @@ impl Journal {
                 },
                 _ = self.inner.space_freed.notified(), if !parked.is_empty() => {}
                 _ = recheck.tick(), if !parked.is_empty() => {}
+                _ = save_acks.tick() => {
+                    if self.inner.gc_pending.load(Ordering::SeqCst)
+                        && !self.inner.poisoned.load(Ordering::SeqCst)
+                    {
+                        let journal = self.clone();
+                        match tokio::task::spawn_blocking(move || journal.save_acks()).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => tracing::error!(error = %e, "saving delivery cursors failed"),
+                            Err(e) => tracing::error!(error = %e, "saving delivery cursors failed"),
+                        }
+                    }
+                    continue;
+                }
                 _ = expiry_tick.tick(), if self.inner.config.ttl.is_some() => {
                     let journal = self.clone();
                     match tokio::task::spawn_blocking(move || journal.expire_now()).await {
@@ -419,12 +436,6 @@ impl Journal {
             }
             return Vec::new();
         }
-        // Collect first: acks that ran while the last commit held the lock
-        // left garbage, and telemetry victims below must be above the floor
-        // (GC cannot run again until we release the commit lock).
-        if let Err(e) = self.collect_garbage(&mut self.state()) {
-            tracing::error!(error = %e, "journal garbage collection failed");
-        }
         let now = now_ms();
         // Below the free-space reserve nothing that takes space is written:
         // sled failing a write half-way is worse than a held source.
@@ -433,8 +444,21 @@ impl Journal {
         let mut parked_out = Vec::new();
         let mut admitted: Vec<(Job, AppendOutcome)> = Vec::new();
         let next_seq;
+        let freed;
         {
             let mut st = self.state();
+            // Collect first, into this commit's batch (one batch, one sync):
+            // acks since the last commit left garbage and unsaved cursors,
+            // and telemetry victims below must be above the floor (GC cannot
+            // run again until we release the commit lock).
+            self.inner.gc_pending.store(false, Ordering::SeqCst);
+            freed = match Self::collect_into(&mut st, &mut batch) {
+                Ok(freed) => freed,
+                Err(e) => {
+                    drop(st);
+                    return self.fail_commit(admitted, jobs, e);
+                }
+            };
             let max_bytes = self.inner.config.max_bytes;
             let mut plan = ChunkPlan::new(st.next_seq, now);
             let mut projected = st.used_bytes();
@@ -594,12 +618,16 @@ impl Journal {
                 st.disk_low = disk_low;
             }
         }
-        if admitted.is_empty() {
-            return parked_out;
-        }
         if let Err(e) = self.inner.tree.apply_batch(batch) {
             self.inner.poisoned.store(true, Ordering::SeqCst);
             return self.fail_commit(admitted, parked_out, JournalError::Storage(e));
+        }
+        if freed > 0 {
+            self.inner.space_freed.notify_one();
+        }
+        if admitted.is_empty() {
+            // Only collection and cursors: no source waits on them.
+            return parked_out;
         }
         if let Err(e) = self.sync() {
             return self.fail_commit(admitted, parked_out, e);

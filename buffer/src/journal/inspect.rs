@@ -152,12 +152,15 @@ impl Journal {
             .clone()
             .map(|(f, m)| m.last + 1 - (*f).max(floor))
             .sum();
+        // Delivered chunks wait up to a second for collection (acks are
+        // saved with the next commit): they are used space, not pending.
+        let pending_bytes = live.clone().map(|(_, m)| m.bytes).sum();
         let oldest = live.map(|(_, m)| m.appended_ms).min();
         JournalStats {
             next_seq: st.next_seq,
             floor,
             pending_events,
-            pending_bytes: st.pending_bytes,
+            pending_bytes,
             used_bytes: st.used_bytes(),
             max_bytes: self.inner.config.max_bytes,
             oldest_pending_age_ms: oldest.map(|t| now_ms().saturating_sub(t)),

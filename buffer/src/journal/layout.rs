@@ -7,7 +7,8 @@
 
 use bincode::{Decode, Encode};
 
-/// `e` + first seq: a chunk of consecutive events (bincode `Vec<StoredEvent>`).
+/// `e` + first seq: a chunk of consecutive events (bincode `Vec<StoredEvent>`,
+/// LZ4-compressed when that is smaller: see [`encode_chunk`]).
 pub(crate) const CHUNK: u8 = b'e';
 /// `k` + first seq: the chunk's [`ChunkMeta`], small so that open reads no payload.
 pub(crate) const CHUNK_META: u8 = b'k';
@@ -35,7 +36,7 @@ pub(crate) const COUNTERS: &[u8] = b"m:counters";
 /// threshold (segment/4), so no blob file escapes our fdatasync.
 pub const MAX_EVENT_BYTES: usize = 16 * 1024;
 /// A chunk is closed once it holds this many payload bytes...
-pub(crate) const CHUNK_TARGET_BYTES: usize = 4 * 1024;
+pub(crate) const CHUNK_TARGET_BYTES: usize = 16 * 1024;
 /// ...or this many events.
 pub(crate) const CHUNK_MAX_EVENTS: usize = 64;
 
@@ -121,6 +122,59 @@ pub(crate) struct DeadLetterRecord {
     pub event: StoredEvent,
 }
 
+/// First byte of a compressed chunk value, followed by the plain length
+/// (u32, little-endian) and the LZ4 block. A plain chunk starts with its
+/// event count as a bincode varint, at most [`CHUNK_MAX_EVENTS`] and so one
+/// byte below this tag; journals written before compression read as before.
+const COMPRESSED_CHUNK: u8 = 0xC4;
+
+/// The largest plain chunk a journal can hold: a chunk closes at
+/// [`CHUNK_TARGET_BYTES`] or [`CHUNK_MAX_EVENTS`], and no event exceeds
+/// [`MAX_EVENT_BYTES`] (plus its id, routes and source name). A damaged
+/// length beyond it must not make the reader allocate gigabytes.
+const MAX_PLAIN_CHUNK_BYTES: usize = CHUNK_MAX_EVENTS * (MAX_EVENT_BYTES + 1024);
+
+/// A chunk's stored value. Compressed because sled writes every value
+/// several times (the log fragment, then each rewrite of the leaf node
+/// holding it): the JSON of events from one plant repeats its keys and
+/// names and shrinks to a third or less, and flash wear follows the bytes.
+/// Plain when compression would not save anything.
+pub(crate) fn encode_chunk(
+    events: &Vec<StoredEvent>,
+) -> Result<Vec<u8>, bincode::error::EncodeError> {
+    let plain = encode(events)?;
+    let packed = lz4_flex::block::compress(&plain);
+    if 5 + packed.len() >= plain.len() {
+        return Ok(plain);
+    }
+    let mut value = Vec::with_capacity(5 + packed.len());
+    value.push(COMPRESSED_CHUNK);
+    value.extend_from_slice(&(plain.len() as u32).to_le_bytes());
+    value.extend_from_slice(&packed);
+    Ok(value)
+}
+
+/// Reads a chunk value written by [`encode_chunk`], compressed or plain.
+pub(crate) fn decode_chunk(bytes: &[u8]) -> Result<Vec<StoredEvent>, bincode::error::DecodeError> {
+    let Some((&COMPRESSED_CHUNK, rest)) = bytes.split_first() else {
+        return decode(bytes);
+    };
+    let (length, packed) = rest.split_at_checked(4).ok_or_else(|| {
+        bincode::error::DecodeError::OtherString("compressed chunk without its length".into())
+    })?;
+    let mut length_bytes = [0u8; 4];
+    length_bytes.copy_from_slice(length);
+    let length = u32::from_le_bytes(length_bytes) as usize;
+    if length > MAX_PLAIN_CHUNK_BYTES {
+        return Err(bincode::error::DecodeError::OtherString(format!(
+            "compressed chunk claims {length} bytes, more than any chunk holds"
+        )));
+    }
+    let plain = lz4_flex::block::decompress(packed, length)
+        .map_err(|e| bincode::error::DecodeError::OtherString(format!("compressed chunk: {e}")))?;
+    decode(&plain)
+}
+
 fn config() -> bincode::config::Configuration {
     bincode::config::standard()
 }
@@ -138,4 +192,81 @@ pub(crate) fn decode<T: Decode<()>>(bytes: &[u8]) -> Result<T, bincode::error::D
         )));
     }
     Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(n: u8, payload: Vec<u8>) -> StoredEvent {
+        StoredEvent {
+            id: [n; 16],
+            routes: 1,
+            source: "press-01".into(),
+            payload,
+        }
+    }
+
+    fn json_events() -> Vec<StoredEvent> {
+        (0..6)
+            .map(|n| {
+                let json = format!(
+                    r#"{{"specversion":"1.0","type":"production.completion","source":"urn:plant-edge:plant:gw:press-01","data":{{"site":"plant","line":"L1","counter":{{"value":{n}}}}}}}"#
+                );
+                event(n, json.into_bytes())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_chunk_of_json_events_is_stored_compressed_and_reads_back_equal() {
+        let events = json_events();
+        let stored = encode_chunk(&events).expect("encode");
+        let plain = encode(&events).expect("encode");
+        assert_eq!(stored[0], COMPRESSED_CHUNK);
+        assert!(
+            stored.len() * 2 < plain.len(),
+            "{} vs {}",
+            stored.len(),
+            plain.len()
+        );
+        assert_eq!(decode_chunk(&stored).expect("decode"), events);
+    }
+
+    #[test]
+    fn a_chunk_written_before_compression_still_reads() {
+        let events = json_events();
+        let legacy = encode(&events).expect("encode");
+        assert_eq!(decode_chunk(&legacy).expect("decode"), events);
+    }
+
+    #[test]
+    fn a_chunk_that_does_not_compress_is_stored_plain() {
+        // xorshift: bytes without the repetition LZ4 feeds on.
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let noise: Vec<u8> = (0..3000)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 24) as u8
+            })
+            .collect();
+        let events = vec![event(1, noise)];
+        let stored = encode_chunk(&events).expect("encode");
+        assert_eq!(stored, encode(&events).expect("encode"));
+        assert_eq!(decode_chunk(&stored).expect("decode"), events);
+    }
+
+    #[test]
+    fn a_damaged_compressed_chunk_is_an_error_not_a_huge_allocation() {
+        let mut stored = encode_chunk(&json_events()).expect("encode");
+        stored[1..5].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode_chunk(&stored).is_err());
+        let mut stored = encode_chunk(&json_events()).expect("encode");
+        let end = stored.len() - 1;
+        stored.truncate(end / 2);
+        assert!(decode_chunk(&stored).is_err());
+        assert!(decode_chunk(&[COMPRESSED_CHUNK, 1]).is_err());
+    }
 }

@@ -298,6 +298,9 @@ pub(crate) struct State {
     full: bool,
     /// The filesystem had less than `min_free_disk` at the last commit.
     disk_low: bool,
+    /// A sink cursor moved in memory and is not yet in sled: it goes with
+    /// the next commit's batch, or within a second (see [`Journal::save_acks`]).
+    acks_unsaved: bool,
 }
 
 impl State {
@@ -383,11 +386,33 @@ pub(crate) struct Inner {
     commit_lock: Mutex<()>,
     syncer: Mutex<FileSyncer>,
     poisoned: AtomicBool,
-    /// An ack moved a cursor while a commit ran; the commit collects.
+    /// An ack moved a cursor: chunks may be collectable and the cursor is
+    /// unsaved; the next commit (or the writer's second tick) takes care.
     gc_pending: AtomicBool,
     durable_tx: watch::Sender<u64>,
     /// Signalled when space is freed, to wake parked business appends.
     space_freed: Notify,
+}
+
+impl Drop for Inner {
+    /// The last handle going away saves unsaved acks, so a journal dropped
+    /// without [`Journal::close`] (a tool, a test) does not resend them.
+    fn drop(&mut self) {
+        if self.poisoned.load(Ordering::SeqCst) {
+            return;
+        }
+        let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        if !st.acks_unsaved && !self.gc_pending.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut batch = sled::Batch::default();
+        let saved = Journal::collect_into(st, &mut batch)
+            .and_then(|_| self.tree.apply_batch(batch).map_err(JournalError::from))
+            .and_then(|_| self.tree.flush().map(|_| ()).map_err(JournalError::from));
+        if let Err(e) = saved {
+            tracing::warn!(error = %e, "saving delivery cursors at close failed; those events are sent again");
+        }
+    }
 }
 
 /// A durable event journal; cheap to clone (shared handle).
@@ -694,6 +719,7 @@ impl Journal {
             counters,
             full: false,
             disk_low: false,
+            acks_unsaved: false,
         })
     }
 
@@ -859,6 +885,7 @@ impl Journal {
         if self.inner.poisoned.load(Ordering::SeqCst) {
             return Err(JournalError::Poisoned);
         }
+        self.save_acks_locked()?;
         self.sync()
     }
 

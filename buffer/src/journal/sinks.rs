@@ -36,7 +36,7 @@ impl Journal {
         let key = layout::seq_key(layout::CHUNK, first);
         match self.inner.tree.get(key)? {
             None => Ok(None),
-            Some(bytes) => layout::decode(&bytes)
+            Some(bytes) => layout::decode_chunk(&bytes)
                 .map(Some)
                 .map_err(|e| decode_err("chunk", &key, e)),
         }
@@ -348,16 +348,25 @@ impl Journal {
                 batch.insert(layout::COUNTERS, Self::counters_value(st)?);
                 self.inner.tree.apply_batch(batch)?;
             }
-            // A plain ack needs no atomicity (a lost cursor write only
-            // resends), and plain inserts do not force sled to seal and
-            // write an I/O buffer the way every batch does.
+            // A plain ack writes nothing yet: the cursor and the chunks it
+            // frees go into the next commit's batch, or the writer's batch
+            // within a second (`save_acks`). Every sled batch writes and
+            // syncs two I/O buffers of its own (a 4 KiB flash page each),
+            // and acks come as often as commits. A cursor lost to a power
+            // cut only resends events with their ids, as a cursor written
+            // but not yet synced always could.
             None if moved => {
-                self.inner.tree.insert(cursor_key, &cursor)?;
-                self.inner
-                    .tree
-                    .insert(layout::COUNTERS, Self::counters_value(st)?)?;
+                st.acks_unsaved = true;
+                self.inner.gc_pending.store(true, Ordering::SeqCst);
+                if st.full {
+                    // Held appends may fit once the commit collects.
+                    self.inner.space_freed.notify_one();
+                }
             }
             None => {}
+        }
+        if moved && st.acks_unsaved {
+            return Ok(());
         }
         if moved {
             // GC must not interleave with a commit's unapplied batch (which
@@ -371,12 +380,40 @@ impl Journal {
         Ok(())
     }
 
-    /// Deletes chunks every sink is past; wakes parked appends if space freed.
-    /// Caller holds the commit lock and the state lock.
-    pub(super) fn collect_garbage(&self, st: &mut State) -> Result<(), JournalError> {
-        self.inner.gc_pending.store(false, Ordering::SeqCst);
-        if st.sinks.is_empty() {
+    /// Writes unsaved acks and collects delivered chunks in one batch
+    /// (not synced: sled's flusher writes it within a second, a commit at
+    /// once). The writer calls it every second while acks are unsaved.
+    pub fn save_acks(&self) -> Result<(), JournalError> {
+        self.check_poisoned()?;
+        let _commit = self.commit_guard();
+        self.save_acks_locked()
+    }
+
+    /// [`Self::save_acks`] for a caller holding the commit lock.
+    pub(super) fn save_acks_locked(&self) -> Result<(), JournalError> {
+        let mut st = self.state();
+        if !st.acks_unsaved && !self.inner.gc_pending.load(Ordering::SeqCst) {
             return Ok(());
+        }
+        self.collect_garbage(&mut st)
+    }
+
+    /// Puts the removal of every chunk all sinks are past into `batch`,
+    /// with every sink's cursor and the counters so that a removal never
+    /// lands without the cursors that allow it. Updates memory at once:
+    /// the caller applies the batch or poisons the journal. Returns the
+    /// bytes freed. Caller holds the commit lock and the state lock.
+    pub(super) fn collect_into(
+        st: &mut State,
+        batch: &mut sled::Batch,
+    ) -> Result<u64, JournalError> {
+        for s in &st.sinks {
+            batch.insert(&[layout::SINK_CURSOR, s.slot], &s.cursor.to_be_bytes());
+        }
+        batch.insert(layout::COUNTERS, Self::counters_value(st)?);
+        st.acks_unsaved = false;
+        if st.sinks.is_empty() {
+            return Ok(0);
         }
         let floor = st.floor();
         let dead: Vec<u64> = st
@@ -385,22 +422,38 @@ impl Journal {
             .take_while(|(_, meta)| meta.last < floor)
             .map(|(first, _)| *first)
             .collect();
-        if dead.is_empty() {
-            return Ok(());
-        }
-        let mut batch = sled::Batch::default();
         let mut freed = 0;
-        for first in &dead {
-            batch.remove(&layout::seq_key(layout::CHUNK, *first));
-            batch.remove(&layout::seq_key(layout::CHUNK_META, *first));
-        }
-        self.inner.tree.apply_batch(batch)?;
         for first in dead {
+            batch.remove(&layout::seq_key(layout::CHUNK, first));
+            batch.remove(&layout::seq_key(layout::CHUNK_META, first));
             if let Some(meta) = st.chunks.remove(&first) {
                 freed += meta.bytes;
             }
         }
         st.pending_bytes -= freed;
+        Ok(freed)
+    }
+
+    /// Deletes chunks every sink is past and saves unsaved acks, in a batch
+    /// of its own; wakes parked appends if space freed. Caller holds the
+    /// commit lock and the state lock.
+    pub(super) fn collect_garbage(&self, st: &mut State) -> Result<(), JournalError> {
+        self.inner.gc_pending.store(false, Ordering::SeqCst);
+        let floor = st.floor();
+        let collectable = st
+            .chunks
+            .first_key_value()
+            .is_some_and(|(_, m)| m.last < floor);
+        if !st.acks_unsaved && (st.sinks.is_empty() || !collectable) {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        let freed = Self::collect_into(st, &mut batch)?;
+        if let Err(e) = self.inner.tree.apply_batch(batch) {
+            // Memory is ahead of disk now: refuse writes until a restart.
+            self.inner.poisoned.store(true, Ordering::SeqCst);
+            return Err(e.into());
+        }
         if freed > 0 {
             self.inner.space_freed.notify_one();
         }
