@@ -180,10 +180,22 @@ fn config_failure(e: &ConfigError) -> ExitCode {
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("plant-edge")
-        .build()
+    runtime_with(None)
+}
+
+/// `agent.worker_threads`: `None` one worker per core, 1 a current-thread
+/// runtime (no worker pool at all), n a pool of n.
+fn runtime_with(worker_threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match worker_threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n);
+            builder
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    builder.enable_all().thread_name("plant-edge").build()
 }
 
 fn failure(e: anyhow::Error) -> ExitCode {
@@ -239,7 +251,7 @@ fn main() -> ExitCode {
             } else {
                 config.log_format
             });
-            match runtime()
+            match runtime_with(config.worker_threads)
                 .map_err(anyhow::Error::from)
                 .and_then(|rt| rt.block_on(run::run(config)))
             {

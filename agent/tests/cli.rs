@@ -35,6 +35,7 @@ fn validate_refuses_bad_configs_with_exit_78_naming_file_and_key() {
             "sources.l1.sinks",
         ),
         ("missing site", base(dir.path()).replace("site = \"p\"\n", ""), "agent.site"),
+        ("no threads", base(dir.path()).replace("[agent]\n", "[agent]\nworker_threads = 0\n"), "agent.worker_threads"),
         ("no sinks", "[agent]\nsite = \"p\"\ngateway = \"g\"\n".to_owned(), "sinks"),
         ("mqtt qos 0", format!("{}\n[sinks.cloud]\nkind = \"mqtt\"\nhost = \"127.0.0.1\"\nqos = 0\n", base(dir.path())), "sinks.cloud.qos"),
         (
@@ -96,9 +97,23 @@ fn printed_default_config_validates() {
 
 #[test]
 fn sigterm_stops_cleanly_and_journal_commands_read_the_state() {
+    run_stop_and_read_the_state(None);
+}
+
+#[test]
+fn the_agent_runs_on_one_thread_when_told_to() {
+    run_stop_and_read_the_state(Some(1));
+}
+
+fn run_stop_and_read_the_state(worker_threads: Option<usize>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("state");
-    let file = write_config(dir.path(), &pipeline_config(&state, "20ms"));
+    let mut text = pipeline_config(&state, "20ms");
+    if let Some(n) = worker_threads {
+        text = text.replace("[agent]\n", &format!("[agent]\nworker_threads = {n}\n"));
+        assert!(text.contains("worker_threads"));
+    }
+    let file = write_config(dir.path(), &text);
     let mut child = bin()
         .args(["run", "-c", file.to_str().expect("utf8")])
         .spawn()

@@ -160,6 +160,8 @@ struct RawAgent {
     metrics_listen: String,
     #[serde(default = "default_ready_max_age", with = "humantime_serde")]
     ready_max_backlog_age: Duration,
+    #[serde(default)]
+    worker_threads: Option<i64>,
 }
 
 fn default_metrics_listen() -> String {
@@ -370,6 +372,9 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Bound on graceful shutdown.
     pub shutdown_timeout: Duration,
+    /// Threads running the agent's tasks: `None` one per core, 1 a
+    /// single-threaded runtime (one slow core), n a pool of n.
+    pub worker_threads: Option<usize>,
     /// Metrics and health endpoint (`None`: off).
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// `/readyz` fails when the oldest pending event is older.
@@ -718,6 +723,16 @@ fn check(file: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         ));
     }
 
+    let worker_threads = match raw.agent.worker_threads {
+        None => None,
+        Some(n @ 1..=64) => Some(n as usize),
+        Some(n) => {
+            return Err(err(
+                "agent.worker_threads",
+                format!("a number of threads from 1 (one core) to 64, found {n}"),
+            ))
+        }
+    };
     let metrics_listen = match raw.agent.metrics_listen.as_str() {
         "off" | "" => None,
         text => Some(text.parse::<std::net::SocketAddr>().map_err(|_| {
@@ -932,6 +947,7 @@ fn check(file: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         state_dir: raw.agent.state_dir,
         log_format: raw.agent.log_format,
         shutdown_timeout: raw.agent.shutdown_timeout,
+        worker_threads,
         metrics_listen,
         ready_max_backlog_age: raw.agent.ready_max_backlog_age,
         journal: JournalSettings {
@@ -981,6 +997,20 @@ path = "/tmp/plant-edge-config-test/archive/events.jsonl"
         assert_eq!(config.journal.cache_bytes, 32 << 20);
         assert_eq!(config.forwarder.batch_size, 256);
         assert_eq!(config.sinks.len(), 1);
+    }
+
+    #[test]
+    fn worker_threads_default_to_one_per_core_and_take_1_to_64() {
+        assert_eq!(parse(MINIMAL).expect("valid").worker_threads, None);
+        let with =
+            |n: &str| MINIMAL.replace("[agent]\n", &format!("[agent]\nworker_threads = {n}\n"));
+        assert_eq!(parse(&with("1")).expect("valid").worker_threads, Some(1));
+        assert_eq!(parse(&with("64")).expect("valid").worker_threads, Some(64));
+        for bad in ["0", "65", "-1"] {
+            let e = parse(&with(bad)).expect_err("refused");
+            assert_eq!(e.key, "agent.worker_threads", "{bad}");
+            assert!(e.expected.contains("1 (one core) to 64"), "{e}");
+        }
     }
 
     #[test]
