@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use super::dedup::Seen;
 use super::layout::{self, ChunkMeta, StoredEvent};
 use super::{encode_err, now_ms, Journal, JournalError, State};
 use crate::{CloudEvent, EventClass};
@@ -521,7 +522,13 @@ impl Journal {
                 }
                 let mut seqs = Vec::with_capacity(job.request.events.len());
                 for event in &job.request.events {
-                    if st.dedup.contains(&event.id) || !seen_in_batch.insert(event.id) {
+                    let repeat = match st.dedup.check(&event.id) {
+                        Seen::No => false,
+                        Seen::Maybe(records) => records
+                            .into_iter()
+                            .any(|record| self.dedup_record_holds(record, &event.id)),
+                    };
+                    if repeat || !seen_in_batch.insert(event.id) {
                         st.counters.duplicates += 1;
                         seqs.push(None);
                         continue;
@@ -637,6 +644,29 @@ impl Journal {
             job.answer(Ok(outcome));
         }
         parked_out
+    }
+
+    /// Whether the `d` record of a commit holds `id`: the exact check
+    /// behind a fingerprint match. A record that cannot be read is no
+    /// proof of a repeat, so the event is stored (a repeat stored again
+    /// keeps its id, which the ERP posts once; a new fact dropped would be
+    /// lost).
+    fn dedup_record_holds(&self, record: u64, id: &Uuid) -> bool {
+        let key = layout::seq_key(layout::DEDUP, record);
+        match self.inner.tree.get(key) {
+            Ok(Some(bytes)) => match layout::decode::<layout::DedupRecord>(&bytes) {
+                Ok(record) => record.ids.contains(id.as_bytes()),
+                Err(e) => {
+                    tracing::warn!(record, error = %e, "dedup record does not decode: event stored, not taken for a repeat");
+                    false
+                }
+            },
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(record, error = %e, "dedup record unreadable: event stored, not taken for a repeat");
+                false
+            }
+        }
     }
 
     pub(super) fn publish_durable(&self, next_seq: u64) {

@@ -5,6 +5,12 @@
 //! the same step. A group is evicted only when the window stays at least
 //! `max_count` ids without it, or when its newest id is older than
 //! `max_age`: the effective window is never smaller than configured.
+//!
+//! Memory holds a 64-bit fingerprint per id, not the id: a filter in front
+//! of an exact check. A fingerprint that matches is only a suspicion
+//! ([`Seen::Maybe`]): the caller reads the group's `d` record and compares
+//! the whole id, so two facts whose fingerprints collide are both stored,
+//! never one taken for the other's repeat.
 
 use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
@@ -22,23 +28,40 @@ struct Group {
     len: u32,
 }
 
-/// Memory: each id is held twice as 16 bytes (the set and the eviction
-/// order), so about 40–70 bytes per id with the tables' slack, plus 16
-/// bytes per commit; [`memory_bytes`](Self::memory_bytes) reports it.
+/// Whether an id may be in the window.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Seen {
+    /// Certainly not remembered.
+    No,
+    /// Its fingerprint is remembered, in the commits whose `d` records have
+    /// these keys (newest first; more than one only after a collision):
+    /// one of them holds the id if it is a repeat.
+    Maybe(Vec<u64>),
+}
+
+/// Memory: 8 bytes per id in the set (plus a control byte and the table's
+/// slack) and 8 in the eviction order, so about 20–30 bytes per id, plus
+/// 16 bytes per commit; [`memory_bytes`](Self::memory_bytes) reports it.
 #[derive(Debug)]
 pub(crate) struct DedupWindow {
-    ids: HashSet<u128>,
-    /// The same ids in commit order, for eviction.
-    order: VecDeque<u128>,
+    fingerprints: HashSet<u64>,
+    /// The same fingerprints in commit order, for eviction.
+    order: VecDeque<u64>,
     groups: VecDeque<Group>,
     max_age_ms: u64,
     max_count: usize,
 }
 
+/// Both halves folded, the high one multiplied first so that ids whose
+/// halves are equal do not all fold to zero; every id bit stays in play.
+fn fingerprint(id: u128) -> u64 {
+    ((id >> 64) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ id as u64
+}
+
 impl DedupWindow {
     pub fn new(max_age: Duration, max_count: usize) -> Self {
         Self {
-            ids: HashSet::new(),
+            fingerprints: HashSet::new(),
             order: VecDeque::new(),
             groups: VecDeque::new(),
             max_age_ms: max_age.as_millis() as u64,
@@ -46,16 +69,36 @@ impl DedupWindow {
         }
     }
 
-    pub fn contains(&self, id: &Uuid) -> bool {
-        self.ids.contains(&id.as_u128())
+    /// Whether `id` may be remembered, and in which commit's record.
+    pub fn check(&self, id: &Uuid) -> Seen {
+        let fingerprint = fingerprint(id.as_u128());
+        if !self.fingerprints.contains(&fingerprint) {
+            return Seen::No;
+        }
+        // Rare (a repeat, or a collision): a scan is fine.
+        let mut records = Vec::new();
+        let mut start = 0;
+        for group in &self.groups {
+            let end = start + group.len as usize;
+            if self.order.range(start..end).any(|f| *f == fingerprint) {
+                records.push(group.key);
+            }
+            start = end;
+        }
+        records.reverse();
+        if records.is_empty() {
+            Seen::No
+        } else {
+            Seen::Maybe(records)
+        }
     }
 
     /// Remembers one commit's ids (a commit never holds an id twice).
     pub fn insert_group(&mut self, key: u64, appended_ms: u64, ids: Vec<[u8; 16]>) {
         for id in &ids {
-            let id = u128::from_be_bytes(*id);
-            self.ids.insert(id);
-            self.order.push_back(id);
+            let fingerprint = fingerprint(u128::from_be_bytes(*id));
+            self.fingerprints.insert(fingerprint);
+            self.order.push_back(fingerprint);
         }
         self.groups.push_back(Group {
             key,
@@ -79,14 +122,18 @@ impl DedupWindow {
             let Some(group) = self.groups.pop_front() else {
                 break;
             };
-            for id in self.order.drain(..len) {
-                self.ids.remove(&id);
+            // A fingerprint two remembered ids share (a collision, about
+            // one in 2^64 per pair) goes with the older one: the newer id
+            // is then forgotten early, and a repeat of it would be stored
+            // again with its own id, which the ERP posts once.
+            for fingerprint in self.order.drain(..len) {
+                self.fingerprints.remove(&fingerprint);
             }
             evicted.push(group.key);
         }
         // A burst that has passed leaves no oversized tables behind.
-        if self.ids.capacity() > 4 * self.ids.len().max(1024) {
-            self.ids.shrink_to_fit();
+        if self.fingerprints.capacity() > 4 * self.fingerprints.len().max(1024) {
+            self.fingerprints.shrink_to_fit();
             self.order.shrink_to_fit();
             self.groups.shrink_to_fit();
         }
@@ -94,15 +141,15 @@ impl DedupWindow {
     }
 
     pub fn len(&self) -> usize {
-        self.ids.len()
+        self.order.len()
     }
 
     /// Heap bytes the window holds (tables at their current capacity).
     pub fn memory_bytes(&self) -> usize {
         // hashbrown: one control byte per bucket, buckets ≥ capacity × 8/7.
-        let buckets = self.ids.capacity() * 8 / 7;
-        buckets * (std::mem::size_of::<u128>() + 1)
-            + self.order.capacity() * std::mem::size_of::<u128>()
+        let buckets = self.fingerprints.capacity() * 8 / 7;
+        buckets * (std::mem::size_of::<u64>() + 1)
+            + self.order.capacity() * std::mem::size_of::<u64>()
             + self.groups.capacity() * std::mem::size_of::<Group>()
     }
 }
@@ -126,8 +173,8 @@ mod tests {
         );
         window.insert_group(4, 0, vec![id(5)]);
         assert_eq!(window.evict(0), vec![0]);
-        assert!(!window.contains(&Uuid::from_bytes(id(1))));
-        assert!(window.contains(&Uuid::from_bytes(id(3))));
+        assert_eq!(window.check(&Uuid::from_bytes(id(1))), Seen::No);
+        assert_eq!(window.check(&Uuid::from_bytes(id(3))), Seen::Maybe(vec![2]));
     }
 
     #[test]
@@ -140,24 +187,100 @@ mod tests {
             "not older than 100 s yet"
         );
         assert_eq!(window.evict(1_101_000), vec![0]);
-        assert!(window.contains(&Uuid::from_bytes(id(2))));
+        assert_eq!(window.check(&Uuid::from_bytes(id(2))), Seen::Maybe(vec![1]));
         assert_eq!(window.len(), 1);
     }
 
     #[test]
-    fn a_full_window_of_single_event_commits_costs_tens_of_bytes_per_id() {
+    fn ids_sharing_a_fingerprint_are_only_a_suspicion_naming_their_commits() {
+        let mut window = DedupWindow::new(Duration::from_secs(3600), 100);
+        // Another high half, and the low half that makes the fold equal.
+        let a: u128 = (7 << 64) | 9;
+        let b: u128 =
+            (8 << 64) | u128::from(fingerprint(a) ^ 8u64.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        assert_ne!(a, b);
+        assert_eq!(fingerprint(a), fingerprint(b));
+        window.insert_group(10, 0, vec![a.to_be_bytes()]);
+        window.insert_group(20, 0, vec![id(1), id(2)]);
+        assert_eq!(window.check(&Uuid::from_u128(b)), Seen::Maybe(vec![10]));
+        assert_eq!(
+            window.check(&Uuid::from_bytes(id(2))),
+            Seen::Maybe(vec![20])
+        );
+    }
+
+    #[test]
+    fn a_journal_stores_both_ids_of_a_fingerprint_collision_and_still_drops_a_repeat() {
+        use crate::{AppendRequest, EventClass, Journal, JournalConfig, NewEvent};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = JournalConfig::new(dir.path().join("journal"));
+        config.sinks = vec!["erp".into()];
+        let journal = Journal::open(config).expect("open");
+        let a: u128 = (7 << 64) | 9;
+        let b: u128 =
+            (8 << 64) | u128::from(fingerprint(a) ^ 8u64.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        assert_eq!(fingerprint(a), fingerprint(b));
+        let append = |id: u128| {
+            journal
+                .append_blocking(AppendRequest {
+                    source: "s".into(),
+                    events: vec![NewEvent {
+                        id: Uuid::from_u128(id),
+                        class: EventClass::Business,
+                        routes: journal.routes_all(),
+                        payload: b"{}".to_vec(),
+                    }],
+                    cursor: None,
+                })
+                .expect("append")
+                .expect("fits")
+                .appended()
+        };
+        assert_eq!(append(a), 1);
+        assert_eq!(
+            append(b),
+            1,
+            "a new fact whose fingerprint collides is stored"
+        );
+        assert_eq!(append(a), 0, "a repeat is still a repeat");
+        assert_eq!(append(b), 0);
+        assert_eq!(journal.stats().pending_events, 2);
+    }
+
+    /// Fills a window twice over with commits of `per_commit` ids (so
+    /// eviction runs as in steady state); returns bytes per remembered id.
+    fn bytes_per_id_when_full(per_commit: u128) -> usize {
         let count = 200_000;
         let mut window = DedupWindow::new(Duration::from_secs(24 * 3600), count);
-        // Twice the window, one id per commit (the costliest shape), so
-        // eviction runs as in steady state.
-        for n in 0..2 * count as u128 {
-            window.insert_group(n as u64, 0, vec![n.to_be_bytes()]);
+        let mut n = 0u128;
+        while n < 2 * count as u128 {
+            let ids = (n..n + per_commit).map(u128::to_be_bytes).collect();
+            window.insert_group(n as u64, 0, ids);
             window.evict(0);
+            n += per_commit;
         }
         assert_eq!(window.len(), count);
-        assert!(!window.contains(&Uuid::from_u128(0)), "the oldest are gone");
-        assert!(window.contains(&Uuid::from_u128(2 * count as u128 - 1)));
-        let per_id = window.memory_bytes() / count;
-        assert!(per_id <= 96, "{per_id} bytes per remembered id");
+        assert_eq!(
+            window.check(&Uuid::from_u128(0)),
+            Seen::No,
+            "the oldest are gone"
+        );
+        let newest = n - 1;
+        let commit = (newest - newest % per_commit) as u64;
+        assert_eq!(
+            window.check(&Uuid::from_u128(newest)),
+            Seen::Maybe(vec![commit])
+        );
+        window.memory_bytes() / count
+    }
+
+    #[test]
+    fn a_full_window_costs_tens_of_bytes_per_id() {
+        // One id per commit: the costliest shape (a group per id).
+        let single = bytes_per_id_when_full(1);
+        assert!(single <= 64, "{single} bytes per id, one per commit");
+        // Ten per commit: counter polls sharing the commit window.
+        let shared = bytes_per_id_when_full(10);
+        assert!(shared <= 40, "{shared} bytes per id, ten per commit");
     }
 }
