@@ -137,6 +137,8 @@ fn main() {
             std::process::Command::new(env!("CARGO_BIN_EXE_plant-edge"))
         };
         let mut agent = command
+            // As the systemd unit runs it.
+            .env("MALLOC_ARENA_MAX", "2")
             .args(["run", "-c", file.to_str().expect("utf8")])
             .stderr(std::process::Stdio::null())
             .spawn()

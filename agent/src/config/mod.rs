@@ -93,7 +93,7 @@ fn default_commit_window() -> Duration {
     Duration::from_millis(50)
 }
 fn default_dedup_window_count() -> usize {
-    200_000
+    buffer::JournalConfig::DEFAULT_DEDUP_WINDOW_COUNT
 }
 fn default_batch_size() -> usize {
     256

@@ -329,7 +329,10 @@ impl Journal {
                 _ = self.inner.space_freed.notified(), if !parked.is_empty() => {}
                 _ = recheck.tick(), if !parked.is_empty() => {}
                 _ = save_acks.tick() => {
-                    if self.inner.gc_pending.load(Ordering::SeqCst)
+                    // While commits flow, the next one saves them anyway.
+                    let committing = last_commit.is_some_and(|t| t.elapsed() < Duration::from_secs(1));
+                    if !committing
+                        && self.inner.gc_pending.load(Ordering::SeqCst)
                         && !self.inner.poisoned.load(Ordering::SeqCst)
                     {
                         let journal = self.clone();
