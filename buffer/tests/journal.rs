@@ -416,6 +416,23 @@ async fn writer_parks_business_appends_until_space_frees() {
     writer.await.expect("writer ends when appenders are gone");
 }
 
+#[test]
+fn a_long_drain_with_no_commits_collects_as_it_goes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = Journal::open(config(dir.path(), &["erp"])).expect("open");
+    // One commit (and so one chunk) per event.
+    for n in 0..1000 {
+        append(&journal, "s", n..n + 1);
+    }
+    let before = journal.stats().used_bytes;
+    drain(&journal, "erp");
+    let after = journal.stats().used_bytes;
+    assert!(
+        after * 3 < before,
+        "delivered chunks piled up waiting for a commit: {after} of {before} bytes still used"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acks_with_no_commit_after_them_are_saved_by_the_writer_within_seconds() {
     let dir = tempfile::tempdir().expect("tempdir");

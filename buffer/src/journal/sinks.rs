@@ -31,6 +31,10 @@ pub const EXPIRED: &str = "expired";
 /// Reason recorded for events whose sink was removed from the configuration.
 pub const SINK_REMOVED: &str = "sink-removed";
 
+/// Delivered chunks that make an ack collect at once instead of leaving
+/// it to the next commit.
+const COLLECT_AT_ONCE: usize = 256;
+
 impl Journal {
     pub(super) fn load_chunk(&self, first: u64) -> Result<Option<Vec<StoredEvent>>, JournalError> {
         let key = layout::seq_key(layout::CHUNK, first);
@@ -365,7 +369,17 @@ impl Journal {
             }
             None => {}
         }
-        if moved && st.acks_unsaved {
+        // Garbage waits for a commit only while it is small: a drain with
+        // no commits behind it (sources idle, a tool, no writer) collects
+        // as it goes, so no collection ever grows into one huge batch.
+        let floor = st.floor();
+        let collectable = st
+            .chunks
+            .values()
+            .take(COLLECT_AT_ONCE)
+            .take_while(|meta| meta.last < floor)
+            .count();
+        if moved && st.acks_unsaved && collectable < COLLECT_AT_ONCE {
             return Ok(());
         }
         if moved {
