@@ -3,7 +3,9 @@
 //! durable events, the agent's CPU% and peak RSS.
 //!
 //! Run: `cargo bench -p plant-edge --bench opcua_subscription`
-//! (`PLANT_EDGE_BENCH_SECONDS` sets the run length, default 20.)
+//! (`PLANT_EDGE_BENCH_SECONDS` sets the run length, default 20;
+//! `PLANT_EDGE_BENCH_JOURNAL` adds lines to `[journal]`, e.g. `cache = "8MiB"`;
+//! `PLANT_EDGE_BENCH_WRAP` runs another command as the agent, see below.)
 //! The sink points at a closed port so that events stay in the journal.
 
 // Bench harness entry points are not public API.
@@ -43,10 +45,11 @@ fn main() {
             .expect("addr")
             .port();
         let mut config = format!(
-            "[agent]\nsite = \"bench\"\ngateway = \"gw\"\nstate_dir = \"{}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n\n[journal]\nmax_bytes = \"4GiB\"\n\n\
+            "[agent]\nsite = \"bench\"\ngateway = \"gw\"\nstate_dir = \"{}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n\n[journal]\nmax_bytes = \"4GiB\"\n{}\n\
              [sinks.cloud]\nkind = \"mqtt\"\nhost = \"127.0.0.1\"\nport = {closed}\n\n\
              [sources.mes]\nkind = \"opcua\"\nendpoint = \"{}\"\npublishing_interval = \"100ms\"\nsampling_interval = \"50ms\"\nline = \"L1\"\nmachine = \"m1\"\n",
             state.display(),
+            std::env::var("PLANT_EDGE_BENCH_JOURNAL").unwrap_or_default(),
             mes.endpoint()
         );
         for (i, node) in nodes.iter().enumerate() {
@@ -58,7 +61,14 @@ fn main() {
         }
         let file = dir.path().join("bench.toml");
         std::fs::write(&file, config).expect("config");
-        let mut agent = std::process::Command::new(env!("CARGO_BIN_EXE_plant-edge"))
+        // `PLANT_EDGE_BENCH_WRAP="heaptrack -o /tmp/agent /path/to/plant-edge"`
+        // runs that command instead of this build's binary (a profiler, a
+        // build with symbols); CPU and RSS are then the wrapper's.
+        let wrap = std::env::var("PLANT_EDGE_BENCH_WRAP").unwrap_or_default();
+        let mut words = wrap.split_whitespace();
+        let mut agent = std::process::Command::new(words.next().unwrap_or(env!("CARGO_BIN_EXE_plant-edge")));
+        let mut agent = agent
+            .args(words)
             .args(["run", "-c", file.to_str().expect("utf8")])
             .stderr(std::fs::File::create(dir.path().join("agent.log")).expect("log file"))
             .spawn()
