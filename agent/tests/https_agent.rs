@@ -22,6 +22,36 @@ async fn wait_for_posted(erp: &Erp, n: usize) {
     }
 }
 
+/// Waits until the distinct events the ERP took carry more than `parts`
+/// parts: a count of posts would also count events sent again after a
+/// kill, and how many parts an event carries depends on the commit window.
+async fn wait_for_parts(erp: &Erp, parts: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let taken: std::collections::HashMap<String, u64> = erp
+            .state
+            .events
+            .lock()
+            .expect("events")
+            .iter()
+            .map(|e| {
+                (
+                    e["id"].as_str().unwrap_or_default().to_owned(),
+                    e["data"]["quantity"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect();
+        if taken.values().sum::<u64>() > parts {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ERP never received {parts} parts"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_posts_every_part_to_the_erp_through_failures_and_a_kill() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -59,6 +89,8 @@ async fn agent_posts_every_part_to_the_erp_through_failures_and_a_kill() {
         .expect("spawn");
     let before = erp.state.posted.lock().expect("posted").len();
     wait_for_posted(&erp, before + 20).await;
+    // Enough for the progress check below, whatever the kill resent.
+    wait_for_parts(&erp, 150).await;
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
     assert_eq!(child.wait().expect("wait").code(), Some(0));
 
