@@ -19,7 +19,9 @@ use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use plant_edge_tests::measure::cpu_seconds_of;
+use plant_edge_tests::measure::{
+    cpu_seconds_of, peak_rss_mib_of, rss_mib_of, storage_bytes_written_of,
+};
 use plant_edge_tests::mosquitto::{Broker, BrokerOptions};
 use plant_edge_tests::plc::Plc;
 
@@ -30,25 +32,6 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn status_field(pid: u32, field: &str) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
-}
-
-fn written_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/io"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("write_bytes:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 fn dir_bytes(path: &std::path::Path) -> u64 {
@@ -165,7 +148,7 @@ fn main() {
             })
         };
         let started = Instant::now();
-        let (mut cpu_before, mut written_before, mut appended_before) = (cpu_seconds_of(pid), written_bytes(pid), 0.0);
+        let (mut cpu_before, mut written_before, mut appended_before) = (cpu_seconds_of(pid), storage_bytes_written_of(pid), 0.0);
         println!(
             "{LINES} lines x ~21 parts/s polled every 100 ms -> Mosquitto QoS 1{}; a sample every {sample} s for {seconds} s",
             if one_core { ", agent pinned to core 0 with worker_threads = 1" } else { "" }
@@ -180,9 +163,9 @@ fn main() {
             }
             let text = metrics(metrics_port);
             let appended = metric(&text, "plant_edge_journal_appended_total");
-            let (cpu, written) = (cpu_seconds_of(pid), written_bytes(pid));
+            let (cpu, written) = (cpu_seconds_of(pid), storage_bytes_written_of(pid));
             let events = appended - appended_before;
-            let rss = status_field(pid, "VmRSS:");
+            let rss = rss_mib_of(pid);
             let cpu_pct = (cpu - cpu_before) / sample as f64 * 100.0;
             println!(
                 "  {:6.1} | {rss:8.1} | {cpu_pct:5.1} | {:8.0} | {:18.0} | {:10.1} | {:9.1} | {:7.0}",
@@ -202,7 +185,7 @@ fn main() {
         println!(
             "end: RSS {:.1} MiB (peak {:.1} MiB), median CPU {:.1} % of one core, {} events appended, {} delivered",
             rss_samples.last().copied().unwrap_or(f64::NAN),
-            status_field(pid, "VmHWM:"),
+            peak_rss_mib_of(pid),
             {
                 cpu_samples.sort_by(f64::total_cmp);
                 cpu_samples.get(cpu_samples.len() / 2).copied().unwrap_or(f64::NAN)

@@ -95,26 +95,45 @@ pub mod measure {
         field(11) + field(12)
     }
 
-    fn hwm_mib(pid: &str) -> f64 {
+    /// A `kB` field of /proc/<pid>/status (`VmHWM:`, `VmRSS:`), in MiB.
+    fn status_mib(pid: &str, field: &str) -> f64 {
         std::fs::read_to_string(format!("/proc/{pid}/status"))
             .unwrap_or_default()
             .lines()
-            .find(|l| l.starts_with("VmHWM:"))
+            .find(|l| l.starts_with(field))
             .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
             .map(|kb| kb / 1024.0)
             .unwrap_or(f64::NAN)
+    }
+
+    fn hwm_mib(pid: &str) -> f64 {
+        status_mib(pid, "VmHWM:")
+    }
+
+    fn write_bytes(pid: &str) -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/io"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("write_bytes:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
     }
 
     /// Bytes this process caused to be written to storage so far
     /// (`write_bytes` of /proc/self/io: what reaches the disk, page-sized,
     /// not what was passed to write()).
     pub fn storage_bytes_written() -> u64 {
-        std::fs::read_to_string("/proc/self/io")
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("write_bytes:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
+        write_bytes("self")
+    }
+
+    /// [`storage_bytes_written`] of another process.
+    pub fn storage_bytes_written_of(pid: u32) -> u64 {
+        write_bytes(&pid.to_string())
+    }
+
+    /// Current resident set of another process, MiB.
+    pub fn rss_mib_of(pid: u32) -> f64 {
+        status_mib(&pid.to_string(), "VmRSS:")
     }
 
     /// User + system CPU seconds of this process.
