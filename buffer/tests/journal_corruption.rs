@@ -140,6 +140,65 @@ fn garbage_sled_config_moves_the_journal_aside_and_keeps_it() {
     assert!(path.join("db").exists(), "a fresh journal took its place");
 }
 
+#[test]
+fn positions_are_stored_compressed_and_a_damaged_one_reaches_the_source_as_unreadable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("journal");
+    let position = br#"{"counters":{"good":{"namespace":"6f1c3a52-97d4-4b0e-a1f3-2c5d8e9b7a10","epoch":0,"raw":48211,"total":48211}},"records":{}}"#;
+    {
+        let journal = Journal::open(config(&path)).expect("open");
+        let routes = journal.routes_all();
+        journal
+            .append_blocking(AppendRequest {
+                source: "line1".into(),
+                events: vec![NewEvent {
+                    id: Uuid::from_u128(1),
+                    class: EventClass::Business,
+                    routes,
+                    payload: b"{}".to_vec(),
+                }],
+                cursor: Some(position.to_vec()),
+            })
+            .expect("append")
+            .expect("fits");
+        journal.close().expect("close");
+    }
+    let key = b"cline1";
+    {
+        let db = open_raw(&path);
+        let stored = db.get(key).expect("get").expect("cursor stored");
+        assert!(
+            stored.len() < position.len() * 3 / 4,
+            "stored {} bytes for a {}-byte position",
+            stored.len(),
+            position.len()
+        );
+    }
+    {
+        let journal = Journal::open(config(&path)).expect("reopen");
+        assert_eq!(
+            journal.source_cursor("line1").expect("cursor").as_deref(),
+            Some(&position[..])
+        );
+        journal.close().expect("close");
+    }
+    let damaged = {
+        let db = open_raw(&path);
+        let mut value = db.get(key).expect("get").expect("cursor").to_vec();
+        let last = value.len() - 1;
+        value.truncate(last / 2);
+        db.insert(key, value.clone()).expect("damage");
+        db.flush().expect("flush");
+        value
+    };
+    let journal = Journal::open(config(&path)).expect("reopen damaged");
+    assert_eq!(
+        journal.source_cursor("line1").expect("no error").as_deref(),
+        Some(&damaged[..]),
+        "handed over as stored, for the source's unreadable-position path"
+    );
+}
+
 /// Opens the journal's sled directory directly. sled releases its file
 /// lock only when its background threads let go of the closed journal, a
 /// moment after `close` (`Journal::open` waits the same way).

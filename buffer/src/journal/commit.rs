@@ -565,7 +565,7 @@ impl Journal {
                 if let Some(cursor) = &job.request.cursor {
                     batch.insert(
                         layout::named_key(layout::SOURCE_CURSOR, &job.request.source),
-                        cursor.clone(),
+                        layout::encode_cursor(cursor),
                     );
                 }
                 admitted.push((job, AppendOutcome { seqs }));

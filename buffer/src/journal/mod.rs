@@ -828,11 +828,20 @@ impl Journal {
 
     /// The cursor state a source stored with its last durable append.
     pub fn source_cursor(&self, source: &str) -> Result<Option<Vec<u8>>, JournalError> {
-        Ok(self
-            .inner
-            .tree
-            .get(layout::named_key(layout::SOURCE_CURSOR, source))?
-            .map(|v| v.to_vec()))
+        let key = layout::named_key(layout::SOURCE_CURSOR, source);
+        let Some(stored) = self.inner.tree.get(&key)? else {
+            return Ok(None);
+        };
+        match layout::decode_cursor(&stored) {
+            Ok(plain) => Ok(Some(plain)),
+            Err(e) => {
+                // Handed over as stored: the source cannot read it either
+                // and takes its path for an unreadable position (counted,
+                // alarmed), instead of the agent refusing to start.
+                tracing::error!(source, error = %e, "stored source cursor does not decompress");
+                Ok(Some(stored.to_vec()))
+            }
+        }
     }
 
     /// A receiver of the durable end (next sequence); changes after each commit.
