@@ -10,7 +10,8 @@
 //! (`PLANT_EDGE_BENCH_SECONDS` run length, default 1800;
 //! `PLANT_EDGE_BENCH_SAMPLE` seconds between samples, default 60;
 //! `PLANT_EDGE_BENCH_ONE_CORE=1` pins the agent to core 0 with
-//! `agent.worker_threads = 1`.)
+//! `agent.worker_threads = 1`; `PLANT_EDGE_BENCH_JOURNAL` adds lines to
+//! `[journal]`, e.g. `cache = "4MiB"`.)
 
 // Bench harness entry points are not public API.
 #![allow(missing_docs)]
@@ -93,9 +94,10 @@ fn main() {
             .port();
         let mut config = format!(
             "[agent]\nsite = \"bench\"\ngateway = \"gw\"\nstate_dir = \"{}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n{}\n\
-             [sinks.cloud]\nkind = \"mqtt\"\nhost = \"127.0.0.1\"\nport = {}\nqos = 1\n\n",
+             [journal]\n{}\n[sinks.cloud]\nkind = \"mqtt\"\nhost = \"127.0.0.1\"\nport = {}\nqos = 1\n\n",
             state.display(),
             if one_core { "worker_threads = 1\n" } else { "" },
+            std::env::var("PLANT_EDGE_BENCH_JOURNAL").unwrap_or_default(),
             broker.port,
         );
         for (line, plc) in plcs.iter().enumerate() {
