@@ -538,7 +538,7 @@ async fn run_link(
 }
 
 // Borrowed where the JSON has no escapes: every publish parses one, and
-// owned strings were a third of the sink's allocations.
+// owned copies of fields only read once are allocations for nothing.
 #[derive(serde::Deserialize)]
 struct TopicFields<'a> {
     #[serde(rename = "type", borrow)]

@@ -115,18 +115,19 @@ impl Served<'_> {
                     tracing::error!(source = %self.ctx.name, signal = %spec.signal, last_stored = last, now = seq, missed, "records were overwritten before they could be read; configure an acknowledgement (the MES then waits) or a larger queue_size");
                 }
             }
-            let mut next = self.working().clone();
-            next.records.insert(
-                spec.signal.clone(),
+            let (signal, acknowledged) = (spec.signal.clone(), spec.ack.is_some());
+            let staged = self.staged();
+            staged.records.insert(
+                signal.clone(),
                 RecordMark {
                     id: id_text.clone(),
                     sequence,
                 },
             );
-            if spec.ack.is_some() {
-                next.handshakes.insert(spec.signal.clone(), handshake);
+            if acknowledged {
+                staged.handshakes.insert(signal, handshake);
             }
-            self.stage(vec![event], next);
+            self.pending.events.push(event);
         }
         let id = id_text;
         // Acknowledged only after the flush that makes it durable (or
@@ -182,9 +183,8 @@ impl Served<'_> {
             .get(&spec.signal)
             .and_then(HandshakePosition::released);
         if let Some(released) = released {
-            let mut next = self.working().clone();
-            next.handshakes.insert(spec.signal.clone(), released);
-            self.stage(Vec::new(), next);
+            let signal = spec.signal.clone();
+            self.staged().handshakes.insert(signal, released);
         }
     }
 
