@@ -173,8 +173,8 @@ const CURSOR_DICTIONARY: &[u8] = br#"{"counters":{"good":{"namespace":"00000000-
 
 /// A source cursor's stored value. Every append of a source stores its
 /// cursor (a counter's position goes with the parts it counted), so on a
-/// gateway polling 20 lines ten times a second cursors were as many bytes
-/// on flash as the events themselves.
+/// gateway polling 20 lines ten times a second plain cursors were about a
+/// third of the bytes sled wrote (43 of 134 KB/s, strace).
 pub(crate) fn encode_cursor(plain: &[u8]) -> Vec<u8> {
     if plain.len() <= MAX_COMPRESSED_CURSOR {
         let packed = lz4_flex::block::compress_with_dict(plain, CURSOR_DICTIONARY);

@@ -840,6 +840,10 @@ impl Sink for MqttSink {
         // anything else (stale ones from an earlier call) are ignored.
         let mut in_flight = vec![false; batch.len()];
         let mut outstanding = 0usize;
+        // Topics of what was published while some topic was singled out:
+        // a delivery on it lifts that without parsing the event again.
+        // Empty (and never filled) while nothing is singled out.
+        let mut kept_topics: Vec<Option<String>> = Vec::new();
         let mut next = 0;
         let mut deadline = tokio::time::Instant::now() + self.config.ack_timeout;
         // Slow start on every new connection: some brokers (Mosquitto 2.0)
@@ -880,6 +884,7 @@ impl Sink for MqttSink {
                         continue;
                     }
                 }
+                let kept_topic = (!self.singled_out.is_empty()).then(|| publication.topic.clone());
                 self.pace.wait(1).await;
                 match self
                     .link
@@ -888,6 +893,10 @@ impl Sink for MqttSink {
                     Ok(()) => {
                         in_flight[next - 1] = true;
                         outstanding += 1;
+                        if let Some(topic) = kept_topic {
+                            kept_topics.resize(batch.len(), None);
+                            kept_topics[next - 1] = Some(topic);
+                        }
                     }
                     Err(reason) => {
                         // Link gone: this and everything after it waits for
@@ -920,8 +929,14 @@ impl Sink for MqttSink {
                                 accepted = true;
                                 self.accepted_since_refusal = true;
                                 if !self.singled_out.is_empty() {
-                                    if let Ok(topic) = self.topic(&batch[i]) {
-                                        // Taken again (the ACL was fixed).
+                                    // Taken again (the ACL was fixed). An
+                                    // event published before the first
+                                    // refusal has no kept topic: parsed.
+                                    let topic = kept_topics
+                                        .get_mut(i)
+                                        .and_then(Option::take)
+                                        .or_else(|| self.topic(&batch[i]).ok());
+                                    if let Some(topic) = topic {
                                         self.singled_out.remove(&topic);
                                     }
                                 }
@@ -976,7 +991,10 @@ impl Sink for MqttSink {
         // are rare, publishes are not.
         let refused_topics: Vec<(usize, Option<String>)> = refused
             .iter()
-            .map(|&i| (i, self.topic(&batch[i]).ok()))
+            .map(|&i| {
+                let kept = kept_topics.get_mut(i).and_then(Option::take);
+                (i, kept.or_else(|| self.topic(&batch[i]).ok()))
+            })
             .collect();
         if others_accepted {
             for (_, topic) in &refused_topics {
