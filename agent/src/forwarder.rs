@@ -61,7 +61,9 @@ impl Default for ForwarderStatus {
             holding: None,
             last_delivery: None,
             last_error: None,
-            outage: Default::default(),
+            // One failed delivery followed by success is a retry (counted),
+            // not an outage: announced after 3 failures in a row or 5 s.
+            outage: protocols::pace::Outage::lasting(3, Duration::from_secs(5)),
             // 50 ms .. 1 day: a live link is sub-second; a backlog after an
             // outage is hours old.
             delivery_latency: Histogram::new([

@@ -52,6 +52,38 @@ pub struct Metrics {
     pub history: History,
 }
 
+/// A source's achieved poll intervals, as read at scrape time (one
+/// family, so the exposition has one HELP and TYPE for all sources).
+#[derive(Debug, Default)]
+struct PollIntervals(std::sync::Mutex<Option<protocols::schedule::ScheduleSnapshot>>);
+
+impl prometheus_client::metrics::TypedMetric for PollIntervals {
+    const TYPE: prometheus_client::metrics::MetricType =
+        prometheus_client::metrics::MetricType::Histogram;
+}
+
+impl prometheus_client::encoding::EncodeMetric for PollIntervals {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let snapshot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(s) = snapshot.as_ref() else {
+            return Ok(());
+        };
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            s.sum_seconds,
+            s.count,
+            &s.buckets,
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        <Self as prometheus_client::metrics::TypedMetric>::TYPE
+    }
+}
+
 /// Samples of the whole journal's backlog and deliveries, one every
 /// [`HISTORY_EVERY`], the last hour of them.
 #[derive(Clone, Default)]
@@ -370,6 +402,33 @@ impl Metrics {
                     .set(i64::from(connected));
             }
         }
+        // Configured vs achieved poll interval of every source that polls.
+        let configured = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        let achieved = Family::<Labels, PollIntervals>::default();
+        for (source, counters) in &self.sources {
+            let Some(schedule) = counters.schedule() else {
+                continue;
+            };
+            let labels = vec![("source".to_owned(), source.clone())];
+            configured
+                .get_or_create(&labels)
+                .set(schedule.configured.as_secs_f64());
+            *achieved
+                .get_or_create(&labels)
+                .0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(schedule);
+        }
+        registry.register(
+            "source_poll_interval_seconds",
+            "Seconds between a source's consecutive polls as achieved (compare source_poll_interval_configured_seconds)",
+            achieved,
+        );
+        registry.register(
+            "source_poll_interval_configured_seconds",
+            "The poll interval each polled source is configured with",
+            configured,
+        );
         for (family, (help, values, up)) in families {
             registry.register(family, help, values);
             registry.register(
@@ -511,6 +570,12 @@ impl Metrics {
                     "events": events,
                     "last_event": last.get(&t.name).copied().map(unix_seconds),
                     "counters": own.map(|c| c.counters().into_iter().collect::<BTreeMap<_, _>>()),
+                    "schedule": own.and_then(|c| c.schedule()).map(|s| serde_json::json!({
+                        "configured_ms": s.configured.as_millis() as u64,
+                        "achieved_ms": s.achieved.map(|a| (a.as_secs_f64() * 10_000.0).round() / 10.0),
+                        "late": s.late,
+                        "skipped": s.skipped,
+                    })),
                 })
             })
             .collect();

@@ -239,3 +239,86 @@ async fn killed_agent_counts_parts_made_while_it_was_down_exactly_once() {
     );
     assert_eq!(sum("production.scrap"), made_scrap, "scrap parts");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plc_too_slow_for_the_schedule_is_said_once_and_shown_configured_vs_achieved() {
+    let plc = Plc::start().await;
+    // Every request takes the PLC 60 ms: a 20 ms schedule cannot be kept.
+    plc.mem().reaction = Duration::from_millis(60);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let port = free_port();
+    let text = with_metrics(&modbus_config(&state, plc.addr.port()), port);
+    let file = write_config(dir.path(), &text);
+    let log_path = dir.path().join("agent.log");
+    let mut child = common::bin()
+        .args(["run", "-c", file.to_str().expect("utf8")])
+        .env_remove("RUST_LOG")
+        .stderr(std::fs::File::create(&log_path).expect("log"))
+        .spawn()
+        .expect("spawn");
+    // The device compares wanted and achieved polls every 10 s; the
+    // achieved interval is published every 5 s.
+    wait_for_metric(
+        port,
+        "plant_edge_modbus_source{source=\"press1\",kind=\"overruns\"}",
+        |n| n >= 10.0,
+    )
+    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    let status = loop {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if let Some((200, body)) = get(port, "/status").await {
+            let status: serde_json::Value = serde_json::from_str(&body).expect("json");
+            if log.contains("cannot keep up")
+                && status["sources"][0]["schedule"]["achieved_ms"].is_number()
+            {
+                break status;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no schedule figures or no log line:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let schedule = &status["sources"][0]["schedule"];
+    assert_eq!(schedule["configured_ms"], 20, "{schedule}");
+    let achieved = schedule["achieved_ms"].as_f64().expect("achieved");
+    assert!(
+        achieved >= 50.0,
+        "achieved {achieved} ms against 20 configured"
+    );
+    let (_, metrics) = get(port, "/metrics").await.expect("metrics");
+    assert_eq!(
+        metric(
+            &metrics,
+            "plant_edge_source_poll_interval_configured_seconds{source=\"press1\"}"
+        ),
+        Some(0.02),
+        "{metrics}"
+    );
+    let polls = metric(
+        &metrics,
+        "plant_edge_source_poll_interval_seconds_count{source=\"press1\"}",
+    )
+    .expect("histogram count");
+    let within_25ms = metric(
+        &metrics,
+        "plant_edge_source_poll_interval_seconds_bucket{le=\"0.025\",source=\"press1\"}",
+    )
+    .unwrap_or_else(|| panic!("no 25 ms bucket:\n{metrics}"));
+    assert!(
+        polls > 0.0 && within_25ms < polls / 10.0,
+        "{polls} polls, {within_25ms} within 25 ms"
+    );
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    assert_eq!(child.wait().expect("wait").code(), Some(0));
+    let log = std::fs::read_to_string(&log_path).expect("log");
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("cannot keep up"))
+        .collect();
+    assert_eq!(lines.len(), 1, "one line, not one per tick:\n{log}");
+    assert!(lines[0].contains("want 50 polls/s"), "{}", lines[0]);
+}

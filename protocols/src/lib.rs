@@ -9,6 +9,7 @@
 pub mod counter;
 pub mod pace;
 pub mod runtime;
+pub mod schedule;
 pub mod sink;
 pub mod sinks;
 pub mod source;

@@ -92,30 +92,60 @@ impl Pacer {
 
 /// One outage of a link (a PLC, a server, a broker, an endpoint), so that
 /// it is logged once when it starts and once when it ends, not once per
-/// retry.
-#[derive(Clone, Debug, Default)]
+/// retry. With [`Outage::lasting`], failures count as an outage only once
+/// several came in a row or they went on for a while: a single failed
+/// delivery followed by success is counted (retries), not announced.
+#[derive(Clone, Debug)]
 pub struct Outage {
     since: Option<(std::time::Instant, std::time::SystemTime)>,
     failures: u64,
+    announced: bool,
+    after_failures: u64,
+    after: Duration,
+}
+
+impl Default for Outage {
+    /// Announced at the first failure.
+    fn default() -> Self {
+        Self::lasting(1, Duration::ZERO)
+    }
 }
 
 impl Outage {
-    /// A failed attempt; `true` the first time of an outage (log it).
+    /// Announced once `failures` attempts in a row failed, or failures
+    /// went on for `after`, whichever comes first.
+    pub fn lasting(failures: u64, after: Duration) -> Self {
+        Self {
+            since: None,
+            failures: 0,
+            announced: false,
+            after_failures: failures.max(1),
+            after,
+        }
+    }
+
+    /// A failed attempt; `true` once per outage, when it becomes one (log
+    /// it).
     pub fn failed(&mut self) -> bool {
         self.failures += 1;
-        if self.since.is_some() {
+        let (started, _) = *self
+            .since
+            .get_or_insert_with(|| (std::time::Instant::now(), std::time::SystemTime::now()));
+        if self.announced {
             return false;
         }
-        self.since = Some((std::time::Instant::now(), std::time::SystemTime::now()));
-        true
+        let lasted = !self.after.is_zero() && started.elapsed() >= self.after;
+        self.announced = self.failures >= self.after_failures || lasted;
+        self.announced
     }
 
     /// A working attempt: how long the outage lasted and how many attempts
-    /// failed, if one just ended (log the recovery).
+    /// failed, if an announced one just ended (log the recovery). Failures
+    /// too few to be announced end silently.
     pub fn recovered(&mut self) -> Option<(Duration, u64)> {
         let (started, _) = self.since.take()?;
         let failures = std::mem::take(&mut self.failures);
-        Some((started.elapsed(), failures))
+        std::mem::take(&mut self.announced).then(|| (started.elapsed(), failures))
     }
 
     /// When the current outage started, RFC 3339 (for the log line).
@@ -140,6 +170,36 @@ pub fn human(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_single_failure_followed_by_success_is_no_outage() {
+        let mut outage = Outage::lasting(3, Duration::from_secs(5));
+        for _ in 0..50 {
+            assert!(!outage.failed(), "one failure is not announced");
+            assert_eq!(outage.recovered(), None, "nor is its end");
+        }
+        assert!(!outage.failed());
+        assert!(!outage.failed());
+        assert!(outage.failed(), "the third failure in a row is an outage");
+        assert!(!outage.failed(), "announced once");
+        let (_, failures) = outage.recovered().expect("its end is announced");
+        assert_eq!(failures, 4);
+    }
+
+    #[test]
+    fn failures_that_go_on_long_enough_are_an_outage_however_few() {
+        let mut outage = Outage::lasting(100, Duration::from_millis(30));
+        assert!(!outage.failed());
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(outage.failed(), "lasted past 30 ms");
+    }
+
+    #[test]
+    fn by_default_the_first_failure_is_announced() {
+        let mut outage = Outage::default();
+        assert!(outage.failed());
+        assert!(outage.recovered().is_some());
+    }
 
     #[test]
     fn backoff_doubles_stays_within_the_upper_half_and_is_capped() {

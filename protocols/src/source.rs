@@ -66,6 +66,11 @@ pub trait SourceCounters: Send + Sync {
     fn connected(&self) -> Option<bool> {
         None
     }
+    /// Configured vs achieved poll interval (`None`: the kind does not
+    /// poll on a schedule).
+    fn schedule(&self) -> Option<crate::schedule::ScheduleSnapshot> {
+        None
+    }
 }
 
 /// Events every source made, by source and type, and stored positions

@@ -3,8 +3,9 @@
 //! when it writes, and switches for exceptions and outages.
 
 use std::collections::HashMap;
-use std::future::{ready, Ready};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use tokio_modbus::server::tcp::{accept_tcp_connection, Server};
@@ -34,6 +35,9 @@ pub struct Memory {
     /// Answer every write with IllegalDataAddress (an ack the PLC does
     /// not take).
     pub refuse_writes: bool,
+    /// Time the PLC takes to answer each request (a real PLC's or a
+    /// pymodbus server's reaction: 1–10 ms); zero by default.
+    pub reaction: std::time::Duration,
 }
 
 impl Memory {
@@ -66,7 +70,7 @@ impl Service for PlcService {
     type Request = Request<'static>;
     type Response = Response;
     type Exception = ExceptionCode;
-    type Future = Ready<Result<Response, ExceptionCode>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, ExceptionCode>> + Send>>;
 
     fn call(&self, req: Self::Request) -> Self::Future {
         let mut m = self.memory.lock().expect("plc memory");
@@ -118,7 +122,13 @@ impl Service for PlcService {
             }
             _ => Err(ExceptionCode::IllegalFunction),
         };
-        ready(result)
+        let reaction = m.reaction;
+        Box::pin(async move {
+            if !reaction.is_zero() {
+                tokio::time::sleep(reaction).await;
+            }
+            result
+        })
     }
 }
 

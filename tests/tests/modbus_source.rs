@@ -1117,3 +1117,204 @@ async fn lines_behind_one_plc_address_share_one_connection_and_carry_their_own_l
     first.stop().await;
     second.stop().await;
 }
+
+/// Fills `journal` with business events until it refuses more.
+fn fill(journal: &Journal) {
+    let routes = journal.routes_all();
+    let mut n = 0u128;
+    while journal
+        .append_blocking(buffer::AppendRequest {
+            source: "filler".into(),
+            events: vec![buffer::NewEvent {
+                id: uuid::Uuid::from_u128(n + 1_000_000),
+                class: buffer::EventClass::Business,
+                routes,
+                payload: vec![b'{'; 400].into_iter().chain(*b"}").collect(),
+            }],
+            cursor: None,
+        })
+        .expect("append")
+        .is_some()
+    {
+        n += 1;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_waiting_for_its_journal_does_not_hold_up_other_sources_on_the_same_plc() {
+    let plc = Plc::start().await;
+    // Line 1's handshake record waits for a journal that is full: its
+    // store is parked until space frees, for as long as that takes.
+    let held = start(device(plc.addr, vec![], vec![record_spec()]), Some(3_000));
+    fill(&held.journal);
+    {
+        let mut m = plc.mem();
+        m.holding.insert(100, 1);
+        m.set_string(101, 4, "WO-1");
+        m.holding.insert(109, 1);
+        m.coils.insert(0, true);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while held.stats.bad_values.load(Ordering::Relaxed) == 0 && !held.journal.is_full() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the journal never filled"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Line 2 on the same PLC address (same connection) keeps counting.
+    plc.mem().holding.insert(50, 100);
+    let counting = start(
+        device(
+            plc.addr,
+            vec![counter(
+                "good",
+                EventType::completion(),
+                "holding:50",
+                Format::U16,
+            )],
+            vec![],
+        ),
+        None,
+    );
+    counting.counted_up_to("good", 100).await;
+    plc.mem().holding.insert(50, 107);
+    counting.counted_up_to("good", 107).await;
+    assert_eq!(
+        quantities(&counting.events(), "production.completion")
+            .iter()
+            .map(|(q, _)| q)
+            .sum::<u64>(),
+        7
+    );
+    assert!(
+        !plc.mem().coils.get(&1).copied().unwrap_or(false),
+        "line 1's record is still not acknowledged (not durable)"
+    );
+    assert_eq!(plc.mem().connections, 1, "one connection for both lines");
+    counting.stop().await;
+    held.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_lines_on_one_plc_are_read_with_merged_requests_each_on_its_schedule() {
+    let plc = Plc::start().await;
+    let rigs: Vec<Rig> = (0..20u16)
+        .map(|line| {
+            let mut config = device(
+                plc.addr,
+                vec![
+                    counter(
+                        "good",
+                        EventType::completion(),
+                        &format!("holding:{}", 10 * line),
+                        Format::U16,
+                    ),
+                    counter(
+                        "scrap",
+                        EventType::scrap(),
+                        &format!("holding:{}", 10 * line + 1),
+                        Format::U16,
+                    ),
+                ],
+                vec![],
+            );
+            config.poll_interval = Duration::from_millis(100);
+            start(config, None)
+        })
+        .collect();
+    // Every line has taken its baseline.
+    for rig in &rigs {
+        rig.counted_up_to("good", 0).await;
+    }
+    let (reads, polls) = (
+        plc.mem().reads,
+        rigs.iter()
+            .map(|r| r.stats.polls.load(Ordering::Relaxed))
+            .sum::<u64>(),
+    );
+    for line in 0..20u16 {
+        plc.mem().holding.insert(10 * line, 5);
+    }
+    for rig in &rigs {
+        rig.counted_up_to("good", 5).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let polls = rigs
+        .iter()
+        .map(|r| r.stats.polls.load(Ordering::Relaxed))
+        .sum::<u64>()
+        - polls;
+    let reads = plc.mem().reads - reads;
+    // One request per source and poll unmerged; 20 lines × 10 registers
+    // apart fit in two merged requests (125 registers each).
+    assert!(polls >= 100, "{polls} polls");
+    assert!(
+        reads * 4 <= polls,
+        "{reads} requests for {polls} polls: reads of one tick are not merged"
+    );
+    assert_eq!(plc.mem().connections, 1);
+    for rig in &rigs {
+        let schedule = rig.stats.schedule.snapshot();
+        assert_eq!(schedule.configured, Duration::from_millis(100));
+        assert!(schedule.count > 0, "intervals are recorded: {schedule:?}");
+    }
+    for rig in rigs {
+        rig.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merged_read_the_plc_refuses_does_not_mark_another_lines_values_bad() {
+    let plc = Plc::start().await;
+    plc.mem().holding.insert(0, 10);
+    // Line 2's counter sits on an address the PLC refuses; line 1's is
+    // 5 registers away, close enough for the reads to be merged.
+    plc.mem().refuse_holding.push(5..6);
+    let ok = start(
+        device(
+            plc.addr,
+            vec![counter(
+                "good",
+                EventType::completion(),
+                "holding:0",
+                Format::U16,
+            )],
+            vec![],
+        ),
+        None,
+    );
+    let refused = start(
+        device(
+            plc.addr,
+            vec![counter(
+                "good",
+                EventType::completion(),
+                "holding:5",
+                Format::U16,
+            )],
+            vec![],
+        ),
+        None,
+    );
+    ok.counted_up_to("good", 10).await;
+    plc.mem().holding.insert(0, 14);
+    ok.counted_up_to("good", 14).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while refused.stats.exceptions.load(Ordering::Relaxed) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the refusal was not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        ok.stats.exceptions.load(Ordering::Relaxed),
+        0,
+        "line 1 saw no refusal"
+    );
+    assert!(refused.events().is_empty(), "nothing invented for line 2");
+    ok.stop().await;
+    refused.stop().await;
+}

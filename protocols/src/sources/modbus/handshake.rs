@@ -16,7 +16,7 @@ const HANDSHAKE_FOLLOW_UP: Duration = Duration::from_millis(30);
 /// has moved for [`HANDSHAKE_FOLLOW_UP`] or most of the poll interval is
 /// used (counters keep their rhythm).
 pub(super) async fn drain_records(
-    link: &mut Context,
+    device: &Device,
     ctx: &SourceContext,
     config: &ModbusConfig,
     stats: &ModbusStats,
@@ -32,7 +32,7 @@ pub(super) async fn drain_records(
     loop {
         let (mut moved, mut waiting) = (false, false);
         for record in &config.records {
-            match handle_record(link, ctx, config, stats, record, position, acked).await? {
+            match handle_record(device, ctx, config, stats, record, position, acked).await? {
                 Exchange::Moved => moved = true,
                 Exchange::Waiting => waiting = true,
                 Exchange::Idle => {}
@@ -63,27 +63,8 @@ enum Exchange {
     Moved,
 }
 
-async fn write_ack(
-    link: &mut Context,
-    ack: Address,
-    on: bool,
-    timeout: Duration,
-) -> Result<Result<(), ExceptionCode>, String> {
-    let call = async {
-        match ack.table {
-            Table::Coil => link.write_single_coil(ack.offset, on).await,
-            _ => link.write_single_register(ack.offset, u16::from(on)).await,
-        }
-    };
-    match tokio::time::timeout(timeout, call).await {
-        Ok(Ok(result)) => Ok(result),
-        Ok(Err(e)) => Err(format!("writing ack {ack}: {e}")),
-        Err(_) => Err(format!("no answer within {timeout:?} writing ack {ack}")),
-    }
-}
-
 async fn handle_record(
-    link: &mut Context,
+    device: &Device,
     ctx: &SourceContext,
     config: &ModbusConfig,
     stats: &ModbusStats,
@@ -91,7 +72,14 @@ async fn handle_record(
     position: &mut Positioned<Position>,
     acked: &mut BTreeMap<String, bool>,
 ) -> Result<Exchange, PollError> {
-    let flags = read_spans(link, &[(record.ready, 1), (record.ack, 1)], config, stats).await?;
+    let flags = read_spans(
+        device,
+        &[(record.ready, 1), (record.ack, 1)],
+        config,
+        stats,
+        false,
+    )
+    .await?;
     let flag = |a: Address| {
         flags
             .value(a, Format::Bool, Order::default())
@@ -126,7 +114,10 @@ async fn handle_record(
         acked.insert(record.signal.clone(), false);
         if ack_set {
             // The PLC took the ack and cleared ready: release the ack.
-            match write_ack(link, record.ack, false, config.timeout).await {
+            match device
+                .write_flag(config.unit, record.ack, false, config.timeout)
+                .await
+            {
                 Ok(Ok(())) => moved = true,
                 Ok(Err(code)) => {
                     stats.exceptions.fetch_add(1, Ordering::Relaxed);
@@ -152,7 +143,7 @@ async fn handle_record(
         .iter()
         .map(|f| (f.address, f.format.width()))
         .collect();
-    let snapshot = read_spans(link, &spans, config, stats).await?;
+    let snapshot = read_spans(device, &spans, config, stats, false).await?;
     let mut values = BTreeMap::new();
     for field in &record.fields {
         match snapshot.value(field.address, field.format, field.order) {
@@ -215,7 +206,10 @@ async fn handle_record(
         }
     }
     // Durable (now, or before a restart): only now tell the PLC.
-    match write_ack(link, record.ack, true, config.timeout).await {
+    match device
+        .write_flag(config.unit, record.ack, true, config.timeout)
+        .await
+    {
         Ok(Ok(())) => {
             stats.records_acked.fetch_add(1, Ordering::Relaxed);
             acked.insert(record.signal.clone(), true);

@@ -27,13 +27,21 @@
 //!   so a PLC's record queue drains between two counter polls. Both the
 //!   4-phase handshake (PLC clears ready, agent clears ack) and the one
 //!   where the PLC clears ready and ack itself work.
+//! - Sources naming one endpoint share its connection through one device
+//!   task ([`Device`]): a source holds the connection only for the length
+//!   of its own requests, never while its events wait for the journal, so
+//!   one source's commit never delays another source's poll. Ticks are
+//!   aligned ([`crate::schedule::Ticks`]) and counted when late or skipped.
 //! - A transport error means "reconnect" (capped exponential backoff with
 //!   jitter); a Modbus exception means "the device said no": the values are
 //!   bad, counted, no event, the connection stays. Every request runs
 //!   under a timeout.
 
+mod device;
 mod handshake;
 pub mod map;
+
+pub use device::{Device, DeviceCounters};
 
 use handshake::drain_records;
 
@@ -44,7 +52,7 @@ use std::time::{Duration, SystemTime};
 
 use buffer::event::{Origin, Quantity};
 use buffer::{CloudEvent, EventType};
-use tokio_modbus::client::{Context, Reader, Writer};
+use tokio_modbus::client::{Context, Reader};
 use tokio_modbus::{ExceptionCode, Slave};
 
 use crate::counter::{CounterRules, CounterState, CounterWidth};
@@ -53,7 +61,7 @@ use crate::source::{
     record_fingerprint, record_quantity, CounterSignal, HandshakePosition, Presented, RecordSignal,
     SourceContext,
 };
-use map::{decode, plan, Address, Format, Order, Read, Table, Value};
+use map::{decode, Address, Format, Order, Read, Table, Value};
 
 /// Where the device is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -186,8 +194,9 @@ pub struct ModbusStats {
     pub connected: std::sync::atomic::AtomicBool,
     /// Polls done.
     pub polls: AtomicU64,
-    /// Polls that did not finish within the interval (skipped, not stacked).
-    pub overruns: AtomicU64,
+    /// Configured vs achieved poll interval; late and skipped ticks
+    /// (overruns).
+    pub schedule: crate::schedule::PollSchedule,
     /// Exception responses (device said no).
     pub exceptions: AtomicU64,
     /// Transport errors and timeouts (reconnect).
@@ -210,9 +219,9 @@ impl crate::source::SourceCounters for ModbusStats {
         )
     }
     fn counters(&self) -> Vec<(&'static str, u64)> {
+        let overruns = self.schedule.overruns();
         [
             ("polls", &self.polls),
-            ("overruns", &self.overruns),
             ("exceptions", &self.exceptions),
             ("transport_errors", &self.transport_errors),
             ("bad_values", &self.bad_values),
@@ -222,10 +231,14 @@ impl crate::source::SourceCounters for ModbusStats {
         ]
         .into_iter()
         .map(|(kind, value)| (kind, value.load(Ordering::Relaxed)))
+        .chain([("overruns", overruns)])
         .collect()
     }
     fn connected(&self) -> Option<bool> {
         Some(self.connected.load(Ordering::Relaxed))
+    }
+    fn schedule(&self) -> Option<crate::schedule::ScheduleSnapshot> {
+        Some(self.schedule.snapshot())
     }
 }
 
@@ -392,156 +405,79 @@ impl Snapshot {
 }
 
 async fn read_spans(
-    ctx: &mut Context,
+    device: &Device,
     spans: &[(Address, u16)],
     config: &ModbusConfig,
     stats: &ModbusStats,
+    at_tick: bool,
 ) -> Result<Snapshot, PollError> {
     let mut snapshot = Snapshot {
         words: BTreeMap::new(),
     };
-    for r in plan(spans, config.max_gap) {
-        match read(ctx, r, config.timeout).await {
-            Ok(Ok(words)) => {
+    let reads = device
+        .read_spans(
+            config.unit,
+            spans.to_vec(),
+            config.max_gap,
+            config.timeout,
+            at_tick,
+        )
+        .await
+        .map_err(|e| {
+            stats.transport_errors.fetch_add(1, Ordering::Relaxed);
+            PollError::Transport(e)
+        })?;
+    for (r, result) in reads {
+        match result {
+            Ok(words) => {
                 for (i, w) in words.into_iter().take(r.count as usize).enumerate() {
                     snapshot
                         .words
                         .insert((r.table, r.start + i as u16), Some(w));
                 }
             }
-            Ok(Err(code)) => {
+            Err(code) => {
                 stats.exceptions.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(device = %config.endpoint, unit = config.unit, table = table_name(r.table), start = r.start, count = r.count, exception = ?code, "device refused the read: values marked bad");
                 for i in 0..r.count {
                     snapshot.words.insert((r.table, r.start + i), None);
                 }
             }
-            Err(e) => {
-                stats.transport_errors.fetch_add(1, Ordering::Relaxed);
-                return Err(PollError::Transport(e));
-            }
         }
     }
     Ok(snapshot)
 }
 
-/// One connection to an endpoint, shared by every source that names it
-/// (several lines behind one PLC address, devices on one serial line):
-/// one request at a time, whatever the unit id; a serial line is kept
-/// quiet between transactions. PLCs and serial gateways allow few
-/// connections, and each costs polling on both sides.
-pub struct Bus {
-    serial: Option<SerialSettings>,
-    port: tokio::sync::Mutex<Option<Context>>,
-}
-
-impl Bus {
-    /// Silence after a serial transaction: 3.5 character times (11 bits
-    /// each), at least 1.75 ms as the Modbus RTU spec fixes above 19200
-    /// baud. None on TCP.
-    fn frame_gap(&self) -> Option<Duration> {
-        let settings = self.serial.as_ref()?;
-        let per_char = Duration::from_secs_f64(11.0 / settings.baud.max(300) as f64);
-        Some(per_char.mul_f64(3.5).max(Duration::from_micros(1750)))
-    }
-}
-
-/// The connection for an endpoint, shared while any task holds it.
-fn bus_for(endpoint: &Endpoint) -> Arc<Bus> {
-    static BUSES: std::sync::OnceLock<std::sync::Mutex<BTreeMap<String, std::sync::Weak<Bus>>>> =
-        std::sync::OnceLock::new();
-    let mut buses = BUSES
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    let key = endpoint.to_string();
-    if let Some(bus) = buses.get(&key).and_then(std::sync::Weak::upgrade) {
-        return bus;
-    }
-    let bus = Arc::new(Bus {
-        serial: match endpoint {
-            Endpoint::Rtu(settings) => Some(settings.clone()),
-            Endpoint::Tcp(_) => None,
-        },
-        port: tokio::sync::Mutex::new(None),
-    });
-    buses.retain(|_, weak| weak.strong_count() > 0);
-    buses.insert(key, Arc::downgrade(&bus));
-    bus
-}
-
-/// The Modbus source task: polls until shutdown.
+/// The Modbus source task: polls until shutdown. Every source naming the
+/// same endpoint shares one connection ([`Device`]); the source holds it
+/// only for its requests, never while its events wait for the journal.
 pub async fn run(ctx: SourceContext, config: ModbusConfig, stats: Arc<ModbusStats>) {
     let mut position = Positioned::<Position>::load(&ctx);
     let mut shutdown = ctx.shutdown.clone();
-    let bus = Some(bus_for(&config.endpoint));
-    let mut own: Option<Context> = None;
+    let device = Device::for_endpoint(&config.endpoint);
+    let registration = device.register(config.poll_interval, !config.counters.is_empty());
     // First wait 500 ms (as the 250 ms × 2 of the first failure was).
     let mut backoff =
         crate::pace::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let mut retry_at = tokio::time::Instant::now();
-    let mut outage = crate::pace::Outage::default();
     let mut bridged = false;
     // Record signals whose pending record this process acknowledged.
     let mut acked: BTreeMap<String, bool> = BTreeMap::new();
-    let mut ticker = tokio::time::interval(config.poll_interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut ticks = crate::schedule::Ticks::aligned(config.poll_interval, &stats.schedule);
     loop {
         tokio::select! {
-            _ = ticker.tick() => {}
+            _ = ticks.tick(&stats.schedule) => {}
             _ = shutdown.changed() => {}
         }
         if *shutdown.borrow() {
             return;
         }
         if tokio::time::Instant::now() < retry_at {
+            ticks.interrupted();
             continue;
         }
-        let mut bus_port = match &bus {
-            Some(bus) => Some(bus.port.lock().await),
-            None => None,
-        };
-        let slot: &mut Option<Context> = match bus_port.as_deref_mut() {
-            Some(port) => port,
-            None => &mut own,
-        };
-        if slot.is_none() {
-            match connect(&config.endpoint, config.unit, config.timeout).await {
-                Ok(link) => {
-                    let device = config.endpoint.to_string();
-                    match outage.recovered() {
-                        Some((lasted, failures)) => {
-                            tracing::info!(source = %ctx.name, %device, unit = config.unit, after = %crate::pace::human(lasted), failed_attempts = failures, "PLC back; counters catch up from their stored positions")
-                        }
-                        None => {
-                            tracing::info!(source = %ctx.name, %device, unit = config.unit, "PLC connected")
-                        }
-                    }
-                    *slot = Some(link);
-                }
-                Err(e) => {
-                    stats.transport_errors.fetch_add(1, Ordering::Relaxed);
-                    let wait = backoff.next_wait();
-                    stats.connected.store(false, Ordering::Relaxed);
-                    if outage.failed() {
-                        tracing::warn!(source = %ctx.name, error = %e, since = %outage.since_text(), "PLC UNREACHABLE: reconnecting with backoff");
-                    } else {
-                        tracing::debug!(source = %ctx.name, error = %e, retry_in_ms = wait.as_millis() as u64, "PLC still unreachable");
-                    }
-                    retry_at = tokio::time::Instant::now() + wait;
-                    bridged = true;
-                    continue;
-                }
-            }
-        }
-        let Some(link) = slot.as_mut() else { continue };
-        if bus.is_some() {
-            use tokio_modbus::prelude::SlaveContext;
-            link.set_slave(Slave(config.unit));
-        }
-        let started = tokio::time::Instant::now();
         let result = poll(
-            link,
+            &device,
             &ctx,
             &config,
             &stats,
@@ -551,9 +487,7 @@ pub async fn run(ctx: SourceContext, config: ModbusConfig, stats: Arc<ModbusStat
         )
         .await;
         stats.polls.fetch_add(1, Ordering::Relaxed);
-        if started.elapsed() > config.poll_interval {
-            stats.overruns.fetch_add(1, Ordering::Relaxed);
-        }
+        registration.polled();
         match result {
             Ok(()) => {
                 backoff.reset();
@@ -563,14 +497,12 @@ pub async fn run(ctx: SourceContext, config: ModbusConfig, stats: Arc<ModbusStat
             Err(PollError::Stopped) => return,
             Err(PollError::Transport(e)) => {
                 stats.connected.store(false, Ordering::Relaxed);
-                tracing::warn!(source = %ctx.name, error = %e, "PLC link lost; reconnecting");
-                // A half-read frame may sit in the codec: start clean.
-                *slot = None;
+                // The device task logs the outage once for all its sources.
+                tracing::debug!(source = %ctx.name, error = %e, "poll failed; retrying after a backoff");
+                retry_at = tokio::time::Instant::now() + backoff.next_wait();
                 bridged = true;
+                ticks.interrupted();
             }
-        }
-        if let Some(gap) = bus.as_ref().and_then(|b| b.frame_gap()) {
-            tokio::time::sleep(gap).await;
         }
     }
 }
@@ -595,7 +527,7 @@ fn counter_signal(spec: &CounterSpec, config: &ModbusConfig) -> CounterSignal {
 }
 
 async fn poll(
-    link: &mut Context,
+    device: &Device,
     ctx: &SourceContext,
     config: &ModbusConfig,
     stats: &ModbusStats,
@@ -612,7 +544,7 @@ async fn poll(
             .map(|c| (c.address, c.format.width()))
             .chain(config.context.iter().map(|f| (f.address, f.format.width())))
             .collect();
-        let snapshot = read_spans(link, &spans, config, stats).await?;
+        let snapshot = read_spans(device, &spans, config, stats, true).await?;
         let context: BTreeMap<&str, String> = config
             .context
             .iter()
@@ -722,7 +654,7 @@ async fn poll(
             }
         }
     }
-    drain_records(link, ctx, config, stats, position, acked, poll_started).await
+    drain_records(device, ctx, config, stats, position, acked, poll_started).await
 }
 
 /// Work order, material and lot read in the same poll as the counter.
