@@ -74,6 +74,16 @@ pub fn handshake_record_id(source: &str, signal: &str, namespace: Uuid, cycle: u
     )
 }
 
+/// Id of the record a PLC ring buffer held at free-running `index` (the
+/// count of records the PLC wrote before it), for a ring position created
+/// with `namespace`: the position in the ring is the identity.
+pub fn ring_record_id(source: &str, signal: &str, namespace: Uuid, index: u64) -> Uuid {
+    derive(
+        "ring",
+        &[source, signal, &namespace.to_string(), &index.to_string()],
+    )
+}
+
 /// A namespace for a position created now (random, never reused).
 pub fn new_namespace() -> Uuid {
     Uuid::new_v4()

@@ -219,3 +219,90 @@ impl Drop for Plc {
         }
     }
 }
+
+/// A PLC program filling a ring buffer of records (the layout the Modbus
+/// source's `rings` read): record `k` (sequence `k + 1`, quantity 1) goes
+/// into slot `k mod slots` (`slot_size` registers from `first_slot`: the
+/// sequence, then the quantity), then the write index (free-running u16)
+/// is advanced.
+#[derive(Clone, Debug)]
+pub struct RingProgram {
+    /// Write index register (holding).
+    pub write_index: u16,
+    /// Read index register (holding), written by the agent.
+    pub read_index: u16,
+    /// First register of slot 0 (holding).
+    pub first_slot: u16,
+    /// Slots.
+    pub slots: u16,
+    /// Registers per slot.
+    pub slot_size: u16,
+    /// Records made per second.
+    pub per_second: u32,
+    /// Wait for free slots (a well-written PLC program); `false` laps.
+    pub waits: bool,
+    /// Records made; records not made (ring full, PLC waited).
+    pub made: Arc<std::sync::atomic::AtomicU64>,
+    /// Records the program could not put in the ring because it was full
+    /// (a real PLC would stop the line or drop them).
+    pub held_back: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl RingProgram {
+    /// The program over `slots` slots of 2 registers at holding 1000.., the
+    /// indexes at holding 998 (write) and 999 (read).
+    pub fn new(slots: u16, per_second: u32, waits: bool) -> Self {
+        Self {
+            write_index: 998,
+            read_index: 999,
+            first_slot: 1000,
+            slots,
+            slot_size: 2,
+            per_second,
+            waits,
+            made: Arc::default(),
+            held_back: Arc::default(),
+        }
+    }
+
+    /// Makes `n` records at once (respecting `waits`); returns how many
+    /// went in.
+    pub fn make(&self, plc: &Plc, n: u64) -> u64 {
+        use std::sync::atomic::Ordering;
+        let mut m = plc.mem();
+        let mut put = 0;
+        for _ in 0..n {
+            let written = *m.holding.get(&self.write_index).unwrap_or(&0);
+            let read = *m.holding.get(&self.read_index).unwrap_or(&0);
+            if self.waits && written.wrapping_sub(read) >= self.slots {
+                self.held_back.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let k = u64::from(written);
+            let done = self.made.fetch_add(1, Ordering::Relaxed) + 1;
+            let slot = (k % u64::from(self.slots)) as u16;
+            let at = self.first_slot + slot * self.slot_size;
+            m.holding.insert(at, done as u16);
+            m.holding.insert(at + 1, 1);
+            m.holding.insert(self.write_index, written.wrapping_add(1));
+            put += 1;
+        }
+        put
+    }
+
+    /// Runs the program every millisecond until the task is aborted.
+    pub fn start(self, plc: Arc<Plc>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let mut due = 0u64;
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                let should = (started.elapsed().as_secs_f64() * f64::from(self.per_second)) as u64;
+                if should > due {
+                    self.make(&plc, should - due);
+                    due = should;
+                }
+            }
+        })
+    }
+}

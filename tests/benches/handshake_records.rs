@@ -119,6 +119,7 @@ async fn run(lines: u16, delay: Duration) -> (f64, f64) {
         machine: "plc".into(),
         counters: vec![],
         records: (0..lines).map(record).collect(),
+        rings: vec![],
         context: vec![],
     };
     let task = tokio::spawn(modbus::run(ctx, config, Arc::new(ModbusStats::default())));

@@ -88,6 +88,7 @@ fn base_config(plc: &Plc, line: u16) -> ModbusConfig {
         machine: format!("m{line}"),
         counters: vec![],
         records: vec![],
+        rings: vec![],
         context: vec![],
     }
 }

@@ -88,6 +88,7 @@ fn device(path: &str, unit: u8) -> ModbusConfig {
             place: Default::default(),
         }],
         records: vec![],
+        rings: vec![],
         context: vec![],
     }
 }

@@ -53,6 +53,7 @@ fn device(
         machine: "press1".into(),
         counters,
         records,
+        rings: vec![],
         context: vec![],
     }
 }
@@ -1317,4 +1318,234 @@ async fn a_merged_read_the_plc_refuses_does_not_mark_another_lines_values_bad() 
     assert!(refused.events().is_empty(), "nothing invented for line 2");
     ok.stop().await;
     refused.stop().await;
+}
+
+fn ring_spec(program: &plant_edge_tests::plc::RingProgram) -> modbus::RingSpec {
+    let field = |name: &str, offset: u16| FieldSpec {
+        name: name.into(),
+        address: format!("holding:{}", program.first_slot + offset)
+            .parse()
+            .expect("address"),
+        format: Format::U16,
+        order: Order::default(),
+        epoch: None,
+    };
+    modbus::RingSpec {
+        signal: "completions".into(),
+        event_type: EventType::completion(),
+        write_index: format!("holding:{}", program.write_index)
+            .parse()
+            .expect("address"),
+        read_index: format!("holding:{}", program.read_index)
+            .parse()
+            .expect("address"),
+        first_slot: format!("holding:{}", program.first_slot)
+            .parse()
+            .expect("address"),
+        slots: program.slots,
+        slot_size: program.slot_size,
+        fields: vec![field("sequence", 0), field("quantity", 1)],
+        unit: "EA".into(),
+        type_from: None,
+        place: Default::default(),
+    }
+}
+
+fn ring_device(plc: &Plc, program: &plant_edge_tests::plc::RingProgram) -> ModbusConfig {
+    let mut config = device(plc.addr, vec![], vec![]);
+    config.rings = vec![ring_spec(program)];
+    config
+}
+
+/// Sequences of the journal's events, in journal order.
+fn sequences(rig: &Rig) -> Vec<u64> {
+    rig.events()
+        .iter()
+        .map(|e| {
+            e["sequence"]
+                .as_str()
+                .expect("sequence")
+                .parse()
+                .expect("number")
+        })
+        .collect()
+}
+
+async fn read_back(plc: &Plc, program: &plant_edge_tests::plc::RingProgram, index: u16) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while plc
+        .mem()
+        .holding
+        .get(&program.read_index)
+        .copied()
+        .unwrap_or(0)
+        != index
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "read index never reached {index}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ring_records_are_stored_in_order_once_and_released_to_the_plc_only_when_durable() {
+    let plc = Arc::new(Plc::start().await);
+    let program = plant_edge_tests::plc::RingProgram::new(16, 2_000, true);
+    let rig = start(ring_device(&plc, &program), None);
+    // Every read index the agent writes must name records already durable.
+    let (journal, early) = (rig.journal.clone(), Arc::new(AtomicBool::new(false)));
+    {
+        let (early, read_index) = (early.clone(), program.read_index);
+        plc.on_write(Box::new(move |_, table, address, value| {
+            if table == 'h' && address == read_index {
+                let mut stored = 0u64;
+                journal
+                    .scan_events(0, |_| {
+                        stored += 1;
+                        true
+                    })
+                    .expect("scan");
+                if stored < u64::from(value) {
+                    early.store(true, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    let running = program.clone().start(plc.clone());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while program.made.load(Ordering::Relaxed) < 1_000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the PLC program stalled"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    running.abort();
+    let made = program.made.load(Ordering::Relaxed);
+    read_back(&plc, &program, made as u16).await;
+    assert!(
+        !early.load(Ordering::Relaxed),
+        "a read index was written before its records were durable"
+    );
+    assert_eq!(
+        sequences(&rig),
+        (1..=made).collect::<Vec<_>>(),
+        "every record once, in ring order"
+    );
+    let ids: std::collections::BTreeSet<String> = rig
+        .events()
+        .iter()
+        .map(|e| e["id"].as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(ids.len() as u64, made, "one id per record");
+    assert_eq!(rig.stats.records_overwritten.load(Ordering::Relaxed), 0);
+    assert_eq!(rig.stats.ring_records.load(Ordering::Relaxed), made);
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lapped_ring_is_counted_with_how_many_records_the_plc_overwrote() {
+    let plc = Arc::new(Plc::start().await);
+    // A PLC program that does not wait for the read index, 40 records
+    // into 16 slots before the agent looks: 24 overwritten.
+    let program = plant_edge_tests::plc::RingProgram::new(16, 1, false);
+    program.make(&plc, 40);
+    let rig = start(ring_device(&plc, &program), None);
+    read_back(&plc, &program, 40).await;
+    assert_eq!(rig.stats.records_overwritten.load(Ordering::Relaxed), 24);
+    assert_eq!(
+        sequences(&rig),
+        (25..=40).collect::<Vec<_>>(),
+        "the readable 16 are taken"
+    );
+    // The PLC waits from now on: nothing more is lost.
+    program.make(&plc, 10);
+    read_back(&plc, &program, 50).await;
+    assert_eq!(rig.stats.records_overwritten.load(Ordering::Relaxed), 24);
+    assert_eq!(sequences(&rig), (25..=50).collect::<Vec<_>>());
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ring_records_stored_but_not_released_before_a_stop_are_released_after_without_a_second_event(
+) {
+    let plc = Arc::new(Plc::start().await);
+    let program = plant_edge_tests::plc::RingProgram::new(16, 1, true);
+    program.make(&plc, 10);
+    // The PLC takes no write: the records are stored, the read index
+    // stays at 0 (as after a stop between storing and writing it back).
+    plc.mem().refuse_writes = true;
+    let rig = start(ring_device(&plc, &program), None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while rig.events().len() < 10 {
+        assert!(std::time::Instant::now() < deadline, "records not stored");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let dir = rig._dir;
+    let journal = {
+        let _ = rig.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), rig.task).await;
+        rig.journal
+    };
+    assert_eq!(
+        plc.mem()
+            .holding
+            .get(&program.read_index)
+            .copied()
+            .unwrap_or(0),
+        0
+    );
+    plc.mem().refuse_writes = false;
+    let rig = start_on(journal, ring_device(&plc, &program), dir);
+    read_back(&plc, &program, 10).await;
+    program.make(&plc, 5);
+    read_back(&plc, &program, 15).await;
+    assert_eq!(
+        sequences(&rig),
+        (1..=15).collect::<Vec<_>>(),
+        "each record stored once"
+    );
+    assert_eq!(rig.stats.ring_restarts.load(Ordering::Relaxed), 0);
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ring_the_plc_started_over_gives_its_records_new_ids() {
+    let plc = Arc::new(Plc::start().await);
+    let program = plant_edge_tests::plc::RingProgram::new(16, 1, true);
+    let rig = start(ring_device(&plc, &program), None);
+    for round in 1..=3u16 {
+        program.make(&plc, 10);
+        read_back(&plc, &program, 10 * round).await;
+    }
+    // The PLC restarts without retained memory: indexes back at 0, and
+    // its new records repeat the old ones' slots and positions.
+    {
+        let mut m = plc.mem();
+        m.holding.insert(program.write_index, 0);
+        m.holding.insert(program.read_index, 0);
+    }
+    // Polls see the empty restarted ring before it fills again.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    program.make(&plc, 5);
+    read_back(&plc, &program, 5).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while rig.events().len() < 35 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "new records not stored"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let ids: std::collections::BTreeSet<String> = rig
+        .events()
+        .iter()
+        .map(|e| e["id"].as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(ids.len(), 35, "no new record gets an old record's id");
+    assert_eq!(rig.stats.ring_restarts.load(Ordering::Relaxed), 1);
+    rig.stop().await;
 }

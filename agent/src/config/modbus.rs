@@ -69,7 +69,37 @@ pub(super) struct RawModbus {
     #[serde(default)]
     records: Vec<RawRecord>,
     #[serde(default)]
+    rings: Vec<RawRing>,
+    #[serde(default)]
     context: BTreeMap<String, RawField>,
+}
+
+/// A ring buffer of records in the PLC (see `sources/modbus/ring.rs`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRing {
+    #[serde(default)]
+    line: Option<String>,
+    #[serde(default)]
+    machine: Option<String>,
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
+    signal: String,
+    #[serde(rename = "type", default)]
+    event_type: Option<String>,
+    #[serde(default)]
+    type_from: Option<RawTypeFrom>,
+    #[serde(default)]
+    reasons: BTreeMap<String, String>,
+    write_index: String,
+    read_index: String,
+    first_slot: String,
+    slots: u16,
+    slot_size: u16,
+    /// The fields at their addresses in the first slot.
+    fields: BTreeMap<String, RawField>,
+    #[serde(default = "default_unit_of_measure")]
+    unit: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -291,10 +321,10 @@ pub(super) fn check_modbus(
         return Err(err("timeout".into(), "between 1ms and 60s".into()));
     }
     order_of(&m.word_order, m.byte_swap).map_err(|e| err("word_order".into(), e))?;
-    if m.counters.is_empty() && m.records.is_empty() {
+    if m.counters.is_empty() && m.records.is_empty() && m.rings.is_empty() {
         return Err(err(
             "counters".into(),
-            "at least one counter or record".into(),
+            "at least one counter, record or ring".into(),
         ));
     }
     let mut signals: Vec<(String, String, Spans)> = Vec::new();
@@ -433,6 +463,98 @@ pub(super) fn check_modbus(
             },
         });
     }
+    let mut rings = Vec::new();
+    for (i, r) in m.rings.into_iter().enumerate() {
+        let rkey = format!("rings[{i}]");
+        let register = |sub: &str, text: &str, writable: bool| -> Result<Address, ConfigError> {
+            let address: Address = text.parse().map_err(|e| err(format!("{rkey}.{sub}"), e))?;
+            let ok = if writable {
+                address.table == Table::Holding
+            } else {
+                matches!(address.table, Table::Holding | Table::Input)
+            };
+            if !ok || address.bit.is_some() {
+                let what = if writable {
+                    "a holding register the agent may write (u16)"
+                } else {
+                    "a holding or input register (u16)"
+                };
+                return Err(err(format!("{rkey}.{sub}"), what.into()));
+            }
+            Ok(address)
+        };
+        let write_index = register("write_index", &r.write_index, false)?;
+        let read_index = register("read_index", &r.read_index, true)?;
+        let first_slot = register("first_slot", &r.first_slot, false)?;
+        if r.slots == 0 || r.slots > 32_768 {
+            return Err(err(
+                format!("{rkey}.slots"),
+                format!(
+                    "1..32768 slots (the indexes are u16 counts), found {}",
+                    r.slots
+                ),
+            ));
+        }
+        if r.slot_size == 0 || r.slot_size > 125 {
+            return Err(err(
+                format!("{rkey}.slot_size"),
+                format!("1..125 registers per slot, found {}", r.slot_size),
+            ));
+        }
+        if r.fields.is_empty() {
+            return Err(err(format!("{rkey}.fields"), "at least one field".into()));
+        }
+        let mut fields = Vec::new();
+        for (name, f) in &r.fields {
+            let fkey = format!("{rkey}.fields.{name}");
+            let field = check_field(file, key, &fkey, name, f, &m.word_order, m.byte_swap)?;
+            let inside = field.address.table == first_slot.table
+                && field.address.offset >= first_slot.offset
+                && u32::from(field.address.offset) + u32::from(field.format.width())
+                    <= u32::from(first_slot.offset) + u32::from(r.slot_size);
+            if !inside {
+                return Err(err(
+                    format!("{fkey}.address"),
+                    format!(
+                        "an address inside the first slot ({first_slot} and the {} registers after it)",
+                        r.slot_size - 1
+                    ),
+                ));
+            }
+            fields.push(field);
+        }
+        let (event_type, type_from) =
+            record_type(r.event_type, r.type_from, |f| r.fields.contains_key(f))
+                .map_err(|(sub, why)| err(format!("{rkey}.{sub}"), why))?;
+        let reasons = record_reasons(r.reasons, r.fields.contains_key("reason_code"))
+            .map_err(|(sub, why)| err(format!("{rkey}.{sub}"), why))?;
+        let ring_span = (
+            first_slot.table,
+            u32::from(first_slot.offset),
+            u32::from(first_slot.offset) + u32::from(r.slots) * u32::from(r.slot_size),
+        );
+        signals.push((
+            r.signal.clone(),
+            rkey,
+            vec![span(write_index, 1), span(read_index, 1), ring_span],
+        ));
+        rings.push(protocols::sources::modbus::RingSpec {
+            signal: r.signal,
+            event_type,
+            write_index,
+            read_index,
+            first_slot,
+            slots: r.slots,
+            slot_size: r.slot_size,
+            fields,
+            unit: r.unit,
+            type_from,
+            place: protocols::source::Placement {
+                reasons,
+                ..placement(r.line, r.machine, r.attributes)
+            },
+        });
+    }
     let mut context = Vec::new();
     let mut context_spans = Vec::new();
     for (name, f) in &m.context {
@@ -485,6 +607,7 @@ pub(super) fn check_modbus(
         machine: m.machine,
         counters,
         records,
+        rings,
         context,
     })
 }

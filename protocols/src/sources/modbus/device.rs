@@ -64,8 +64,8 @@ enum Work {
         /// waiting a moment for the other sources' first reads.
         at_tick: bool,
     },
-    /// Set a coil (or a holding register to 0/1).
-    WriteFlag { address: Address, on: bool },
+    /// Set a coil (true unless `value` is 0) or a holding register.
+    Write { address: Address, value: u16 },
 }
 
 struct Job {
@@ -227,8 +227,19 @@ impl Device {
         on: bool,
         timeout: Duration,
     ) -> Result<Result<(), ExceptionCode>, String> {
+        self.write(unit, address, u16::from(on), timeout).await
+    }
+
+    /// Writes one holding register (or a coil: on unless `value` is 0).
+    pub(super) async fn write(
+        &self,
+        unit: u8,
+        address: Address,
+        value: u16,
+        timeout: Duration,
+    ) -> Result<Result<(), ExceptionCode>, String> {
         match self
-            .ask(unit, timeout, Work::WriteFlag { address, on })
+            .ask(unit, timeout, Work::Write { address, value })
             .await?
         {
             Answer::Written(result) => Ok(result),
@@ -317,23 +328,19 @@ impl Link {
         result
     }
 
-    async fn write_flag(
+    async fn write(
         &mut self,
         unit: u8,
         address: Address,
-        on: bool,
+        value: u16,
         timeout: Duration,
     ) -> Result<Result<(), ExceptionCode>, String> {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         let context = self.ready(unit, timeout).await?;
         let call = async {
             match address.table {
-                Table::Coil => context.write_single_coil(address.offset, on).await,
-                _ => {
-                    context
-                        .write_single_register(address.offset, u16::from(on))
-                        .await
-                }
+                Table::Coil => context.write_single_coil(address.offset, value != 0).await,
+                _ => context.write_single_register(address.offset, value).await,
             }
         };
         let result = match tokio::time::timeout(timeout, call).await {
@@ -439,17 +446,17 @@ async fn execute(link: &mut Link, batch: Vec<Job>) {
     for job in batch {
         match job.work {
             Work::Read { .. } => reads.entry(job.unit).or_default().push(job),
-            Work::WriteFlag { .. } => writes.push(job),
+            Work::Write { .. } => writes.push(job),
         }
     }
     for (unit, jobs) in reads {
         read_together(link, unit, jobs).await;
     }
     for job in writes {
-        let Work::WriteFlag { address, on } = job.work else {
+        let Work::Write { address, value } = job.work else {
             continue;
         };
-        let result = link.write_flag(job.unit, address, on, job.timeout).await;
+        let result = link.write(job.unit, address, value, job.timeout).await;
         // A source that stopped waiting (shutdown) needs no answer.
         let _ = job.reply.send(result.map(Answer::Written));
     }
@@ -458,7 +465,7 @@ async fn execute(link: &mut Link, batch: Vec<Job>) {
 fn spans_of(job: &Job) -> (&[(Address, u16)], u16) {
     match &job.work {
         Work::Read { spans, max_gap, .. } => (spans, *max_gap),
-        Work::WriteFlag { .. } => (&[], 0),
+        Work::Write { .. } => (&[], 0),
     }
 }
 

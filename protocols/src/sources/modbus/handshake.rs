@@ -245,11 +245,32 @@ fn record_event(
     id: uuid::Uuid,
     values: &BTreeMap<String, Value>,
 ) -> CloudEvent {
-    let signal = record_signal(config, record);
+    record_event_of(
+        ctx,
+        config,
+        &record_signal(config, record),
+        &record.fields,
+        format!("unit {} record {}", config.unit, record.signal),
+        id,
+        values,
+    )
+}
+
+/// The event for a record read from the PLC (a handshake's or a ring
+/// buffer slot's), `address` naming where it was read.
+pub(super) fn record_event_of(
+    ctx: &SourceContext,
+    config: &ModbusConfig,
+    signal: &RecordSignal,
+    fields: &[FieldSpec],
+    address: String,
+    id: uuid::Uuid,
+    values: &BTreeMap<String, Value>,
+) -> CloudEvent {
     let now = SystemTime::now();
     // The PLC's own time for the record, when it has one and it is
     // believable; otherwise the gateway's, and the event says which.
-    let device = record.fields.iter().find_map(|f| {
+    let device = fields.iter().find_map(|f| {
         let epoch = f.epoch?;
         values
             .get(&f.name)
@@ -259,7 +280,7 @@ fn record_event(
     let origin = Origin {
         protocol: "modbus".into(),
         endpoint: config.endpoint.to_string(),
-        address: format!("unit {} record {}", config.unit, record.signal),
+        address,
         quality: "good".into(),
         source_time: (time_source == "device").then(|| buffer::event::rfc3339_millis(time)),
     };

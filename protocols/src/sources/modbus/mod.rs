@@ -40,8 +40,10 @@
 mod device;
 mod handshake;
 pub mod map;
+mod ring;
 
 pub use device::{Device, DeviceCounters};
+pub use ring::RingSpec;
 
 use handshake::drain_records;
 
@@ -182,6 +184,8 @@ pub struct ModbusConfig {
     pub counters: Vec<CounterSpec>,
     /// Handshake records.
     pub records: Vec<RecordSpec>,
+    /// Ring buffers of records.
+    pub rings: Vec<RingSpec>,
     /// Registers read in the same poll as the counters and stamped into
     /// their events: `work_order`, `material`, `lot`.
     pub context: Vec<FieldSpec>,
@@ -209,6 +213,12 @@ pub struct ModbusStats {
     pub records_acked: AtomicU64,
     /// Records kept as dead letters (a type code the map does not know).
     pub records_refused: AtomicU64,
+    /// Records taken from ring buffers.
+    pub ring_records: AtomicU64,
+    /// Records a PLC overwrote in a lapped ring before they were read.
+    pub records_overwritten: AtomicU64,
+    /// Rings whose indexes matched no stored position (new namespace).
+    pub ring_restarts: AtomicU64,
 }
 
 impl crate::source::SourceCounters for ModbusStats {
@@ -228,6 +238,9 @@ impl crate::source::SourceCounters for ModbusStats {
             ("events", &self.events),
             ("records_acked", &self.records_acked),
             ("records_refused", &self.records_refused),
+            ("ring_records", &self.ring_records),
+            ("records_overwritten", &self.records_overwritten),
+            ("ring_restarts", &self.ring_restarts),
         ]
         .into_iter()
         .map(|(kind, value)| (kind, value.load(Ordering::Relaxed)))
@@ -251,6 +264,8 @@ struct Position {
     counters: BTreeMap<String, CounterState>,
     #[serde(default)]
     records: BTreeMap<String, HandshakePosition>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    rings: BTreeMap<String, ring::RingPosition>,
 }
 
 impl crate::runtime::Position for Position {
@@ -261,7 +276,7 @@ impl crate::runtime::Position for Position {
             serde_json::from_slice::<BTreeMap<String, CounterState>>(bytes)
                 .map(|counters| Position {
                     counters,
-                    records: BTreeMap::new(),
+                    ..Position::default()
                 })
                 .map_err(|_| current.to_string())
         })
@@ -639,6 +654,7 @@ async fn poll(
             let next = Position {
                 counters: next_states,
                 records: position.get().records.clone(),
+                rings: position.get().rings.clone(),
             };
             const THEN: &str = "counting again next poll";
             // Handshakes are looked at right after the counters: with
@@ -654,7 +670,8 @@ async fn poll(
             }
         }
     }
-    drain_records(device, ctx, config, stats, position, acked, poll_started).await
+    drain_records(device, ctx, config, stats, position, acked, poll_started).await?;
+    ring::drain_rings(device, ctx, config, stats, position, poll_started).await
 }
 
 /// Work order, material and lot read in the same poll as the counter.
