@@ -572,3 +572,57 @@ fn a_journal_the_agent_cannot_open_stops_it_and_stays_where_it_is() {
     assert_eq!(std::fs::read(state2.join("journal")).expect("read"), b"x");
     assert!(moved_aside(&state2).is_empty());
 }
+
+#[test]
+fn the_readme_ring_buffer_example_validates_and_a_bad_ring_names_its_key() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README");
+    let block = readme
+        .split("```toml")
+        .skip(1)
+        .filter_map(|b| b.split("```").next())
+        .find(|b| b.contains(".rings]]"))
+        .expect("a ring buffer example in the README");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = write_config(dir.path(), &format!("{}\n{block}", base(dir.path())));
+    let out = run(&["validate", "-c", file.to_str().expect("utf8")]);
+    assert!(
+        out.status.success(),
+        "README ring example: {}",
+        stderr(&out)
+    );
+    let cases = [
+        ("slots = 256", "slots = 40000", "rings[0].slots", "1..32768"),
+        (
+            "read_index = \"holding:999\"",
+            "read_index = \"input:999\"",
+            "rings[0].read_index",
+            "a holding register the agent may write",
+        ),
+        (
+            "quantity = { address = \"holding:1003\"",
+            "quantity = { address = \"holding:1004\"",
+            "quantity.address",
+            "inside the first slot",
+        ),
+        (
+            "slots = 256",
+            "slots = 32000",
+            "rings[0]",
+            "addresses within 0..65535",
+        ),
+    ];
+    for (from, to, key, expected) in cases {
+        assert!(block.contains(from), "{from}");
+        let text = format!("{}\n{}", base(dir.path()), block.replace(from, to));
+        let file = write_config(dir.path(), &text);
+        let out = run(&["validate", "-c", file.to_str().expect("utf8")]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(78), "{to}: {err}");
+        assert!(err.contains(key) && err.contains(expected), "{to}: {err}");
+        assert!(
+            err.contains("plant-edge.toml") || err.contains(".toml"),
+            "names the file: {err}"
+        );
+    }
+}
