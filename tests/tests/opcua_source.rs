@@ -1591,3 +1591,81 @@ async fn a_sequence_shared_with_other_records_does_not_report_missed_records() {
     assert_eq!(run(false).await, 2, "own numbering: 2 and 4 were missed");
     mes.stop().await;
 }
+
+/// Established TCP connections this process's server side holds on `port`
+/// (from /proc/net/tcp: local port, state 01).
+fn established_on(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.len() > 3
+                && fields[1].rsplit(':').next() == Some(&format!("{port:04X}"))
+                && fields[3] == "01"
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sources_naming_one_server_and_identity_share_one_session() {
+    let (dir, other) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let mes = Mes::start(&options(dir.path())).await;
+    mes.set("Line1.Good", 100u32);
+    mes.set("Line1.Scrap", 7u16);
+    let pki = dir.path().join("pki");
+    let line1 = start(
+        dir.path(),
+        config(
+            connection(&mes, &pki),
+            vec![counter(&mes, "good", EventType::completion(), "Line1.Good")],
+            vec![],
+        ),
+    );
+    let line2 = start(
+        other.path(),
+        config(
+            connection(&mes, &pki),
+            vec![counter(&mes, "scrap", EventType::scrap(), "Line1.Scrap")],
+            vec![],
+        ),
+    );
+    line1.counted("good", 100).await;
+    line2.counted("scrap", 7).await;
+    mes.set("Line1.Good", 103u32);
+    mes.set("Line1.Scrap", 9u16);
+    line1.counted("good", 103).await;
+    line2.counted("scrap", 9).await;
+    let port = mes
+        .endpoint()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .expect("port");
+    assert_eq!(
+        established_on(port),
+        1,
+        "two sources, one server and identity: one connection"
+    );
+    // One line stops; the other keeps its subscription on the session.
+    line1.stop().await;
+    mes.set("Line1.Scrap", 12u16);
+    line2.counted("scrap", 12).await;
+    assert_eq!(
+        line2.stats.connects.load(Ordering::SeqCst),
+        1,
+        "the session stayed up"
+    );
+    let scrap: u64 = line2
+        .events()
+        .iter()
+        .map(|e| e["data"]["quantity"].as_u64().expect("quantity"))
+        .sum();
+    assert_eq!(scrap, 5, "2 + 3 parts, each once");
+    line2.stop().await;
+    mes.stop().await;
+}

@@ -27,6 +27,10 @@
 //! - Values older than the last one processed for the same node (a late
 //!   republish after a fresh read) are skipped, so they cannot look like a
 //!   counter reset.
+//! - Sources naming the same server and identity share one session
+//!   (`shared.rs`); each has its own subscription on it and serves one
+//!   session generation at a time: any reconnect is, for every source,
+//!   "subscribe again and read every node once".
 //! - Bad status codes are counted and make no event; a malformed record
 //!   (bad JSON, missing field, wrong type) is stored as a dead letter with
 //!   the reason, counted, and not acknowledged.
@@ -35,6 +39,7 @@ mod config;
 mod exchange;
 pub mod record;
 pub mod session;
+mod shared;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -288,75 +293,85 @@ enum Stop {
     Lost(String),
 }
 
-/// The OPC UA source task: connects, subscribes (or polls), reconnects
-/// with capped backoff, until shutdown.
+/// The OPC UA source task: subscribes (or polls) on the session it shares
+/// with every source naming the same server and identity, subscribes
+/// again after every reconnect, until shutdown.
 pub async fn run(ctx: SourceContext, config: OpcUaConfig, stats: Arc<OpcUaStats>) {
     let mut cursor = Positioned::<Cursor>::load(&ctx);
     let mut shutdown = ctx.shutdown.clone();
-    // First wait 500 ms (as the 250 ms × 2 of the first failure was).
+    let shared = shared::SharedSession::for_connection(&config.connection);
+    let mut state = shared.watch();
+    // A source's own trouble on a working session (its subscription
+    // refused, a read failing) is retried with its own backoff.
     let mut backoff =
         crate::pace::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
-    let mut outage = crate::pace::Outage::default();
-    let mut client = None;
+    let mut served_generation = None;
     loop {
         if *shutdown.borrow() {
             return;
         }
-        let result = async {
-            if client.is_none() {
-                client = Some(session::client(&config.connection)?);
+        let current = state.borrow_and_update().clone();
+        let (generation, session) = match current {
+            shared::LinkState::Up {
+                generation,
+                session,
+            } => (generation, session),
+            shared::LinkState::Connecting | shared::LinkState::Down { .. } => {
+                if let shared::LinkState::Down { reason } = &current {
+                    stats.connected.store(false, Ordering::SeqCst);
+                    tracing::debug!(source = %ctx.name, reason = %reason, "waiting for the OPC UA session");
+                }
+                tokio::select! {
+                    changed = state.changed() => if changed.is_err() { return },
+                    _ = shutdown.changed() => {}
+                }
+                continue;
             }
-            let Some(client) = client.as_mut() else {
-                return Err("no client".to_owned());
-            };
-            session::open(client, &config.connection).await
-        }
-        .await;
-        let stop = match result {
-            Ok((session, event_loop)) => {
-                let (link_tx, mut link_rx) = mpsc::channel(16);
-                let driver = session::drive(event_loop, link_tx);
-                let stop = match session::connected(&session, &mut link_rx, &config.connection)
-                    .await
-                {
-                    Ok(()) => {
-                        backoff.reset();
-                        stats.connects.fetch_add(1, Ordering::Relaxed);
-                        stats.connected.store(true, Ordering::SeqCst);
-                        match outage.recovered() {
-                            Some((lasted, failures)) => {
-                                tracing::info!(source = %ctx.name, endpoint = %config.connection.endpoint, after = %crate::pace::human(lasted), failed_attempts = failures, "OPC UA server back; everything is read once")
-                            }
-                            None => {
-                                tracing::info!(source = %ctx.name, endpoint = %config.connection.endpoint, policy = %config.connection.security_policy, mode = %config.connection.security_mode, "OPC UA session established")
-                            }
-                        }
-                        let stop =
-                            serve(&ctx, &config, &stats, &session, &mut link_rx, &mut cursor).await;
-                        stats.connected.store(false, Ordering::SeqCst);
-                        stop
-                    }
-                    Err(e) => Stop::Lost(e),
-                };
-                let _ = tokio::time::timeout(Duration::from_secs(2), session.disconnect()).await;
-                driver.abort();
-                stop
-            }
-            Err(e) => Stop::Lost(e),
         };
+        if served_generation != Some(generation) {
+            stats.connects.fetch_add(1, Ordering::Relaxed);
+            served_generation = Some(generation);
+        }
+        stats.connected.store(true, Ordering::SeqCst);
+        let (link_tx, mut link_rx) = mpsc::channel(16);
+        let watcher = shared::forward_end(shared.watch(), generation, link_tx);
+        let subscription = Arc::new(AtomicU64::new(0));
+        let stop = serve(
+            &ctx,
+            &config,
+            &stats,
+            &session,
+            &mut link_rx,
+            &mut cursor,
+            &subscription,
+        )
+        .await;
+        watcher.abort();
+        stats.connected.store(false, Ordering::SeqCst);
+        let still_up = matches!(&*state.borrow(), shared::LinkState::Up { generation: g, .. } if *g == generation);
+        let id = subscription.load(Ordering::SeqCst) as u32;
+        if still_up && id != 0 {
+            // The session stays for the other sources: take this source's
+            // subscription off it.
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), session.delete_subscription(id)).await;
+        }
         match stop {
             Stop::Shutdown => return,
             Stop::Lost(reason) => {
                 stats.connection_errors.fetch_add(1, Ordering::Relaxed);
-                let wait = backoff.next_wait();
-                if outage.failed() {
-                    tracing::warn!(source = %ctx.name, endpoint = %config.connection.endpoint, error = %reason, since = %outage.since_text(), "OPC UA SERVER UNREACHABLE: reconnecting with backoff");
+                if still_up {
+                    let wait = backoff.next_wait();
+                    tracing::warn!(source = %ctx.name, endpoint = %config.connection.endpoint, error = %reason, retry_in_ms = wait.as_millis() as u64, "OPC UA source stopped serving on a working session; subscribing again after a pause");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.changed() => {}
+                    }
                 } else {
-                    tracing::debug!(source = %ctx.name, error = %reason, retry_in_ms = wait.as_millis() as u64, "OPC UA server still unreachable");
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = shutdown.changed() => {}
+                    // The session owner logs the outage once for all its
+                    // sources and reconnects.
+                    tracing::debug!(source = %ctx.name, error = %reason, "session lost; waiting for the next one");
+                    backoff.reset();
                 }
             }
         }
@@ -412,6 +427,7 @@ async fn serve(
     session: &Session,
     link: &mut mpsc::Receiver<session::LinkEvent>,
     cursor: &mut Positioned<Cursor>,
+    subscription: &Arc<AtomicU64>,
 ) -> Stop {
     let items = watched(config);
     let mut served = Served {
@@ -463,7 +479,6 @@ async fn serve(
     };
     let mut shutdown = ctx.shutdown.clone();
     let overflow = Arc::new(AtomicBool::new(false));
-    let subscription = Arc::new(AtomicU64::new(0));
     let (tx, mut notices) = mpsc::channel(NOTICE_QUEUE);
     let poll_every = match &config.acquisition {
         Acquisition::Subscription {
