@@ -265,7 +265,7 @@ struct Position {
     #[serde(default)]
     records: BTreeMap<String, HandshakePosition>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    rings: BTreeMap<String, ring::RingPosition>,
+    rings: BTreeMap<String, crate::ring::RingPosition>,
 }
 
 impl crate::runtime::Position for Position {

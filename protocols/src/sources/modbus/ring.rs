@@ -10,27 +10,24 @@
 //!
 //! # Invariants
 //!
-//! - Record `k`'s identity is the ring's position: namespace of the stored
-//!   ring position plus the 64-bit count `k`, never the record's fields.
-//!   The same slot read again (a crash between storing and writing the
-//!   read index back) has the same id; the journal's position says which
-//!   records are already stored, so they are not stored twice.
+//! - Identity, release of records stored before a stop, restarted and
+//!   lapped rings: as [`crate::ring`] says, with 16-bit indexes.
 //! - New records are stored together with the ring's new position in one
 //!   durable write; only then is the read index written to the PLC. A
 //!   record is never released to the PLC before it is durable.
-//! - A lapped ring (write index more than `slots` ahead of the read index)
-//!   is counted (`records_overwritten`) and logged with how many records
-//!   the PLC overwrote; the readable ones are taken.
-//! - Indexes that match neither the stored position nor a read index this
-//!   agent stored but had not written back yet (the PLC's ring was
-//!   re-initialised) start a new namespace: a new fact never gets an old
-//!   id. Counted (`ring_restarts`) and logged.
+//! - A lapped ring is counted (`records_overwritten`) and logged with how
+//!   many records the PLC overwrote; a restarted one is counted
+//!   (`ring_restarts`) and logged.
 //! - A slot whose fields do not decode, or whose type code the map does
 //!   not know, is kept as a dead letter with the reason (it cannot stay in
 //!   the ring without holding every record behind it).
 
 use super::handshake::record_event_of;
 use super::*;
+use crate::ring::{look, RingPosition};
+
+/// A register's index counts modulo 2^16.
+const MODULUS: u64 = 1 << 16;
 
 /// Most records taken from one ring in one durable write.
 const MOST_PER_WRITE: u64 = 512;
@@ -60,22 +57,6 @@ pub struct RingSpec {
     pub type_from: Option<crate::source::TypeFromField>,
     /// Line, machine and attributes when not the source's.
     pub place: crate::source::Placement,
-}
-
-/// A ring's stored position.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RingPosition {
-    /// Drawn when the position was created; part of every record id.
-    namespace: uuid::Uuid,
-    /// Records taken so far (the read index, 64 bits wide).
-    next: u64,
-}
-
-impl RingPosition {
-    fn read_index(&self) -> u16 {
-        self.next as u16
-    }
 }
 
 fn ring_signal(config: &ModbusConfig, ring: &RingSpec) -> RecordSignal {
@@ -136,51 +117,36 @@ async fn take(
         return Ok(false);
     };
     let slots = u64::from(ring.slots);
-    let stored = position.get().rings.get(&ring.signal).cloned();
-    let mut at = match stored {
-        // First sight of this ring: what the PLC says was taken was taken
-        // before this agent (kept in memory until stored with a record).
-        None => RingPosition {
-            namespace: buffer::id::new_namespace(),
-            next: u64::from(read_back),
-        },
-        Some(at) => at,
-    };
-    let pending_in_plc = u64::from(written.wrapping_sub(read_back));
-    let stored_ahead = u64::from(at.read_index().wrapping_sub(read_back));
-    let mut restarted = false;
-    if at.read_index() != read_back {
-        if stored_ahead <= slots && stored_ahead <= pending_in_plc {
-            // Stored before a stop, not yet released to the PLC: the
-            // records are durable, release them now.
-            tracing::info!(source = %ctx.name, ring = %ring.signal, records = stored_ahead, "ring records stored before a stop are released to the PLC now");
-        } else {
-            stats.ring_restarts.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(source = %ctx.name, ring = %ring.signal, plc_read_index = read_back, plc_write_index = written, stored_read_index = at.read_index(), "RING RESTARTED: the PLC's indexes do not match the stored position (PLC restarted or ring re-initialised); its records get new ids");
-            at = RingPosition {
-                namespace: buffer::id::new_namespace(),
-                next: u64::from(read_back),
-            };
-            restarted = true;
-        }
+    let found = look(
+        position.get().rings.get(&ring.signal),
+        u64::from(written),
+        u64::from(read_back),
+        MODULUS,
+        slots,
+    );
+    if found.unreleased > 0 {
+        tracing::info!(source = %ctx.name, ring = %ring.signal, records = found.unreleased, "ring records stored before a stop are released to the PLC now");
     }
-    let mut pending = u64::from(written.wrapping_sub(at.read_index()));
-    if pending > slots {
-        let overwritten = pending - slots;
+    if found.restarted {
+        stats.ring_restarts.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(source = %ctx.name, ring = %ring.signal, plc_read_index = read_back, plc_write_index = written, "RING RESTARTED: the PLC's indexes do not match the stored position (PLC restarted or ring re-initialised); its records get new ids");
+    }
+    if found.overwritten > 0 {
+        let overwritten = found.overwritten;
         stats
             .records_overwritten
             .fetch_add(overwritten, Ordering::Relaxed);
         tracing::error!(source = %ctx.name, ring = %ring.signal, overwritten, slots = ring.slots, "RING LAPPED: the PLC overwrote {overwritten} records before they were read; the PLC must wait for the read index (or the ring needs more slots or a shorter poll_interval)");
-        at.next += overwritten;
-        pending = slots;
     }
+    let (at, pending) = (found.at, found.pending);
+    let device_index = |p: &RingPosition| p.device_index(MODULUS) as u16;
     if pending == 0 {
         // A new namespace is stored at once, so the restart is seen once.
-        if restarted && !store(ctx, stats, ring, position, Vec::new(), &at).await? {
+        if found.restarted && !store(ctx, stats, ring, position, Vec::new(), &at).await? {
             return Ok(false);
         }
-        if at.read_index() != read_back {
-            release(device, ctx, config, stats, ring, at.read_index()).await?;
+        if device_index(&at) != read_back {
+            release(device, ctx, config, stats, ring, device_index(&at)).await?;
         }
         return Ok(false);
     }
@@ -222,7 +188,7 @@ async fn take(
                 .map(|e| format!("quantity unusable: {e}"))
                 .or_else(|| signal.event_type_for(&values).err());
         }
-        let id = buffer::id::ring_record_id(&ctx.urn(), &ring.signal, at.namespace, index);
+        let id = at.id(&ctx.urn(), &ring.signal, index);
         let event = record_event_of(
             ctx,
             config,
@@ -285,7 +251,7 @@ async fn take(
     if (!posted.is_empty() || moved) && !store(ctx, stats, ring, position, posted, &end).await? {
         return Ok(false);
     }
-    release(device, ctx, config, stats, ring, end.read_index()).await?;
+    release(device, ctx, config, stats, ring, device_index(&end)).await?;
     Ok(pending > count)
 }
 
