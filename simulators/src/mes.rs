@@ -80,6 +80,9 @@ pub struct Mes {
 
 const NAMESPACE: &str = "urn:plant-edge:sim:mes:line1";
 
+/// Elements of the simulated ring buffer `Line1.Ring`.
+pub const RING_SLOTS: u16 = 16;
+
 impl Mes {
     /// Starts the server and its address space.
     pub async fn start(options: &MesOptions) -> Mes {
@@ -259,6 +262,73 @@ impl Mes {
             .expect("set MES counters");
     }
 
+    /// A variable's value as the address space holds it now.
+    fn value_of(&self, name: &str) -> Option<Variant> {
+        let space = self.manager.address_space().read();
+        match space.find(&NodeId::new(self.ns, name)) {
+            Some(opcua::nodes::NodeType::Variable(v)) => {
+                v.value(
+                    opcua::types::TimestampsToReturn::Neither,
+                    &opcua::types::NumericRange::None,
+                    &opcua::types::DataEncoding::Binary,
+                    0.0,
+                )
+                .value
+            }
+            _ => None,
+        }
+    }
+
+    /// The ring buffer's read index as the agent last wrote it.
+    pub fn ring_read_index(&self) -> u32 {
+        match self.value_of("Line1.RingRead") {
+            Some(Variant::UInt32(n)) => n,
+            _ => 0,
+        }
+    }
+
+    /// Puts `records` (JSON texts) into the ring as an MES does: element
+    /// `k mod RING_SLOTS`, then the write index. With `waits`, only as many
+    /// as the agent released room for; returns how many went in.
+    pub fn ring_push(&self, records: &[String], waits: bool) -> usize {
+        let empty = || vec![opcua::types::UAString::from(""); RING_SLOTS as usize];
+        let mut written = match self.value_of("Line1.RingWrite") {
+            Some(Variant::UInt32(n)) => n,
+            _ => 0,
+        };
+        let mut elements: Vec<opcua::types::UAString> = match self.value_of("Line1.Ring") {
+            Some(Variant::Array(a)) => a
+                .values
+                .into_iter()
+                .map(|v| match v {
+                    Variant::String(s) => s,
+                    _ => opcua::types::UAString::from(""),
+                })
+                .collect(),
+            _ => empty(),
+        };
+        let read = self.ring_read_index();
+        let mut put = 0;
+        for record in records {
+            if waits && written.wrapping_sub(read) >= u32::from(RING_SLOTS) {
+                break;
+            }
+            elements[(written % u32::from(RING_SLOTS)) as usize] = record.as_str().into();
+            written = written.wrapping_add(1);
+            put += 1;
+        }
+        // The slots first, then the index that announces them.
+        self.set("Line1.Ring", Variant::from(elements));
+        self.set("Line1.RingWrite", written);
+        put
+    }
+
+    /// Sets the ring's indexes (an MES restarting its ring).
+    pub fn ring_reset(&self) {
+        self.set("Line1.RingWrite", 0u32);
+        self.set("Line1.RingRead", 0u32);
+    }
+
     /// Sets a variable with a bad status (no value).
     pub fn set_bad(&self, name: &str) {
         let id = NodeId::new(self.ns, name);
@@ -334,6 +404,17 @@ fn build_address_space(manager: &Arc<SimpleNodeManager>, ns: u16, acks: &Arc<Mut
                     Variant::String("".into()),
                 ),
                 variable("Line1.Qty", DataTypeId::Double, Variant::Double(0.0)),
+                // A ring buffer of JSON records (RING_SLOTS elements) with
+                // its write index (the MES's) and read index (the agent's).
+                VariableBuilder::new(&id("Line1.Ring"), "Line1.Ring", "Line1.Ring")
+                    .data_type(DataTypeId::String)
+                    .value_rank(1)
+                    .array_dimensions(&[u32::from(RING_SLOTS)])
+                    .value(vec![opcua::types::UAString::from(""); RING_SLOTS as usize])
+                    .writable()
+                    .build(),
+                variable("Line1.RingWrite", DataTypeId::UInt32, Variant::UInt32(0)),
+                variable("Line1.RingRead", DataTypeId::UInt32, Variant::UInt32(0)),
             ],
             &line,
         );

@@ -108,6 +108,7 @@ fn config(
         machine: "filler1".into(),
         counters,
         records,
+        rings: vec![],
     }
 }
 
@@ -1667,5 +1668,131 @@ async fn sources_naming_one_server_and_identity_share_one_session() {
         .sum();
     assert_eq!(scrap, 5, "2 + 3 parts, each once");
     line2.stop().await;
+    mes.stop().await;
+}
+
+fn ring(mes: &Mes) -> protocols::sources::opcua::NodeRing {
+    protocols::sources::opcua::NodeRing {
+        signal: "completions".into(),
+        event_type: EventType::completion(),
+        array: mes.node("Line1.Ring").parse().expect("node id"),
+        write_index: mes.node("Line1.RingWrite").parse().expect("node id"),
+        read_index: mes.node("Line1.RingRead").parse().expect("node id"),
+        slots: u32::from(plant_edge_tests::mes::RING_SLOTS),
+        fields: json_fields(),
+        unit: "EA".into(),
+        type_from: None,
+        place: Default::default(),
+    }
+}
+
+fn ring_config(mes: &Mes, pki: &Path) -> OpcUaConfig {
+    let mut config = config(connection(mes, pki), vec![], vec![]);
+    config.rings = vec![ring(mes)];
+    config
+}
+
+async fn ring_released_up_to(mes: &Mes, index: u32) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while mes.ring_read_index() != index {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "read index {} never reached {index}",
+            mes.ring_read_index()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn sequences_of(rig: &Rig) -> Vec<u64> {
+    rig.events()
+        .iter()
+        .map(|e| {
+            e["sequence"]
+                .as_str()
+                .expect("sequence")
+                .parse()
+                .expect("number")
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mes_ring_buffer_is_taken_in_order_once_and_released_only_when_durable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mes = Mes::start(&options(dir.path())).await;
+    let rig = start(dir.path(), ring_config(&mes, &dir.path().join("pki")));
+    // 100 records into 16 slots: the MES waits for the read index.
+    let records: Vec<String> = (1..=100).map(|seq| record_json(seq, "WO-7", 1.0)).collect();
+    let mut sent = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while sent < records.len() {
+        sent += mes.ring_push(&records[sent..], true);
+        // Released only what is durable.
+        let released = mes.ring_read_index() as usize;
+        assert!(
+            rig.events().len() >= released,
+            "read index {released} ahead of the journal"
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the ring stalled at {sent}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    ring_released_up_to(&mes, 100).await;
+    assert_eq!(
+        sequences_of(&rig),
+        (1..=100).collect::<Vec<_>>(),
+        "each record once, in order"
+    );
+    let ids: std::collections::BTreeSet<String> = rig
+        .events()
+        .iter()
+        .map(|e| e["id"].as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(ids.len(), 100);
+    assert_eq!(rig.stats.ring_records.load(Ordering::SeqCst), 100);
+    assert_eq!(rig.stats.records_overwritten.load(Ordering::SeqCst), 0);
+    // A restart reads the ring again and takes nothing twice.
+    let journal = rig.stop().await;
+    drop(journal);
+    let rig = start(dir.path(), ring_config(&mes, &dir.path().join("pki")));
+    mes.ring_push(&[record_json(101, "WO-7", 1.0)], true);
+    ring_released_up_to(&mes, 101).await;
+    assert_eq!(sequences_of(&rig), (1..=101).collect::<Vec<_>>());
+    rig.stop().await;
+    mes.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lapped_mes_ring_is_counted_and_a_malformed_element_is_a_dead_letter() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mes = Mes::start(&options(dir.path())).await;
+    // 40 records into 16 slots before the agent looks (an MES that does
+    // not wait): 24 overwritten; record 30 is not JSON.
+    let records: Vec<String> = (1..=40)
+        .map(|seq| {
+            if seq == 30 {
+                "not json".to_owned()
+            } else {
+                record_json(seq, "WO-8", 2.0)
+            }
+        })
+        .collect();
+    assert_eq!(mes.ring_push(&records, false), 40);
+    let rig = start(dir.path(), ring_config(&mes, &dir.path().join("pki")));
+    ring_released_up_to(&mes, 40).await;
+    assert_eq!(rig.stats.records_overwritten.load(Ordering::SeqCst), 24);
+    let expected: Vec<u64> = (25..=40).filter(|s| *s != 30).collect();
+    assert_eq!(sequences_of(&rig), expected);
+    let dead = rig.journal.dead_letters().expect("dead letters");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(
+        format!("{:?}", dead[0]).contains("not JSON"),
+        "{:?}",
+        dead[0]
+    );
+    rig.stop().await;
     mes.stop().await;
 }

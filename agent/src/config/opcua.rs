@@ -105,6 +105,36 @@ pub(super) struct RawOpcUa {
     counters: Vec<RawNodeCounter>,
     #[serde(default)]
     records: Vec<RawNodeRecord>,
+    #[serde(default)]
+    rings: Vec<RawNodeRing>,
+}
+
+/// A ring buffer of JSON records (see `sources/opcua/ring.rs`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawNodeRing {
+    #[serde(default)]
+    line: Option<String>,
+    #[serde(default)]
+    machine: Option<String>,
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
+    signal: String,
+    #[serde(rename = "type", default)]
+    event_type: Option<String>,
+    #[serde(default)]
+    type_from: Option<RawTypeFrom>,
+    #[serde(default)]
+    reasons: BTreeMap<String, String>,
+    array: String,
+    write_index: String,
+    read_index: String,
+    slots: u32,
+    fields: BTreeMap<String, String>,
+    #[serde(default)]
+    optional: Vec<String>,
+    #[serde(default = "default_unit_of_measure")]
+    unit: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -581,10 +611,74 @@ pub(super) fn check_opcua(
             sequence_shared,
         });
     }
-    if counters.is_empty() && records.is_empty() {
+    let mut rings = Vec::new();
+    for (i, r) in m.rings.into_iter().enumerate() {
+        let rkey = format!("rings[{i}]");
+        if !valid_name(&r.signal) || !signals.insert(r.signal.clone()) {
+            return Err(err(
+                format!("{rkey}.signal"),
+                "a unique name of 1-64 letters, digits, '-' or '_'".into(),
+            ));
+        }
+        let array = check_node(&r.array).map_err(|e| err(format!("{rkey}.array"), e))?;
+        let write_index =
+            check_node(&r.write_index).map_err(|e| err(format!("{rkey}.write_index"), e))?;
+        let read_index =
+            check_node(&r.read_index).map_err(|e| err(format!("{rkey}.read_index"), e))?;
+        if r.slots == 0 || r.slots > 100_000 {
+            return Err(err(
+                format!("{rkey}.slots"),
+                format!("1..100000 elements, found {}", r.slots),
+            ));
+        }
+        if r.fields.is_empty() {
+            return Err(err(format!("{rkey}.fields"), "at least one field".into()));
+        }
+        if let Some(name) = r.optional.iter().find(|n| !r.fields.contains_key(*n)) {
+            return Err(err(
+                format!("{rkey}.optional"),
+                format!("names of fields, found {name:?}"),
+            ));
+        }
+        let mut fields = Vec::new();
+        for (name, pointer) in &r.fields {
+            if !pointer.starts_with('/') {
+                return Err(err(
+                    format!("{rkey}.fields.{name}"),
+                    format!("a JSON pointer into the record like \"/order/id\", found {pointer:?}"),
+                ));
+            }
+            fields.push(JsonField {
+                name: name.clone(),
+                pointer: pointer.clone(),
+                required: !r.optional.contains(name),
+            });
+        }
+        let (event_type, type_from) =
+            record_type(r.event_type, r.type_from, |f| r.fields.contains_key(f))
+                .map_err(|(sub, why)| err(format!("{rkey}.{sub}"), why))?;
+        let reasons = record_reasons(r.reasons, r.fields.contains_key("reason_code"))
+            .map_err(|(sub, why)| err(format!("{rkey}.{sub}"), why))?;
+        rings.push(protocols::sources::opcua::NodeRing {
+            signal: r.signal,
+            event_type,
+            array,
+            write_index,
+            read_index,
+            slots: r.slots,
+            fields,
+            unit: r.unit,
+            type_from,
+            place: protocols::source::Placement {
+                reasons,
+                ..placement(r.line, r.machine, r.attributes)
+            },
+        });
+    }
+    if counters.is_empty() && records.is_empty() && rings.is_empty() {
         return Err(err(
             "counters".into(),
-            "at least one counter or record".into(),
+            "at least one counter, record or ring".into(),
         ));
     }
     Ok(OpcUaConfig {
@@ -603,6 +697,7 @@ pub(super) fn check_opcua(
         machine: m.machine,
         counters,
         records,
+        rings,
     })
 }
 
@@ -732,6 +827,39 @@ mod tests {
         ];
         for (from, to, key) in cases {
             let text = format!("{MINIMAL}{}", OPCUA.replacen(from, to, 1));
+            let e = parse(&text).expect_err(key);
+            assert_eq!(e.key, key, "{e}");
+        }
+    }
+
+    #[test]
+    fn an_opcua_ring_is_checked_and_mistakes_name_their_key() {
+        let ring = "\n[[sources.mes1.rings]]\nsignal = \"ring\"\ntype = \"production.completion\"\narray = \"ns=2;s=Line1.Ring\"\nwrite_index = \"ns=2;s=Line1.RingWrite\"\nread_index = \"ns=2;s=Line1.RingRead\"\nslots = 64\nfields = { sequence = \"/seq\", quantity = \"/qty\" }\n";
+        let config = parse(&format!("{MINIMAL}{OPCUA}{ring}")).expect("valid ring");
+        let SourceKind::OpcUa(source) = &config.sources[0].kind else {
+            panic!("opcua source expected");
+        };
+        assert_eq!(source.rings[0].slots, 64);
+        assert_eq!(source.rings[0].fields.len(), 2);
+        for (from, to, key) in [
+            ("slots = 64", "slots = 0", "sources.mes1.rings[0].slots"),
+            (
+                "\"/qty\"",
+                "\"qty\"",
+                "sources.mes1.rings[0].fields.quantity",
+            ),
+            (
+                "\"ns=2;s=Line1.RingRead\"",
+                "\"RingRead\"",
+                "sources.mes1.rings[0].read_index",
+            ),
+            (
+                "signal = \"ring\"",
+                "signal = \"completion\"",
+                "sources.mes1.rings[0].signal",
+            ),
+        ] {
+            let text = format!("{MINIMAL}{OPCUA}{}", ring.replacen(from, to, 1));
             let e = parse(&text).expect_err(key);
             assert_eq!(e.key, key, "{e}");
         }

@@ -143,6 +143,35 @@ pub struct NodeRecord {
     pub sequence_shared: bool,
 }
 
+/// A ring buffer of records in the MES or PLC: a String array node of
+/// `slots` JSON records, a UInt32 write index the server advances after
+/// filling a slot and a UInt32 read index the agent writes back once the
+/// records before it are durable (free-running counts modulo 2^32; record
+/// `k` is in element `k mod slots`).
+#[derive(Clone, Debug)]
+pub struct NodeRing {
+    /// Signal name (part of every id).
+    pub signal: String,
+    /// Event type (unless `type_from` says).
+    pub event_type: EventType,
+    /// The String array node.
+    pub array: NodeId,
+    /// The write index node (watched).
+    pub write_index: NodeId,
+    /// The read index node (written by the agent).
+    pub read_index: NodeId,
+    /// Elements of the array.
+    pub slots: u32,
+    /// Fields of each JSON record.
+    pub fields: Vec<JsonField>,
+    /// Unit of `quantity`.
+    pub unit: String,
+    /// Event type from a field's code (overrides `event_type`).
+    pub type_from: Option<crate::source::TypeFromField>,
+    /// Line, machine and attributes when not the source's.
+    pub place: crate::source::Placement,
+}
+
 /// One OPC UA server.
 #[derive(Clone, Debug)]
 pub struct OpcUaConfig {
@@ -158,6 +187,8 @@ pub struct OpcUaConfig {
     pub counters: Vec<NodeCounter>,
     /// Record nodes.
     pub records: Vec<NodeRecord>,
+    /// Ring buffers of records.
+    pub rings: Vec<NodeRing>,
 }
 
 /// The OPC UA type names an acknowledgement may be written as.

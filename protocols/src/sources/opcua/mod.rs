@@ -38,6 +38,7 @@
 mod config;
 mod exchange;
 pub mod record;
+mod ring;
 pub mod session;
 mod shared;
 
@@ -102,8 +103,14 @@ pub struct OpcUaStats {
     pub events: AtomicU64,
     /// Records acknowledged to the MES.
     pub records_acked: AtomicU64,
-    /// Acknowledgements the server refused.
+    /// Acknowledgements (and ring read indexes) the server refused.
     pub ack_failures: AtomicU64,
+    /// Records taken from ring buffers.
+    pub ring_records: AtomicU64,
+    /// Records the server overwrote in a lapped ring before they were read.
+    pub records_overwritten: AtomicU64,
+    /// Rings whose indexes matched no stored position (new namespace).
+    pub ring_restarts: AtomicU64,
 }
 
 impl crate::source::SourceCounters for OpcUaStats {
@@ -127,6 +134,9 @@ impl crate::source::SourceCounters for OpcUaStats {
             ("events", &self.events),
             ("records_acked", &self.records_acked),
             ("ack_failures", &self.ack_failures),
+            ("ring_records", &self.ring_records),
+            ("records_overwritten", &self.records_overwritten),
+            ("ring_restarts", &self.ring_restarts),
         ]
         .into_iter()
         .map(|(kind, value)| (kind, value.load(Ordering::Relaxed)))
@@ -145,6 +155,9 @@ struct Cursor {
     /// Exchanges of records with an acknowledgement, by signal.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     handshakes: BTreeMap<String, HandshakePosition>,
+    /// Ring buffer positions, by signal.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    rings: BTreeMap<String, crate::ring::RingPosition>,
 }
 
 impl crate::runtime::Position for Cursor {
@@ -168,6 +181,8 @@ struct RecordMark {
 enum Item {
     Counter(usize),
     Record(usize),
+    /// A ring buffer's write index.
+    RingIndex(usize),
 }
 
 /// From the subscription callback to the source task.
@@ -272,6 +287,8 @@ struct Pending {
     events: Vec<CloudEvent>,
     next: Option<Cursor>,
     acks: Vec<AckDue>,
+    /// Ring read indexes to write once the batch is durable.
+    releases: Vec<ring::Release>,
 }
 
 /// An acknowledgement to send once its record is durable.
@@ -392,6 +409,13 @@ fn watched(config: &OpcUaConfig) -> Vec<(NodeId, Item)> {
                 .enumerate()
                 .map(|(i, r)| (r.trigger.clone(), Item::Record(i))),
         )
+        .chain(
+            config
+                .rings
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (r.write_index.clone(), Item::RingIndex(i))),
+        )
         .collect()
 }
 
@@ -406,6 +430,7 @@ struct Served<'a> {
     counter_signals: Vec<CounterSignal>,
     /// One per configured record.
     record_signals: Vec<RecordSignal>,
+    ring_signals: Vec<RecordSignal>,
     /// Newest timestamp processed per item (ticks), against stale values.
     newest: Vec<i64>,
     /// Record ids acknowledged during this session.
@@ -468,6 +493,21 @@ async fn serve(
                 attributes: spec.place.attributes.clone(),
                 reasons: spec.place.reasons.clone(),
                 key: spec.key.clone(),
+                type_from: spec.type_from.clone(),
+            })
+            .collect(),
+        ring_signals: config
+            .rings
+            .iter()
+            .map(|spec| RecordSignal {
+                name: spec.signal.clone(),
+                event_type: spec.event_type.clone(),
+                unit: spec.unit.clone(),
+                line: spec.place.line_or(&config.line),
+                machine: spec.place.machine_or(&config.machine),
+                attributes: spec.place.attributes.clone(),
+                reasons: spec.place.reasons.clone(),
+                key: Vec::new(),
                 type_from: spec.type_from.clone(),
             })
             .collect(),
@@ -752,6 +792,7 @@ impl Served<'_> {
         match item {
             Item::Counter(i) => self.on_counter(i, &node, value).await,
             Item::Record(i) => self.on_record(i, &node, value).await,
+            Item::RingIndex(i) => self.on_ring(i, &node, value).await,
         }
     }
 
@@ -805,8 +846,9 @@ impl Served<'_> {
                     .map(|e| self.ctx.new_event(e))
                     .collect();
                 const THEN: &str = "the values are taken again on the next reading";
-                // The MES waits only for records with an acknowledgement.
-                let stored = if pending.acks.is_empty() {
+                // The MES waits only for records with an acknowledgement
+                // and for rings' read indexes.
+                let stored = if pending.acks.is_empty() && pending.releases.is_empty() {
                     self.cursor
                         .store_batched(self.ctx, events, next, THEN)
                         .await
@@ -825,6 +867,7 @@ impl Served<'_> {
         for due in pending.acks {
             self.send_ack(due).await;
         }
+        self.release_rings(pending.releases).await;
         Ok(())
     }
 
