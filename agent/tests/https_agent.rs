@@ -336,3 +336,51 @@ async fn an_erp_outage_is_one_log_line_when_it_starts_and_one_when_it_ends() {
         "not one line per retry:\n{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_failed_deliveries_followed_by_success_are_counted_not_logged_as_an_outage() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = plant_edge_tests::pki::generate(dir.path(), "erp");
+    let erp = Erp::start(&pki.server_cert, &pki.server_key).await;
+    let state = dir.path().join("state");
+    let port = free_port();
+    let sink = format!(
+        "[sinks.erp]\nkind = \"https\"\nurl = \"{}\"\nca_file = \"{}\"\n\n[forwarder]\nretry_initial = \"50ms\"\nretry_max = \"200ms\"\n",
+        erp.url(),
+        pki.ca.display()
+    );
+    let text = with_metrics(&pipeline_config_with_sinks(&state, "20ms", &sink), port);
+    let file = write_config(dir.path(), &text);
+    let log_path = dir.path().join("agent.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut child = bin()
+        .args(["run", "-c", file.to_str().expect("utf8")])
+        .env_remove("RUST_LOG")
+        .stderr(log)
+        .spawn()
+        .expect("spawn");
+    wait_for_posted(&erp, 5).await;
+    // An ERP that drops a request now and then (one 503, then fine).
+    for _ in 0..10 {
+        erp.state
+            .script
+            .lock()
+            .expect("script")
+            .push_back(Scripted::Status(503));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let retries =
+        wait_for_metric(port, "plant_edge_sink_retries{sink=\"erp\"}", |n| n >= 5.0).await;
+    let posted = erp.state.posted.lock().expect("posted").len();
+    wait_for_posted(&erp, posted + 5).await;
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    assert_eq!(child.wait().expect("wait").code(), Some(0));
+    let log = std::fs::read_to_string(&log_path).expect("log");
+    let count = |text: &str| log.lines().filter(|l| l.contains(text)).count();
+    assert_eq!(
+        count("SINK DOWN"),
+        0,
+        "{retries} single failures are no outage:\n{log}"
+    );
+    assert_eq!(count("sink back"), 0, "nor is their end:\n{log}");
+}
