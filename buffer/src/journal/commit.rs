@@ -126,6 +126,11 @@ impl Job {
     }
 }
 
+
+/// How long a batched append that finds the window over waits for the
+/// appends of the same poll tick (other sources on one device).
+const TICK_GATHER: Duration = Duration::from_millis(2);
+
 /// Handle sources use to append; cheap to clone. Dropping every clone stops
 /// the writer once it has committed what it holds.
 #[derive(Clone)]
@@ -352,6 +357,24 @@ impl Journal {
                         Err(e) => tracing::error!(error = %e, "journal expiry task failed"),
                     }
                     continue;
+                }
+            }
+            // Sources polling on one tick append within a millisecond or
+            // two of each other: a batched append that would commit at once
+            // waits that long for them, so one commit (one sync) takes them
+            // all instead of the first going alone and the rest waiting a
+            // whole window.
+            let window_over = last_commit.is_none_or(|t| t.elapsed() >= window);
+            if !window.is_zero() && window_over {
+                let until = tokio::time::Instant::now() + TICK_GATHER.min(window);
+                while !jobs.iter().any(|j| j.urgent) {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(until) => break,
+                        job = rx.recv() => match job {
+                            Some(job) => jobs.push(job),
+                            None => break,
+                        },
+                    }
                 }
             }
             // At most one commit per window, unless a device waits on an
