@@ -478,8 +478,7 @@ pub async fn run(ctx: SourceContext, config: ModbusConfig, stats: Arc<ModbusStat
     let mut bridged = false;
     // Record signals whose pending record this process acknowledged.
     let mut acked: BTreeMap<String, bool> = BTreeMap::new();
-    let phase = config.endpoint.to_string();
-    let mut ticks = crate::schedule::Ticks::aligned(config.poll_interval, &phase, &stats.schedule);
+    let mut ticks = crate::schedule::Ticks::aligned(config.poll_interval, &stats.schedule);
     loop {
         tokio::select! {
             _ = ticks.tick(&stats.schedule) => {}
