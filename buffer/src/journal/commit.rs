@@ -126,7 +126,6 @@ impl Job {
     }
 }
 
-
 /// How long a batched append that finds the window over waits for the
 /// appends of the same poll tick (other sources on one device).
 const TICK_GATHER: Duration = Duration::from_millis(2);
