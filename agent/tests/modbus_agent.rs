@@ -322,3 +322,73 @@ async fn a_plc_too_slow_for_the_schedule_is_said_once_and_shown_configured_vs_ac
     assert_eq!(lines.len(), 1, "one line, not one per tick:\n{log}");
     assert!(lines[0].contains("want 50 polls/s"), "{}", lines[0]);
 }
+
+/// Runs the agent against a PLC port nobody listens on until its log
+/// holds a warning; returns the log.
+async fn log_of_unreachable_plc(journal_stream: bool) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let closed = free_port();
+    let text = with_metrics(&modbus_config(&state, closed), free_port());
+    let file = write_config(dir.path(), &text);
+    let log_path = dir.path().join("agent.log");
+    let mut command = common::bin();
+    command
+        .args(["run", "-c", file.to_str().expect("utf8")])
+        .env_remove("RUST_LOG")
+        .env_remove("JOURNAL_STREAM")
+        .stderr(std::fs::File::create(&log_path).expect("log"));
+    if journal_stream {
+        command.env("JOURNAL_STREAM", "8:12345");
+    }
+    let mut child = command.spawn().expect("spawn");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let log = loop {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if log.contains("PLC UNREACHABLE") {
+            break log;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no warning logged:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    child.wait().expect("wait");
+    log
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_journald_each_line_carries_its_priority_and_no_second_timestamp() {
+    let log = log_of_unreachable_plc(true).await;
+    let warning = log
+        .lines()
+        .find(|l| l.contains("PLC UNREACHABLE"))
+        .expect("the warning");
+    assert!(
+        warning.starts_with("<4>"),
+        "a warning is priority 4: {warning}"
+    );
+    assert!(
+        log.lines().any(|l| l.starts_with("<6>")),
+        "info lines are priority 6:\n{log}"
+    );
+    assert!(
+        log.lines().all(|l| l.starts_with('<')
+            && !l
+                .get(3..)
+                .unwrap_or_default()
+                .trim_start()
+                .starts_with("20")),
+        "every line has a priority and no time of its own:\n{log}"
+    );
+    // Without journald: the time stays, no priority prefix.
+    let plain = log_of_unreachable_plc(false).await;
+    assert!(
+        plain
+            .lines()
+            .all(|l| !l.starts_with('<') && l.trim_start().starts_with("20")),
+        "no prefixes outside journald, and the time first:\n{plain}"
+    );
+}
