@@ -22,6 +22,33 @@ async fn wait_for_posted(erp: &Erp, n: usize) {
     }
 }
 
+/// Runs the agent with a simulated line and `erp` as its HTTPS sink (fast
+/// retries), stderr to a log file: (metrics port, log path, process).
+fn run_logged_against(
+    erp: &Erp,
+    ca: &std::path::Path,
+    dir: &std::path::Path,
+) -> (u16, std::path::PathBuf, std::process::Child) {
+    let state = dir.join("state");
+    let port = free_port();
+    let sink = format!(
+        "[sinks.erp]\nkind = \"https\"\nurl = \"{}\"\nca_file = \"{}\"\n\n[forwarder]\nretry_initial = \"50ms\"\nretry_max = \"200ms\"\n",
+        erp.url(),
+        ca.display()
+    );
+    let text = with_metrics(&pipeline_config_with_sinks(&state, "20ms", &sink), port);
+    let file = write_config(dir, &text);
+    let log_path = dir.join("agent.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let child = bin()
+        .args(["run", "-c", file.to_str().expect("utf8")])
+        .env_remove("RUST_LOG")
+        .stderr(log)
+        .spawn()
+        .expect("spawn");
+    (port, log_path, child)
+}
+
 /// Waits until the distinct events the ERP took carry more than `parts`
 /// parts: a count of posts would also count events sent again after a
 /// kill, and how many parts an event carries depends on the commit window.
@@ -297,23 +324,7 @@ async fn an_erp_outage_is_one_log_line_when_it_starts_and_one_when_it_ends() {
     let erp = Erp::start(&pki.server_cert, &pki.server_key).await;
     // 503: the ERP is down for maintenance (retried, not held).
     *erp.state.refuse_all.lock().expect("state") = Some(503);
-    let state = dir.path().join("state");
-    let port = free_port();
-    let sink = format!(
-        "[sinks.erp]\nkind = \"https\"\nurl = \"{}\"\nca_file = \"{}\"\n\n[forwarder]\nretry_initial = \"50ms\"\nretry_max = \"200ms\"\n",
-        erp.url(),
-        pki.ca.display()
-    );
-    let text = with_metrics(&pipeline_config_with_sinks(&state, "20ms", &sink), port);
-    let file = write_config(dir.path(), &text);
-    let log_path = dir.path().join("agent.log");
-    let log = std::fs::File::create(&log_path).expect("log file");
-    let mut child = bin()
-        .args(["run", "-c", file.to_str().expect("utf8")])
-        .env_remove("RUST_LOG")
-        .stderr(log)
-        .spawn()
-        .expect("spawn");
+    let (port, log_path, mut child) = run_logged_against(&erp, &pki.ca, dir.path());
     // Many retries during the outage...
     wait_for_metric(port, "plant_edge_sink_retries{sink=\"erp\"}", |n| n >= 10.0).await;
     // ...then the ERP is back and the backlog drains.
@@ -342,23 +353,7 @@ async fn single_failed_deliveries_followed_by_success_are_counted_not_logged_as_
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = plant_edge_tests::pki::generate(dir.path(), "erp");
     let erp = Erp::start(&pki.server_cert, &pki.server_key).await;
-    let state = dir.path().join("state");
-    let port = free_port();
-    let sink = format!(
-        "[sinks.erp]\nkind = \"https\"\nurl = \"{}\"\nca_file = \"{}\"\n\n[forwarder]\nretry_initial = \"50ms\"\nretry_max = \"200ms\"\n",
-        erp.url(),
-        pki.ca.display()
-    );
-    let text = with_metrics(&pipeline_config_with_sinks(&state, "20ms", &sink), port);
-    let file = write_config(dir.path(), &text);
-    let log_path = dir.path().join("agent.log");
-    let log = std::fs::File::create(&log_path).expect("log file");
-    let mut child = bin()
-        .args(["run", "-c", file.to_str().expect("utf8")])
-        .env_remove("RUST_LOG")
-        .stderr(log)
-        .spawn()
-        .expect("spawn");
+    let (port, log_path, mut child) = run_logged_against(&erp, &pki.ca, dir.path());
     wait_for_posted(&erp, 5).await;
     // An ERP that drops a request now and then (one 503, then fine).
     for _ in 0..10 {
@@ -367,7 +362,17 @@ async fn single_failed_deliveries_followed_by_success_are_counted_not_logged_as_
             .lock()
             .expect("script")
             .push_back(Scripted::Status(503));
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Answered, then a delivery goes through before the next failure.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !erp.state.script.lock().expect("script").is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the 503 was never asked for"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let posted = erp.state.posted.lock().expect("posted").len();
+        wait_for_posted(&erp, posted + 1).await;
     }
     let retries =
         wait_for_metric(port, "plant_edge_sink_retries{sink=\"erp\"}", |n| n >= 5.0).await;

@@ -452,25 +452,7 @@ async fn a_full_journal_holds_the_record_at_the_plc_until_space_frees() {
     let plc = Plc::start().await;
     let rig = start(device(plc.addr, vec![], vec![record_spec()]), Some(3_000));
     // Fill the journal with business events so the record cannot fit.
-    let routes = rig.journal.routes_all();
-    let mut n = 0u128;
-    while rig
-        .journal
-        .append_blocking(buffer::AppendRequest {
-            source: "filler".into(),
-            events: vec![buffer::NewEvent {
-                id: uuid::Uuid::from_u128(n + 1_000_000),
-                class: buffer::EventClass::Business,
-                routes,
-                payload: vec![b'{'; 400].into_iter().chain(*b"}").collect(),
-            }],
-            cursor: None,
-        })
-        .expect("append")
-        .is_some()
-    {
-        n += 1;
-    }
+    fill(&rig.journal);
     {
         let mut m = plc.mem();
         m.holding.insert(100, 1);
@@ -1119,6 +1101,15 @@ async fn lines_behind_one_plc_address_share_one_connection_and_carry_their_own_l
     second.stop().await;
 }
 
+/// Waits until `holds` is true (checked every 10 ms, at most 10 s).
+async fn until(what: &str, holds: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !holds() {
+        assert!(std::time::Instant::now() < deadline, "never saw {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Fills `journal` with business events until it refuses more.
 fn fill(journal: &Journal) {
     let routes = journal.routes_all();
@@ -1155,15 +1146,10 @@ async fn a_source_waiting_for_its_journal_does_not_hold_up_other_sources_on_the_
         m.holding.insert(109, 1);
         m.coils.insert(0, true);
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while held.stats.bad_values.load(Ordering::Relaxed) == 0 && !held.journal.is_full() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the journal never filled"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    until("line 1's record held for space", || {
+        held.journal.stats().counters.backpressured > 0
+    })
+    .await;
     // Line 2 on the same PLC address (same connection) keeps counting.
     plc.mem().holding.insert(50, 100);
     let counting = start(
@@ -1241,12 +1227,13 @@ async fn twenty_lines_on_one_plc_are_read_with_merged_requests_each_on_its_sched
     for rig in &rigs {
         rig.counted_up_to("good", 5).await;
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let polls = rigs
-        .iter()
-        .map(|r| r.stats.polls.load(Ordering::Relaxed))
-        .sum::<u64>()
-        - polls;
+    let polled = || {
+        rigs.iter()
+            .map(|r| r.stats.polls.load(Ordering::Relaxed))
+            .sum::<u64>()
+    };
+    until("100 more polls", || polled() >= polls + 100).await;
+    let polls = polled() - polls;
     let reads = plc.mem().reads - reads;
     // One request per source and poll unmerged; 20 lines × 10 registers
     // apart fit in two merged requests (125 registers each).
@@ -1478,12 +1465,11 @@ async fn ring_records_stored_but_not_released_before_a_stop_are_released_after_w
     // stays at 0 (as after a stop between storing and writing it back).
     plc.mem().refuse_writes = true;
     let rig = start(ring_device(&plc, &program), None);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while rig.events().len() < 10 {
-        assert!(std::time::Instant::now() < deadline, "records not stored");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    until("10 records stored", || rig.events().len() >= 10).await;
+    until("the refused release counted", || {
+        rig.stats.exceptions.load(Ordering::Relaxed) > 0
+    })
+    .await;
     let dir = rig._dir;
     let journal = {
         let _ = rig.stop.send(true);
@@ -1529,7 +1515,10 @@ async fn a_ring_the_plc_started_over_gives_its_records_new_ids() {
         m.holding.insert(program.read_index, 0);
     }
     // Polls see the empty restarted ring before it fills again.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    until("the restart", || {
+        rig.stats.ring_restarts.load(Ordering::Relaxed) > 0
+    })
+    .await;
     program.make(&plc, 5);
     read_back(&plc, &program, 5).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

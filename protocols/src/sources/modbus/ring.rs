@@ -164,6 +164,7 @@ async fn take(
         .collect();
     let snapshot = read_spans(device, &spans, config, stats, false).await?;
     let signal = ring_signal(config, ring);
+    let urn = ctx.urn();
     // Runs of posted records and single dead letters, in ring order.
     let mut posted = Vec::new();
     for i in 0..count {
@@ -188,7 +189,7 @@ async fn take(
                 .map(|e| format!("quantity unusable: {e}"))
                 .or_else(|| signal.event_type_for(&values).err());
         }
-        let id = at.id(&ctx.urn(), &ring.signal, index);
+        let id = at.id(&urn, &ring.signal, index);
         let event = record_event_of(
             ctx,
             config,

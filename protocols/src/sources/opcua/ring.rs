@@ -107,9 +107,10 @@ impl Served<'_> {
         }
         let at = found.at;
         let signal = self.ring_signals[index].clone();
+        let urn = self.ctx.urn();
         for k in at.next..at.next + found.pending {
             let slot = (k % slots) as usize;
-            let id = at.id(&self.ctx.urn(), &spec.signal, k);
+            let id = at.id(&urn, &spec.signal, k);
             let mut origin = self.origin(&spec.array, &value);
             origin.address = format!("{}[{slot}]", spec.array);
             let (time, _) = record::value_time(&value, SystemTime::now());
