@@ -45,6 +45,15 @@ pub struct ForwarderStatus {
     pub outage: protocols::pace::Outage,
     /// Seconds from the event's source time to the sink's acknowledgement.
     pub delivery_latency: Histogram,
+    /// Events the peer accepted and has not booked yet (as of the last
+    /// batch that handed them out).
+    pub accepted_pending: u64,
+    /// Of those, older than the sink's alarm bound.
+    pub pending_overdue: u64,
+    /// When the oldest of them was accepted.
+    pub pending_since: Option<std::time::SystemTime>,
+    /// What the peer last said about them.
+    pub pending_state: Option<String>,
 }
 
 /// Reason kinds kept apart in [`ForwarderStatus::rejected_reasons`].
@@ -70,6 +79,10 @@ impl Default for ForwarderStatus {
                 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
                 14_400.0, 86_400.0,
             ]),
+            accepted_pending: 0,
+            pending_overdue: 0,
+            pending_since: None,
+            pending_state: None,
         }
     }
 }
@@ -148,7 +161,7 @@ pub async fn run(
             }
             continue;
         }
-        if !deliver_batch(
+        match deliver_batch(
             &journal,
             &sink_name,
             sink.as_mut(),
@@ -159,7 +172,17 @@ pub async fn run(
         )
         .await
         {
-            break;
+            Finished::Done => {}
+            Finished::Stopped => break,
+            // Only accepted-pending events are left at the head: ask again
+            // when one is due, or sooner when new events arrive.
+            Finished::Pending(after) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(after) => {}
+                    _ = durable.changed() => {}
+                    _ = stop.changed() => {}
+                }
+            }
         }
     }
     sink.close().await;
@@ -182,8 +205,20 @@ impl Drop for Lease<'_> {
     }
 }
 
-/// Delivers one batch to the end; returns false if stopped while backing off
-/// (the unacknowledged rest stays in the journal for the next start).
+/// How a batch ended.
+enum Finished {
+    /// Every event delivered or dead-lettered (or the journal must be read
+    /// again after a failed write).
+    Done,
+    /// Stopped while backing off; the rest stays in the journal.
+    Stopped,
+    /// Everything else settled; accepted-pending events are due again
+    /// after this.
+    Pending(Duration),
+}
+
+/// Delivers one batch to the end (the unacknowledged rest stays in the
+/// journal for the next read or the next start).
 async fn deliver_batch(
     journal: &Journal,
     sink_name: &str,
@@ -192,15 +227,19 @@ async fn deliver_batch(
     stop: &mut watch::Receiver<bool>,
     status: &SharedStatus,
     batch: Vec<PendingEvent>,
-) -> bool {
+) -> Finished {
     let _lease = Lease {
         journal,
         sink: sink_name,
     };
     let mut owed = batch;
     let mut attempt: u32 = 0;
+    let mut first_round = true;
+    let mut pending_after: Option<Duration> = None;
     loop {
         let verdicts = sink.deliver(&owed).await;
+        let (mut n_pending, mut n_overdue, mut oldest, mut pending_state) =
+            (0u64, 0u64, None::<std::time::SystemTime>, None::<String>);
         let mut delivered = Vec::new();
         let mut delivered_times = Vec::new();
         let mut rejected = Vec::new();
@@ -234,6 +273,20 @@ async fn deliver_batch(
                     held = Some(why);
                     retry.push(event);
                 }
+                // Kept in the journal, not owed in this batch: the next
+                // read hands it out again to be followed up.
+                Verdict::Pending {
+                    since,
+                    after,
+                    overdue,
+                    reason: state,
+                } => {
+                    n_pending += 1;
+                    n_overdue += u64::from(overdue);
+                    oldest = Some(oldest.map_or(since, |o| o.min(since)));
+                    pending_state = Some(state);
+                    pending_after = Some(pending_after.map_or(after, |a| a.min(after)));
+                }
             }
         }
         attempt += 1;
@@ -266,6 +319,14 @@ async fn deliver_batch(
         }
         {
             let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
+            // The first round hands out every event at the head, so it
+            // sees every pending one; retry rounds only the owed rest.
+            if first_round || n_pending > 0 {
+                s.accepted_pending = n_pending;
+                s.pending_overdue = n_overdue;
+                s.pending_since = oldest;
+                s.pending_state = pending_state;
+            }
             s.delivered += n_delivered;
             s.rejected += n_rejected;
             if recorded {
@@ -324,8 +385,15 @@ async fn deliver_batch(
                 s.holding = held;
             }
         }
-        if retry.is_empty() || !recorded {
-            return true;
+        first_round = false;
+        if !recorded {
+            return Finished::Done;
+        }
+        if retry.is_empty() {
+            return match pending_after {
+                Some(after) if n_delivered == 0 && n_rejected == 0 => Finished::Pending(after),
+                _ => Finished::Done,
+            };
         }
         let wait = backoff(settings, attempt - 1, peer_delay);
         if !hold_seen {
@@ -335,7 +403,7 @@ async fn deliver_batch(
             _ = tokio::time::sleep(wait) => {}
             _ = stop.changed() => {
                 if *stop.borrow() {
-                    return false;
+                    return Finished::Stopped;
                 }
             }
         }

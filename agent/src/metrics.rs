@@ -267,6 +267,9 @@ impl Metrics {
         let held = Family::<Labels, Gauge>::default();
         let unconfigured = Family::<Labels, Gauge>::default();
         let by_reason = Family::<Labels, Gauge>::default();
+        let accepted_pending = Family::<Labels, Gauge>::default();
+        let pending_overdue = Family::<Labels, Gauge>::default();
+        let pending_age = Family::<Labels, Gauge>::default();
         for (name, status) in &self.forwarders {
             let st = status.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let labels = vec![("sink".to_owned(), name.clone())];
@@ -293,7 +296,33 @@ impl Metrics {
                 .set(i64::from(st.retrying.is_none()));
             held.get_or_create(&labels)
                 .set(i64::from(st.holding.is_some()));
+            accepted_pending
+                .get_or_create(&labels)
+                .set(st.accepted_pending as i64);
+            pending_overdue
+                .get_or_create(&labels)
+                .set(st.pending_overdue as i64);
+            let age = st
+                .pending_since
+                .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
+                .map_or(0, |d| d.as_secs() as i64);
+            pending_age.get_or_create(&labels).set(age);
         }
+        registry.register(
+            "sink_accepted_pending_events",
+            "Events the ERP accepted (queued) and has not booked yet; kept in the journal",
+            accepted_pending,
+        );
+        registry.register(
+            "sink_accepted_pending_overdue_events",
+            "Accepted-pending events older than the sink's pending.alarm_after",
+            pending_overdue,
+        );
+        registry.register(
+            "sink_accepted_pending_oldest_age_seconds",
+            "Age of the oldest accepted-pending event (0: none)",
+            pending_age,
+        );
         for name in &self.unconfigured_sinks {
             unconfigured
                 .get_or_create(&vec![("sink".to_owned(), name.clone())])
@@ -516,6 +545,14 @@ impl Metrics {
                         "rejected_reasons": st.rejected_reasons,
                         "last_delivery": st.last_delivery.map(unix_seconds),
                         "last_error": st.last_error,
+                        "accepted_pending": (st.accepted_pending > 0).then(|| serde_json::json!({
+                            "events": st.accepted_pending,
+                            "overdue": st.pending_overdue,
+                            "oldest_age_s": st.pending_since
+                                .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
+                                .map(|d| d.as_secs()),
+                            "state": st.pending_state,
+                        })),
                     })
                 });
                 let field = |name: &str| {
@@ -534,6 +571,7 @@ impl Metrics {
                     "rejected_reasons": field("rejected_reasons"),
                     "last_delivery": field("last_delivery"),
                     "last_error": field("last_error"),
+                    "accepted_pending": field("accepted_pending"),
                     "configured": configured,
                 })
             })

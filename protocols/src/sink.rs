@@ -25,6 +25,19 @@ pub enum Verdict {
         /// Why, for logs, status and readiness.
         reason: String,
     },
+    /// Accepted by the peer, not final yet (an ERP's queue): stays in the
+    /// journal, is handed to the sink again to follow up, and does not hold
+    /// up the events after it. Never counted as a failed attempt.
+    Pending {
+        /// When the peer accepted it.
+        since: std::time::SystemTime,
+        /// When to ask again.
+        after: Duration,
+        /// Older than the sink's alarm bound.
+        overdue: bool,
+        /// What the peer said, for status.
+        reason: String,
+    },
     /// Never (the peer singled this event out: 400, 422, a refused topic
     /// while others are accepted): to the dead letters with the reason.
     Rejected {

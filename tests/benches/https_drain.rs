@@ -83,6 +83,7 @@ async fn drain(url: &str, ca: &std::path::Path, mode: HttpsMode, total: u64, lab
         connect_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(30),
         max_events_per_second: None,
+        profile: Default::default(),
     })
     .expect("sink");
     let (cpu0, started) = (cpu_seconds(), Instant::now());

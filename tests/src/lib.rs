@@ -49,6 +49,7 @@ pub mod drive {
             }
             let verdicts = sink.deliver(&batch).await;
             let mut retry = false;
+            let mut pending = false;
             let mut delivered = Vec::with_capacity(batch.len());
             for (event, verdict) in batch.iter().zip(verdicts) {
                 match verdict {
@@ -62,9 +63,15 @@ pub mod drive {
                         }
                         retry = true;
                     }
+                    // Handed out again at the next read, to be followed up.
+                    Verdict::Pending { .. } => pending = true,
                 }
             }
             journal.ack(sink_name, &delivered).expect("ack");
+            if pending && !retry {
+                journal.rewind(sink_name).expect("rewind");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             if retry {
                 journal.rewind(sink_name).expect("rewind");
                 tokio::time::sleep(Duration::from_millis(100)).await;

@@ -29,6 +29,7 @@ fn config(erp: &Erp, pki: &Pki, mode: HttpsMode) -> HttpsSinkConfig {
         connect_timeout: Duration::from_secs(2),
         request_timeout: Duration::from_secs(5),
         max_events_per_second: None,
+        profile: Default::default(),
     }
 }
 

@@ -68,6 +68,14 @@ pub(super) struct RawHttpsSink {
     request_timeout: Duration,
     #[serde(default)]
     max_events_per_second: u32,
+    #[serde(default)]
+    request: Option<protocols::sinks::https::erp::RequestConfig>,
+    #[serde(default)]
+    answer: Option<protocols::sinks::https::erp::AnswerConfig>,
+    #[serde(default)]
+    pending: Option<protocols::sinks::https::erp::PendingConfig>,
+    #[serde(default)]
+    lookup: Option<protocols::sinks::https::erp::LookupConfig>,
 }
 
 pub(super) fn check_https(
@@ -178,7 +186,20 @@ pub(super) fn check_https(
             ));
         }
     }
+    let batched = matches!(mode, HttpsMode::Batch { .. });
+    let profile = protocols::sinks::https::erp::ProfileConfig {
+        request: h.request,
+        answer: h.answer,
+        pending: h.pending,
+        lookup: h.lookup,
+    };
+    let base = file.parent().unwrap_or(Path::new("."));
+    let profile = profile
+        .check(base, batched)
+        .and_then(|p| p.check_rendering(batched).map(|()| p))
+        .map_err(|e| err(e.key.as_str(), e.expected))?;
     Ok(HttpsSinkConfig {
+        profile,
         url: h.url,
         mode,
         headers: h.headers.into_iter().collect(),

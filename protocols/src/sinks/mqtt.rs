@@ -946,7 +946,7 @@ impl Sink for MqttSink {
                                 stalled.get_or_insert_with(|| reason.clone());
                             }
                             Verdict::Rejected { .. } => refused.push(i),
-                            Verdict::Hold { .. } => {}
+                            Verdict::Hold { .. } | Verdict::Pending { .. } => {}
                         }
                         verdicts[i] = Some(verdict);
                         // Progress: the timeout bounds silence, not the batch.
