@@ -117,9 +117,12 @@ impl TemplatesBuilder {
             }
         });
         env.add_filter("odata_date", odata_date);
-        env.add_filter("epoch_ms", |value: Value| -> Result<i64, minijinja::Error> {
-            Ok(instant(&value)?.as_millisecond())
-        });
+        env.add_filter(
+            "epoch_ms",
+            |value: Value| -> Result<i64, minijinja::Error> {
+                Ok(instant(&value)?.as_millisecond())
+            },
+        );
         env.add_filter("decimal", decimal);
         let date_zone = zone.clone();
         env.add_filter(
@@ -131,7 +134,11 @@ impl TemplatesBuilder {
         env.add_filter(
             "local_time",
             move |value: Value, format: Option<String>| -> Result<String, minijinja::Error> {
-                local(&value, &zone, format.as_deref().unwrap_or("%Y-%m-%dT%H:%M:%S"))
+                local(
+                    &value,
+                    &zone,
+                    format.as_deref().unwrap_or("%Y-%m-%dT%H:%M:%S"),
+                )
             },
         );
         Self { env }
@@ -285,9 +292,17 @@ fn bad(message: impl Into<String>) -> minijinja::Error {
     minijinja::Error::new(ErrorKind::InvalidOperation, message.into())
 }
 
-/// An instant from an RFC 3339 text (the event's `time`) or milliseconds.
+/// An instant from an RFC 3339 text (the event's `time`), a date
+/// (`2025-11-26`: its midnight UTC, as OData V2 carries dates) or
+/// milliseconds.
 fn instant(value: &Value) -> Result<jiff::Timestamp, minijinja::Error> {
     if let Some(text) = value.as_str() {
+        if let Ok(date) = text.parse::<jiff::civil::Date>() {
+            return date
+                .to_zoned_datetime(jiff::tz::TimeZone::UTC)
+                .map(|z| z.timestamp())
+                .map_err(|e| bad(format!("{text:?}: {e}")));
+        }
         return text
             .parse::<jiff::Timestamp>()
             .map_err(|e| bad(format!("{text:?} is not an RFC 3339 time: {e}")));
@@ -296,7 +311,9 @@ fn instant(value: &Value) -> Result<jiff::Timestamp, minijinja::Error> {
         return jiff::Timestamp::from_millisecond(ms)
             .map_err(|e| bad(format!("{ms} ms is out of range: {e}")));
     }
-    Err(bad(format!("{value} is neither a time text nor milliseconds")))
+    Err(bad(format!(
+        "{value} is neither a time text nor milliseconds"
+    )))
 }
 
 /// OData V2 `Edm.DateTime` as JSON wants it: `/Date(1764196265123)/`.
@@ -304,7 +321,11 @@ fn odata_date(value: Value) -> Result<String, minijinja::Error> {
     Ok(format!("/Date({})/", instant(&value)?.as_millisecond()))
 }
 
-fn local(value: &Value, zone: &jiff::tz::TimeZone, format: &str) -> Result<String, minijinja::Error> {
+fn local(
+    value: &Value,
+    zone: &jiff::tz::TimeZone,
+    format: &str,
+) -> Result<String, minijinja::Error> {
     let zoned = instant(value)?.to_zoned_datetime(zone.clone());
     let mut out = String::new();
     jiff::fmt::strtime::format(format, &zoned)
@@ -324,8 +345,8 @@ fn decimal(value: Value, places: Option<u32>) -> Result<String, minijinja::Error
         }
         return Ok(format!("{whole}.{}", "0".repeat(places as usize)));
     }
-    let number = f64::try_from(value.clone())
-        .map_err(|_| bad(format!("{value} is not a number")))?;
+    let number =
+        f64::try_from(value.clone()).map_err(|_| bad(format!("{value} is not a number")))?;
     if !number.is_finite() {
         return Err(bad(format!("{number} is not a finite number")));
     }
@@ -378,8 +399,8 @@ mod tests {
         assert_eq!(e.line, Some(3));
         assert!(e.message.contains("undefined"), "{e}");
         assert!(e.to_string().contains("shift_leader"), "{e}");
-        let optional = templates("b", "{{ shift_leader | default('none') }}", Escape::None)
-            .expect("compiles");
+        let optional =
+            templates("b", "{{ shift_leader | default('none') }}", Escape::None).expect("compiles");
         assert_eq!(
             optional
                 .render("b", &single_context(&sample(), &[]))
@@ -401,21 +422,31 @@ mod tests {
         // 2025-11-26T22:31:05.123Z is already the 26th... and 23:31 in Berlin.
         let t = templates(
             "x",
-            "{{ time | odata_date }} {{ time | local_date }} {{ time | local_time('%H:%M') }} {{ 2.5 | decimal(3) }} {{ time | epoch_ms }}",
+            "{{ time | odata_date }} {{ time | local_date }} {{ time | local_time('%H:%M') }} {{ 2.5 | decimal(3) }} {{ time | epoch_ms }} {{ time | local_date | odata_date }}",
             Escape::None,
         )
         .expect("compiles");
         let out = t
             .render("x", &single_context(&sample(), &[]))
             .expect("renders");
-        assert_eq!(out, "/Date(1764196265123)/ 2025-11-26 23:31 2.500 1764196265123");
+        assert_eq!(
+            out,
+            "/Date(1764196265123)/ 2025-11-26 23:31 2.500 1764196265123 /Date(1764115200000)/"
+        );
     }
 
     #[test]
     fn a_local_date_follows_the_plants_zone_across_midnight() {
-        let t = templates("x", "{{ '2025-11-26T23:30:00Z' | local_date }}", Escape::None)
-            .expect("compiles");
-        assert_eq!(t.render("x", &Value::from(())).expect("renders"), "2025-11-27");
+        let t = templates(
+            "x",
+            "{{ '2025-11-26T23:30:00Z' | local_date }}",
+            Escape::None,
+        )
+        .expect("compiles");
+        assert_eq!(
+            t.render("x", &Value::from(())).expect("renders"),
+            "2025-11-27"
+        );
     }
 
     #[test]
@@ -427,7 +458,10 @@ mod tests {
         )
         .expect("compiles");
         let out = t
-            .render("request.body", &batch_context(vec![sample(), sample()], &[]))
+            .render(
+                "request.body",
+                &batch_context(vec![sample(), sample()], &[]),
+            )
             .expect("renders");
         assert_eq!(
             out,

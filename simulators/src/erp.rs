@@ -202,17 +202,7 @@ pub struct Erp {
 impl Erp {
     /// Starts on a free loopback port with the given server certificate.
     pub async fn start(cert: &std::path::Path, key: &std::path::Path) -> Erp {
-        let certs: Vec<rustls::pki_types::CertificateDer<'static>> = rustls_pemfile_certs(cert);
-        let key = rustls_pemfile_key(key);
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .expect("server cert");
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let tls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(config));
+        let tls = tls_config(cert, key);
         let addr = std::net::TcpListener::bind("127.0.0.1:0")
             .expect("bind")
             .local_addr()
@@ -288,6 +278,24 @@ impl Erp {
     pub fn posted(&self) -> Vec<(String, String)> {
         self.state.posted.lock().expect("state").clone()
     }
+}
+
+/// The TLS settings of a simulated ERP (h2 and HTTP/1.1, ring).
+pub(crate) fn tls_config(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> axum_server::tls_rustls::RustlsConfig {
+    let certs: Vec<rustls::pki_types::CertificateDer<'static>> = rustls_pemfile_certs(cert);
+    let key = rustls_pemfile_key(key);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server cert");
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(config))
 }
 
 fn rustls_pemfile_certs(path: &std::path::Path) -> Vec<rustls::pki_types::CertificateDer<'static>> {

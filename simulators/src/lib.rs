@@ -4,6 +4,7 @@
 //! use them; they are not part of the agent's job.
 
 pub mod erp;
+pub mod erp_apis;
 pub mod mes;
 pub mod pki;
 pub mod plc;

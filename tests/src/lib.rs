@@ -2,7 +2,7 @@
 
 pub mod mosquitto;
 
-pub use simulators::{erp, mes, pki, plc};
+pub use simulators::{erp, erp_apis, mes, pki, plc};
 
 pub mod crash {
     //! Names shared by the journal crash test and its child process.

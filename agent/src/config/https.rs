@@ -197,7 +197,12 @@ pub(super) fn check_https(
     let profile = profile
         .check(base, batched)
         .and_then(|p| p.check_rendering(batched).map(|()| p))
-        .map_err(|e| err(e.key.as_str(), e.expected))?;
+        .map_err(|e| ConfigError {
+            file: file.to_owned(),
+            key: format!("{key}.{}", e.key),
+            expected: e.expected,
+            line: None,
+        })?;
     Ok(HttpsSinkConfig {
         profile,
         url: h.url,

@@ -214,7 +214,10 @@ pub struct ProfileError {
 
 impl From<TemplateError> for ProfileError {
     fn from(e: TemplateError) -> Self {
-        let line = e.line.map(|l| format!(" (template line {l})")).unwrap_or_default();
+        let line = e
+            .line
+            .map(|l| format!(" (template line {l})"))
+            .unwrap_or_default();
         Self {
             key: e.key,
             expected: format!("a template that renders every event{line}: {}", e.message),
@@ -297,7 +300,10 @@ impl StateRule {
                 Meaning::Refused(message.unwrap_or_else(|| format!("state {s}")))
             }
             Some(s) if self.pending.contains(&s) => Meaning::Pending(s),
-            Some(s) => Meaning::Doubt(format!("state {s:?} at {} is not a configured one", pointer.0)),
+            Some(s) => Meaning::Doubt(format!(
+                "state {s:?} at {} is not a configured one",
+                pointer.0
+            )),
             None => Meaning::Doubt(format!("no state at {}", pointer.0)),
         })
     }
@@ -484,7 +490,10 @@ impl ProfileConfig {
         let mut builder = TemplatesBuilder::new(zone);
         let body = match (&request.body, &request.body_file) {
             (Some(_), Some(_)) => {
-                return Err(problem("request.body_file", "either body or body_file, not both"))
+                return Err(problem(
+                    "request.body_file",
+                    "either body or body_file, not both",
+                ))
             }
             (Some(text), None) => Some(text.clone()),
             (None, Some(file)) => {
@@ -520,8 +529,13 @@ impl ProfileConfig {
                 return Err(problem(&keys::header(name), "a valid HTTP header name"));
             }
             let lower = name.to_ascii_lowercase();
-            if ["authorization", "idempotency-key", "content-type", "x-csrf-token"]
-                .contains(&lower.as_str())
+            if [
+                "authorization",
+                "idempotency-key",
+                "content-type",
+                "x-csrf-token",
+            ]
+            .contains(&lower.as_str())
             {
                 return Err(problem(
                     &keys::header(name),
@@ -539,7 +553,10 @@ impl ProfileConfig {
             })?;
             builder.add(keys::ODATA_PATH, path, Escape::None)?;
             if !batched {
-                return Err(problem("request.batch", "\"odata\" only with mode = \"batch\""));
+                return Err(problem(
+                    "request.batch",
+                    "\"odata\" only with mode = \"batch\"",
+                ));
             }
         }
         let answer = self.answer.clone().unwrap_or_default();
@@ -551,7 +568,10 @@ impl ProfileConfig {
             message: pointer("answer.message", &answer.message)?,
         };
         if state_rule.state.is_some() && answer.booked.is_empty() {
-            return Err(problem("answer.booked", "the states that mean booked, with answer.state"));
+            return Err(problem(
+                "answer.booked",
+                "the states that mean booked, with answer.state",
+            ));
         }
         if answer.items.is_some() && state_rule.state.is_none() {
             return Err(problem(
@@ -559,7 +579,11 @@ impl ProfileConfig {
                 "a JSON pointer to each item's state, with answer.items",
             ));
         }
-        if let Some(s) = answer.pending_statuses.iter().find(|s| !(200..300).contains(*s)) {
+        if let Some(s) = answer
+            .pending_statuses
+            .iter()
+            .find(|s| !(200..300).contains(*s))
+        {
             return Err(problem(
                 "answer.pending_statuses",
                 format!("2xx statuses, found {s}"),
@@ -612,7 +636,10 @@ impl ProfileConfig {
                     ));
                 }
                 if !l.pending.is_empty() && pending.is_none() {
-                    return Err(problem("lookup.pending", "a [pending] table to follow pending events"));
+                    return Err(problem(
+                        "lookup.pending",
+                        "a [pending] table to follow pending events",
+                    ));
                 }
                 Some(Lookup {
                     found: pointer("lookup.found", &l.found)?,
@@ -672,11 +699,12 @@ impl ErpProfile {
             let body = self.templates.render(keys::BODY, per_request)?;
             if Escape::for_content_type(&self.content_type) == Escape::Json {
                 serde_json::from_str::<serde_json::Value>(&body).map_err(|e| {
+                    let line = body.lines().nth(e.line().saturating_sub(1)).unwrap_or("");
                     problem(
                         keys::BODY,
                         format!(
-                            "a template that renders JSON ({e} in the sample's body: {}); values are written as JSON already, so write {{{{ work_order }}}}, not \"{{{{ work_order }}}}\"",
-                            body.chars().take(300).collect::<String>()
+                            "a template that renders JSON; the sample event's body has {e}: `{}` (values are written as JSON already: write {{{{ work_order }}}}, not \"{{{{ work_order }}}}\", and {{% if %}} for literal commas)",
+                            line.trim()
                         ),
                     )
                 })?;
@@ -695,7 +723,10 @@ impl ErpProfile {
             let key = keys::header(name);
             let value = self.templates.render(&key, per_request)?;
             if reqwest::header::HeaderValue::from_str(&value).is_err() {
-                return Err(problem(&key, format!("a valid header value, rendered {value:?}")));
+                return Err(problem(
+                    &key,
+                    format!("a valid header value, rendered {value:?}"),
+                ));
             }
         }
         for key in [keys::ODATA_PATH, keys::PENDING_URL, keys::LOOKUP_URL] {
@@ -729,8 +760,9 @@ mod tests {
 
     #[test]
     fn a_quoted_value_in_a_json_template_is_caught_by_validate() {
-        let p = profile("[request]\nbody = '{\"a\": \"{{ work_order }}\"}'\nbatch = \"template\"\n")
-            .expect("compiles");
+        let p =
+            profile("[request]\nbody = '{\"a\": \"{{ work_order }}\"}'\nbatch = \"template\"\n")
+                .expect("compiles");
         let e = p.check_rendering(false).expect_err("bad JSON");
         assert!(e.expected.contains("not \"{{ work_order }}\""), "{e:?}");
     }
@@ -755,6 +787,9 @@ mod tests {
             Some(Meaning::Refused("Work order 7 is closed".into()))
         );
         let odd = serde_json::json!({"InterfaceStatusCode": "WARNING"});
-        assert!(matches!(p.answer.state.meaning(&odd), Some(Meaning::Doubt(_))));
+        assert!(matches!(
+            p.answer.state.meaning(&odd),
+            Some(Meaning::Doubt(_))
+        ));
     }
 }

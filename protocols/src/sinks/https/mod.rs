@@ -596,7 +596,10 @@ impl HttpsSink {
             return Err(format!(
                 "GET {url} answered {}: {}",
                 status.as_u16(),
-                String::from_utf8_lossy(&body).chars().take(200).collect::<String>()
+                String::from_utf8_lossy(&body)
+                    .chars()
+                    .take(200)
+                    .collect::<String>()
             ));
         }
         serde_json::from_slice(&body)
@@ -630,7 +633,11 @@ impl HttpsSink {
                 })
                 .collect::<Result<Vec<_>, crate::render::TemplateError>>()
                 .map_err(|e| e.to_string())?;
-            odata::build(&key.simple().to_string(), &profile.content_type, &changesets)
+            odata::build(
+                &key.simple().to_string(),
+                &profile.content_type,
+                &changesets,
+            )
         } else {
             (
                 profile.content_type.clone(),
@@ -669,7 +676,11 @@ impl HttpsSink {
     /// credentials and a CSRF refusal the token, each once.
     async fn post(&mut self, events: &[PendingEvent]) -> Sent {
         let single = matches!(self.config.mode, HttpsMode::Single) && events.len() == 1;
-        let key = if single { events[0].id } else { batch_key(events) };
+        let key = if single {
+            events[0].id
+        } else {
+            batch_key(events)
+        };
         let rendered = if self.config.profile.templated_body {
             match self.render_request(events, key) {
                 Ok(r) => r,
@@ -717,7 +728,10 @@ impl HttpsSink {
                 Repeatability::Oasis => {
                     request = request
                         .header("Repeatability-Request-ID", key.to_string())
-                        .header("Repeatability-First-Sent", httpdate::fmt_http_date(first_sent));
+                        .header(
+                            "Repeatability-First-Sent",
+                            httpdate::fmt_http_date(first_sent),
+                        );
                 }
                 Repeatability::Sap => {
                     request = request
@@ -869,9 +883,11 @@ impl HttpsSink {
                         };
                         match part.status {
                             200..=299 => Outcome::Booked,
-                            408 | 425 | 429 | 500..=599 => {
-                                Outcome::Later(format!("changeset HTTP {}: {}", part.status, message()))
-                            }
+                            408 | 425 | 429 | 500..=599 => Outcome::Later(format!(
+                                "changeset HTTP {}: {}",
+                                part.status,
+                                message()
+                            )),
                             s => Outcome::Refused(format!("HTTP {s}: {}", message())),
                         }
                     })
@@ -912,13 +928,17 @@ impl HttpsSink {
         };
         if let Some(items) = &rules.items {
             let Some(serde_json::Value::Array(list)) = items.find(&body) else {
-                return all(Outcome::Doubt(format!("no list of results at {}", items_name(items))));
+                return all(Outcome::Doubt(format!(
+                    "no list of results at {}",
+                    items_name(items)
+                )));
             };
-            let by_key: Option<HashMap<String, &serde_json::Value>> = rules.item_key.as_ref().map(|k| {
-                list.iter()
-                    .filter_map(|item| k.text(item).map(|key| (key, item)))
-                    .collect()
-            });
+            let by_key: Option<HashMap<String, &serde_json::Value>> =
+                rules.item_key.as_ref().map(|k| {
+                    list.iter()
+                        .filter_map(|item| k.text(item).map(|key| (key, item)))
+                        .collect()
+                });
             if by_key.is_none() && list.len() != events.len() {
                 return all(Outcome::Doubt(format!(
                     "{} results for {} events",
@@ -936,7 +956,10 @@ impl HttpsSink {
                             None => list.get(i),
                         };
                         match item {
-                            None => Outcome::Doubt(format!("the answer has no result for event {}", event.id)),
+                            None => Outcome::Doubt(format!(
+                                "the answer has no result for event {}",
+                                event.id
+                            )),
                             Some(item) => match rules.state.meaning(item) {
                                 Some(meaning) => to_outcome(meaning, item),
                                 None => Outcome::Doubt("no item state rule".into()),
@@ -988,7 +1011,8 @@ impl HttpsSink {
                 if self.doubt.len() + events.len() <= MAX_REMEMBERED {
                     self.doubt.extend(events.iter().map(|e| e.id));
                 }
-                let reason = format!("sent without an answer, the ERP may have booked it: {reason}");
+                let reason =
+                    format!("sent without an answer, the ERP may have booked it: {reason}");
                 wait_all(verdicts, Verdict::retry(reason));
                 false
             }
@@ -998,7 +1022,9 @@ impl HttpsSink {
             }
             Sent::PerEvent(outcomes) => {
                 let mut go_on = true;
-                for ((event, outcome), verdict) in events.iter().zip(outcomes).zip(verdicts.iter_mut()) {
+                for ((event, outcome), verdict) in
+                    events.iter().zip(outcomes).zip(verdicts.iter_mut())
+                {
                     *verdict = Some(match outcome {
                         Outcome::Booked => {
                             *accepted = true;
@@ -1069,7 +1095,9 @@ impl HttpsSink {
     ) -> Verdict {
         let Some(poll) = self.config.profile.pending.clone() else {
             return Verdict::Hold {
-                reason: "the ERP answered accepted-pending and no [pending] rule says how to follow it".into(),
+                reason:
+                    "the ERP answered accepted-pending and no [pending] rule says how to follow it"
+                        .into(),
             };
         };
         let status_url = crate::render::event_value(event)
@@ -1077,7 +1105,10 @@ impl HttpsSink {
                 crate::render::single_context(
                     &value,
                     &[
-                        ("location", Value::from(location.clone().unwrap_or_default())),
+                        (
+                            "location",
+                            Value::from(location.clone().unwrap_or_default()),
+                        ),
                         ("answer", Value::from(minijinja::value::Serde(&answer))),
                     ],
                 )
@@ -1153,7 +1184,9 @@ impl HttpsSink {
                     None => {}
                 },
                 Ok(None) => state = "status not found yet".into(),
-                Err(e) => tracing::debug!(event = %event.id, error = %e, "asking the ERP for a pending event's status failed"),
+                Err(e) => {
+                    tracing::debug!(event = %event.id, error = %e, "asking the ERP for a pending event's status failed")
+                }
             }
         }
         let age = SystemTime::now()
@@ -1193,7 +1226,10 @@ impl HttpsSink {
             .config
             .profile
             .templates
-            .render(erp::keys::LOOKUP_URL, &crate::render::single_context(&value, &[]))
+            .render(
+                erp::keys::LOOKUP_URL,
+                &crate::render::single_context(&value, &[]),
+            )
             .map_err(|e| e.to_string())?;
         let url = self.resolve(&url)?;
         let Some(answer) = self.get_json(&url).await? else {
@@ -1331,7 +1367,9 @@ impl Sink for HttpsSink {
                 *v = Some(Verdict::retry("waiting behind a lookup that failed"));
             }
         }
-        let open: Vec<usize> = (0..batch.len()).filter(|i| verdicts[*i].is_none()).collect();
+        let open: Vec<usize> = (0..batch.len())
+            .filter(|i| verdicts[*i].is_none())
+            .collect();
         if open.len() == batch.len() {
             self.post_in_order(batch, &mut verdicts).await;
         } else if !open.is_empty() {
