@@ -626,3 +626,59 @@ fn the_readme_ring_buffer_example_validates_and_a_bad_ring_names_its_key() {
         );
     }
 }
+
+/// A shipped ERP example with its secrets and certificates pointed at
+/// files in `dir` (what an integrator fills in).
+fn example_config(dir: &std::path::Path, name: &str) -> String {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../packaging/examples")
+            .join(name),
+    )
+    .expect("example");
+    let mut out = String::new();
+    for line in text.lines() {
+        let key = line.split('=').next().unwrap_or("").trim();
+        let replaced = match key {
+            "password_file" | "ca_file" | "bearer_token_file" | "client_secret_file" => {
+                let file = dir.join(key);
+                std::fs::write(&file, "secret\n").expect("secret");
+                format!("{key} = \"{}\"", file.display())
+            }
+            "state_dir" => format!("state_dir = \"{}\"", dir.join("state").display()),
+            _ => line.to_owned(),
+        };
+        out.push_str(&replaced);
+        out.push('\n');
+    }
+    out
+}
+
+#[test]
+fn every_shipped_erp_example_validates_and_a_template_naming_a_missing_field_exits_78() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let examples = std::fs::read_dir(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/examples"),
+    )
+    .expect("examples")
+    .filter_map(|e| e.ok()?.file_name().into_string().ok())
+    .filter(|n| n.ends_with(".toml"))
+    .collect::<Vec<_>>();
+    assert_eq!(examples.len(), 6);
+    for name in &examples {
+        let file = write_config(dir.path(), &example_config(dir.path(), name));
+        let out = run(&["validate", "-c", file.to_str().expect("utf8")]);
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+    }
+    let broken = example_config(dir.path(), "sap-s4hana-confirmation.toml")
+        .replace("{{ unit }}", "{{ base_unit }}");
+    let file = write_config(dir.path(), &broken);
+    let out = run(&["validate", "-c", file.to_str().expect("utf8")]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains("`sinks.sap.request.body`"), "key named: {err}");
+    assert!(
+        err.contains("template line 8") && err.contains("base_unit"),
+        "template line and the undefined name: {err}"
+    );
+}

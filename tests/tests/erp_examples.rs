@@ -484,3 +484,34 @@ async fn an_event_that_does_not_render_is_a_dead_letter_naming_the_template_and_
         vec![ids[0].clone(), ids[2].clone()]
     );
 }
+
+/// Every shipped example's body for the sample event, kept as a golden
+/// file: a MiniJinja upgrade that changes the output fails here, not at a
+/// plant. `PLANT_EDGE_BLESS=1` rewrites them after a reviewed change.
+#[test]
+fn every_shipped_example_renders_its_golden_body() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("examples") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        let name = path.file_name().and_then(|n| n.to_str()).expect("name");
+        let (_, table) = example(name);
+        let batched = table.get("mode").and_then(|m| m.as_str()) != Some("single");
+        let profile: ProfileConfig = toml::Value::Table(table).try_into().expect("profile");
+        let profile = profile.check(Path::new("."), batched).expect("checks");
+        let body = profile.sample_body(batched).expect("renders");
+        let golden = dir.join("golden").join(format!("{name}.body"));
+        if std::env::var_os("PLANT_EDGE_BLESS").is_some() {
+            std::fs::create_dir_all(golden.parent().expect("dir")).expect("mkdir");
+            std::fs::write(&golden, &body).expect("write golden");
+        }
+        let expected = std::fs::read_to_string(&golden)
+            .unwrap_or_else(|e| panic!("{}: {e} (run with PLANT_EDGE_BLESS=1 once)", golden.display()));
+        assert_eq!(body, expected, "{name}: rendered body differs from {}", golden.display());
+        checked += 1;
+    }
+    assert_eq!(checked, 6, "every shipped example has a golden body");
+}

@@ -673,6 +673,20 @@ impl ProfileConfig {
 }
 
 impl ErpProfile {
+    /// The body a sample event (a batch of two for batch bodies) renders
+    /// to: what golden files keep for every shipped example.
+    pub fn sample_body(&self, batched: bool) -> Result<String, ProfileError> {
+        let sample = crate::render::sample_event(&self.sample_attributes);
+        let value = crate::render::event_value(&sample).map_err(|e| problem("request", e))?;
+        let key = ("batch_key", Value::from(sample.id.to_string()));
+        let context = if batched && self.batch == BatchShape::Template {
+            crate::render::batch_context(vec![value.clone(), value], &[key])
+        } else {
+            crate::render::single_context(&value, &[key])
+        };
+        Ok(self.templates.render(keys::BODY, &context)?)
+    }
+
     /// `validate`: renders every template against a sample event (a batch
     /// of two for batch bodies) and checks that JSON bodies parse.
     pub fn check_rendering(&self, batched: bool) -> Result<(), ProfileError> {
