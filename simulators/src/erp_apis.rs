@@ -636,6 +636,15 @@ async fn d365_status(State(state): State<Arc<ApiState>>, uri: Uri) -> Response {
         .into_response()
 }
 
+/// Client-credentials tokens (any client is welcome here).
+async fn token() -> Response {
+    (
+        [("content-type", "application/json")],
+        "{\"access_token\":\"sim-token\",\"token_type\":\"Bearer\",\"expires_in\":3600}",
+    )
+        .into_response()
+}
+
 /// A running set of simulated ERP APIs.
 pub struct ErpApis {
     /// Shared state.
@@ -653,6 +662,8 @@ pub mod paths {
     pub const ODOO_JSONRPC: &str = "/jsonrpc";
     /// Oracle Fusion operation transactions.
     pub const ORACLE: &str = "/fscmRestApi/resources/11.13.18.05/operationTransactions";
+    /// OAuth2 client-credentials token endpoint (Entra ID's role).
+    pub const TOKEN: &str = "/oauth2/v2.0/token";
     /// D365 SendMessage.
     pub const D365_SEND: &str = "/api/services/SysMessageServices/SysMessageService/SendMessage";
 }
@@ -679,6 +690,7 @@ impl ErpApis {
             .route(paths::ORACLE, post(oracle))
             .route(paths::D365_SEND, post(d365_send))
             .route("/data/SysMessageProcessorMessages", get(d365_status))
+            .route(paths::TOKEN, post(token))
             .with_state(state.clone());
         let handle = axum_server::Handle::new();
         let server = axum_server::bind_rustls(addr, tls).handle(handle.clone());

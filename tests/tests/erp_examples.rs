@@ -508,9 +508,18 @@ fn every_shipped_example_renders_its_golden_body() {
             std::fs::create_dir_all(golden.parent().expect("dir")).expect("mkdir");
             std::fs::write(&golden, &body).expect("write golden");
         }
-        let expected = std::fs::read_to_string(&golden)
-            .unwrap_or_else(|e| panic!("{}: {e} (run with PLANT_EDGE_BLESS=1 once)", golden.display()));
-        assert_eq!(body, expected, "{name}: rendered body differs from {}", golden.display());
+        let expected = std::fs::read_to_string(&golden).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (run with PLANT_EDGE_BLESS=1 once)",
+                golden.display()
+            )
+        });
+        assert_eq!(
+            body,
+            expected,
+            "{name}: rendered body differs from {}",
+            golden.display()
+        );
         checked += 1;
     }
     assert_eq!(checked, 6, "every shipped example has a golden body");

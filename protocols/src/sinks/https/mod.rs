@@ -23,8 +23,9 @@
 //! polled until booked or failed; an answer the rules cannot read → held
 //! (never delivered on doubt). A request sent without an answer (timeout,
 //! reset) leaves its events in doubt: with a `lookup`, the ERP is asked
-//! before they are posted again, and so are the events of the first batch
-//! after a start (the previous process may have died mid-request).
+//! before they are posted again, and so is each event after a start until
+//! the first one the ERP does not have (the previous process may have died
+//! mid-request, or before it recorded acknowledgements).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -256,7 +257,9 @@ pub struct HttpsSink {
     pending: HashMap<uuid::Uuid, Ticket>,
     /// Events sent without an answer: looked up before they are posted again.
     doubt: HashSet<uuid::Uuid>,
-    /// No delivery yet since start: the first batch is looked up too.
+    /// Since start, every event the ERP has booked was looked up: the
+    /// previous process may have delivered events whose acknowledgement
+    /// it did not record. Ends at the first event the ERP does not have.
     fresh: bool,
 }
 
@@ -1337,20 +1340,22 @@ async fn read_answer(response: &mut reqwest::Response) -> Result<Vec<u8>, String
 impl Sink for HttpsSink {
     async fn deliver(&mut self, batch: &[PendingEvent]) -> Vec<Verdict> {
         let mut verdicts: Vec<Option<Verdict>> = vec![None; batch.len()];
-        let fresh = std::mem::replace(&mut self.fresh, false);
         let looks_up = self.config.profile.lookup.is_some();
         let mut stopped = false;
         for (event, verdict) in batch.iter().zip(verdicts.iter_mut()) {
             if self.pending.contains_key(&event.id) {
                 *verdict = Some(self.follow_pending(event).await);
-            } else if looks_up && (fresh || self.doubt.contains(&event.id)) {
+            } else if looks_up && (self.fresh || self.doubt.contains(&event.id)) {
                 if stopped {
                     *verdict = Some(Verdict::retry("waiting behind a lookup that failed"));
                     continue;
                 }
                 match self.look_up(event).await {
                     Ok(Some(v)) => *verdict = Some(v),
-                    Ok(None) => {}
+                    // Events go in journal order: after the first one the
+                    // ERP does not have, none after it can have been sent
+                    // by the previous process.
+                    Ok(None) => self.fresh = false,
                     Err(why) => {
                         stopped = true;
                         *verdict = Some(Verdict::retry(format!(
