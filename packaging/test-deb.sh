@@ -32,6 +32,7 @@ check "unit shipped" sh -c "dpkg-deb -c '$deb' | grep -q 'lib/systemd/system/pla
 check "sysusers shipped" sh -c "dpkg-deb -c '$deb' | grep -q 'usr/lib/sysusers.d/plant-edge.conf$'"
 check "Grafana dashboard shipped" sh -c "dpkg-deb -c '$deb' | grep -q ' ./usr/share/plant-edge/monitoring/plant-edge-dashboard.json$'"
 check "alert rules shipped" sh -c "dpkg-deb -c '$deb' | grep -q ' ./usr/share/plant-edge/monitoring/plant-edge-alerts.yml$'"
+check "ERP examples shipped" sh -c "dpkg-deb -c '$deb' | grep -q ' ./usr/share/doc/plant-edge/examples/sap-s4hana-confirmation.toml$'"
 check "config is a conffile" sh -c "dpkg-deb -f '$deb' Package >/dev/null && dpkg-deb --ctrl-tarfile '$deb' | tar -xO ./conffiles | grep -qx /etc/plant-edge/plant-edge.toml"
 
 # Install over a clean state.

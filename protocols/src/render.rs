@@ -188,50 +188,90 @@ impl Templates {
 /// top level (`line`, `work_order`, `quantity`, `counter`, `attributes`,
 /// …), `data` itself, `seq` (the journal sequence) and `cloudevent` (the
 /// whole envelope). Members the event does not have are undefined.
+///
+/// Members are converted when a template reads them, not before: a body
+/// that uses eight fields pays for eight.
 pub fn event_value(event: &PendingEvent) -> Result<Value, String> {
     let envelope: serde_json::Value = serde_json::from_slice(&event.payload)
         .map_err(|e| format!("event {} is not JSON: {e}", event.id))?;
-    let serde_json::Value::Object(members) = &envelope else {
+    if !envelope.is_object() {
         return Err(format!("event {} is not a JSON object", event.id));
-    };
-    let mut fields: BTreeMap<String, serde_json::Value> = BTreeMap::new();
-    if let Some(serde_json::Value::Object(data)) = members.get("data") {
-        for (k, v) in data {
-            fields.insert(k.clone(), v.clone());
+    }
+    Ok(Value::from_object(EventObject {
+        envelope,
+        seq: event.seq,
+    }))
+}
+
+/// The lazily converted event behind [`event_value`].
+#[derive(Debug)]
+struct EventObject {
+    envelope: serde_json::Value,
+    seq: u64,
+}
+
+impl EventObject {
+    fn data(&self) -> Option<&serde_json::Map<String, serde_json::Value>> {
+        self.envelope.get("data").and_then(|d| d.as_object())
+    }
+}
+
+impl minijinja::value::Object for EventObject {
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        self.get_value_by_str(key.as_str()?)
+    }
+
+    fn get_value_by_str(self: &Arc<Self>, key: &str) -> Option<Value> {
+        match key {
+            "seq" => return Some(Value::from(self.seq)),
+            "cloudevent" => return Some(json_value(&self.envelope)),
+            "data" => return self.envelope.get("data").map(json_value),
+            _ => {}
         }
+        self.data()
+            .and_then(|d| d.get(key))
+            .or_else(|| self.envelope.get(key))
+            .map(json_value)
     }
-    for (k, v) in members {
-        if k != "data" {
-            fields.insert(k.clone(), v.clone());
+
+    fn enumerate(self: &Arc<Self>) -> minijinja::value::Enumerator {
+        let mut keys: Vec<Value> = ["seq", "cloudevent"].into_iter().map(Value::from).collect();
+        if let Some(data) = self.data() {
+            keys.extend(data.keys().map(|k| Value::from(k.as_str())));
         }
+        if let Some(members) = self.envelope.as_object() {
+            keys.extend(members.keys().map(|k| Value::from(k.as_str())));
+        }
+        minijinja::value::Enumerator::Values(keys)
     }
-    if let Some(data) = members.get("data") {
-        fields.insert("data".into(), data.clone());
+}
+
+/// A JSON value for templates (null members count as absent upstream).
+fn json_value(value: &serde_json::Value) -> Value {
+    match value {
+        serde_json::Value::Null => Value::from(()),
+        serde_json::Value::Bool(b) => Value::from(*b),
+        serde_json::Value::Number(n) => match (n.as_u64(), n.as_i64()) {
+            (Some(u), _) => Value::from(u),
+            (None, Some(i)) => Value::from(i),
+            _ => Value::from(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        serde_json::Value::String(text) => Value::from(text.as_str()),
+        other => Value::from(minijinja::value::Serde(other)),
     }
-    fields.insert("seq".into(), event.seq.into());
-    fields.insert("cloudevent".into(), envelope.clone());
-    Ok(Value::from(minijinja::value::Serde(&fields)))
 }
 
 /// Context for one event's request: its fields at the top level, also as
 /// `event`, and `events` (a list of one), plus `extra`.
 pub fn single_context(event: &Value, extra: &[(&str, Value)]) -> Value {
     let mut map: BTreeMap<String, Value> = BTreeMap::new();
-    if let Ok(keys) = event.try_iter() {
-        for key in keys {
-            if let Ok(v) = event.get_item(&key) {
-                if let Some(k) = key.as_str() {
-                    map.insert(k.to_owned(), v);
-                }
-            }
-        }
-    }
     map.insert("event".into(), event.clone());
     map.insert("events".into(), Value::from(vec![event.clone()]));
     for (k, v) in extra {
         map.insert((*k).to_owned(), v.clone());
     }
-    Value::from(map)
+    // `extra` and `event`/`events` first, then the event's own members.
+    minijinja::value::merge_maps([Value::from(map), event.clone()])
 }
 
 /// Context for a batch: `events` in journal order, plus `extra`.
@@ -478,5 +518,122 @@ mod tests {
         )
         .expect("compiles");
         assert!(t.render("x", &Value::from(())).is_err());
+    }
+}
+
+/// `[sinks.<name>.payload]` of a message sink (MQTT): the payload from a
+/// template instead of the CloudEvent.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PayloadConfig {
+    /// The template (inline).
+    #[serde(default)]
+    pub template: Option<String>,
+    /// The template in a file (relative to the configuration file).
+    #[serde(default)]
+    pub template_file: Option<std::path::PathBuf>,
+    /// Content type (MQTT 5 property); JSON types escape values as JSON.
+    #[serde(default = "default_payload_type")]
+    pub content_type: String,
+    /// IANA time zone for the date helpers (default: the system's).
+    #[serde(default)]
+    pub time_zone: Option<String>,
+    /// Attributes the sample event for `validate` carries.
+    #[serde(default)]
+    pub sample_attributes: BTreeMap<String, String>,
+}
+
+fn default_payload_type() -> String {
+    "application/json".into()
+}
+
+/// A checked payload template.
+#[derive(Clone, Debug)]
+pub struct PayloadTemplate {
+    templates: Templates,
+    /// Content type of what it renders.
+    pub content_type: String,
+}
+
+/// The template key of a payload.
+pub const PAYLOAD_KEY: &str = "payload.template";
+
+impl PayloadConfig {
+    /// Compiles and renders the sample event; `(key, expected)` on error.
+    pub fn check(&self, base: &std::path::Path) -> Result<PayloadTemplate, (String, String)> {
+        let zone = match &self.time_zone {
+            Some(name) => jiff::tz::TimeZone::get(name).map_err(|e| {
+                (
+                    "payload.time_zone".to_owned(),
+                    format!("an IANA time zone such as \"Europe/Berlin\", found {name:?} ({e})"),
+                )
+            })?,
+            None => jiff::tz::TimeZone::try_system().unwrap_or(jiff::tz::TimeZone::UTC),
+        };
+        let source = match (&self.template, &self.template_file) {
+            (Some(text), None) => text.clone(),
+            (None, Some(file)) => {
+                let path = if file.is_relative() {
+                    base.join(file)
+                } else {
+                    file.clone()
+                };
+                std::fs::read_to_string(&path).map_err(|e| {
+                    (
+                        "payload.template_file".to_owned(),
+                        format!("a readable template file ({}: {e})", path.display()),
+                    )
+                })?
+            }
+            _ => {
+                return Err((
+                    "payload.template".to_owned(),
+                    "either template or template_file".to_owned(),
+                ))
+            }
+        };
+        let escape = Escape::for_content_type(&self.content_type);
+        let template_error = |e: TemplateError| {
+            let line = e
+                .line
+                .map(|l| format!(" (template line {l})"))
+                .unwrap_or_default();
+            (
+                e.key,
+                format!("a template that renders every event{line}: {}", e.message),
+            )
+        };
+        let mut builder = TemplatesBuilder::new(zone);
+        builder
+            .add(PAYLOAD_KEY, &source, escape)
+            .map_err(template_error)?;
+        let payload = PayloadTemplate {
+            templates: builder.build(),
+            content_type: self.content_type.clone(),
+        };
+        let sample = sample_event(&self.sample_attributes);
+        let rendered = payload
+            .render(&sample)
+            .map_err(|e| (PAYLOAD_KEY.to_owned(), e))?;
+        if escape == Escape::Json {
+            serde_json::from_slice::<serde_json::Value>(&rendered).map_err(|e| {
+                (
+                    PAYLOAD_KEY.to_owned(),
+                    format!("a template that renders JSON; the sample event's payload has {e} (values are written as JSON already: write {{{{ line }}}}, not \"{{{{ line }}}}\")"),
+                )
+            })?;
+        }
+        Ok(payload)
+    }
+}
+
+impl PayloadTemplate {
+    /// The payload for `event`; `Err` is the dead letter's reason.
+    pub fn render(&self, event: &PendingEvent) -> Result<Vec<u8>, String> {
+        let value = event_value(event)?;
+        self.templates
+            .render(PAYLOAD_KEY, &single_context(&value, &[]))
+            .map(String::into_bytes)
+            .map_err(|e| e.to_string())
     }
 }

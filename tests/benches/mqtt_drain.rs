@@ -83,6 +83,7 @@ fn sink_config(port: u16, qos: u8) -> MqttSinkConfig {
         ack_timeout: Duration::from_secs(30),
         site: "p".into(),
         gateway: "g".into(),
+        payload: None,
     }
 }
 

@@ -33,6 +33,7 @@ fn config(port: u16, version: MqttVersion, qos: u8) -> MqttSinkConfig {
         ack_timeout: Duration::from_secs(10),
         site: "site1".into(),
         gateway: "gw1".into(),
+        payload: None,
     }
 }
 
@@ -539,5 +540,90 @@ async fn a_publish_to_repeat_is_not_overtaken_by_the_events_after_it() {
         order,
         (0..20).collect::<Vec<u64>>(),
         "the broker took every event once, in journal order"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_template_shapes_each_message_and_an_event_it_cannot_render_is_a_dead_letter() {
+    let broker = Broker::start(BrokerOptions::default());
+    let received = subscribe_all(broker.port, "test-subscriber-template");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let events: Vec<CloudEvent> = (0..20)
+        .map(|n| {
+            let mut e = event(n, "L1");
+            e.data.work_order = (n != 7).then(|| format!("WO-{n}"));
+            e
+        })
+        .collect();
+    let missing = events[7].id.to_string();
+    let journal = journal_with(dir.path(), events);
+    let template: protocols::render::PayloadConfig = toml::from_str(
+        r#"
+content_type = "application/json"
+time_zone = "Europe/Berlin"
+template = '{"order": {{ work_order }}, "qty": {{ quantity | decimal(1) }}, "day": {{ time | local_date }}, "ref": {{ id }}}'
+"#,
+    )
+    .expect("toml");
+    let mut cfg = config(broker.port, MqttVersion::V5, 1);
+    cfg.payload = Some(
+        template
+            .check(std::path::Path::new("."))
+            .expect("renders the sample"),
+    );
+    let mut sink = MqttSink::start(cfg).expect("sink");
+    assert!(
+        drive::until(
+            &journal,
+            SINK,
+            &mut sink,
+            Duration::from_secs(60),
+            delivered_all
+        )
+        .await
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let messages = loop {
+        let messages: Vec<Received> = received
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|r| r.topic.starts_with("plants/site1/L"))
+            .cloned()
+            .collect();
+        if messages.len() >= 19 || std::time::Instant::now() > deadline {
+            break messages;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    sink.close().await;
+    assert_eq!(
+        messages.len(),
+        19,
+        "every event that renders, once; topics seen: {:?}",
+        received
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|r| r.topic.clone())
+            .collect::<Vec<_>>()
+    );
+    for m in &messages {
+        let body: serde_json::Value =
+            serde_json::from_slice(&m.payload).expect("the template's JSON");
+        assert!(
+            body["order"].is_string() && body["qty"].is_string(),
+            "{body}"
+        );
+        assert_eq!(m.content_type.as_deref(), Some("application/json"));
+        assert_ne!(body["ref"], missing.as_str());
+    }
+    let letters = journal.dead_letters().expect("dead letters");
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].id.to_string(), missing);
+    assert!(
+        letters[0].reason.contains("payload.template") && letters[0].reason.contains("undefined"),
+        "{}",
+        letters[0].reason
     );
 }

@@ -80,6 +80,8 @@ pub(super) struct RawMqttSink {
     max_messages_per_second: u32,
     #[serde(default = "default_ack_timeout", with = "humantime_serde")]
     ack_timeout: Duration,
+    #[serde(default)]
+    payload: Option<protocols::render::PayloadConfig>,
 }
 
 pub(super) fn check_mqtt(
@@ -162,6 +164,16 @@ pub(super) fn check_mqtt(
         .status_topic
         .replace("{site}", &agent.site)
         .replace("{gateway}", &agent.gateway);
+    let payload = m
+        .payload
+        .map(|p| p.check(file.parent().unwrap_or(Path::new("."))))
+        .transpose()
+        .map_err(|(sub, expected)| ConfigError {
+            file: file.to_owned(),
+            key: format!("{key}.{sub}"),
+            expected,
+            line: None,
+        })?;
     Ok(MqttSinkConfig {
         port: m.port.unwrap_or(if tls_on { 8883 } else { 1883 }),
         host: m.host,
@@ -189,5 +201,6 @@ pub(super) fn check_mqtt(
         ack_timeout: m.ack_timeout,
         site: agent.site.clone(),
         gateway: agent.gateway.clone(),
+        payload,
     })
 }

@@ -112,6 +112,8 @@ pub struct MqttSinkConfig {
     pub site: String,
     /// Gateway, for topics and the status message.
     pub gateway: String,
+    /// The payload from a template (default: the CloudEvent).
+    pub payload: Option<crate::render::PayloadTemplate>,
 }
 
 /// Failures starting the sink.
@@ -778,9 +780,19 @@ impl MqttSink {
         let topic = self
             .topic_template
             .render(&self.config.site, &self.config.gateway, &fields);
+        let (payload, content_type) = match &self.config.payload {
+            Some(template) => (
+                Bytes::from(template.render(event)?),
+                template.content_type.clone(),
+            ),
+            None => (
+                Bytes::copy_from_slice(&event.payload),
+                "application/cloudevents+json".to_owned(),
+            ),
+        };
         let properties = (self.config.version == MqttVersion::V5).then(|| PublishProperties {
             payload_format_indicator: Some(1),
-            content_type: Some("application/cloudevents+json".into()),
+            content_type: Some(content_type),
             user_properties: vec![
                 // Written straight into the string, not through Display's
                 // formatter: this runs for every publish.
@@ -799,7 +811,7 @@ impl MqttSink {
         });
         Ok(Publication {
             topic,
-            payload: Bytes::copy_from_slice(&event.payload),
+            payload,
             retain: false,
             properties,
         })
