@@ -64,6 +64,9 @@ pub struct ApiState {
     messages: Mutex<Vec<Message>>,
     /// Requests per API path.
     pub requests: Mutex<HashMap<String, u64>>,
+    /// SAP single confirmations: (ConfirmationText, RequestID,
+    /// RepeatabilityCreation) headers as received.
+    pub sap_repeatability: Mutex<Vec<(String, String, String)>>,
 }
 
 impl ApiState {

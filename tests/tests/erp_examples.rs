@@ -429,6 +429,16 @@ async fn an_expired_sap_csrf_token_is_fetched_again_and_the_post_repeated_once()
     assert!(drive::until(&journal, "erp", &mut sink, Duration::from_secs(30), settled).await);
     assert_eq!(apis.state.booked_keys(), ids);
     assert_eq!(*apis.state.csrf_fetches.lock().expect("state"), 2);
+    // repeatability = "sap": the same RequestID for the same event, and
+    // when it was first sent.
+    for (text, request_id, created) in apis.state.sap_repeatability.lock().expect("state").iter() {
+        let id = uuid::Uuid::parse_str(text).expect("event id");
+        assert_eq!(*request_id, id.simple().to_string());
+        assert!(
+            humantime::parse_rfc3339(created).is_ok(),
+            "RepeatabilityCreation {created:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

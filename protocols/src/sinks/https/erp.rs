@@ -63,7 +63,7 @@ pub enum Repeatability {
 }
 
 /// `[sinks.<name>.request]`: the request in the ERP's own shape.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RequestConfig {
     /// Body template (inline).
@@ -104,6 +104,27 @@ pub struct RequestConfig {
     /// every POST, fetched again once on `403` + `x-csrf-token: Required`.
     #[serde(default)]
     pub csrf: bool,
+}
+
+impl Default for RequestConfig {
+    /// What a sink without `[request]` does: CloudEvents with
+    /// `Idempotency-Key` (the serde defaults, not the types' zero values).
+    fn default() -> Self {
+        Self {
+            body: None,
+            body_file: None,
+            content_type: json_type(),
+            path: None,
+            headers: BTreeMap::new(),
+            batch: BatchShape::Template,
+            odata_path: None,
+            time_zone: None,
+            sample_attributes: BTreeMap::new(),
+            idempotency_key: true,
+            repeatability: Repeatability::None,
+            csrf: false,
+        }
+    }
 }
 
 /// `[sinks.<name>.answer]`: what a response means, per event.
@@ -787,6 +808,13 @@ mod tests {
         assert_eq!(e.key, "pending");
         let e = profile("[answer]\nerror = \"error\"\n").expect_err("pointer");
         assert_eq!(e.key, "answer.error");
+    }
+
+    #[test]
+    fn a_sink_without_a_request_table_keeps_sending_idempotency_key() {
+        let p = profile("").expect("empty");
+        assert!(p.idempotency_key && !p.templated_body && !p.csrf);
+        assert_eq!(p.repeatability, Repeatability::None);
     }
 
     #[test]
