@@ -192,6 +192,14 @@ impl Templates {
 /// Members are converted when a template reads them, not before: a body
 /// that uses eight fields pays for eight.
 pub fn event_value(event: &PendingEvent) -> Result<Value, String> {
+    // Every payload in the journal is a `buffer::CloudEvent`: read as that
+    // type it costs a third of a JSON tree. Anything else is read as JSON.
+    if let Ok(typed) = serde_json::from_slice::<buffer::CloudEvent>(&event.payload) {
+        return Ok(Value::from_object(TypedEvent {
+            event: typed,
+            seq: event.seq,
+        }));
+    }
     let envelope: serde_json::Value = serde_json::from_slice(&event.payload)
         .map_err(|e| format!("event {} is not JSON: {e}", event.id))?;
     if !envelope.is_object() {
@@ -203,7 +211,91 @@ pub fn event_value(event: &PendingEvent) -> Result<Value, String> {
     }))
 }
 
-/// The lazily converted event behind [`event_value`].
+/// A canonical event behind [`event_value`], its members converted when
+/// read.
+#[derive(Debug)]
+struct TypedEvent {
+    event: buffer::CloudEvent,
+    seq: u64,
+}
+
+/// Members of a [`TypedEvent`], for enumeration.
+const TYPED_MEMBERS: &[&str] = &[
+    "id",
+    "source",
+    "type",
+    "time",
+    "subject",
+    "sequence",
+    "specversion",
+    "datacontenttype",
+    "site",
+    "line",
+    "machine",
+    "work_order",
+    "material",
+    "quantity",
+    "unit",
+    "lot",
+    "reason_code",
+    "counter",
+    "origin",
+    "attributes",
+    "data",
+    "seq",
+    "cloudevent",
+];
+
+impl minijinja::value::Object for TypedEvent {
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        self.get_value_by_str(key.as_str()?)
+    }
+
+    fn get_value_by_str(self: &Arc<Self>, key: &str) -> Option<Value> {
+        let e = &self.event;
+        let d = &e.data;
+        let text = |s: &str| Some(Value::from(s));
+        let optional = |s: &Option<String>| s.as_deref().map(Value::from);
+        match key {
+            "id" => Some(Value::from(e.id.to_string())),
+            "source" => text(&e.source),
+            "type" => text(e.event_type.as_str()),
+            "time" => text(&e.time),
+            "subject" => optional(&e.subject),
+            "sequence" => optional(&e.sequence),
+            "specversion" => text(&e.specversion),
+            "datacontenttype" => text(&e.datacontenttype),
+            "site" => text(&d.site),
+            "line" => text(&d.line),
+            "machine" => text(&d.machine),
+            "work_order" => optional(&d.work_order),
+            "material" => optional(&d.material),
+            "quantity" => Some(match d.quantity {
+                buffer::Quantity::Count(n) => Value::from(n),
+                buffer::Quantity::Measure(x) => Value::from(x),
+            }),
+            "unit" => text(&d.unit),
+            "lot" => optional(&d.lot),
+            "reason_code" => optional(&d.reason_code),
+            "counter" => d
+                .counter
+                .as_ref()
+                .map(|c| Value::from(minijinja::value::Serde(c))),
+            "origin" => Some(Value::from(minijinja::value::Serde(&d.origin))),
+            "attributes" => Some(Value::from(minijinja::value::Serde(&d.attributes))),
+            "data" => Some(Value::from(minijinja::value::Serde(d))),
+            "seq" => Some(Value::from(self.seq)),
+            "cloudevent" => Some(Value::from(minijinja::value::Serde(e))),
+            _ => None,
+        }
+    }
+
+    fn enumerate(self: &Arc<Self>) -> minijinja::value::Enumerator {
+        minijinja::value::Enumerator::Str(TYPED_MEMBERS)
+    }
+}
+
+/// An event that is not a canonical one (read as JSON), converted lazily.
 #[derive(Debug)]
 struct EventObject {
     envelope: serde_json::Value,
@@ -506,6 +598,30 @@ mod tests {
         assert_eq!(
             out,
             "[\"6f1c2b7e-58a4-5d3c-9e21-4b7a0c5de8f1\",\"6f1c2b7e-58a4-5d3c-9e21-4b7a0c5de8f1\"] 18342 18342"
+        );
+    }
+
+    #[test]
+    fn an_event_that_is_not_a_canonical_one_is_read_as_json_with_every_member() {
+        let event = PendingEvent {
+            seq: 9,
+            id: uuid::Uuid::nil(),
+            source: "x".into(),
+            class: buffer::EventClass::Business,
+            appended_ms: 0,
+            payload: br#"{"id":"legacy-1","type":"production.completion","data":{"line":"L9","extra":{"shift":"B"}}}"#.to_vec(),
+        };
+        let value = event_value(&event).expect("json");
+        let t = templates(
+            "x",
+            "{{ id }} {{ line }} {{ extra.shift }} {{ seq }}",
+            Escape::None,
+        )
+        .expect("compiles");
+        assert_eq!(
+            t.render("x", &single_context(&value, &[]))
+                .expect("renders"),
+            "legacy-1 L9 B 9"
         );
     }
 
