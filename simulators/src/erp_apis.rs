@@ -488,6 +488,15 @@ async fn odoo_jsonrpc(State(state): State<Arc<ApiState>>, body: Bytes) -> Respon
     let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let id = request["id"].clone();
     let args = &request["params"]["args"];
+    if args[3] == "x_production_report" && args[4] == "search_read" {
+        *state.lookups.lock().expect("state") += 1;
+        let found = odoo_search(&state, &args[5]);
+        return (
+            [("content-type", "application/json")],
+            json!({"jsonrpc": "2.0", "id": id, "result": found}).to_string(),
+        )
+            .into_response();
+    }
     let answer = if args[3] != "x_production_report" || args[4] != "create" {
         Err(format!("Object {} doesn't exist", args[3]))
     } else {
@@ -507,6 +516,70 @@ async fn odoo_jsonrpc(State(state): State<Arc<ApiState>>, body: Bytes) -> Respon
         }
     };
     ([("content-type", "application/json")], body.to_string()).into_response()
+}
+
+/// Odoo records whose `x_event_id` equals the value in a domain
+/// `[["x_event_id", "=", value]]`.
+fn odoo_search(state: &ApiState, domain: &Value) -> Vec<Value> {
+    let Some(wanted) = domain.as_array().and_then(|d| {
+        d.iter()
+            .find(|c| c[0] == "x_event_id" && c[1] == "=")
+            .map(|c| text(&c[2]))
+    }) else {
+        return Vec::new();
+    };
+    state
+        .booked
+        .lock()
+        .expect("state")
+        .iter()
+        .filter(|b| b.api == "odoo" && b.key == wanted)
+        .map(|b| json!({"id": 42, "x_event_id": b.key}))
+        .collect()
+}
+
+/// Odoo JSON-2 `search_read`.
+async fn odoo_json2_search(State(state): State<Arc<ApiState>>, body: Bytes) -> Response {
+    state.count("odoo-json2-search");
+    *state.lookups.lock().expect("state") += 1;
+    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let found = odoo_search(&state, &request["domain"]);
+    (
+        [("content-type", "application/json")],
+        Value::from(found).to_string(),
+    )
+        .into_response()
+}
+
+/// Oracle: `GET operationTransactions?q=SourceLineReference='<id>'`, the
+/// records it booked.
+async fn oracle_query(State(state): State<Arc<ApiState>>, uri: Uri) -> Response {
+    state.count("oracle-query");
+    *state.lookups.lock().expect("state") += 1;
+    let wanted = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|p| p.strip_prefix("q="))
+        .map(decode)
+        .and_then(|q| {
+            q.strip_prefix("SourceLineReference=")
+                .map(|v| v.trim_matches('\'').to_owned())
+        })
+        .unwrap_or_default();
+    let items: Vec<Value> = state
+        .booked
+        .lock()
+        .expect("state")
+        .iter()
+        .filter(|b| b.api == "oracle" && b.key == wanted)
+        .map(|b| json!({"SourceLineReference": b.key, "WorkOrderNumber": b.order, "InterfaceStatusCode": "SUCCESS"}))
+        .collect();
+    (
+        [("content-type", "application/json")],
+        json!({"items": items, "count": items.len()}).to_string(),
+    )
+        .into_response()
 }
 
 /// Odoo JSON-2 (`/json/2/<model>/<method>`): errors are HTTP statuses with
@@ -690,7 +763,11 @@ impl ErpApis {
             .route(&format!("{sap}/$batch"), post(sap_batch))
             .route(paths::ODOO_JSONRPC, post(odoo_jsonrpc))
             .route("/json/2/x_production_report/create", post(odoo_json2))
-            .route(paths::ORACLE, post(oracle))
+            .route(paths::ORACLE, post(oracle).get(oracle_query))
+            .route(
+                "/json/2/x_production_report/search_read",
+                post(odoo_json2_search),
+            )
             .route(paths::D365_SEND, post(d365_send))
             .route("/data/SysMessageProcessorMessages", get(d365_status))
             .route(paths::TOKEN, post(token))

@@ -348,6 +348,22 @@ async fn sap_batch_reset_after_commit_is_found_by_the_lookup_and_not_booked_twic
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odoo_jsonrpc_reset_after_create_is_found_by_search_read_and_not_created_twice() {
+    a_reset_after_commit_is_looked_up_not_booked_twice("odoo-jsonrpc.toml").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odoo_json2_reset_after_create_is_found_by_search_read_and_not_created_twice() {
+    a_reset_after_commit_is_looked_up_not_booked_twice("odoo-json2.toml").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oracle_reset_after_commit_is_found_by_source_line_reference_and_not_booked_twice() {
+    a_reset_after_commit_is_looked_up_not_booked_twice("oracle-fusion-operation-transactions.toml")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn d365_reset_after_queueing_is_found_by_the_lookup_and_not_queued_twice() {
     a_reset_after_commit_is_looked_up_not_booked_twice("dynamics365-report-finished.toml").await;
 }

@@ -193,6 +193,10 @@ pub struct PendingConfig {
 pub struct LookupConfig {
     /// URL template (the event's fields).
     pub url: String,
+    /// A JSON body template: the lookup is then a POST (JSON-RPC
+    /// `search_read`); without one, a GET.
+    #[serde(default)]
+    pub body: Option<String>,
     /// JSON pointer: present (not null, not an empty list) → booked.
     #[serde(default)]
     pub found: Option<String>,
@@ -408,6 +412,8 @@ pub mod keys {
     pub const PENDING_URL: &str = "pending.url";
     /// The lookup URL.
     pub const LOOKUP_URL: &str = "lookup.url";
+    /// The lookup's POST body.
+    pub const LOOKUP_BODY: &str = "lookup.body";
     /// A header template: `request.headers.<name>`.
     pub fn header(name: &str) -> String {
         format!("request.headers.{name}")
@@ -643,6 +649,9 @@ impl ProfileConfig {
         let lookup = match &self.lookup {
             Some(l) => {
                 builder.add(keys::LOOKUP_URL, &l.url, Escape::None)?;
+                if let Some(body) = &l.body {
+                    builder.add(keys::LOOKUP_BODY, body, Escape::Json)?;
+                }
                 let rule = StateRule {
                     state: pointer("lookup.state", &l.state)?,
                     booked: l.booked.clone(),
@@ -768,6 +777,15 @@ impl ErpProfile {
             if self.templates.has(key) {
                 self.templates.render(key, &single)?;
             }
+        }
+        if self.templates.has(keys::LOOKUP_BODY) {
+            let body = self.templates.render(keys::LOOKUP_BODY, &single)?;
+            serde_json::from_str::<serde_json::Value>(&body).map_err(|e| {
+                problem(
+                    keys::LOOKUP_BODY,
+                    format!("a template that renders JSON; the sample event's gives {e}"),
+                )
+            })?;
         }
         Ok(())
     }

@@ -584,10 +584,25 @@ impl HttpsSink {
 
     /// A GET whose answer is JSON (status polls, lookups). `Ok(None)`: 404.
     async fn get_json(&mut self, url: &str) -> Result<Option<serde_json::Value>, String> {
-        let request = self
-            .client
-            .get(url)
-            .header(reqwest::header::ACCEPT, "application/json");
+        self.ask_json(url, None).await
+    }
+
+    /// A GET, or a POST of a JSON `body` (JSON-RPC searches), whose answer
+    /// is JSON. `Ok(None)`: 404.
+    async fn ask_json(
+        &mut self,
+        url: &str,
+        body: Option<String>,
+    ) -> Result<Option<serde_json::Value>, String> {
+        let request = match body {
+            Some(body) => self
+                .client
+                .post(url)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body),
+            None => self.client.get(url),
+        }
+        .header(reqwest::header::ACCEPT, "application/json");
         let request = self.authorised(request, false).await?;
         let mut response = request.send().await.map_err(|e| describe(&e))?;
         let status = response.status();
@@ -597,7 +612,7 @@ impl HttpsSink {
         }
         if !status.is_success() {
             return Err(format!(
-                "GET {url} answered {}: {}",
+                "{url} answered {}: {}",
                 status.as_u16(),
                 String::from_utf8_lossy(&body)
                     .chars()
@@ -607,7 +622,7 @@ impl HttpsSink {
         }
         serde_json::from_slice(&body)
             .map(Some)
-            .map_err(|e| format!("GET {url}: the answer is not JSON ({e})"))
+            .map_err(|e| format!("{url}: the answer is not JSON ({e})"))
     }
 
     /// The body, content type, URL and extra headers of one request.
@@ -1235,7 +1250,21 @@ impl HttpsSink {
             )
             .map_err(|e| e.to_string())?;
         let url = self.resolve(&url)?;
-        let Some(answer) = self.get_json(&url).await? else {
+        let body = if self.config.profile.templates.has(erp::keys::LOOKUP_BODY) {
+            Some(
+                self.config
+                    .profile
+                    .templates
+                    .render(
+                        erp::keys::LOOKUP_BODY,
+                        &crate::render::single_context(&value, &[]),
+                    )
+                    .map_err(|e| e.to_string())?,
+            )
+        } else {
+            None
+        };
+        let Some(answer) = self.ask_json(&url, body).await? else {
             return Ok(None);
         };
         Ok(match lookup.meaning(&answer) {
