@@ -273,6 +273,11 @@ impl Pointer {
         }
     }
 
+    /// The pointer as written.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
     /// The value it points at (null counts as absent).
     pub fn find<'a>(&self, value: &'a serde_json::Value) -> Option<&'a serde_json::Value> {
         value.pointer(&self.0).filter(|v| !v.is_null())

@@ -36,14 +36,16 @@ use buffer::PendingEvent;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use reqwest::StatusCode;
 
+mod answer;
 pub mod erp;
+mod followup;
 pub mod odata;
 
 use std::collections::{HashMap, HashSet};
 
 use minijinja::value::Value;
 
-use self::erp::{BatchShape, ErpProfile, Meaning, Repeatability};
+use self::erp::{BatchShape, ErpProfile, Repeatability};
 use crate::pace::Pacer;
 use crate::sink::{Sink, Verdict};
 use crate::tls::{self, TlsSettings};
@@ -852,148 +854,6 @@ impl HttpsSink {
         }
     }
 
-    /// What a 2xx says about each event of the request.
-    fn judge_success(
-        &self,
-        status: StatusCode,
-        location: Option<String>,
-        answer_type: &str,
-        bytes: &[u8],
-        events: &[PendingEvent],
-    ) -> Sent {
-        let profile = &self.config.profile;
-        let rules = &profile.answer;
-        let all = |outcome: Outcome| Sent::PerEvent(vec![outcome; events.len()]);
-        let json = || serde_json::from_slice::<serde_json::Value>(bytes);
-        if rules.pending_statuses.contains(&status.as_u16()) {
-            return all(Outcome::Pending {
-                state: format!("HTTP {}", status.as_u16()),
-                location,
-                answer: json().unwrap_or(serde_json::Value::Null),
-            });
-        }
-        let multipart = profile.batch == BatchShape::Odata
-            && !(matches!(self.config.mode, HttpsMode::Single) && events.len() == 1);
-        if multipart {
-            let text = String::from_utf8_lossy(bytes);
-            let Some(parts) = odata::parse(answer_type, &text) else {
-                return all(Outcome::Doubt(format!(
-                    "HTTP {}: the $batch answer is not a multipart answer ({answer_type:?})",
-                    status.as_u16()
-                )));
-            };
-            if parts.len() != events.len() {
-                return all(Outcome::Doubt(format!(
-                    "the $batch answer has {} changeset answers for {} changesets",
-                    parts.len(),
-                    events.len()
-                )));
-            }
-            return Sent::PerEvent(
-                parts
-                    .into_iter()
-                    .map(|part| {
-                        let message = || {
-                            serde_json::from_str::<serde_json::Value>(&part.body)
-                                .ok()
-                                .and_then(|v| rules.state.message(&v))
-                                .unwrap_or_else(|| part.body.chars().take(200).collect())
-                        };
-                        match part.status {
-                            200..=299 => Outcome::Booked,
-                            408 | 425 | 429 | 500..=599 => Outcome::Later(format!(
-                                "changeset HTTP {}: {}",
-                                part.status,
-                                message()
-                            )),
-                            s => Outcome::Refused(format!("HTTP {s}: {}", message())),
-                        }
-                    })
-                    .collect(),
-            );
-        }
-        if !rules.reads_body() {
-            return Sent::Ok;
-        }
-        let body = match json() {
-            Ok(body) => body,
-            Err(e) => {
-                return all(Outcome::Doubt(format!(
-                    "HTTP {}: the answer is not JSON ({e}); the rules cannot tell whether it was booked",
-                    status.as_u16()
-                )))
-            }
-        };
-        if let Some(error) = &rules.error {
-            if error.find(&body).is_some() {
-                let message = rules
-                    .state
-                    .message(&body)
-                    .or_else(|| error.text(&body))
-                    .unwrap_or_default();
-                return Sent::Refused(format!("HTTP {} with an error: {message}", status.as_u16()));
-            }
-        }
-        let to_outcome = |meaning: Meaning, answer: &serde_json::Value| match meaning {
-            Meaning::Booked => Outcome::Booked,
-            Meaning::Refused(m) => Outcome::Refused(m),
-            Meaning::Pending(state) => Outcome::Pending {
-                state,
-                location: location.clone(),
-                answer: answer.clone(),
-            },
-            Meaning::Doubt(why) => Outcome::Doubt(why),
-        };
-        if let Some(items) = &rules.items {
-            let Some(serde_json::Value::Array(list)) = items.find(&body) else {
-                return all(Outcome::Doubt(format!(
-                    "no list of results at {}",
-                    items_name(items)
-                )));
-            };
-            let by_key: Option<HashMap<String, &serde_json::Value>> =
-                rules.item_key.as_ref().map(|k| {
-                    list.iter()
-                        .filter_map(|item| k.text(item).map(|key| (key, item)))
-                        .collect()
-                });
-            if by_key.is_none() && list.len() != events.len() {
-                return all(Outcome::Doubt(format!(
-                    "{} results for {} events",
-                    list.len(),
-                    events.len()
-                )));
-            }
-            return Sent::PerEvent(
-                events
-                    .iter()
-                    .enumerate()
-                    .map(|(i, event)| {
-                        let item = match &by_key {
-                            Some(map) => map.get(&event.id.to_string()).copied(),
-                            None => list.get(i),
-                        };
-                        match item {
-                            None => Outcome::Doubt(format!(
-                                "the answer has no result for event {}",
-                                event.id
-                            )),
-                            Some(item) => match rules.state.meaning(item) {
-                                Some(meaning) => to_outcome(meaning, item),
-                                None => Outcome::Doubt("no item state rule".into()),
-                            },
-                        }
-                    })
-                    .collect(),
-            );
-        }
-        match rules.state.meaning(&body) {
-            Some(Meaning::Refused(m)) => Sent::Refused(m),
-            Some(meaning) => all(to_outcome(meaning, &body)),
-            None => Sent::Ok,
-        }
-    }
-
     /// Sends `events`; on refusal splits until the refused ones are alone.
     /// Fills `verdicts` (indexed like `events`); returns false if delivery
     /// must stop here (transient failure or an endpoint that refuses: the
@@ -1103,183 +963,6 @@ impl HttpsSink {
         }
     }
 
-    /// Remembers an accepted-pending event and says so.
-    fn accept_pending(
-        &mut self,
-        event: &PendingEvent,
-        state: String,
-        location: Option<String>,
-        answer: serde_json::Value,
-    ) -> Verdict {
-        let Some(poll) = self.config.profile.pending.clone() else {
-            return Verdict::Hold {
-                reason:
-                    "the ERP answered accepted-pending and no [pending] rule says how to follow it"
-                        .into(),
-            };
-        };
-        let status_url = crate::render::event_value(event)
-            .map(|value| {
-                crate::render::single_context(
-                    &value,
-                    &[
-                        (
-                            "location",
-                            Value::from(location.clone().unwrap_or_default()),
-                        ),
-                        ("answer", Value::from(minijinja::value::Serde(&answer))),
-                    ],
-                )
-            })
-            .and_then(|c| {
-                self.config
-                    .profile
-                    .templates
-                    .render(erp::keys::PENDING_URL, &c)
-                    .map_err(|e| e.to_string())
-            })
-            .and_then(|rendered| self.resolve(&rendered));
-        let status_url = match status_url {
-            Ok(url) => url,
-            Err(why) => {
-                self.doubt.insert(event.id);
-                return Verdict::Hold {
-                    reason: format!("accepted-pending, but its status URL does not render: {why}"),
-                };
-            }
-        };
-        if self.pending.len() >= MAX_REMEMBERED {
-            return Verdict::Hold {
-                reason: format!("more than {MAX_REMEMBERED} events accepted-pending"),
-            };
-        }
-        let since = SystemTime::now();
-        tracing::info!(event = %event.id, state = %state, status_url = %status_url, "accepted by the ERP, not booked yet; following its status");
-        self.pending.insert(
-            event.id,
-            Ticket {
-                status_url,
-                since,
-                next_poll: Instant::now() + poll.poll_every,
-                state: state.clone(),
-                alarmed: false,
-            },
-        );
-        self.doubt.remove(&event.id);
-        Verdict::Pending {
-            since,
-            after: poll.poll_every,
-            overdue: false,
-            reason: format!("accepted by the ERP, not booked yet ({state})"),
-        }
-    }
-
-    /// An accepted-pending event: asks its status when due.
-    async fn follow_pending(&mut self, event: &PendingEvent) -> Verdict {
-        let Some(poll) = self.config.profile.pending.clone() else {
-            return Verdict::retry("pending without a rule");
-        };
-        let Some(ticket) = self.pending.get(&event.id).cloned() else {
-            return Verdict::retry("not pending");
-        };
-        let now = Instant::now();
-        let mut state = ticket.state.clone();
-        if ticket.next_poll <= now {
-            match self.get_json(&ticket.status_url).await {
-                Ok(Some(answer)) => match poll.rule.meaning(&answer) {
-                    Some(Meaning::Booked) => {
-                        self.pending.remove(&event.id);
-                        tracing::info!(event = %event.id, "the ERP booked the accepted event");
-                        return Verdict::Delivered;
-                    }
-                    Some(Meaning::Refused(message)) => {
-                        self.pending.remove(&event.id);
-                        return Verdict::Rejected {
-                            reason: format!("accepted, then failed in the ERP: {message}"),
-                        };
-                    }
-                    Some(Meaning::Pending(s)) | Some(Meaning::Doubt(s)) => state = s,
-                    None => {}
-                },
-                Ok(None) => state = "status not found yet".into(),
-                Err(e) => {
-                    tracing::debug!(event = %event.id, error = %e, "asking the ERP for a pending event's status failed")
-                }
-            }
-        }
-        let age = SystemTime::now()
-            .duration_since(ticket.since)
-            .unwrap_or_default();
-        let overdue = age >= poll.alarm_after;
-        if let Some(t) = self.pending.get_mut(&event.id) {
-            if t.next_poll <= now {
-                t.next_poll = now + poll.poll_every;
-            }
-            t.state = state.clone();
-            if overdue && !t.alarmed {
-                t.alarmed = true;
-                tracing::error!(event = %event.id, age = %crate::pace::human(age), state = %state, status_url = %t.status_url, "ACCEPTED BUT NOT BOOKED: the ERP has not booked an accepted event within alarm_after; it stays in the journal and is followed");
-            }
-        }
-        let after = self
-            .pending
-            .get(&event.id)
-            .map(|t| t.next_poll.saturating_duration_since(Instant::now()))
-            .unwrap_or(poll.poll_every);
-        Verdict::Pending {
-            since: ticket.since,
-            after,
-            overdue,
-            reason: format!("accepted by the ERP, not booked yet ({state})"),
-        }
-    }
-
-    /// Asks the ERP whether `event` is booked. `Ok(None)`: not there, post it.
-    async fn look_up(&mut self, event: &PendingEvent) -> Result<Option<Verdict>, String> {
-        let Some(lookup) = self.config.profile.lookup.clone() else {
-            return Ok(None);
-        };
-        let value = crate::render::event_value(event)?;
-        let url = self
-            .config
-            .profile
-            .templates
-            .render(
-                erp::keys::LOOKUP_URL,
-                &crate::render::single_context(&value, &[]),
-            )
-            .map_err(|e| e.to_string())?;
-        let url = self.resolve(&url)?;
-        let body = if self.config.profile.templates.has(erp::keys::LOOKUP_BODY) {
-            Some(
-                self.config
-                    .profile
-                    .templates
-                    .render(
-                        erp::keys::LOOKUP_BODY,
-                        &crate::render::single_context(&value, &[]),
-                    )
-                    .map_err(|e| e.to_string())?,
-            )
-        } else {
-            None
-        };
-        let Some(answer) = self.ask_json(&url, body).await? else {
-            return Ok(None);
-        };
-        Ok(match lookup.meaning(&answer) {
-            Meaning::Booked => {
-                tracing::info!(event = %event.id, "the lookup found the event already booked; not posting it again");
-                Some(Verdict::Delivered)
-            }
-            Meaning::Refused(message) => Some(Verdict::Rejected {
-                reason: format!("the ERP has it as failed: {message}"),
-            }),
-            Meaning::Pending(state) => Some(self.accept_pending(event, state, None, answer)),
-            Meaning::Doubt(_) => None,
-        })
-    }
-
     /// Posts `events` in order, in requests bounded by the mode.
     async fn post_in_order(&mut self, batch: &[PendingEvent], verdicts: &mut [Option<Verdict>]) {
         let (max_events, max_bytes) = match self.config.mode {
@@ -1343,10 +1026,6 @@ fn cloudevents_request(url: &str, events: &[PendingEvent], single: bool) -> Rend
         body,
         headers: Vec::new(),
     }
-}
-
-fn items_name(pointer: &erp::Pointer) -> String {
-    format!("{pointer:?}")
 }
 
 /// Reads an answer up to [`MAX_BODY_BYTES`]; an error if the transfer broke.
