@@ -67,6 +67,11 @@ pub struct ApiState {
     /// SAP single confirmations: (ConfirmationText, RequestID,
     /// RepeatabilityCreation) headers as received.
     pub sap_repeatability: Mutex<Vec<(String, String, String)>>,
+    /// Asynchronous API: (reference, Repeatability-Request-ID,
+    /// Repeatability-First-Sent) as received.
+    pub oasis_repeatability: Mutex<Vec<(String, String, String)>>,
+    /// Asynchronous API operations: reference, state, message.
+    operations: Mutex<Vec<(String, &'static str, Option<String>)>>,
 }
 
 impl ApiState {
@@ -721,6 +726,81 @@ async fn token() -> Response {
         .into_response()
 }
 
+/// An asynchronous API in the Azure style: `202 Accepted` with an
+/// `Operation-Location`; the operation runs until `finish_operations`.
+async fn async_post(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    state.count("async");
+    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    let reference = text(&request["reference"]);
+    state.oasis_repeatability.lock().expect("state").push((
+        reference.clone(),
+        header("repeatability-request-id"),
+        header("repeatability-first-sent"),
+    ));
+    let mut operations = state.operations.lock().expect("state");
+    operations.push((reference, "Running", None));
+    let n = operations.len();
+    (
+        StatusCode::ACCEPTED,
+        [("operation-location", format!("/async/operations/{n}"))],
+        "",
+    )
+        .into_response()
+}
+
+async fn async_operation(
+    State(state): State<Arc<ApiState>>,
+    axum::extract::Path(n): axum::extract::Path<usize>,
+) -> Response {
+    state.count("async-status");
+    let operations = state.operations.lock().expect("state");
+    match operations.get(n.wrapping_sub(1)) {
+        Some((_, status, message)) => (
+            [("content-type", "application/json")],
+            json!({"status": status, "error": {"message": message}}).to_string(),
+        )
+            .into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+impl ApiState {
+    /// Ends every running asynchronous operation: booked, or failed when
+    /// its order is closed.
+    pub fn finish_operations(&self) {
+        let closed = self.closed_orders.lock().expect("state").clone();
+        for (reference, status, message) in self.operations.lock().expect("state").iter_mut() {
+            if *status != "Running" {
+                continue;
+            }
+            let order = reference.split(':').next().unwrap_or("").to_owned();
+            if closed.contains(&order) {
+                *status = "Failed";
+                *message = Some(format!("Order {order} is closed"));
+            } else {
+                *status = "Succeeded";
+                self.booked.lock().expect("state").push(Booking {
+                    api: "async",
+                    key: reference.split(':').nth(1).unwrap_or("").to_owned(),
+                    order,
+                    quantity: 1.0,
+                });
+            }
+        }
+    }
+}
+
 /// A running set of simulated ERP APIs.
 pub struct ErpApis {
     /// Shared state.
@@ -740,6 +820,8 @@ pub mod paths {
     pub const ORACLE: &str = "/fscmRestApi/resources/11.13.18.05/operationTransactions";
     /// OAuth2 client-credentials token endpoint (Entra ID's role).
     pub const TOKEN: &str = "/oauth2/v2.0/token";
+    /// An asynchronous API (202 + Operation-Location).
+    pub const ASYNC: &str = "/async/confirmations";
     /// D365 SendMessage.
     pub const D365_SEND: &str = "/api/services/SysMessageServices/SysMessageService/SendMessage";
 }
@@ -771,6 +853,8 @@ impl ErpApis {
             .route(paths::D365_SEND, post(d365_send))
             .route("/data/SysMessageProcessorMessages", get(d365_status))
             .route(paths::TOKEN, post(token))
+            .route(paths::ASYNC, post(async_post))
+            .route("/async/operations/{n}", get(async_operation))
             .with_state(state.clone());
         let handle = axum_server::Handle::new();
         let server = axum_server::bind_rustls(addr, tls).handle(handle.clone());

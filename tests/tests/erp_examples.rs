@@ -550,3 +550,102 @@ fn every_shipped_example_renders_its_golden_body() {
     }
     assert_eq!(checked, 6, "every shipped example has a golden body");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_202_with_operation_location_is_followed_there_until_it_succeeds_or_fails() {
+    let (dir, pki, apis) = setup().await;
+    apis.state
+        .closed_orders
+        .lock()
+        .expect("state")
+        .insert("1000999".into());
+    let (journal, ids) = journal_with(dir.path(), &["1000123", "1000999", "1000123"]);
+    let profile: ProfileConfig = toml::from_str(
+        r#"
+[request]
+body = '{"reference": {{ work_order ~ ":" ~ id }}}'
+repeatability = "oasis"
+
+[answer]
+pending_statuses = [202]
+
+[pending]
+url = "{{ location }}"
+state = "/status"
+booked = ["Succeeded"]
+failed = ["Failed"]
+message = "/error/message"
+poll_every = "50ms"
+"#,
+    )
+    .expect("toml");
+    let profile = profile.check(Path::new("."), false).expect("checks");
+    profile.check_rendering(false).expect("renders");
+    let mut sink = HttpsSink::new(HttpsSinkConfig {
+        url: format!(
+            "{}{}",
+            apis.base(),
+            plant_edge_tests::erp_apis::paths::ASYNC
+        ),
+        mode: HttpsMode::Single,
+        headers: Vec::new(),
+        gzip: false,
+        auth: HttpsAuth::None,
+        tls: TlsSettings {
+            ca_file: Some(pki.ca.clone()),
+            client_cert: None,
+            client_key: None,
+            alpn: Vec::new(),
+        },
+        insecure_skip_verify: false,
+        connect_timeout: Duration::from_secs(5),
+        request_timeout: Duration::from_secs(5),
+        max_events_per_second: None,
+        profile,
+    })
+    .expect("sink");
+    let batch = journal.read_batch("erp", 10).expect("read");
+    let verdicts = sink.deliver(&batch).await;
+    assert!(
+        verdicts
+            .iter()
+            .all(|v| matches!(v, Verdict::Pending { .. })),
+        "{verdicts:?}"
+    );
+    // Still running: asked, still pending, not posted again.
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    journal.rewind("erp").expect("rewind");
+    let again = sink
+        .deliver(&journal.read_batch("erp", 10).expect("read"))
+        .await;
+    assert!(
+        again.iter().all(|v| matches!(v, Verdict::Pending { .. })),
+        "{again:?}"
+    );
+    assert_eq!(apis.state.requests.lock().expect("state")["async"], 3);
+    assert!(apis.state.requests.lock().expect("state")["async-status"] >= 3);
+    apis.state.finish_operations();
+    journal.rewind("erp").expect("rewind");
+    assert!(drive::until(&journal, "erp", &mut sink, Duration::from_secs(30), settled).await);
+    assert_eq!(
+        apis.state.booked_keys(),
+        vec![ids[0].clone(), ids[2].clone()]
+    );
+    let letters = dead_letters(&journal);
+    assert!(
+        letters[&ids[1]].contains("Order 1000999 is closed"),
+        "{letters:?}"
+    );
+    for (reference, request_id, first_sent) in
+        apis.state.oasis_repeatability.lock().expect("state").iter()
+    {
+        assert!(
+            reference.ends_with(request_id.as_str()),
+            "Repeatability-Request-ID is the event id"
+        );
+        assert!(
+            httpdate::parse_http_date(first_sent).is_ok(),
+            "{first_sent:?}"
+        );
+    }
+}
