@@ -162,7 +162,7 @@ fn json_line(d: &DeadLetter) -> anyhow::Result<String> {
 
 fn open(target: &Target) -> anyhow::Result<Journal> {
     let dir = match (&target.config, &target.state) {
-        (Some(file), _) => Config::load(file)?.journal_dir(),
+        (Some(file), _) => Config::load_without_secrets(file)?.journal_dir(),
         (None, Some(state)) => state.join("journal"),
         (None, None) => bail!("say which journal: -c CONFIG or --state DIR"),
     };

@@ -11,6 +11,7 @@ mod logging;
 mod metrics;
 mod probe;
 mod run;
+mod status_cmd;
 mod supervise;
 
 use std::path::PathBuf;
@@ -68,9 +69,12 @@ enum Command {
     },
     /// One-screen summary from a running agent (its metrics endpoint).
     Status {
-        /// Config file (its agent.metrics_listen is asked).
+        /// Config file (its agent.metrics_listen is asked; no secrets needed).
         #[arg(short, long)]
         config: PathBuf,
+        /// The agent's whole status as JSON instead.
+        #[arg(long)]
+        json: bool,
     },
     /// Ask a device what it holds, without touching any journal.
     #[command(subcommand)]
@@ -150,28 +154,6 @@ enum ProbeCommand {
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
-}
-
-async fn status(config: Config) -> anyhow::Result<()> {
-    let addr = config.metrics_listen.ok_or_else(|| {
-        anyhow::anyhow!(
-            "agent.metrics_listen is off in {}: no endpoint to ask",
-            config.file.display()
-        )
-    })?;
-    let url = format!("http://{addr}/status");
-    let body = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()?
-        .get(&url)
-        .send()
-        .await
-        .map_err(|e| anyhow::anyhow!("no agent answering at {url} ({e}); is plant-edge running?"))?
-        .text()
-        .await?;
-    let value: serde_json::Value = serde_json::from_str(&body)?;
-    println!("{}", serde_json::to_string_pretty(&value)?);
-    Ok(())
 }
 
 fn config_failure(e: &ConfigError) -> ExitCode {
@@ -273,14 +255,14 @@ fn main() -> ExitCode {
                 },
             }
         }
-        Command::Status { config } => {
-            let config = match Config::load(&config) {
+        Command::Status { config, json } => {
+            let config = match Config::load_without_secrets(&config) {
                 Ok(c) => c,
                 Err(e) => return config_failure(&e),
             };
             match runtime()
                 .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(status(config)))
+                .and_then(|rt| rt.block_on(status_cmd::status(config, json)))
             {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => failure(e),

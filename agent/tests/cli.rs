@@ -682,3 +682,60 @@ fn every_shipped_erp_example_validates_and_a_template_naming_a_missing_field_exi
         "template line and the undefined name: {err}"
     );
 }
+
+#[test]
+fn credentials_are_found_beside_the_config_outside_the_unit_and_status_and_journal_need_none() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = format!(
+        "{}\n[sinks.cloud]\nkind = \"mqtt\"\nhost = \"127.0.0.1\"\nusername = \"gw\"\npassword_file = \"mqtt-password\"\n",
+        base(&dir.path().join("state")).replacen(
+            "[agent]\n",
+            &format!("[agent]\nmetrics_listen = \"127.0.0.1:{}\"\n", free_port()),
+            1
+        )
+    );
+    let file = write_config(dir.path(), &text);
+    let path = file.to_str().expect("utf8");
+    // Not there: 78, naming the key and every place looked in.
+    let out = bin()
+        .args(["validate", "-c", path])
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .expect("validate");
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains("`sinks.cloud.password_file`"), "{err}");
+    let beside = dir.path().join("credentials").join("mqtt-password");
+    assert!(
+        err.contains(&beside.display().to_string()),
+        "where it looked: {err}"
+    );
+    // status and journal read no secret: they get past the configuration.
+    let out = bin()
+        .args(["status", "-c", path])
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .expect("status");
+    assert_ne!(out.status.code(), Some(78), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no agent answering"),
+        "{}",
+        stderr(&out)
+    );
+    let out = bin()
+        .args(["journal", "-c", path, "stats"])
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .expect("journal");
+    assert_ne!(out.status.code(), Some(78), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("password_file"), "{}", stderr(&out));
+    // Where LoadCredential= takes it from: beside the config.
+    std::fs::create_dir_all(beside.parent().expect("dir")).expect("mkdir");
+    std::fs::write(&beside, "s3cret\n").expect("secret");
+    let out = bin()
+        .args(["validate", "-c", path])
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .expect("validate");
+    assert!(out.status.success(), "{}", stderr(&out));
+}

@@ -112,9 +112,28 @@ async fn metrics_move_as_events_flow_and_an_outage_shows_in_backlog_and_readines
     assert_eq!(code, 503, "not ready with a backlog older than 1s: {why}");
     assert!(why.contains("oldest pending event"), "{why}");
 
-    let status = tokio::task::spawn_blocking({
+    let screen = tokio::task::spawn_blocking({
         let file = file.clone();
         move || run(&["status", "-c", file.to_str().expect("utf8")])
+    })
+    .await
+    .expect("status");
+    assert!(screen.status.success(), "{}", stderr(&screen));
+    let screen = stdout(&screen);
+    assert!(
+        screen.starts_with("plant-edge "),
+        "one-screen summary: {screen}"
+    );
+    assert!(
+        screen
+            .lines()
+            .any(|l| l.trim_start().starts_with("cloud") && l.contains("retrying")),
+        "the retrying sink named: {screen}"
+    );
+    assert!(screen.lines().count() <= 24, "one screen: {screen}");
+    let status = tokio::task::spawn_blocking({
+        let file = file.clone();
+        move || run(&["status", "--json", "-c", file.to_str().expect("utf8")])
     })
     .await
     .expect("status");

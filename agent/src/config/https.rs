@@ -136,7 +136,7 @@ pub(super) fn check_https(
         })?;
         HttpsAuth::BearerFile(path)
     } else if let Some(o) = h.oauth2 {
-        let client_secret = read_secret(&o.client_secret_file).map_err(|why| {
+        let client_secret = read_secret(file, &o.client_secret_file).map_err(|why| {
             err(
                 "oauth2.client_secret_file",
                 format!("a readable file holding the client secret ({why})"),
@@ -152,7 +152,7 @@ pub(super) fn check_https(
         let path = h
             .password_file
             .ok_or_else(|| err("password_file", "set with username".into()))?;
-        let password = read_secret(&path).map_err(|why| {
+        let password = read_secret(file, &path).map_err(|why| {
             err(
                 "password_file",
                 format!("a readable file holding the password ({why})"),

@@ -406,6 +406,15 @@ impl Config {
         Self::parse(file, &text)
     }
 
+    /// Reads the configuration for a command that logs in nowhere
+    /// (`status`, `journal`): secrets are neither needed nor read.
+    pub fn load_without_secrets(file: &Path) -> Result<Self, ConfigError> {
+        SKIP_SECRETS.with(|s| s.set(true));
+        let loaded = Self::load(file);
+        SKIP_SECRETS.with(|s| s.set(false));
+        loaded
+    }
+
     /// Parses and checks config text (`file` is for messages).
     pub fn parse(file: &Path, text: &str) -> Result<Self, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| toml_error(file, text, &e))?;
@@ -619,19 +628,49 @@ fn readable_file(path: &Path) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// Reads a secret from a file (or a systemd credential: the path is then
-/// `$CREDENTIALS_DIRECTORY/<name>`); trailing newlines are not part of it.
-fn read_secret(path: &Path) -> Result<String, String> {
-    let path = match (
-        path.is_relative(),
-        std::env::var_os("CREDENTIALS_DIRECTORY"),
-    ) {
-        (true, Some(dir)) if !path.exists() => PathBuf::from(dir).join(path),
-        _ => path.to_owned(),
+thread_local! {
+    /// Set while a command that never logs in anywhere (`status`,
+    /// `journal`) loads the configuration: it must work without access to
+    /// the secrets (they are root-only, and not there outside the unit).
+    static SKIP_SECRETS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Where a secret named by a relative path is looked for, in order: the
+/// path itself (relative to the working directory), the unit's
+/// `$CREDENTIALS_DIRECTORY`, then `credentials/` beside the configuration
+/// file (`/etc/plant-edge/credentials/`, where `LoadCredential=` takes them
+/// from), so `validate` by hand finds what the unit will get.
+fn secret_candidates(config_file: &Path, path: &Path) -> Vec<PathBuf> {
+    let mut out = vec![path.to_owned()];
+    if path.is_relative() {
+        if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+            out.push(PathBuf::from(dir).join(path));
+        }
+        let beside = config_file
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("credentials")
+            .join(path);
+        out.push(beside);
+    }
+    out
+}
+
+/// Reads a secret (a file, a systemd credential, or one in `credentials/`
+/// beside the config; see [`secret_candidates`]); trailing newlines are not
+/// part of it.
+fn read_secret(config_file: &Path, path: &Path) -> Result<String, String> {
+    if SKIP_SECRETS.with(|s| s.get()) {
+        return Ok(String::new());
+    }
+    let candidates = secret_candidates(config_file, path);
+    let Some(found) = candidates.iter().find(|c| c.exists()) else {
+        let tried: Vec<String> = candidates.iter().map(|c| c.display().to_string()).collect();
+        return Err(format!("not found; looked in {}", tried.join(", ")));
     };
-    std::fs::read_to_string(&path)
+    std::fs::read_to_string(found)
         .map(|s| s.trim_end_matches(['\n', '\r']).to_owned())
-        .map_err(|e| format!("{}: {e}", path.display()))
+        .map_err(|e| format!("{}: {e}", found.display()))
 }
 
 /// CA file, client certificate and key: readable, and cert and key together.

@@ -134,7 +134,7 @@ pub(super) fn check_mqtt(
     check_tls_files(&m.ca_file, &m.client_cert, &m.client_key)
         .map_err(|(sub, why)| err(sub, why))?;
     let password = match &m.password_file {
-        Some(path) => Some(read_secret(path).map_err(|why| {
+        Some(path) => Some(read_secret(file, path).map_err(|why| {
             err(
                 "password_file",
                 format!("a readable file holding the password ({why})"),

@@ -333,7 +333,7 @@ pub(super) fn check_opcua(
         (None, None, None, None) => UserIdentity::Anonymous,
         (Some(user), Some(path), None, None) => UserIdentity::UserName {
             user: user.clone(),
-            password: read_secret(path)
+            password: read_secret(file, path)
                 .map_err(|why| err("password_file".into(), format!("a readable file or systemd credential ({why})")))?,
         },
         (Some(_), None, _, _) => return Err(err("password_file".into(), "set with user".into())),
