@@ -334,6 +334,36 @@ impl State {
     }
 }
 
+/// sled keeps its settings in `conf` (the settings bytes, then their
+/// CRC-32 little-endian) and rewrites it at every open without syncing it:
+/// a power cut can leave it empty (sled then writes it again) or torn
+/// (sled refuses the whole journal as corrupt). Those settings are the
+/// agent's own, passed at every open, so a torn file is not damage to the
+/// journal: it is removed and sled writes it again from them.
+fn settle_settings_file(dir: &Path) -> std::io::Result<()> {
+    let path = dir.join("conf");
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if bytes.len() <= 8 {
+        return Ok(());
+    }
+    let (settings, crc) = bytes.split_at(bytes.len() - 4);
+    let stored = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
+    if crc32fast::hash(settings) == stored {
+        return Ok(());
+    }
+    tracing::warn!(
+        file = %path.display(),
+        bytes = bytes.len(),
+        "the journal's settings file is torn (a power cut while sled rewrote it); writing it again from the agent's settings. The journal itself is not affected"
+    );
+    std::fs::remove_file(&path)?;
+    File::open(dir)?.sync_all()
+}
+
 struct FileSyncer {
     dir: PathBuf,
     db_file: File,
@@ -343,6 +373,13 @@ struct FileSyncer {
 impl FileSyncer {
     fn open(dir: &Path) -> std::io::Result<Self> {
         let db_file = File::open(dir.join("db"))?;
+        // sled rewrote its settings at open; make them and the directory
+        // durable now, not at the next cut.
+        match File::open(dir.join("conf")) {
+            Ok(conf) => conf.sync_all()?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
         File::open(dir)?.sync_all()?;
         Ok(Self {
             dir: dir.to_owned(),
@@ -533,6 +570,7 @@ impl Journal {
             sled::Error::Corruption { .. } => damaged(e.to_string()),
             other => open_error(other.to_string()),
         };
+        settle_settings_file(&config.path).map_err(|e| open_error(e.to_string()))?;
         // A damaged log can make sled panic instead of returning an error;
         // the caller must get an error it can act on (move aside), not a crash.
         let sled_config = sled::Config::new()
