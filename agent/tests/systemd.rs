@@ -68,6 +68,43 @@ fn shipped_unit_verifies_and_scores_ok_on_exposure() {
     eprintln!("systemd-analyze security: {score}");
 }
 
+/// `RestartPreventExitStatus=78` looks at the main process only: a config
+/// check in `ExecStartPre=` that exits 78 makes systemd restart the unit
+/// forever (seen under a real systemd: 17 restarts in 100 s). The check is
+/// `run`'s own, in the main process.
+#[test]
+fn a_bad_config_stops_the_unit_because_only_the_main_process_checks_it() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../systemd/plant-edge.service"
+    ))
+    .expect("unit");
+    let directives: Vec<&str> = unit
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .collect();
+    assert!(
+        !directives.iter().any(|l| l.starts_with("ExecStartPre=")),
+        "an ExecStartPre= exiting 78 is restarted forever"
+    );
+    assert!(directives.contains(&"RestartPreventExitStatus=78"));
+    let exec = directives
+        .iter()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("ExecStart");
+    assert!(exec.contains(" run "), "{exec}");
+    // And `run` itself exits 78 on a bad config, before anything starts.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "[agent]\nsite = 3\n").expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_plant-edge"))
+        .args(["run", "-c", file.to_str().expect("utf8")])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(78));
+}
+
 #[test]
 fn agent_tells_systemd_ready_status_watchdog_and_stopping() {
     let dir = tempfile::tempdir().expect("tempdir");
