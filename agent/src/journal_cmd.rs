@@ -160,6 +160,41 @@ fn json_line(d: &DeadLetter) -> anyhow::Result<String> {
     Ok(v.to_string())
 }
 
+/// Run as root on the service's journal, sled would leave root-owned files
+/// (its settings, snapshots) that the service then cannot open. So root
+/// acts as the journal directory's owner for the whole command.
+fn act_as_owner(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let meta = std::fs::metadata(dir)?;
+    let (uid, gid) = (meta.uid(), meta.gid());
+    if uid == 0 {
+        return Ok(());
+    }
+    let owner = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map_or_else(|| uid.to_string(), |u| u.name);
+    let switched = nix::unistd::setgroups(&[nix::unistd::Gid::from_raw(gid)])
+        .and_then(|()| nix::unistd::setgid(nix::unistd::Gid::from_raw(gid)))
+        .and_then(|()| nix::unistd::setuid(nix::unistd::Uid::from_raw(uid)));
+    match switched {
+        Ok(()) => {
+            eprintln!(
+                "plant-edge: acting as {owner} (the owner of {}), so the service can still open what this command writes",
+                dir.display()
+            );
+            Ok(())
+        }
+        Err(e) => bail!(
+            "cannot act as {owner}, the owner of {} ({e}); run it as that user: runuser -u {owner} -- plant-edge journal ...",
+            dir.display()
+        ),
+    }
+}
+
 fn open(target: &Target) -> anyhow::Result<Journal> {
     let dir = match (&target.config, &target.state) {
         (Some(file), _) => Config::load_without_secrets(file)?.journal_dir(),
@@ -169,6 +204,7 @@ fn open(target: &Target) -> anyhow::Result<Journal> {
     if !dir.join("db").exists() {
         bail!("no journal at {}", dir.display());
     }
+    act_as_owner(&dir)?;
     let mut jc = JournalConfig::new(&dir);
     jc.lock_wait = Duration::from_millis(500);
     match Journal::open(jc) {

@@ -739,3 +739,64 @@ fn credentials_are_found_beside_the_config_outside_the_unit_and_status_and_journ
         .expect("validate");
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+/// The README's journal commands run as root on the service's journal:
+/// sled writes files at every open (settings, snapshots). Root acts as the
+/// journal's owner, so none of them ends up root-owned and the service can
+/// still open its journal afterwards.
+#[test]
+fn journal_commands_run_as_root_leave_no_root_owned_file_in_the_services_journal() {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        panic!("this test checks what root leaves behind: run the suite as root (scripts/test.sh does)");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    {
+        let mut jc = buffer::JournalConfig::new(state.join("journal"));
+        jc.sinks = vec!["erp".into()];
+        let journal = buffer::Journal::open(jc).expect("journal");
+        journal.close().expect("close");
+    }
+    // The service's user (any uid but root's).
+    let (uid, gid) = (4242, 4242);
+    for entry in walk(&state) {
+        nix::unistd::chown(
+            &entry,
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+        )
+        .expect("chown");
+    }
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let out = run(&["journal", "--state", state.to_str().expect("utf8"), "stats"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("acting as 4242"), "{}", stderr(&out));
+    let root_owned: Vec<String> = walk(&state)
+        .into_iter()
+        .filter(|p| {
+            std::fs::metadata(p)
+                .map(|m| m.uid() != uid)
+                .unwrap_or(false)
+        })
+        .map(|p| p.display().to_string())
+        .collect();
+    assert!(root_owned.is_empty(), "left for root only: {root_owned:?}");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![dir.to_owned()];
+    for entry in std::fs::read_dir(dir).expect("read_dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}

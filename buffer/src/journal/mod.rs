@@ -491,6 +491,44 @@ fn encode_err(what: &'static str, e: impl std::fmt::Display) -> JournalError {
 
 /// The first file under `dir` that does not read back in full, with the
 /// I/O error; `None` when every file reads.
+/// Files in the journal that belong to someone else than the journal
+/// directory's owner (left by a command run as root), named for the
+/// operator: sled's own "Permission denied" names none.
+fn foreign_owners(dir: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(owner) = std::fs::metadata(dir).map(|m| m.uid()) else {
+        return String::new();
+    };
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_owned()];
+    while let Some(next) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&next) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if let Ok(meta) = std::fs::symlink_metadata(&path) {
+                if meta.uid() != owner {
+                    found.push(format!("{} (uid {})", path.display(), meta.uid()));
+                }
+                if meta.is_dir() {
+                    pending.push(path);
+                }
+            }
+        }
+    }
+    if found.is_empty() {
+        return String::new();
+    }
+    found.sort();
+    format!(
+        "; owned by another user than the journal (uid {owner}): {}; give them back with chown -R --reference={} {}",
+        found.join(", "),
+        dir.display(),
+        dir.display()
+    )
+}
+
 fn unreadable_file(dir: &Path) -> Option<String> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
@@ -568,6 +606,9 @@ impl Journal {
         };
         let sled_error = |e: sled::Error| match e {
             sled::Error::Corruption { .. } => damaged(e.to_string()),
+            sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::PermissionDenied => {
+                open_error(format!("{e}{}", foreign_owners(&config.path)))
+            }
             other => open_error(other.to_string()),
         };
         settle_settings_file(&config.path).map_err(|e| open_error(e.to_string()))?;
@@ -954,5 +995,32 @@ pub fn parse_id(text: &str) -> Option<Uuid> {
 impl EventClass {
     fn is_telemetry(self) -> bool {
         self == EventClass::Telemetry
+    }
+}
+
+#[cfg(test)]
+mod owner_tests {
+    use super::*;
+
+    #[test]
+    fn files_of_another_owner_than_the_journal_are_named_with_their_uid() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("db"), b"x").expect("db");
+        std::fs::write(dir.path().join("snap.0000"), b"x").expect("snap");
+        assert_eq!(foreign_owners(dir.path()), "", "all the journal's own");
+        assert_eq!(
+            std::fs::metadata(dir.path()).expect("meta").uid(),
+            0,
+            "this test gives files to another user: run it as root (scripts/test.sh does)"
+        );
+        std::os::unix::fs::chown(dir.path(), Some(4242), Some(4242)).expect("chown");
+        std::os::unix::fs::chown(dir.path().join("db"), Some(4242), Some(4242)).expect("chown");
+        let named = foreign_owners(dir.path());
+        assert!(
+            named.contains("snap.0000 (uid 0)") && !named.contains("/db "),
+            "{named}"
+        );
+        assert!(named.contains("chown -R --reference="), "{named}");
     }
 }
