@@ -6,68 +6,33 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-
 use common::*;
 use plant_edge_tests::erp_apis::ErpApis;
+use plant_edge_tests::erp_events::{completion, journal_of};
 
 /// The journal the agent will open, holding `orders.len()` completions for
-/// sink `d365` (as a source would have appended them).
+/// `sink` (as a source would have appended them); their ids in order.
 fn prefill(state: &std::path::Path, sink: &str, orders: &[&str]) -> Vec<String> {
-    let mut config = buffer::JournalConfig::new(state.join("journal"));
-    config.sinks = vec![sink.into()];
-    let journal = buffer::Journal::open(config).expect("journal");
-    let routes = journal.routes_all();
-    let mut ids = Vec::new();
     let events = orders
         .iter()
         .enumerate()
-        .map(|(i, order)| {
-            let event = buffer::CloudEvent::new(
-                uuid::Uuid::new_v4(),
-                buffer::event::source_urn("plant1", "gw01", "press1"),
-                buffer::EventType::completion(),
-                std::time::SystemTime::now(),
-                buffer::EventData {
-                    site: "plant1".into(),
-                    line: "L1".into(),
-                    machine: "press1".into(),
-                    work_order: Some((*order).into()),
-                    material: None,
-                    quantity: buffer::Quantity::Count(i as u64 + 1),
-                    unit: "EA".into(),
-                    lot: None,
-                    reason_code: None,
-                    counter: None,
-                    origin: buffer::Origin {
-                        protocol: "modbus".into(),
-                        endpoint: "tcp://127.0.0.1:502".into(),
-                        address: "hr:0".into(),
-                        quality: "good".into(),
-                        source_time: None,
-                    },
-                    attributes: BTreeMap::new(),
-                },
-            );
-            ids.push(event.id.to_string());
-            buffer::NewEvent {
-                id: event.id,
-                class: buffer::EventClass::Business,
-                routes,
-                payload: event.to_json(),
-            }
-        })
+        .map(|(i, order)| completion(uuid::Uuid::new_v4(), order, i as u64 + 1, i as u64 + 1))
         .collect();
-    journal
-        .append_blocking(buffer::AppendRequest {
-            source: "press1".into(),
-            events,
-            cursor: None,
-        })
-        .expect("append")
-        .expect("fits");
+    let (journal, ids) = journal_of(state, sink, events);
     journal.close().expect("close");
     ids
+}
+
+/// One sink's part of a `/status` answer.
+fn sink_status(status: &str, name: &str) -> serde_json::Value {
+    let status: serde_json::Value = serde_json::from_str(status).expect("status JSON");
+    status["sinks"]
+        .as_array()
+        .expect("sinks")
+        .iter()
+        .find(|s| s["sink"] == name)
+        .unwrap_or_else(|| panic!("sink {name} in {status}"))
+        .clone()
 }
 
 /// The agent process, killed when the test ends however it ends.
@@ -143,14 +108,7 @@ async fn a_queued_d365_message_shows_as_accepted_pending_until_the_erp_books_or_
             .expect("spawn"),
     );
     let status = wait_for_answer(port, "/status", 200, "\"accepted_pending\":{").await;
-    let status: serde_json::Value = serde_json::from_str(&status).expect("json");
-    let sink = status["sinks"]
-        .as_array()
-        .expect("sinks")
-        .iter()
-        .find(|s| s["sink"] == "d365")
-        .expect("d365 sink")
-        .clone();
+    let sink = sink_status(&status, "d365");
     assert_eq!(sink["accepted_pending"]["events"], 3, "{sink}");
     assert_eq!(sink["backlog"], 3, "kept in the journal: {sink}");
     assert_eq!(sink["delivered"], 0, "queued is not booked: {sink}");
@@ -175,14 +133,7 @@ async fn a_queued_d365_message_shows_as_accepted_pending_until_the_erp_books_or_
     )
     .await;
     let status = wait_for_answer(port, "/status", 200, "\"sink\":\"d365\"").await;
-    let status: serde_json::Value = serde_json::from_str(&status).expect("json");
-    let sink = status["sinks"]
-        .as_array()
-        .expect("sinks")
-        .iter()
-        .find(|s| s["sink"] == "d365")
-        .expect("d365 sink")
-        .clone();
+    let sink = sink_status(&status, "d365");
     assert_eq!(sink["delivered"], 2, "{sink}");
     assert_eq!(sink["rejected"], 1, "{sink}");
     assert!(sink["accepted_pending"].is_null(), "{sink}");

@@ -56,6 +56,18 @@ pub struct TemplateError {
 }
 
 impl TemplateError {
+    /// What a configuration check expects, said with this error.
+    pub fn expected(&self) -> String {
+        let line = self
+            .line
+            .map(|l| format!(" (template line {l})"))
+            .unwrap_or_default();
+        format!(
+            "a template that renders every event{line}: {}",
+            self.message
+        )
+    }
+
     fn from_minijinja(key: &str, error: &minijinja::Error) -> Self {
         let mut message = match error.kind() {
             ErrorKind::UndefinedError => "undefined value (the event has no such field; use `| default(...)` if it is optional)".to_owned(),
@@ -82,6 +94,38 @@ impl TemplateError {
             line: error.line(),
             message,
         }
+    }
+}
+
+/// The plant's time zone for the date helpers: `name` (IANA) or, without
+/// one, the system's. `Err` says what was expected.
+pub fn plant_zone(name: Option<&str>) -> Result<jiff::tz::TimeZone, String> {
+    match name {
+        Some(name) => jiff::tz::TimeZone::get(name).map_err(|e| {
+            format!("an IANA time zone such as \"Europe/Berlin\", found {name:?} ({e})")
+        }),
+        None => Ok(jiff::tz::TimeZone::try_system().unwrap_or(jiff::tz::TimeZone::UTC)),
+    }
+}
+
+/// A template given inline or in a file (relative to `base`, the
+/// configuration file's directory); `None` when neither is set. `Err`
+/// says what was expected.
+pub fn template_text(
+    inline: Option<&str>,
+    file: Option<&std::path::Path>,
+    base: &std::path::Path,
+) -> Result<Option<String>, String> {
+    match (inline, file) {
+        (Some(_), Some(_)) => Err("either the template or its file, not both".into()),
+        (Some(text), None) => Ok(Some(text.to_owned())),
+        (None, Some(file)) => {
+            let path = base.join(file);
+            std::fs::read_to_string(&path)
+                .map(Some)
+                .map_err(|e| format!("a readable template file ({}: {e})", path.display()))
+        }
+        (None, None) => Ok(None),
     }
 }
 
@@ -677,52 +721,25 @@ pub const PAYLOAD_KEY: &str = "payload.template";
 impl PayloadConfig {
     /// Compiles and renders the sample event; `(key, expected)` on error.
     pub fn check(&self, base: &std::path::Path) -> Result<PayloadTemplate, (String, String)> {
-        let zone = match &self.time_zone {
-            Some(name) => jiff::tz::TimeZone::get(name).map_err(|e| {
-                (
-                    "payload.time_zone".to_owned(),
-                    format!("an IANA time zone such as \"Europe/Berlin\", found {name:?} ({e})"),
-                )
-            })?,
-            None => jiff::tz::TimeZone::try_system().unwrap_or(jiff::tz::TimeZone::UTC),
-        };
-        let source = match (&self.template, &self.template_file) {
-            (Some(text), None) => text.clone(),
-            (None, Some(file)) => {
-                let path = if file.is_relative() {
-                    base.join(file)
-                } else {
-                    file.clone()
-                };
-                std::fs::read_to_string(&path).map_err(|e| {
-                    (
-                        "payload.template_file".to_owned(),
-                        format!("a readable template file ({}: {e})", path.display()),
-                    )
-                })?
-            }
-            _ => {
-                return Err((
-                    "payload.template".to_owned(),
-                    "either template or template_file".to_owned(),
-                ))
-            }
-        };
-        let escape = Escape::for_content_type(&self.content_type);
-        let template_error = |e: TemplateError| {
-            let line = e
-                .line
-                .map(|l| format!(" (template line {l})"))
-                .unwrap_or_default();
+        let zone = plant_zone(self.time_zone.as_deref())
+            .map_err(|e| ("payload.time_zone".to_owned(), e))?;
+        let source = template_text(
+            self.template.as_deref(),
+            self.template_file.as_deref(),
+            base,
+        )
+        .map_err(|e| ("payload.template_file".to_owned(), e))?
+        .ok_or_else(|| {
             (
-                e.key,
-                format!("a template that renders every event{line}: {}", e.message),
+                "payload.template".to_owned(),
+                "a template or a template_file".to_owned(),
             )
-        };
+        })?;
+        let escape = Escape::for_content_type(&self.content_type);
         let mut builder = TemplatesBuilder::new(zone);
         builder
             .add(PAYLOAD_KEY, &source, escape)
-            .map_err(template_error)?;
+            .map_err(|e| (e.key.clone(), e.expected()))?;
         let payload = PayloadTemplate {
             templates: builder.build(),
             content_type: self.content_type.clone(),

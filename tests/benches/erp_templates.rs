@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use buffer::{AppendRequest, EventClass, Journal, JournalConfig, NewEvent};
 use plant_edge_tests::drive;
+use plant_edge_tests::erp_events::completion;
 use plant_edge_tests::measure::cpu_seconds;
 use protocols::sinks::https::erp::{ErpProfile, ProfileConfig};
 use protocols::sinks::https::{HttpsAuth, HttpsMode, HttpsSink, HttpsSinkConfig};
@@ -29,38 +30,16 @@ fn events() -> u64 {
         .unwrap_or(200_000)
 }
 
+/// A completion as a plant sends it (material and an attribute set too).
 fn event(i: u64) -> buffer::CloudEvent {
-    let mut e = buffer::CloudEvent::new(
+    let mut e = completion(
         uuid::Uuid::from_u128(u128::from(i) + 1),
-        buffer::event::source_urn("plant1", "gw01", "press1"),
-        buffer::EventType::completion(),
-        std::time::SystemTime::now(),
-        buffer::EventData {
-            site: "plant1".into(),
-            line: "L1".into(),
-            machine: "press1".into(),
-            work_order: Some("1000123".into()),
-            material: Some("FG-100".into()),
-            quantity: buffer::Quantity::Count(1 + i % 5),
-            unit: "EA".into(),
-            lot: None,
-            reason_code: None,
-            counter: Some(buffer::event::CounterReading {
-                value: i,
-                previous: i.saturating_sub(1),
-                epoch: 0,
-            }),
-            origin: buffer::Origin {
-                protocol: "modbus".into(),
-                endpoint: "tcp://192.168.10.20:502".into(),
-                address: "hr:0".into(),
-                quality: "good".into(),
-                source_time: None,
-            },
-            attributes: [("work_center".to_owned(), "WC-10".to_owned())].into(),
-        },
+        "1000123",
+        i,
+        1 + i % 5,
     );
-    e.sequence = Some(i.to_string());
+    e.data.material = Some("FG-100".into());
+    e.data.attributes = [("work_center".to_owned(), "WC-10".to_owned())].into();
     e
 }
 

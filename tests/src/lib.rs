@@ -222,3 +222,76 @@ pub mod measure {
         event.to_json()
     }
 }
+
+pub mod erp_events {
+    //! Completions with work orders, as ERP tests and benches post them.
+
+    use std::path::Path;
+
+    use buffer::{AppendRequest, CloudEvent, EventClass, Journal, JournalConfig, NewEvent};
+    use uuid::Uuid;
+
+    /// `quantity` parts of `work_order` on line L1 (press1 of plant1/gw01),
+    /// now, after the PLC counter read `reading`.
+    pub fn completion(id: Uuid, work_order: &str, reading: u64, quantity: u64) -> CloudEvent {
+        let mut event = CloudEvent::new(
+            id,
+            buffer::event::source_urn("plant1", "gw01", "press1"),
+            buffer::EventType::completion(),
+            std::time::SystemTime::now(),
+            buffer::EventData {
+                site: "plant1".into(),
+                line: "L1".into(),
+                machine: "press1".into(),
+                work_order: Some(work_order.into()),
+                material: None,
+                quantity: buffer::Quantity::Count(quantity),
+                unit: "EA".into(),
+                lot: None,
+                reason_code: None,
+                counter: Some(buffer::event::CounterReading {
+                    value: reading,
+                    previous: reading.saturating_sub(quantity),
+                    epoch: 0,
+                }),
+                origin: buffer::Origin {
+                    protocol: "modbus".into(),
+                    endpoint: "tcp://127.0.0.1:502".into(),
+                    address: "hr:0".into(),
+                    quality: "good".into(),
+                    source_time: None,
+                },
+                attributes: Default::default(),
+            },
+        );
+        event.sequence = Some(reading.to_string());
+        event
+    }
+
+    /// Opens the journal under `state` (as the agent does) for `sink` and
+    /// appends `events` in one commit; returns it and their ids in order.
+    pub fn journal_of(state: &Path, sink: &str, events: Vec<CloudEvent>) -> (Journal, Vec<String>) {
+        let mut config = JournalConfig::new(state.join("journal"));
+        config.sinks = vec![sink.into()];
+        let journal = Journal::open(config).expect("journal");
+        let routes = journal.routes_all();
+        let ids = events.iter().map(|e| e.id.to_string()).collect();
+        journal
+            .append_blocking(AppendRequest {
+                source: "press1".into(),
+                events: events
+                    .iter()
+                    .map(|e| NewEvent {
+                        id: e.id,
+                        class: EventClass::Business,
+                        routes,
+                        payload: e.to_json(),
+                    })
+                    .collect(),
+                cursor: None,
+            })
+            .expect("append")
+            .expect("fits");
+        (journal, ids)
+    }
+}

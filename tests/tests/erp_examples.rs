@@ -12,8 +12,9 @@ use std::time::Duration;
 use buffer::{AppendRequest, EventClass, Journal, JournalConfig, NewEvent};
 use plant_edge_tests::drive;
 use plant_edge_tests::erp_apis::ErpApis;
+use plant_edge_tests::erp_events::{completion, journal_of};
 use plant_edge_tests::pki::{self, Pki};
-use protocols::sinks::https::erp::ProfileConfig;
+use protocols::sinks::https::erp::{ErpProfile, ProfileConfig};
 use protocols::sinks::https::{HttpsAuth, HttpsMode, HttpsSink, HttpsSinkConfig};
 use protocols::tls::TlsSettings;
 use protocols::{Sink, Verdict};
@@ -54,10 +55,11 @@ fn sink_from_example(name: &str, apis: &ErpApis, pki: &Pki) -> HttpsSink {
         .check_rendering(batched)
         .expect("renders the sample");
     let auth = if table.contains_key("bearer_token_file") {
-        HttpsAuth::Basic {
-            user: "unused".into(),
-            password: "unused".into(),
-        }
+        // JSON-2 wants an API key as a bearer token: the header the
+        // simulator checks.
+        let file = pki.ca.with_file_name("odoo-api-key");
+        std::fs::write(&file, "key-1").expect("key");
+        HttpsAuth::BearerFile(file)
     } else if let Some(user) = table.get("username").and_then(|u| u.as_str()) {
         HttpsAuth::Basic {
             user: user.into(),
@@ -66,18 +68,23 @@ fn sink_from_example(name: &str, apis: &ErpApis, pki: &Pki) -> HttpsSink {
     } else {
         HttpsAuth::None
     };
-    // JSON-2 wants a bearer key: the header the simulator checks.
-    let bearer = table.contains_key("bearer_token_file").then(|| {
-        let file = pki.ca.with_file_name("odoo-api-key");
-        std::fs::write(&file, "key-1").expect("key");
-        HttpsAuth::BearerFile(file)
-    });
+    sink_to(url, mode, auth, pki, profile)
+}
+
+/// A sink to `url` trusting the test CA.
+fn sink_to(
+    url: String,
+    mode: HttpsMode,
+    auth: HttpsAuth,
+    pki: &Pki,
+    profile: ErpProfile,
+) -> HttpsSink {
     HttpsSink::new(HttpsSinkConfig {
         url,
         mode,
         headers: Vec::new(),
         gzip: false,
-        auth: bearer.unwrap_or(auth),
+        auth,
         tls: TlsSettings {
             ca_file: Some(pki.ca.clone()),
             client_cert: None,
@@ -95,64 +102,12 @@ fn sink_from_example(name: &str, apis: &ErpApis, pki: &Pki) -> HttpsSink {
 
 /// Events: `orders[i]` is event i's work order; quantities 1, 2, 3, …
 fn journal_with(dir: &Path, orders: &[&str]) -> (Journal, Vec<String>) {
-    let mut config = JournalConfig::new(dir.join("journal"));
-    config.sinks = vec!["erp".into()];
-    let journal = Journal::open(config).expect("journal");
-    let routes = journal.routes_all();
-    let mut ids = Vec::new();
     let events = orders
         .iter()
         .enumerate()
-        .map(|(i, order)| {
-            let mut event = buffer::CloudEvent::new(
-                uuid::Uuid::new_v4(),
-                buffer::event::source_urn("plant1", "gw01", "press1"),
-                buffer::EventType::completion(),
-                std::time::SystemTime::now(),
-                buffer::EventData {
-                    site: "plant1".into(),
-                    line: "L1".into(),
-                    machine: "press1".into(),
-                    work_order: Some((*order).into()),
-                    material: None,
-                    quantity: buffer::Quantity::Count(i as u64 + 1),
-                    unit: "EA".into(),
-                    lot: None,
-                    reason_code: None,
-                    counter: Some(buffer::event::CounterReading {
-                        value: 1000 + i as u64,
-                        previous: 999 + i as u64,
-                        epoch: 0,
-                    }),
-                    origin: buffer::Origin {
-                        protocol: "modbus".into(),
-                        endpoint: "tcp://127.0.0.1:502".into(),
-                        address: "hr:0".into(),
-                        quality: "good".into(),
-                        source_time: None,
-                    },
-                    attributes: BTreeMap::new(),
-                },
-            );
-            event.sequence = Some((i + 1).to_string());
-            ids.push(event.id.to_string());
-            NewEvent {
-                id: event.id,
-                class: EventClass::Business,
-                routes,
-                payload: event.to_json(),
-            }
-        })
+        .map(|(i, order)| completion(uuid::Uuid::new_v4(), order, 1000 + i as u64, i as u64 + 1))
         .collect();
-    journal
-        .append_blocking(AppendRequest {
-            source: "press1".into(),
-            events,
-            cursor: None,
-        })
-        .expect("append")
-        .expect("fits");
-    (journal, ids)
+    journal_of(dir, "erp", events)
 }
 
 fn settled(journal: &Journal) -> bool {
@@ -581,29 +536,17 @@ poll_every = "50ms"
     .expect("toml");
     let profile = profile.check(Path::new("."), false).expect("checks");
     profile.check_rendering(false).expect("renders");
-    let mut sink = HttpsSink::new(HttpsSinkConfig {
-        url: format!(
+    let mut sink = sink_to(
+        format!(
             "{}{}",
             apis.base(),
             plant_edge_tests::erp_apis::paths::ASYNC
         ),
-        mode: HttpsMode::Single,
-        headers: Vec::new(),
-        gzip: false,
-        auth: HttpsAuth::None,
-        tls: TlsSettings {
-            ca_file: Some(pki.ca.clone()),
-            client_cert: None,
-            client_key: None,
-            alpn: Vec::new(),
-        },
-        insecure_skip_verify: false,
-        connect_timeout: Duration::from_secs(5),
-        request_timeout: Duration::from_secs(5),
-        max_events_per_second: None,
+        HttpsMode::Single,
+        HttpsAuth::None,
+        &pki,
         profile,
-    })
-    .expect("sink");
+    );
     let batch = journal.read_batch("erp", 10).expect("read");
     let verdicts = sink.deliver(&batch).await;
     assert!(
@@ -612,18 +555,31 @@ poll_every = "50ms"
             .all(|v| matches!(v, Verdict::Pending { .. })),
         "{verdicts:?}"
     );
-    // Still running: asked, still pending, not posted again.
-    tokio::time::sleep(Duration::from_millis(60)).await;
-    journal.rewind("erp").expect("rewind");
-    let again = sink
-        .deliver(&journal.read_batch("erp", 10).expect("read"))
-        .await;
-    assert!(
-        again.iter().all(|v| matches!(v, Verdict::Pending { .. })),
-        "{again:?}"
-    );
+    // Still running: handed out again until each status was asked (every
+    // poll_every), pending each time, never posted again.
+    let asked = |apis: &ErpApis| {
+        apis.state
+            .requests
+            .lock()
+            .expect("state")
+            .get("async-status")
+            .copied()
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while asked(&apis) < 3 {
+        assert!(std::time::Instant::now() < deadline, "status never asked");
+        journal.rewind("erp").expect("rewind");
+        let again = sink
+            .deliver(&journal.read_batch("erp", 10).expect("read"))
+            .await;
+        assert!(
+            again.iter().all(|v| matches!(v, Verdict::Pending { .. })),
+            "{again:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert_eq!(apis.state.requests.lock().expect("state")["async"], 3);
-    assert!(apis.state.requests.lock().expect("state")["async-status"] >= 3);
     apis.state.finish_operations();
     journal.rewind("erp").expect("rewind");
     assert!(drive::until(&journal, "erp", &mut sink, Duration::from_secs(30), settled).await);

@@ -197,12 +197,7 @@ pub(super) fn check_https(
     let profile = profile
         .check(base, batched)
         .and_then(|p| p.check_rendering(batched).map(|()| p))
-        .map_err(|e| ConfigError {
-            file: file.to_owned(),
-            key: format!("{key}.{}", e.key),
-            expected: e.expected,
-            line: None,
-        })?;
+        .map_err(|e| keyed::<String>(file, key)(e.key, e.expected))?;
     Ok(HttpsSinkConfig {
         profile,
         url: h.url,

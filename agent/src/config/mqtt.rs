@@ -168,12 +168,7 @@ pub(super) fn check_mqtt(
         .payload
         .map(|p| p.check(file.parent().unwrap_or(Path::new("."))))
         .transpose()
-        .map_err(|(sub, expected)| ConfigError {
-            file: file.to_owned(),
-            key: format!("{key}.{sub}"),
-            expected,
-            line: None,
-        })?;
+        .map_err(|(sub, expected)| keyed::<String>(file, key)(sub, expected))?;
     Ok(MqttSinkConfig {
         port: m.port.unwrap_or(if tls_on { 8883 } else { 1883 }),
         host: m.host,

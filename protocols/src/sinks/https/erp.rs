@@ -239,13 +239,9 @@ pub struct ProfileError {
 
 impl From<TemplateError> for ProfileError {
     fn from(e: TemplateError) -> Self {
-        let line = e
-            .line
-            .map(|l| format!(" (template line {l})"))
-            .unwrap_or_default();
         Self {
+            expected: e.expected(),
             key: e.key,
-            expected: format!("a template that renders every event{line}: {}", e.message),
         }
     }
 }
@@ -510,39 +506,15 @@ impl ProfileConfig {
     /// `batched` says whether the sink sends batches.
     pub fn check(&self, base: &Path, batched: bool) -> Result<ErpProfile, ProfileError> {
         let request = self.request.clone().unwrap_or_default();
-        let zone = match &request.time_zone {
-            Some(name) => jiff::tz::TimeZone::get(name).map_err(|e| {
-                problem(
-                    "request.time_zone",
-                    format!("an IANA time zone such as \"Europe/Berlin\", found {name:?} ({e})"),
-                )
-            })?,
-            None => jiff::tz::TimeZone::try_system().unwrap_or(jiff::tz::TimeZone::UTC),
-        };
+        let zone = crate::render::plant_zone(request.time_zone.as_deref())
+            .map_err(|e| problem("request.time_zone", e))?;
         let mut builder = TemplatesBuilder::new(zone);
-        let body = match (&request.body, &request.body_file) {
-            (Some(_), Some(_)) => {
-                return Err(problem(
-                    "request.body_file",
-                    "either body or body_file, not both",
-                ))
-            }
-            (Some(text), None) => Some(text.clone()),
-            (None, Some(file)) => {
-                let path = if file.is_relative() {
-                    base.join(file)
-                } else {
-                    file.clone()
-                };
-                Some(std::fs::read_to_string(&path).map_err(|e| {
-                    problem(
-                        "request.body_file",
-                        format!("a readable template file ({}: {e})", path.display()),
-                    )
-                })?)
-            }
-            (None, None) => None,
-        };
+        let body = crate::render::template_text(
+            request.body.as_deref(),
+            request.body_file.as_deref(),
+            base,
+        )
+        .map_err(|e| problem("request.body_file", e))?;
         let escape = Escape::for_content_type(&request.content_type);
         if let Some(body) = &body {
             builder.add(keys::BODY, body, escape)?;

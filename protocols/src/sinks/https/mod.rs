@@ -209,19 +209,31 @@ fn classify(status: StatusCode, reason: String, delay: Option<Duration>) -> Sent
     }
 }
 
-/// Reads at most `limit` bytes of a response body.
+/// Reads at most `limit` bytes of a response body (error texts, token
+/// responses: a broken transfer leaves what was read).
 async fn bounded_body(response: &mut reqwest::Response, limit: usize) -> Vec<u8> {
     let mut body = Vec::new();
+    let _ = read_into(response, limit, &mut body).await;
+    body
+}
+
+/// Reads up to `limit` bytes into `body`; an error if the transfer broke.
+async fn read_into(
+    response: &mut reqwest::Response,
+    limit: usize,
+    body: &mut Vec<u8>,
+) -> Result<(), String> {
     while body.len() < limit {
         match response.chunk().await {
             Ok(Some(chunk)) => {
                 let room = limit - body.len();
                 body.extend_from_slice(&chunk[..chunk.len().min(room)]);
             }
-            _ => break,
+            Ok(None) => break,
+            Err(e) => return Err(describe(&e)),
         }
     }
-    body
+    Ok(())
 }
 
 #[derive(Default)]
@@ -825,13 +837,15 @@ impl HttpsSink {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("")
                 .to_owned();
-            let bytes = match read_answer(&mut response).await {
-                Ok(bytes) => bytes,
+            let mut bytes = Vec::new();
+            match read_into(&mut response, MAX_BODY_BYTES, &mut bytes).await {
+                Ok(()) => {}
                 // The ERP answered 2xx and the rest of its answer was
                 // lost: booked or not, only a lookup can tell.
                 Err(e) if status.is_success() => return Sent::Unknown(e),
-                Err(_) => Vec::new(),
-            };
+                // An error's text: what arrived is enough to say why.
+                Err(_) => {}
+            }
             if status.is_success() {
                 return self.judge_success(status, location, &answer_type, &bytes, events);
             }
@@ -1026,22 +1040,6 @@ fn cloudevents_request(url: &str, events: &[PendingEvent], single: bool) -> Rend
         body,
         headers: Vec::new(),
     }
-}
-
-/// Reads an answer up to [`MAX_BODY_BYTES`]; an error if the transfer broke.
-async fn read_answer(response: &mut reqwest::Response) -> Result<Vec<u8>, String> {
-    let mut body = Vec::new();
-    while body.len() < MAX_BODY_BYTES {
-        match response.chunk().await {
-            Ok(Some(chunk)) => {
-                let room = MAX_BODY_BYTES - body.len();
-                body.extend_from_slice(&chunk[..chunk.len().min(room)]);
-            }
-            Ok(None) => break,
-            Err(e) => return Err(describe(&e)),
-        }
-    }
-    Ok(body)
 }
 
 #[async_trait]
