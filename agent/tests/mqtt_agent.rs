@@ -10,6 +10,19 @@ use common::*;
 use plant_edge_tests::mosquitto::{subscribe_all, Broker, BrokerOptions};
 
 const KILLS: usize = 8;
+/// Messages each run must deliver before it is killed.
+const PROGRESS_PER_RUN: usize = 15;
+
+fn parts_messages(
+    received: &std::sync::Mutex<Vec<plant_edge_tests::mosquitto::Received>>,
+) -> usize {
+    received
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|m| m.topic.starts_with("plants/test-plant/L"))
+        .count()
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkilled_agent_delivers_every_part_to_the_broker() {
@@ -33,7 +46,19 @@ async fn sigkilled_agent_delivers_every_part_to_the_broker() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("spawn agent");
-        tokio::time::sleep(Duration::from_millis(fastrand::u64(300..1200))).await;
+        // Kill only after this run has delivered something, so the test
+        // measures crash safety and not how fast a loaded CI machine starts
+        // a process; the random delay after that spreads the kill points.
+        let before = parts_messages(&received);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while parts_messages(&received) < before + PROGRESS_PER_RUN {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the agent delivered nothing new within 30 s of its start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..600))).await;
         assert!(
             child.try_wait().expect("poll").is_none(),
             "the agent must be running when killed"
