@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,7 @@ use common::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use plant_edge_tests::plc::Plc;
+use plant_edge_tests::plc_line::{self, handshake_idle, Line};
 
 const KILLS: usize = 32;
 /// Kill rounds after which the PLC restarts.
@@ -34,131 +35,25 @@ shutdown_timeout = "5s"
 kind = "file"
 path = "{state}/archive/events.jsonl"
 
-[sources.press1]
-kind = "modbus"
-endpoint = "tcp://127.0.0.1:{port}"
-poll_interval = "10ms"
-timeout = "500ms"
-line = "L1"
-machine = "press1"
-
-[[sources.press1.counters]]
-signal = "good"
-type = "production.completion"
-address = "holding:0"
-format = "u16"
-max_step = 5000
-
-[[sources.press1.records]]
-signal = "completion"
-type = "production.completion"
-ready = "coil:0"
-ack = "coil:1"
-fields = {{ sequence = {{ address = "holding:10", format = "u16" }}, work_order = {{ address = "holding:11", format = "string", length = 4 }}, quantity = {{ address = "holding:15", format = "u16" }} }}
-"#,
-        state = state.display()
+{source}"#,
+        state = state.display(),
+        source = plc_line::source_config("press1", &format!("tcp://127.0.0.1:{port}"), "10ms"),
     )
-}
-
-/// What the simulated PLC program did, as the PLC saw it.
-#[derive(Default)]
-struct Line {
-    /// Make parts and records.
-    producing: AtomicBool,
-    /// Present queued records.
-    presenting: AtomicBool,
-    /// Parts made (all restarts together).
-    made: AtomicU64,
-    /// Records made and not yet presented.
-    queued: AtomicU64,
-    /// Records the PLC saw acknowledged, and their quantities.
-    acked: AtomicU64,
-    acked_quantity: AtomicU64,
-    /// The PLC's own record sequence (starts again after a restart).
-    sequence: AtomicU64,
-}
-
-/// The PLC program: a counter, a record queue and the 4-phase handshake
-/// (ready → ack → ready cleared → ack cleared → next record).
-async fn plc_program(plc: Arc<Plc>, line: Arc<Line>) {
-    let mut tick: u64 = 0;
-    loop {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-        tick += 1;
-        let mut m = plc.mem();
-        if line.producing.load(Ordering::SeqCst) {
-            let good = m.holding.get(&0).copied().unwrap_or(0);
-            m.holding.insert(0, good.wrapping_add(1));
-            line.made.fetch_add(1, Ordering::SeqCst);
-            if tick.is_multiple_of(40) {
-                line.queued.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-        let ready = m.coils.get(&0).copied().unwrap_or(false);
-        let ack = m.coils.get(&1).copied().unwrap_or(false);
-        if ready && ack {
-            let quantity = u64::from(m.holding.get(&15).copied().unwrap_or(0));
-            line.acked.fetch_add(1, Ordering::SeqCst);
-            line.acked_quantity.fetch_add(quantity, Ordering::SeqCst);
-            m.coils.insert(0, false);
-        } else if !ready
-            && !ack
-            && line.presenting.load(Ordering::SeqCst)
-            && line.queued.load(Ordering::SeqCst) > 0
-        {
-            line.queued.fetch_sub(1, Ordering::SeqCst);
-            let seq = line.sequence.fetch_add(1, Ordering::SeqCst) + 1;
-            // Few distinct values: after a restart the records repeat.
-            m.holding.insert(10, seq as u16);
-            m.set_string(11, 4, &format!("WO-{}", seq % 3));
-            m.holding.insert(15, 1 + (seq % 4) as u16);
-            m.coils.insert(0, true);
-        }
-    }
-}
-
-/// Waits until the agent polled the PLC `n` more times.
-async fn polled(plc: &Plc, n: u64) {
-    let start = plc.mem().reads;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while plc.mem().reads < start + n {
-        assert!(Instant::now() < deadline, "the agent stopped polling");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-/// Waits until the handshake is idle (no record presented or acked).
-async fn handshake_idle(plc: &Plc) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        {
-            let m = plc.mem();
-            if !m.coils.get(&0).copied().unwrap_or(false)
-                && !m.coils.get(&1).copied().unwrap_or(false)
-            {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "the handshake never settled");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 /// A PLC restart between records: counter and sequence back to zero. The
 /// agent runs meanwhile and has stored the counter's last value, so the
 /// parts before the restart are all counted.
 async fn restart_plc(plc: &Plc, line: &Line) {
-    line.producing.store(false, Ordering::SeqCst);
-    line.presenting.store(false, Ordering::SeqCst);
-    handshake_idle(plc).await;
-    polled(plc, 30).await;
+    line.run(false);
+    handshake_idle(plc, Duration::from_secs(20)).await;
+    plc_line::polled(plc, 30, Duration::from_secs(20)).await;
     {
         let mut m = plc.mem();
         m.holding.insert(0, 0);
         line.sequence.store(0, Ordering::SeqCst);
     }
-    line.producing.store(true, Ordering::SeqCst);
-    line.presenting.store(true, Ordering::SeqCst);
+    line.run(true);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,7 +62,11 @@ async fn a_restarting_plc_and_a_sigkilled_agent_lose_and_repeat_nothing() {
     let state = dir.path().join("state");
     let plc = Arc::new(Plc::start().await);
     let line = Arc::new(Line::default());
-    let program = tokio::spawn(plc_program(plc.clone(), line.clone()));
+    let program = tokio::spawn(plc_line::program(
+        plc.clone(),
+        line.clone(),
+        Duration::from_millis(2),
+    ));
     let file = write_config(dir.path(), &config(&state, plc.addr.port()));
     let config = file.to_str().expect("utf8").to_owned();
     let spawn = || {
@@ -179,7 +78,7 @@ async fn a_restarting_plc_and_a_sigkilled_agent_lose_and_repeat_nothing() {
     };
     // The first start takes the counter's baseline (0) before production.
     let mut child = spawn();
-    polled(&plc, 30).await;
+    plc_line::polled(&plc, 30, Duration::from_secs(20)).await;
     line.producing.store(true, Ordering::SeqCst);
     line.presenting.store(true, Ordering::SeqCst);
     for round in 0..KILLS {
@@ -205,8 +104,8 @@ async fn a_restarting_plc_and_a_sigkilled_agent_lose_and_repeat_nothing() {
         assert!(Instant::now() < deadline, "the record queue never drained");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    handshake_idle(&plc).await;
-    polled(&plc, 30).await;
+    handshake_idle(&plc, Duration::from_secs(20)).await;
+    plc_line::polled(&plc, 30, Duration::from_secs(20)).await;
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
     let mut child = child;
     assert_eq!(child.wait().expect("wait").code(), Some(0));
@@ -225,16 +124,7 @@ async fn a_restarting_plc_and_a_sigkilled_agent_lose_and_repeat_nothing() {
             true
         })
         .expect("scan");
-    let (mut parts, mut records, mut record_quantity) = (0, 0, 0);
-    for event in distinct.by_id.values() {
-        let quantity = event["data"]["quantity"].as_u64().expect("quantity");
-        if event["data"]["counter"].is_object() {
-            parts += quantity;
-        } else {
-            records += 1;
-            record_quantity += quantity;
-        }
-    }
+    let (parts, records, record_quantity) = plc_line::tally(distinct.by_id.values());
     let made = line.made.load(Ordering::SeqCst);
     let acked = line.acked.load(Ordering::SeqCst);
     eprintln!(

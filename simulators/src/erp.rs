@@ -57,6 +57,8 @@ pub struct ErpState {
     pub max_body: Mutex<Option<usize>>,
     /// When set, every POST is answered 503 with a body that never ends.
     pub endless_error_body: Mutex<bool>,
+    /// When set, the token endpoint refuses any other `client_secret`.
+    pub client_secret: Mutex<Option<String>>,
     /// `expires_in` the token endpoint claims (default 3600).
     pub token_expires_in: Mutex<Option<u64>>,
 }
@@ -173,7 +175,15 @@ async fn events(State(state): State<Arc<ErpState>>, headers: HeaderMap, body: By
     StatusCode::OK.into_response()
 }
 
-async fn token(State(state): State<Arc<ErpState>>) -> Response {
+async fn token(
+    State(state): State<Arc<ErpState>>,
+    axum::Form(form): axum::Form<HashMap<String, String>>,
+) -> Response {
+    let expected = state.client_secret.lock().expect("state").clone();
+    if expected.is_some_and(|secret| form.get("client_secret") != Some(&secret)) {
+        *state.unauthorized.lock().expect("state") += 1;
+        return (StatusCode::UNAUTHORIZED, "invalid_client").into_response();
+    }
     let mut tokens = state.tokens.lock().expect("state");
     let name = format!("tok-{}", tokens.len() + 1);
     let life = *state.token_life.lock().expect("state");

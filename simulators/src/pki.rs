@@ -1,5 +1,5 @@
 //! A throwaway PKI for TLS tests: a CA, a server certificate for
-//! `localhost`, and a client certificate, written as PEM files.
+//! `localhost` (and 10.0.2.2, the host seen from a qemu guest), and a client certificate, written as PEM files.
 
 use std::path::{Path, PathBuf};
 
@@ -9,7 +9,7 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, 
 pub struct Pki {
     /// CA certificate.
     pub ca: PathBuf,
-    /// Server certificate (SAN localhost, 127.0.0.1).
+    /// Server certificate (SAN localhost, 127.0.0.1, 10.0.2.2).
     pub server_cert: PathBuf,
     /// Server key.
     pub server_key: PathBuf,
@@ -34,8 +34,13 @@ pub fn generate(dir: &Path, ca_name: &str) -> Pki {
     let (ca_cert, ca_key, ca_params) = ca(ca_name);
     let issuer = Issuer::new(ca_params, &ca_key);
     let server_key = KeyPair::generate().expect("server key");
-    let mut sp = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-        .expect("params");
+    let mut sp = CertificateParams::new(vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        // The host as a qemu guest on user networking sees it.
+        "10.0.2.2".to_owned(),
+    ])
+    .expect("params");
     sp.distinguished_name.push(DnType::CommonName, "localhost");
     let server = sp.signed_by(&server_key, &issuer).expect("server cert");
     let client_key = KeyPair::generate().expect("client key");

@@ -1,6 +1,8 @@
 //! Shared helpers for plant-edge's end-to-end and crash tests.
 
 pub mod mosquitto;
+pub mod plc_line;
+pub mod vm;
 
 pub use simulators::{erp, erp_apis, mes, pki, plc};
 
