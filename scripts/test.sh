@@ -70,14 +70,48 @@ if [ -z "${PROMTOOL:-}" ]; then
   export PROMTOOL
 fi
 
+# The gateway image is built from Debian's archive (mmdebstrap) and booted
+# by tests/tests/gateway_vm.rs under qemu's software emulation with UEFI
+# firmware (ovmf), driven over ssh.
+vm_tools=(mmdebstrap:mmdebstrap qemu-system-x86_64:qemu-system-x86 mkfs.vfat:dosfstools
+  mcopy:mtools sfdisk:fdisk ssh:openssh-client mkfs.ext4:e2fsprogs)
+missing=()
+for tool in "${vm_tools[@]}"; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${tool%%:*}" ] || [ -x "/sbin/${tool%%:*}" ] || missing+=("${tool##*:}")
+done
+[ -f /usr/share/OVMF/OVMF_CODE_4M.fd ] || missing+=(ovmf)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing Debian's ${missing[*]} for the gateway image and its VM test" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
-# Among them: the handshake chaos test (a PLC restarting mid-run while the
-# agent is SIGKILLed 32 times, reconciled against what the PLC saw
-# acknowledged), the disk-full test (mounts a 64 MiB tmpfs: needs root)
-# and the unreadable-journal test (runs the agent as nobody via setpriv).
-cargo nextest run --workspace --no-fail-fast
 
 # The .deb as an OT team meets it: built, installed on this machine,
 # upgraded over itself, purged (needs root, as CI and the dev machines are).
 packaging/test-deb.sh
+
+# The gateway image with that .deb, built while the tests compile (it is
+# mostly downloads and unpacking, they are mostly CPU).
+deb=$(ls -t target/debian/plant-edge_*_amd64.deb | head -n 1)
+mkdir -p target/image
+packaging/image/build.sh amd64 "$deb" target/image/gateway-amd64.img > target/image/build.log 2>&1 &
+image_build=$!
+cargo nextest run --workspace --no-run
+if ! wait "$image_build"; then
+  cat target/image/build.log >&2
+  echo "the gateway image did not build (log above)" >&2
+  exit 1
+fi
+tail -n 1 target/image/build.log
+
+# Among them: the gateway VM test (the image booted under a real systemd:
+# status, credentials, SIGKILL, watchdog, bad config, an ERP outage across
+# a reboot, three power cuts, reconciled against the PLC), the handshake
+# chaos test (a PLC restarting mid-run while the agent is SIGKILLed 32
+# times), the disk-full test (mounts a 64 MiB tmpfs: needs root) and the
+# unreadable-journal test (runs the agent as nobody via setpriv).
+cargo nextest run --workspace --no-fail-fast
