@@ -10,7 +10,8 @@
 #
 # Slow: the image's package scripts run under qemu-user through binfmt_misc
 # (single-threaded tools, which it runs; see the design doc), and the boot is
-# full-system TCG emulation: 20–40 minutes in all on two cores, so it is a
+# full-system TCG emulation: about 35 minutes to build and 3 to boot on two
+# cores (measured with other work beside it), so it is a
 # separate command, not part of the test script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
