@@ -340,9 +340,10 @@ async fn the_gateway_image_runs_the_service_under_systemd_through_outages_and_po
         eprintln!("power cut {}: back in {boot:?}", cut + 1);
     }
 
-    // Production stops; everything the PLC saw reaches the ERP.
-    line.run(false);
-    let limit = Duration::from_secs(180);
+    // Production stops (records already made are still handed over);
+    // everything the PLC saw reaches the ERP.
+    line.producing.store(false, Ordering::SeqCst);
+    let limit = Duration::from_secs(600);
     wait_for("the PLC's record queue drained", limit, || {
         line.queued.load(Ordering::SeqCst) == 0
     })
