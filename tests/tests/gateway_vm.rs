@@ -72,6 +72,18 @@ fn wait_active(vm: &Vm, what: &str) {
     );
 }
 
+/// Waits until systemd restarted the service (more restarts than
+/// `restarts_before`) and it is active again.
+fn wait_restarted(vm: &Vm, what: &str, restarts_before: &str) {
+    vm.wait_until(
+        what,
+        Duration::from_secs(90),
+        &format!(
+            "[ \"$(systemctl show -p NRestarts --value {SERVICE})\" -gt {restarts_before} ] && systemctl is-active -q {SERVICE}"
+        ),
+    );
+}
+
 /// GET from the host through a forwarded port (plain HTTP/1.0).
 fn http_get(port: u16, path: &str) -> String {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
@@ -219,14 +231,7 @@ async fn the_gateway_image_runs_the_service_under_systemd_through_outages_and_po
     // SIGKILL: systemd starts it again.
     let before = show(&vm, "MainPID,NRestarts");
     vm.sh(&format!("systemctl kill -s KILL {SERVICE}"));
-    vm.wait_until(
-        "restarted after SIGKILL",
-        Duration::from_secs(60),
-        &format!(
-            "[ \"$(systemctl show -p NRestarts --value {SERVICE})\" -gt {} ] && systemctl is-active -q {SERVICE}",
-            before["NRestarts"]
-        ),
-    );
+    wait_restarted(&vm, "restarted after SIGKILL", &before["NRestarts"]);
 
     // A hung process (SIGSTOP): the watchdog kills and restarts it. The
     // unit's 30 s shortened to 4 s for the test.
@@ -235,13 +240,10 @@ async fn the_gateway_image_runs_the_service_under_systemd_through_outages_and_po
     ));
     let before = show(&vm, "MainPID,NRestarts");
     vm.sh(&format!("kill -STOP {}", before["MainPID"]));
-    vm.wait_until(
+    wait_restarted(
+        &vm,
         "the watchdog restarted the hung agent",
-        Duration::from_secs(90),
-        &format!(
-            "[ \"$(systemctl show -p NRestarts --value {SERVICE})\" -gt {} ] && systemctl is-active -q {SERVICE}",
-            before["NRestarts"]
-        ),
+        &before["NRestarts"],
     );
     vm.sh(&format!(
         "journalctl -u {SERVICE} --no-pager | grep -q 'Watchdog timeout'"
@@ -282,7 +284,8 @@ async fn the_gateway_image_runs_the_service_under_systemd_through_outages_and_po
         Duration::from_secs(60),
         &format!("systemctl is-failed -q {SERVICE}"),
     );
-    tokio::time::sleep(Duration::from_secs(12)).await; // two RestartSec=5s
+    // A negative: nothing to wait for but time. Two RestartSec=5s.
+    tokio::time::sleep(Duration::from_secs(12)).await;
     let failed = show(&vm, "ActiveState,ExecMainStatus,NRestarts");
     assert_eq!(failed["ActiveState"], "failed", "{failed:?}");
     assert_eq!(failed["ExecMainStatus"], "78", "{failed:?}");
@@ -312,7 +315,14 @@ async fn the_gateway_image_runs_the_service_under_systemd_through_outages_and_po
     // A reboot with a backlog, and a bad config dropped on the FAT
     // partition meanwhile: refused with the reason, the old one kept.
     let owed_before = erp.state.events.lock().expect("events").len();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A backlog: parts made while the ERP is away.
+    let made_before = line.made.load(Ordering::SeqCst);
+    wait_for(
+        "parts made during the ERP outage",
+        Duration::from_secs(60),
+        || line.made.load(Ordering::SeqCst) > made_before + 50,
+    )
+    .await;
     vm.sh("printf '[agent]\\nsite = 5\\n' > /boot/plant-config/plant-edge.toml && sync");
     let reboot = vm.reboot();
     eprintln!("reboot to ssh: {reboot:?}");
