@@ -228,6 +228,7 @@ impl RunningAgent {
                 initial_cursor: journal.source_cursor(&source.name)?,
                 shutdown: stop_src_rx.clone(),
                 read: read.clone(),
+                periods: config.checkpoints.clone(),
             };
             // Every start, the first included, takes the position the
             // journal holds now: a restart must not count from start-up's.

@@ -153,6 +153,10 @@ pub struct EventData {
     /// Static attributes from configuration (work center, cost center, ...).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub attributes: BTreeMap<String, String>,
+    /// A `production.checkpoint`'s totals over its period (see the
+    /// README's "Reconciliation").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<serde_json::Value>,
 }
 
 /// A CloudEvents 1.0 event as plant-edge writes it.
@@ -179,6 +183,12 @@ pub struct CloudEvent {
     pub sequence: Option<String>,
     /// The business payload.
     pub data: EventData,
+    /// Extension attribute: the event's sequence in the gateway's journal,
+    /// set when a sink reads it (never stored), so the receiving side sees
+    /// a gap without waiting for a checkpoint. Rises with every event the
+    /// gateway stores, across all sources and lines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journalseq: Option<u64>,
 }
 
 impl CloudEvent {
@@ -204,6 +214,7 @@ impl CloudEvent {
             datacontenttype: DATA_CONTENT_TYPE.to_owned(),
             sequence: None,
             data,
+            journalseq: None,
         }
     }
 
@@ -212,6 +223,22 @@ impl CloudEvent {
         // Serialising plain structs with string keys cannot fail.
         serde_json::to_vec(self).unwrap_or_default()
     }
+}
+
+/// `payload` with the journal sequence written into its envelope as the
+/// `journalseq` extension attribute. Only CloudEvents JSON as sources make
+/// it (an object starting with `"specversion"`) is changed; anything else
+/// is returned as it is.
+pub fn with_journal_sequence(payload: Vec<u8>, seq: u64) -> Vec<u8> {
+    const HEAD: &[u8] = b"{\"specversion\"";
+    if !payload.starts_with(HEAD) {
+        return payload;
+    }
+    let member = format!("{{\"journalseq\":{seq},");
+    let mut out = Vec::with_capacity(payload.len() + member.len());
+    out.extend_from_slice(member.as_bytes());
+    out.extend_from_slice(&payload[1..]);
+    out
 }
 
 /// `urn:plant-edge:<site>:<gateway>:<source-name>`, the CloudEvents `source`.
@@ -285,6 +312,7 @@ mod tests {
                     source_time: None,
                 },
                 attributes: BTreeMap::new(),
+                checkpoint: None,
             },
         )
     }
@@ -300,6 +328,21 @@ mod tests {
         assert_eq!(json["data"]["quantity"], serde_json::json!(3));
         assert_eq!(json["data"]["counter"]["epoch"], 2);
         assert!(json["data"].get("reason_code").is_none());
+    }
+
+    #[test]
+    fn the_journal_sequence_is_written_into_the_envelope_once() {
+        let sent = with_journal_sequence(sample().to_json(), 42);
+        let back: CloudEvent = serde_json::from_slice(&sent).expect("decode");
+        assert_eq!(back.journalseq, Some(42));
+        assert_eq!(
+            CloudEvent {
+                journalseq: None,
+                ..back
+            },
+            sample()
+        );
+        assert_eq!(with_journal_sequence(b"[1]".to_vec(), 42), b"[1]");
     }
 
     #[test]

@@ -84,6 +84,13 @@ pub fn ring_record_id(source: &str, signal: &str, namespace: Uuid, index: u64) -
     )
 }
 
+/// Id of a line's checkpoint for the period starting at `period_start_ms`:
+/// the same period closed twice (a crash at the boundary) is the same
+/// fact, so the journal's dedup and the ERP's key see one event.
+pub fn checkpoint_event_id(source: &str, line: &str, period_start_ms: u64) -> Uuid {
+    derive("checkpoint", &[source, line, &period_start_ms.to_string()])
+}
+
 /// A namespace for a position created now (random, never reused).
 pub fn new_namespace() -> Uuid {
     Uuid::new_v4()

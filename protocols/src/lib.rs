@@ -8,6 +8,7 @@
 
 pub mod counter;
 pub mod pace;
+pub mod period;
 pub mod render;
 pub mod ring;
 pub mod runtime;

@@ -452,6 +452,7 @@ pub fn sample_event(attributes: &BTreeMap<String, String>) -> PendingEvent {
                 source_time: Some("2025-11-26T22:31:05.123Z".into()),
             },
             attributes: attributes.clone(),
+            checkpoint: None,
         },
     );
     PendingEvent {

@@ -226,6 +226,7 @@ mod tests {
             initial_cursor: cursor,
             shutdown: tokio::sync::watch::channel(false).1,
             read: Default::default(),
+            periods: None,
         }
     }
 

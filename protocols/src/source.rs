@@ -52,6 +52,8 @@ pub struct SourceContext {
     pub shutdown: watch::Receiver<bool>,
     /// Events made, per source and type (metrics).
     pub read: ReadCounts,
+    /// Reconciliation periods, when checkpoints are configured.
+    pub periods: Option<std::sync::Arc<crate::period::PeriodRule>>,
 }
 
 /// A source kind's own counters, as the agent's metrics and status show
@@ -83,6 +85,18 @@ pub struct ReadCounts {
     last_event: std::sync::Arc<std::sync::Mutex<BTreeMap<String, SystemTime>>>,
     /// The newest events of all sources, newest last (status page).
     recent: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<RecentEvent>>>,
+    /// Each line's open and last closed period, by source and line.
+    periods: std::sync::Arc<std::sync::Mutex<BTreeMap<(String, String), LinePeriods>>>,
+}
+
+/// A line's open period and the one closed before it, as a source stored
+/// them (status page, `plant-edge status`).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LinePeriods {
+    /// The open period.
+    pub current: crate::period::LineTally,
+    /// The last closed period, once one closed in this process.
+    pub last: Option<crate::period::LineTally>,
 }
 
 /// One event as the status page lists it.
@@ -106,6 +120,39 @@ pub struct RecentEvent {
 pub const RECENT_EVENTS: usize = 20;
 
 impl ReadCounts {
+    /// Publishes a source's stored open periods; `closed` are the periods
+    /// its last store closed.
+    pub fn periods_stored(
+        &self,
+        source: &str,
+        open: &crate::period::OpenPeriods,
+        closed: &[(String, crate::period::LineTally)],
+    ) {
+        let mut periods = self.periods.lock().unwrap_or_else(|e| e.into_inner());
+        for (line, tally) in closed {
+            periods
+                .entry((source.to_owned(), line.clone()))
+                .or_default()
+                .last = Some(tally.clone());
+        }
+        for (line, tally) in &open.0 {
+            let entry = periods
+                .entry((source.to_owned(), line.clone()))
+                .or_default();
+            if entry.current != *tally {
+                entry.current = tally.clone();
+            }
+        }
+    }
+
+    /// Every line's periods, by source and line.
+    pub fn periods(&self) -> BTreeMap<(String, String), LinePeriods> {
+        self.periods
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Counts one event (allocates only the first time a pair is seen).
     pub fn add(&self, source: &str, event_type: &str) {
         let mut counts = self.events.lock().unwrap_or_else(|p| p.into_inner());
@@ -389,6 +436,7 @@ impl CounterSignal {
             counter,
             origin,
             attributes,
+            checkpoint: None,
         }
     }
 }
@@ -540,6 +588,7 @@ impl RecordSignal {
             counter: None,
             origin,
             attributes,
+            checkpoint: None,
         };
         // Callers check the code first (`event_type_for`); the configured
         // type stands in only where there is no map.

@@ -108,6 +108,7 @@ async fn run(lines: u16, delay: Duration) -> (f64, f64) {
         initial_cursor: None,
         shutdown,
         read: Default::default(),
+        periods: None,
     };
     let config = ModbusConfig {
         endpoint: Endpoint::Tcp(plc.addr.to_string()),

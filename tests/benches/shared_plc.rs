@@ -60,6 +60,7 @@ fn context(
         initial_cursor: None,
         shutdown,
         read: Default::default(),
+        periods: None,
     }
 }
 

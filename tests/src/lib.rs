@@ -218,6 +218,7 @@ pub mod measure {
                     source_time: Some(buffer::event::rfc3339_millis(now)),
                 },
                 attributes,
+                checkpoint: None,
             },
         );
         event.sequence = Some((1_000_000 + n).to_string());
@@ -264,6 +265,7 @@ pub mod erp_events {
                     source_time: None,
                 },
                 attributes: Default::default(),
+                checkpoint: None,
             },
         );
         event.sequence = Some(reading.to_string());

@@ -58,6 +58,7 @@ fn source(name: &str, journal: &Journal, shutdown: watch::Receiver<bool>) -> Sou
         initial_cursor: None,
         shutdown,
         read: Default::default(),
+        periods: None,
     }
 }
 

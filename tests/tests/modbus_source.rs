@@ -93,6 +93,7 @@ fn start_on_with(
         initial_cursor: journal.source_cursor(SOURCE).expect("cursor"),
         shutdown,
         read,
+        periods: None,
     };
     let task = tokio::spawn(modbus::run(ctx, config, stats.clone()));
     Rig {

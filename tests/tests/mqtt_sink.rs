@@ -67,6 +67,7 @@ fn event(n: u64, line: &str) -> CloudEvent {
                 source_time: None,
             },
             attributes: Default::default(),
+            checkpoint: None,
         },
     )
 }

@@ -141,6 +141,7 @@ fn start_with_bound(dir: &Path, config: OpcUaConfig, max_bytes: u64) -> Rig {
         initial_cursor: journal.source_cursor(SOURCE).expect("cursor"),
         shutdown,
         read: Default::default(),
+        periods: None,
     };
     let task = tokio::spawn(opcua::run(ctx, config, stats.clone()));
     Rig {

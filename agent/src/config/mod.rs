@@ -31,6 +31,7 @@ use protocols::tls::TlsSettings;
 use protocols::NodeId;
 use serde::Deserialize;
 
+mod checkpoints;
 mod https;
 mod modbus;
 mod mqtt;
@@ -143,6 +144,8 @@ struct RawConfig {
     sinks: BTreeMap<String, RawSink>,
     #[serde(default)]
     sources: BTreeMap<String, RawSource>,
+    #[serde(default)]
+    checkpoints: Option<checkpoints::RawCheckpoints>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -387,6 +390,8 @@ pub struct Config {
     pub sinks: Vec<SinkConfig>,
     /// Sources, by name order.
     pub sources: Vec<SourceConfig>,
+    /// Reconciliation periods (`None`: no checkpoint events).
+    pub checkpoints: Option<std::sync::Arc<protocols::period::PeriodRule>>,
 }
 
 impl Config {
@@ -741,6 +746,7 @@ type Spans = Vec<(Table, u32, u32)>;
 
 fn check(file: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
     let err = |key: &str, expected: String| keyed(file, "")(key, expected);
+    let checkpoints = checkpoints::check(file, raw.checkpoints)?;
     for (key, value) in [
         ("agent.site", &raw.agent.site),
         ("agent.gateway", &raw.agent.gateway),
@@ -1007,6 +1013,7 @@ fn check(file: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         },
         sinks,
         sources,
+        checkpoints,
     })
 }
 

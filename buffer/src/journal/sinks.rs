@@ -129,7 +129,7 @@ impl Journal {
                     source: event.source,
                     class: meta.class(),
                     appended_ms: meta.appended_ms,
-                    payload: event.payload,
+                    payload: crate::event::with_journal_sequence(event.payload, seq),
                 });
             }
         }

@@ -182,6 +182,16 @@ async fn handle_record(
         // with the position, so the record may be acknowledged), never
         // posted with a guessed type.
         let refused = record_signal(config, record).event_type_for(&values).err();
+        if let (Some(rule), None) = (&ctx.periods, &refused) {
+            let now = std::time::SystemTime::now();
+            let tally = next_position.periods.line(rule, &event.data.line, now);
+            let quantity = match event.data.quantity {
+                buffer::Quantity::Count(n) => n as f64,
+                buffer::Quantity::Measure(x) => x,
+            };
+            tally.add_record(&record.signal, quantity, event.sequence.clone(), now);
+            tally.add_event(&event);
+        }
         let stored = match &refused {
             None => position
                 .store(ctx, events, next_position, THEN)
@@ -199,6 +209,8 @@ async fn handle_record(
             return Ok(Exchange::Idle);
         };
         acked.insert(record.signal.clone(), false);
+        ctx.read
+            .periods_stored(&ctx.name, &position.get().periods, &[]);
         if refused.is_some() {
             stats.records_refused.fetch_add(1, Ordering::Relaxed);
         } else if appended > 0 {

@@ -57,7 +57,8 @@ use buffer::{CloudEvent, EventType};
 use tokio_modbus::client::{Context, Reader};
 use tokio_modbus::{ExceptionCode, Slave};
 
-use crate::counter::{CounterRules, CounterState, CounterWidth};
+use crate::counter::{CounterRules, CounterState, CounterWidth, Step};
+use crate::period::OpenPeriods;
 use crate::runtime::{Closed, Positioned};
 use crate::source::{
     record_fingerprint, record_quantity, CounterSignal, HandshakePosition, Presented, RecordSignal,
@@ -266,6 +267,9 @@ struct Position {
     records: BTreeMap<String, HandshakePosition>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     rings: BTreeMap<String, crate::ring::RingPosition>,
+    /// Open reconciliation periods by line (when checkpoints are on).
+    #[serde(default, skip_serializing_if = "OpenPeriods::is_empty")]
+    periods: OpenPeriods,
 }
 
 impl crate::runtime::Position for Position {
@@ -476,6 +480,9 @@ pub async fn run(ctx: SourceContext, config: ModbusConfig, stats: Arc<ModbusStat
         crate::pace::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let mut retry_at = tokio::time::Instant::now();
     let mut bridged = false;
+    // The first poll of this process: what was made while it was down may
+    // span a period boundary.
+    let mut resumed = true;
     // Record signals whose pending record this process acknowledged.
     let mut acked: BTreeMap<String, bool> = BTreeMap::new();
     let mut ticks = crate::schedule::Ticks::aligned(config.poll_interval, &stats.schedule);
@@ -499,6 +506,7 @@ pub async fn run(ctx: SourceContext, config: ModbusConfig, stats: Arc<ModbusStat
             &mut position,
             &mut acked,
             bridged,
+            resumed,
         )
         .await;
         stats.polls.fetch_add(1, Ordering::Relaxed);
@@ -507,6 +515,7 @@ pub async fn run(ctx: SourceContext, config: ModbusConfig, stats: Arc<ModbusStat
             Ok(()) => {
                 backoff.reset();
                 bridged = false;
+                resumed = false;
                 stats.connected.store(true, Ordering::Relaxed);
             }
             Err(PollError::Stopped) => return,
@@ -549,8 +558,10 @@ async fn poll(
     position: &mut Positioned<Position>,
     acked: &mut BTreeMap<String, bool>,
     bridged: bool,
+    resumed: bool,
 ) -> Result<(), PollError> {
     let poll_started = tokio::time::Instant::now();
+    close_periods(ctx, config, position, bridged || resumed).await?;
     let states = &position.get().counters;
     if !config.counters.is_empty() {
         let spans: Vec<(Address, u16)> = config
@@ -570,6 +581,7 @@ async fn poll(
             .collect();
         let read_at = SystemTime::now();
         let mut next_states = states.clone();
+        let mut periods = position.get().periods.clone();
         let mut events = Vec::new();
         for spec in &config.counters {
             if matches!(spec.format, Format::F32 | Format::F64) {
@@ -624,8 +636,20 @@ async fn poll(
                 continue;
             };
             let signal = counter_signal(spec, config);
-            let observation = signal.rules.observe(states.get(&spec.signal).copied(), raw);
+            let previous = states.get(&spec.signal).copied();
+            let observation = signal.rules.observe(previous, raw);
             next_states.insert(spec.signal.clone(), observation.next);
+            if let (Some(rule), true) = (&ctx.periods, observation.step != Step::Unchanged) {
+                periods.line(rule, &signal.line, read_at).add_reading(
+                    &spec.signal,
+                    previous,
+                    observation.next,
+                    observation.delta,
+                    observation.step == Step::Reset,
+                    bridged || resumed,
+                    read_at,
+                );
+            }
             let origin = Origin {
                 protocol: "modbus".into(),
                 endpoint: config.endpoint.to_string(),
@@ -646,15 +670,21 @@ async fn poll(
                         .insert("bridged_outage".into(), "true".into());
                 }
                 stamp_context(&mut event, &context);
+                if let Some(rule) = &ctx.periods {
+                    periods
+                        .line(rule, &event.data.line, read_at)
+                        .add_event(&event);
+                }
                 events.push(ctx.new_event(&event));
             }
         }
-        if next_states != *states {
+        if next_states != *states || periods != position.get().periods {
             let count = events.len() as u64;
             let next = Position {
                 counters: next_states,
                 records: position.get().records.clone(),
                 rings: position.get().rings.clone(),
+                periods,
             };
             const THEN: &str = "counting again next poll";
             // Handshakes are looked at right after the counters: with
@@ -667,11 +697,60 @@ async fn poll(
             .map_err(|Closed| PollError::Stopped)?;
             if stored.is_some() {
                 stats.events.fetch_add(count, Ordering::Relaxed);
+                ctx.read
+                    .periods_stored(&ctx.name, &position.get().periods, &[]);
             }
         }
     }
     drain_records(device, ctx, config, stats, position, acked, poll_started).await?;
     ring::drain_rings(device, ctx, config, stats, position, poll_started).await
+}
+
+/// Closes the periods that ended with one checkpoint event per line,
+/// stored with the position that opens the next ones. Not stored now (the
+/// journal is full): the same checkpoint, same id, next poll.
+async fn close_periods(
+    ctx: &SourceContext,
+    config: &ModbusConfig,
+    position: &mut Positioned<Position>,
+    resumed: bool,
+) -> Result<(), PollError> {
+    let Some(rule) = &ctx.periods else {
+        return Ok(());
+    };
+    let mut next = position.get().clone();
+    let closed = next.periods.close_ended(rule, SystemTime::now(), resumed);
+    if closed.is_empty() {
+        return Ok(());
+    }
+    let events = closed
+        .iter()
+        .map(|(line, tally)| {
+            let origin = Origin {
+                protocol: "modbus".into(),
+                endpoint: config.endpoint.to_string(),
+                address: format!("unit {} checkpoint", config.unit),
+                quality: "good".into(),
+                source_time: None,
+            };
+            let event = crate::period::checkpoint_event(ctx, line, &config.machine, origin, tally);
+            ctx.new_event(&event)
+        })
+        .collect();
+    let stored = position
+        .store(
+            ctx,
+            events,
+            next,
+            "checkpoint not stored; closed again next poll",
+        )
+        .await
+        .map_err(|Closed| PollError::Stopped)?;
+    if stored.is_some() {
+        ctx.read
+            .periods_stored(&ctx.name, &position.get().periods, &closed);
+    }
+    Ok(())
 }
 
 /// Work order, material and lot read in the same poll as the counter.

@@ -302,6 +302,7 @@ impl Served<'_> {
             counter: None,
             origin,
             attributes,
+            checkpoint: None,
         };
         let event = CloudEvent::new(id, urn, spec.event_type.clone(), time, data);
         crate::runtime::keep_dead_letter(

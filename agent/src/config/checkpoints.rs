@@ -1,0 +1,102 @@
+//! `[checkpoints]`: the reconciliation periods every source closes with a
+//! `production.checkpoint` event per line.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use protocols::period::PeriodRule;
+use serde::Deserialize;
+
+use super::{keyed, ConfigError};
+
+/// The table as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCheckpoints {
+    /// Local shift start times, `["06:00", "14:00", "22:00"]`.
+    #[serde(default)]
+    shifts: Vec<String>,
+    /// IANA zone of the shift times.
+    #[serde(default)]
+    time_zone: Option<String>,
+    /// Fixed period instead of shifts (`"1h"`), aligned to UTC.
+    #[serde(default, with = "humantime_serde")]
+    every: Option<Duration>,
+}
+
+/// The period rule, `None` without a `[checkpoints]` table.
+pub(super) fn check(
+    file: &Path,
+    raw: Option<RawCheckpoints>,
+) -> Result<Option<Arc<PeriodRule>>, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(None);
+    };
+    let err = keyed(file, "checkpoints");
+    let rule = match (raw.shifts.is_empty(), raw.every) {
+        (false, Some(_)) => {
+            return Err(err(
+                "every",
+                "either shifts (with time_zone) or every, not both".into(),
+            ))
+        }
+        (true, None) => {
+            return Err(err(
+                "shifts",
+                "shift start times such as [\"06:00\", \"14:00\", \"22:00\"] with time_zone, or every = \"1h\"".into(),
+            ))
+        }
+        (true, Some(every)) => {
+            if every < Duration::from_secs(1) || every > Duration::from_secs(7 * 86_400) {
+                return Err(err("every", "a period between 1s and 7days".into()));
+            }
+            PeriodRule::Every(every)
+        }
+        (false, None) => {
+            let zone = raw.time_zone.as_deref().ok_or_else(|| {
+                err(
+                    "time_zone",
+                    "the IANA time zone of the shift times, such as \"Europe/Berlin\"".into(),
+                )
+            })?;
+            PeriodRule::shifts(&raw.shifts, zone).map_err(|e| {
+                let key = if e.contains("IANA") { "time_zone" } else { "shifts" };
+                err(key, e)
+            })?
+        }
+    };
+    Ok(Some(Arc::new(rule)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::parse;
+    use super::super::tests::MINIMAL;
+
+    #[test]
+    fn shifts_need_a_zone_and_bad_values_name_their_key() {
+        let ok = parse(&format!(
+            "{MINIMAL}\n[checkpoints]\nshifts = [\"06:00\", \"14:00\", \"22:00\"]\ntime_zone = \"Europe/Berlin\"\n"
+        ))
+        .expect("valid");
+        assert!(ok.checkpoints.is_some());
+        for (table, key) in [
+            ("shifts = [\"06:00\"]", "checkpoints.time_zone"),
+            (
+                "shifts = [\"6 Uhr\"]\ntime_zone = \"Europe/Berlin\"",
+                "checkpoints.shifts",
+            ),
+            (
+                "shifts = [\"06:00\"]\ntime_zone = \"Europe/Bonn\"",
+                "checkpoints.time_zone",
+            ),
+            ("every = \"0s\"", "checkpoints.every"),
+            ("", "checkpoints.shifts"),
+        ] {
+            let e = parse(&format!("{MINIMAL}\n[checkpoints]\n{table}\n")).expect_err(table);
+            assert_eq!(e.key, key, "{e}");
+        }
+        assert!(parse(MINIMAL).expect("valid").checkpoints.is_none());
+    }
+}
