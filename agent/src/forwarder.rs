@@ -445,6 +445,7 @@ mod tests {
                         class: buffer::EventClass::Business,
                         routes,
                         payload: br#"{"type":"production.completion"}"#.to_vec(),
+                        ledger: None,
                     })
                     .collect(),
                 cursor: None,

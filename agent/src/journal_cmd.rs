@@ -47,6 +47,17 @@ pub enum JournalCommand {
     },
     /// Check sequences, decoding and cursors; exit 1 on problems.
     Verify,
+    /// Per line and period: counted at the PLC (checkpoints), sent,
+    /// delivered, pending, dead-lettered, difference; from the ledger, also
+    /// while the agent runs (asked over its metrics endpoint with -c).
+    /// Exit 1 when a closed period's counted and sent differ.
+    Report {
+        #[command(flatten)]
+        window: crate::reconcile::Window,
+        /// Print JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Pending events as JSON lines (CloudEvents), to stdout or a file.
     Export {
         /// Output file (default stdout).
@@ -219,9 +230,14 @@ fn open(target: &Target) -> anyhow::Result<Journal> {
 
 /// Runs a journal command; `Ok(false)` means "ran, found problems".
 pub fn run(target: Target, command: JournalCommand) -> anyhow::Result<bool> {
+    if let JournalCommand::Report { window, json } = &command {
+        return crate::reconcile::run_report(target.config, target.state, window, *json);
+    }
     let journal = open(&target)?;
     let mut out = std::io::stdout().lock();
     match command {
+        // Answered above, before the journal was opened.
+        JournalCommand::Report { .. } => {}
         JournalCommand::Stats { json } => {
             let s = journal.stats();
             if json {

@@ -10,6 +10,7 @@ mod journal_cmd;
 mod logging;
 mod metrics;
 mod probe;
+mod reconcile;
 mod run;
 mod status_cmd;
 mod supervise;
@@ -66,6 +67,25 @@ enum Command {
         target: journal_cmd::Target,
         #[command(subcommand)]
         command: journal_cmd::JournalCommand,
+    },
+    /// Compare an ERP's bookings export (CSV or JSON lines with the event id
+    /// and quantity) with what the PLC counted and the gateway sent, per
+    /// line and period: exit 1 on any difference, naming the ids.
+    Reconcile {
+        /// Config file (its journal, or its running agent, and periods).
+        #[arg(short, long, conflicts_with = "state")]
+        config: Option<PathBuf>,
+        /// State directory instead (periods are then UTC days).
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// What the ERP booked.
+        #[arg(long)]
+        bookings: PathBuf,
+        #[command(flatten)]
+        window: reconcile::Window,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// One-screen summary from a running agent (its metrics endpoint).
     Status {
@@ -247,6 +267,23 @@ fn main() -> ExitCode {
         Command::Journal { target, command } => {
             logging::init(LogFormat::Text);
             match journal_cmd::run(target, command) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => match e.downcast_ref::<ConfigError>() {
+                    Some(ce) => config_failure(ce),
+                    None => failure(e),
+                },
+            }
+        }
+        Command::Reconcile {
+            config,
+            state,
+            bookings,
+            window,
+            json,
+        } => {
+            logging::init(LogFormat::Text);
+            match reconcile::run_reconcile(config, state, &bookings, &window, json) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
                 Err(e) => match e.downcast_ref::<ConfigError>() {

@@ -665,6 +665,41 @@ async fn status_json(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
     ([("content-type", "application/json")], body)
 }
 
+/// The query of `/ledger`.
+#[derive(Debug, serde::Deserialize)]
+struct LedgerWindow {
+    from_ms: u64,
+    to_ms: u64,
+}
+
+/// The journal's ledger over a window, for `journal report` and
+/// `reconcile` while the agent holds the journal.
+async fn ledger_json(
+    State(m): State<Arc<Metrics>>,
+    axum::extract::Query(window): axum::extract::Query<LedgerWindow>,
+) -> impl IntoResponse {
+    let answer = tokio::task::spawn_blocking(move || {
+        m.journal
+            .ledger(window.from_ms, window.to_ms)
+            .map_err(|e| e.to_string())
+            .and_then(|events| serde_json::to_string(&events).map_err(|e| e.to_string()))
+    })
+    .await;
+    match answer {
+        Ok(Ok(body)) => (StatusCode::OK, [("content-type", "application/json")], body),
+        Ok(Err(e)) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [("content-type", "text/plain")],
+            e,
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [("content-type", "text/plain")],
+            e.to_string(),
+        ),
+    }
+}
+
 /// Serves until `stop`; a port already taken is logged, not fatal (the
 /// agent's job matters more than its metrics).
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, mut stop: watch::Receiver<bool>) {
@@ -681,6 +716,7 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, mut stop: watch::Rec
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready_check))
         .route("/status", get(status_json))
+        .route("/ledger", get(ledger_json))
         .route("/", get(status_page))
         .with_state(metrics.clone());
     // The page's chart: backlog and deliveries over the last hour.

@@ -203,6 +203,7 @@ fn dead_letters_can_be_listed_requeued_and_purged_from_the_cli() {
                 class: EventClass::Business,
                 routes: journal.routes_all(),
                 payload: format!("{{\"type\":\"production.completion\",\"n\":{n}}}").into_bytes(),
+                ledger: None,
             })
             .collect();
         journal
@@ -522,6 +523,7 @@ fn a_journal_the_agent_cannot_open_stops_it_and_stays_where_it_is() {
                     class: buffer::EventClass::Business,
                     routes,
                     payload: br#"{"type":"production.completion"}"#.to_vec(),
+                    ledger: None,
                 }],
                 cursor: None,
             })

@@ -204,8 +204,15 @@ async fn checkpoints_match_the_plc_through_a_wrap_a_reset_and_sigkills_at_the_bo
         |n| n == 0.0,
     )
     .await;
+    // While the agent runs, the report comes from it (its /ledger).
+    let live = run_report(&file);
     kill(Pid::from_raw(agent.id() as i32), Signal::SIGTERM).expect("SIGTERM");
     assert_eq!(agent.wait().expect("wait").code(), Some(0));
+    assert_eq!(
+        live,
+        run_report(&file),
+        "the running agent reports what its journal holds"
+    );
 
     let mut distinct = Distinct::default();
     for event in archived_events(&state) {
@@ -313,4 +320,82 @@ async fn checkpoints_match_the_plc_through_a_wrap_a_reset_and_sigkills_at_the_bo
         .map(|c| c["data"]["checkpoint"]["start_ms"].as_u64())
         .collect();
     assert_eq!(periods.len(), checkpoints.len());
+
+    // `journal report`: per period, counted equals sent, all delivered.
+    let rows = run_report(&file);
+    let closed: Vec<&serde_json::Value> = rows.iter().filter(|r| !r["counted"].is_null()).collect();
+    assert_eq!(closed.len(), checkpoints.len(), "{rows:#?}");
+    let mut reported = 0.0;
+    for row in &rows {
+        assert_eq!(row["pending"], 0.0, "{row}");
+        assert_eq!(row["sent"], row["delivered"], "{row}");
+        if !row["counted"].is_null() {
+            assert_eq!(row["counted"], row["sent"], "{row}");
+            reported += row["counted"].as_f64().expect("counted");
+        }
+    }
+    assert_eq!(reported as u64, line.made);
+
+    // `reconcile` against the ERP's bookings: every completion booked once
+    // reconciles; one missing and one booked twice are named, exit 1.
+    let completions: Vec<&serde_json::Value> = events
+        .iter()
+        .copied()
+        .filter(|e| e["type"] == "production.completion")
+        .collect();
+    let csv = |rows: &[&serde_json::Value]| {
+        let mut text = "Order;ConfirmationText;YieldQuantity\n".to_owned();
+        for e in rows {
+            text += &format!(
+                "4711;{};{}\n",
+                e["id"].as_str().expect("id"),
+                e["data"]["quantity"]
+            );
+        }
+        text
+    };
+    let bookings = dir.path().join("bookings.csv");
+    std::fs::write(&bookings, csv(&completions)).expect("write");
+    let out = reconcile(&file, &bookings);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("reconciled"), "{}", stdout(&out));
+    let (missing, doubled) = (completions[3], completions[5]);
+    let mut wrong: Vec<&serde_json::Value> = completions
+        .iter()
+        .copied()
+        .filter(|e| e["id"] != missing["id"])
+        .collect();
+    wrong.push(doubled);
+    std::fs::write(&bookings, csv(&wrong)).expect("write");
+    let out = reconcile(&file, &bookings);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let text = stdout(&out);
+    let missing_id = missing["id"].as_str().expect("id");
+    let doubled_id = doubled["id"].as_str().expect("id");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("sent, not booked") && l.contains(missing_id)),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("booked 2 times") && l.contains(doubled_id)),
+        "{text}"
+    );
+}
+
+fn run_report(config: &str) -> Vec<serde_json::Value> {
+    let out = common::run(&["journal", "-c", config, "report", "--json"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    serde_json::from_str(&stdout(&out)).expect("report JSON")
+}
+
+fn reconcile(config: &str, bookings: &std::path::Path) -> std::process::Output {
+    common::run(&[
+        "reconcile",
+        "-c",
+        config,
+        "--bookings",
+        bookings.to_str().expect("utf8"),
+    ])
 }

@@ -28,6 +28,7 @@ fn events(start: u64, n: u64, routes: Routes) -> Vec<NewEvent> {
                 p.extend_from_slice(b"\"}");
                 p
             },
+            ledger: None,
         })
         .collect()
 }

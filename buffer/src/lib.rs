@@ -12,3 +12,4 @@ pub use journal::{
     AppendOutcome, AppendRequest, Appender, Journal, JournalConfig, JournalError, NewEvent,
     PendingEvent, Routes,
 };
+pub use journal::{Fate, LedgerEntry, LedgerEvent};

@@ -22,6 +22,7 @@ fn event(n: u64, class: EventClass, routes: Routes) -> NewEvent {
             "x".repeat(400)
         )
         .into_bytes(),
+        ledger: None,
     }
 }
 

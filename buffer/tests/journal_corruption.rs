@@ -24,6 +24,7 @@ fn build(path: &Path) {
                 class: EventClass::Business,
                 routes,
                 payload: format!("{{\"n\":{n},\"pad\":\"{}\"}}", "z".repeat(300)).into_bytes(),
+                ledger: None,
             })
             .collect();
         journal
@@ -169,6 +170,7 @@ fn positions_are_stored_compressed_and_a_damaged_one_reaches_the_source_as_unrea
                     class: EventClass::Business,
                     routes,
                     payload: b"{}".to_vec(),
+                    ledger: None,
                 }],
                 cursor: Some(position.to_vec()),
             })

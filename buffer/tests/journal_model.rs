@@ -178,6 +178,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         class: EventClass::Business,
                         routes,
                         payload: id.to_string().into_bytes(),
+                        ledger: None,
                     });
                 }
                 let outcome = journal

@@ -62,6 +62,7 @@ fn fill(dir: &Path, first: u64, total: u64) -> Journal {
                     class: EventClass::Business,
                     routes,
                     payload: e.to_json(),
+                    ledger: None,
                 }
             })
             .collect();

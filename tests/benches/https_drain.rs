@@ -42,7 +42,7 @@ fn fill(dir: &std::path::Path, total: u64) {
                 let mut payload = format!("{{\"specversion\":\"1.0\",\"id\":\"{id}\",\"source\":\"urn:plant-edge:p:g:press\",\"type\":\"production.completion\",\"data\":{{\"n\":{i},\"pad\":\"").into_bytes();
                 payload.resize(496, b'x');
                 payload.extend_from_slice(b"\"}}");
-                NewEvent { id, class: EventClass::Business, routes, payload }
+                NewEvent { id, class: EventClass::Business, routes, payload, ledger: None }
             })
             .collect();
         journal

@@ -96,6 +96,7 @@ async fn run(window: Duration) -> Figures {
                             class: EventClass::Business,
                             routes,
                             payload: realistic_event(line, n),
+                            ledger: None,
                         }
                     })
                     .collect();

@@ -48,6 +48,7 @@ fn fill(dir: &std::path::Path, total: u64) {
                 class: EventClass::Business,
                 routes,
                 payload: payload(i),
+                ledger: None,
             })
             .collect();
         journal

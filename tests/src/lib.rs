@@ -290,6 +290,7 @@ pub mod erp_events {
                         class: EventClass::Business,
                         routes,
                         payload: e.to_json(),
+                        ledger: None,
                     })
                     .collect(),
                 cursor: None,

@@ -446,6 +446,7 @@ async fn an_event_that_does_not_render_is_a_dead_letter_naming_the_template_and_
                     class: EventClass::Business,
                     routes,
                     payload: e.payload.clone(),
+                    ledger: None,
                 })
                 .collect(),
             cursor: None,

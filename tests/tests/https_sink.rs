@@ -52,6 +52,7 @@ fn journal_with(dir: &std::path::Path, total: u64) -> (Journal, Vec<String>) {
                     class: EventClass::Business,
                     routes,
                     payload: format!("{{\"specversion\":\"1.0\",\"id\":\"{id}\",\"source\":\"urn:plant-edge:p:g:{source}\",\"type\":\"production.completion\",\"data\":{{\"n\":{i}}}}}").into_bytes(),
+                    ledger: None,
                 }
             })
             .collect();

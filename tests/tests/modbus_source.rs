@@ -1123,6 +1123,7 @@ fn fill(journal: &Journal) {
                 class: buffer::EventClass::Business,
                 routes,
                 payload: vec![b'{'; 400].into_iter().chain(*b"}").collect(),
+                ledger: None,
             }],
             cursor: None,
         })

@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use super::dedup::Seen;
 use super::layout::{self, ChunkMeta, StoredEvent};
+use super::ledger::{LedgerRecord, LedgerRow};
 use super::{encode_err, now_ms, Journal, JournalError, State};
 use crate::{CloudEvent, EventClass};
 
@@ -41,16 +42,33 @@ pub struct NewEvent {
     pub routes: Routes,
     /// The bytes sinks send.
     pub payload: Vec<u8>,
+    /// What the ledger keeps of it (`None`: nothing, as for test events).
+    pub ledger: Option<super::LedgerEntry>,
 }
 
 impl NewEvent {
-    /// Wraps a canonical event.
+    /// Wraps a canonical event; its ledger entry is reckoned by the
+    /// event's time.
     pub fn from_cloud_event(event: &CloudEvent, class: EventClass, routes: Routes) -> Self {
+        let at_ms = humantime::parse_rfc3339(&event.time)
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or_else(super::now_ms);
         Self {
             id: event.id,
             class,
             routes,
             payload: event.to_json(),
+            ledger: Some(super::LedgerEntry {
+                at_ms,
+                line: event.data.line.clone(),
+                event_type: event.event_type.as_str().to_owned(),
+                quantity: match event.data.quantity {
+                    crate::Quantity::Count(n) => n as f64,
+                    crate::Quantity::Measure(x) => x,
+                },
+            }),
         }
     }
 }
@@ -125,6 +143,9 @@ impl Job {
         }
     }
 }
+
+/// How often the writer removes ledger records past `ledger_keep`.
+const LEDGER_PRUNE_EVERY_MS: u64 = 60_000;
 
 /// How long a batched append that finds the window over waits for the
 /// appends of the same poll tick (other sources on one device).
@@ -489,6 +510,7 @@ impl Journal {
             let mut plan = ChunkPlan::new(st.next_seq, now);
             let mut projected = st.used_bytes();
             let mut seen_in_batch: HashSet<Uuid> = HashSet::new();
+            let mut ledger_rows: Vec<LedgerRow> = Vec::new();
             let mut new_ids: Vec<[u8; 16]> = Vec::new();
             let mut blocked = false;
             for mut job in jobs {
@@ -564,6 +586,16 @@ impl Journal {
                         source: job.request.source.clone(),
                         payload: event.payload.clone(),
                     };
+                    let mut row = event.ledger.as_ref().map(|entry| LedgerRow {
+                        seq: 0,
+                        id: *event.id.as_bytes(),
+                        at_ms: entry.at_ms,
+                        source: job.request.source.clone(),
+                        line: entry.line.clone(),
+                        event_type: entry.event_type.clone(),
+                        quantity: entry.quantity,
+                        dead_at_source: job.dead_letter.is_some(),
+                    });
                     projected += stored.charge();
                     new_ids.push(*event.id.as_bytes());
                     if let Some(reason) = &job.dead_letter {
@@ -580,9 +612,15 @@ impl Journal {
                         }
                         // Sequence 0: never queued for delivery.
                         seqs.push(Some(0));
+                        ledger_rows.extend(row);
                         continue;
                     }
-                    seqs.push(Some(plan.push(event.class, stored)));
+                    let seq = plan.push(event.class, stored);
+                    if let Some(row) = &mut row {
+                        row.seq = seq;
+                    }
+                    ledger_rows.extend(row);
+                    seqs.push(Some(seq));
                 }
                 if let Some(cursor) = &job.request.cursor {
                     batch.insert(
@@ -616,6 +654,27 @@ impl Journal {
             }
             for evicted in st.dedup.evict(now) {
                 batch.remove(&layout::seq_key(layout::DEDUP, evicted));
+            }
+            if let Some(first) = ledger_rows.first() {
+                let mut key = layout::seq_key(layout::LEDGER, start_seq).to_vec();
+                key.extend_from_slice(&first.id);
+                let record = LedgerRecord {
+                    rows: std::mem::take(&mut ledger_rows),
+                };
+                match layout::encode(&record) {
+                    Ok(bytes) => batch.insert(key, bytes),
+                    Err(e) => {
+                        drop(st);
+                        return self.fail_commit(admitted, parked_out, encode_err("ledger", e));
+                    }
+                }
+            }
+            if now >= st.ledger_pruned_ms + LEDGER_PRUNE_EVERY_MS {
+                st.ledger_pruned_ms = now;
+                let keep = self.inner.config.ledger_keep.as_millis() as u64;
+                if let Err(e) = self.prune_ledger(&mut batch, now.saturating_sub(keep), 1024) {
+                    tracing::warn!(error = %e, "ledger not pruned this time");
+                }
             }
             batch.insert(layout::NEXT_SEQ, &next_seq.to_be_bytes());
             match Self::counters_value(&st) {

@@ -229,6 +229,7 @@ mod tests {
                         class: EventClass::Business,
                         routes: journal.routes_all(),
                         payload: b"{}".to_vec(),
+                        ledger: None,
                     }],
                     cursor: None,
                 })

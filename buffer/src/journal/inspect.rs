@@ -260,7 +260,7 @@ impl Journal {
         Ok(found)
     }
 
-    fn dead_letter_records(&self) -> Result<Vec<(u64, DeadLetterRecord)>, JournalError> {
+    pub(super) fn dead_letter_records(&self) -> Result<Vec<(u64, DeadLetterRecord)>, JournalError> {
         let mut out = Vec::new();
         for item in self.inner.tree.scan_prefix([layout::DEAD_LETTER]) {
             let (key, value) = item?;

@@ -42,6 +42,7 @@ mod commit;
 mod dedup;
 mod inspect;
 pub(crate) mod layout;
+mod ledger;
 mod sinks;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -62,6 +63,7 @@ use layout::{ChunkMeta, DeadLetterRecord};
 pub use commit::{AppendObserver, AppendOutcome, AppendRequest, Appender, NewEvent, Routes};
 pub use inspect::{DeadLetter, EventSummary, JournalStats, SinkStats, VerifyReport};
 pub use layout::MAX_EVENT_BYTES;
+pub use ledger::{Fate, LedgerEntry, LedgerEvent};
 pub use sinks::PendingEvent;
 
 /// Most sinks one journal can route to (one bit each in [`Routes`]).
@@ -194,6 +196,9 @@ pub struct JournalConfig {
     /// appends wait (sources held) and telemetry is refused, as when the
     /// journal is full, until space returns. 0 turns the check off.
     pub min_free_disk: u64,
+    /// How long the ledger remembers stored events after delivery, for
+    /// `journal report` and `reconcile` (about 60 bytes an event on disk).
+    pub ledger_keep: Duration,
 }
 
 impl JournalConfig {
@@ -218,6 +223,8 @@ impl JournalConfig {
     /// started (a segment, its own metadata) when something else fills the
     /// disk.
     pub const DEFAULT_MIN_FREE_DISK: u64 = 32 * 1024 * 1024;
+    /// Default ledger memory: a week's shifts and the weekend after.
+    pub const DEFAULT_LEDGER_KEEP: Duration = Duration::from_secs(8 * 86_400);
 
     /// Defaults for a journal in `path`.
     pub fn new(path: impl Into<PathBuf>) -> Self {
@@ -234,6 +241,7 @@ impl JournalConfig {
             sinks: Vec::new(),
             lock_wait: Duration::from_secs(5),
             min_free_disk: Self::DEFAULT_MIN_FREE_DISK,
+            ledger_keep: Self::DEFAULT_LEDGER_KEEP,
         }
     }
 }
@@ -303,6 +311,8 @@ pub(crate) struct State {
     full: bool,
     /// The filesystem had less than `min_free_disk` at the last commit.
     disk_low: bool,
+    /// When the writer last pruned the ledger (ms).
+    ledger_pruned_ms: u64,
     /// A sink cursor moved in memory and is not yet in sled: it goes with
     /// the next commit's batch, or within a second (see [`Journal::save_acks`]).
     acks_unsaved: bool,
@@ -803,6 +813,7 @@ impl Journal {
             counters,
             full: false,
             disk_low: false,
+            ledger_pruned_ms: 0,
             acks_unsaved: false,
         })
     }

@@ -60,6 +60,7 @@ async fn main() {
                         "p".repeat(300)
                     )
                     .into_bytes(),
+                    ledger: None,
                 };
                 let outcome = appender
                     .append(AppendRequest {

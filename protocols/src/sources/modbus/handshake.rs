@@ -176,14 +176,20 @@ async fn handle_record(
         let event = record_event(ctx, config, record, id, &values);
         let mut next_position = position.get().clone();
         next_position.records.insert(record.signal.clone(), next);
-        let events = vec![ctx.new_event(&event)];
+        // The period is reckoned by when the gateway took the record, as
+        // the checkpoint's tally is, not by the PLC's clock.
+        let now = std::time::SystemTime::now();
+        let mut stored_event = ctx.new_event(&event);
+        if let Some(entry) = &mut stored_event.ledger {
+            entry.at_ms = crate::period::millis(now);
+        }
+        let events = vec![stored_event];
         const THEN: &str = "record not acknowledged; taken again next poll";
         // A type code the map does not know: kept as a dead letter (durable,
         // with the position, so the record may be acknowledged), never
         // posted with a guessed type.
         let refused = record_signal(config, record).event_type_for(&values).err();
         if let (Some(rule), None) = (&ctx.periods, &refused) {
-            let now = std::time::SystemTime::now();
             let tally = next_position.periods.line(rule, &event.data.line, now);
             let quantity = match event.data.quantity {
                 buffer::Quantity::Count(n) => n as f64,

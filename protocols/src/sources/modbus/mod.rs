@@ -505,8 +505,7 @@ pub async fn run(ctx: SourceContext, config: ModbusConfig, stats: Arc<ModbusStat
             &stats,
             &mut position,
             &mut acked,
-            bridged,
-            resumed,
+            Continuity { bridged, resumed },
         )
         .await;
         stats.polls.fetch_add(1, Ordering::Relaxed);
@@ -550,6 +549,15 @@ fn counter_signal(spec: &CounterSpec, config: &ModbusConfig) -> CounterSignal {
     }
 }
 
+/// What lies between this poll and the last stored one.
+#[derive(Clone, Copy, Debug)]
+struct Continuity {
+    /// The link was down since the last poll.
+    bridged: bool,
+    /// The first poll of this process.
+    resumed: bool,
+}
+
 async fn poll(
     device: &Device,
     ctx: &SourceContext,
@@ -557,8 +565,7 @@ async fn poll(
     stats: &ModbusStats,
     position: &mut Positioned<Position>,
     acked: &mut BTreeMap<String, bool>,
-    bridged: bool,
-    resumed: bool,
+    Continuity { bridged, resumed }: Continuity,
 ) -> Result<(), PollError> {
     let poll_started = tokio::time::Instant::now();
     close_periods(ctx, config, position, bridged || resumed).await?;
@@ -734,7 +741,12 @@ async fn close_periods(
                 source_time: None,
             };
             let event = crate::period::checkpoint_event(ctx, line, &config.machine, origin, tally);
-            ctx.new_event(&event)
+            let mut stored = ctx.new_event(&event);
+            // In the ledger a checkpoint belongs to the period it closes.
+            if let Some(entry) = &mut stored.ledger {
+                entry.at_ms = tally.start_ms;
+            }
+            stored
         })
         .collect();
     let stored = position
