@@ -31,14 +31,29 @@ type Made = Arc<Mutex<BTreeMap<(String, String, String), u64>>>;
 const COMPLETION: &str = "production.completion";
 const SCRAP: &str = "production.scrap";
 
-fn demo_config(state: &Path, plc: &Plc, mes: &Mes, erp: &Erp, ca: &Path) -> String {
+fn demo_config(
+    state: &Path,
+    plc: &Plc,
+    mes: &Mes,
+    erp: &Erp,
+    ca: &Path,
+    status: std::net::SocketAddr,
+) -> String {
     format!(
         r#"# Written by `plant-edge demo`; a starting point for your own.
 [agent]
 site = "demo-plant"
 gateway = "demo-gw"
 state_dir = "{state}"
-metrics_listen = "off"
+# The status page (per-line totals, backlog) and Prometheus metrics.
+metrics_listen = "{status}"
+
+# Each line's totals closed every 15 s as a production.checkpoint event, so
+# the demo shows a few. A plant uses its shifts:
+#   shifts = ["06:00", "14:00", "22:00"]
+#   time_zone = "Europe/Berlin"
+[checkpoints]
+every = "15s"
 
 [journal]
 max_bytes = "256MiB"
@@ -279,7 +294,12 @@ pub async fn run(
     let mes = Mes::start(&MesOptions::open(peers.join("mes-pki"))).await;
     let mut erp = Erp::start(&pki.server_cert, &pki.server_key).await;
     let config_path = state.join("plant-edge-demo.toml");
-    std::fs::write(&config_path, demo_config(&state, &plc, &mes, &erp, &pki.ca))?;
+    // A free loopback port for the status page, chosen now.
+    let status = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    std::fs::write(
+        &config_path,
+        demo_config(&state, &plc, &mes, &erp, &pki.ca, status),
+    )?;
     eprintln!(
         "demo config: {} (copy it as a starting point)",
         config_path.display()
@@ -292,6 +312,7 @@ pub async fn run(
     );
     let config = Config::load(&config_path)?;
     let agent = RunningAgent::start(&config).await?;
+    eprintln!("status page: http://{status}/ (per-line totals, counted vs delivered, while the outage runs)");
 
     // Parts made before the agent first read a counter are not its to
     // count: the plant starts once every source has its baseline.
@@ -435,7 +456,17 @@ pub async fn run(
         stats.dead_letters,
         *erp.state.requests.lock().unwrap_or_else(|p| p.into_inner())
     )?;
-    let ok = lost_total == 0 && duplicates_total == 0;
+    let (closed, unbalanced) = checkpoints(&erp);
+    writeln!(
+        out,
+        "checkpoints: {closed} line periods closed and delivered; {}",
+        if unbalanced == 0 {
+            "in each, the parts the PLC counted equal the parts the events carried".to_owned()
+        } else {
+            format!("{unbalanced} where they DIFFER")
+        }
+    )?;
+    let ok = lost_total == 0 && duplicates_total == 0 && unbalanced == 0;
     writeln!(
         out,
         "{}",
@@ -463,6 +494,10 @@ fn reconcile(made: &Made, erp: &Erp) -> BTreeMap<(String, String, String), Recon
         .clone();
     let mut seen = BTreeSet::new();
     for event in events {
+        // Periods' totals, checked by `checkpoints`, not parts.
+        if event["type"] == protocols::period::CHECKPOINT {
+            continue;
+        }
         let kind = if event["data"]["counter"].is_object() {
             "counter"
         } else {
@@ -484,6 +519,36 @@ fn reconcile(made: &Made, erp: &Erp) -> BTreeMap<(String, String, String), Recon
         row.delivered += event["data"]["quantity"].as_u64().unwrap_or(0);
     }
     rows
+}
+
+/// Checkpoints the ERP received (distinct), and how many of them do not
+/// balance: counted at the PLC differs from the sum of the period's events.
+fn checkpoints(erp: &Erp) -> (usize, usize) {
+    let events = erp
+        .state
+        .events
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let mut seen = BTreeSet::new();
+    let mut unbalanced = 0;
+    for event in events
+        .iter()
+        .filter(|e| e["type"] == protocols::period::CHECKPOINT)
+    {
+        if !seen.insert(event["id"].to_string()) {
+            continue;
+        }
+        let tally = &event["data"]["checkpoint"];
+        let sent: f64 = tally["sent"]
+            .as_object()
+            .map(|m| m.values().filter_map(|v| v.as_f64()).sum())
+            .unwrap_or(0.0);
+        if (event["data"]["quantity"].as_f64().unwrap_or(0.0) - sent).abs() > 1e-9 {
+            unbalanced += 1;
+        }
+    }
+    (seen.len(), unbalanced)
 }
 
 /// Values as a one-line chart of block characters (the demo's outage).

@@ -7,6 +7,7 @@ mod config;
 mod demo;
 mod forwarder;
 mod journal_cmd;
+mod line_status;
 mod logging;
 mod metrics;
 mod probe;

@@ -50,6 +50,8 @@ pub struct Metrics {
     pub source_endpoints: BTreeMap<String, (String, String)>,
     /// Backlog and deliveries sampled over the last hour (status page).
     pub history: History,
+    /// Per-line delivery figures, reused between scrapes.
+    pub lines: crate::line_status::LineCache,
 }
 
 /// A source's achieved poll intervals, as read at scrape time (one
@@ -255,6 +257,34 @@ impl Metrics {
                 .get_or_create(&vec![("sink".into(), sink.name.clone())])
                 .set(sink.backlog as i64);
         }
+        let parts = Family::<Labels, prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        for l in crate::line_status::lines(&self.read, &self.journal, &self.lines) {
+            let periods = [("current", Some(&l.current)), ("last", l.last.as_ref())];
+            for (period, figures) in periods {
+                let Some(f) = figures else { continue };
+                for (kind, value) in [
+                    ("counted", f.counted),
+                    ("sent", f.sent),
+                    ("delivered", f.delivered),
+                    ("pending", f.pending),
+                    ("dead_lettered", f.dead_lettered),
+                ] {
+                    parts
+                        .get_or_create(&vec![
+                            ("source".into(), l.source.clone()),
+                            ("line".into(), l.line.clone()),
+                            ("period".into(), period.into()),
+                            ("kind".into(), kind.into()),
+                        ])
+                        .set(value);
+                }
+            }
+        }
+        registry.register(
+            "line_parts",
+            "Per line and period (current, last): parts counted at the PLC, sent, delivered, pending, dead-lettered",
+            parts,
+        );
         registry.register(
             "sink_backlog_events",
             "Sequences between a sink's cursor and the journal end",
@@ -620,6 +650,7 @@ impl Metrics {
         serde_json::json!({
             "now": unix_seconds(std::time::SystemTime::now()),
             "sources": sources,
+            "lines": crate::line_status::lines(&self.read, &self.journal, &self.lines),
             "recent_events": self.read.recent(),
             "history": self.history.samples(),
             "version": env!("CARGO_PKG_VERSION"),

@@ -294,6 +294,7 @@ impl RunningAgent {
                     .map(|s| (s.name.clone(), source_endpoint(&s.kind)))
                     .collect(),
                 history: Default::default(),
+                lines: Default::default(),
                 append_latency,
                 read,
                 ready_max_age: config.ready_max_backlog_age,

@@ -160,7 +160,45 @@ pub fn summary(v: &serde_json::Value) -> String {
             let _ = writeln!(out, "  {:<16} {why}", "");
         }
     }
+    let lines = v["lines"].as_array().into_iter().flatten().collect::<Vec<_>>();
+    if !lines.is_empty() {
+        let _ = writeln!(out, "\nlines (parts per period, from = start in UTC):");
+        let _ = writeln!(
+            out,
+            "  {:<12} {:<7} {:>5}  {:>9} {:>9} {:>9} {:>9} {:>6} {:>6}",
+            "line", "period", "from", "counted", "sent", "delivered", "pending", "dead", "diff"
+        );
+        for l in lines {
+            for (label, p) in [("current", &l["current"]), ("last", &l["last"])] {
+                if p.is_null() {
+                    continue;
+                }
+                let n = |key: &str| p[key].as_f64().unwrap_or(0.0);
+                let _ = writeln!(
+                    out,
+                    "  {:<12} {:<7} {:>5}  {:>9} {:>9} {:>9} {:>9} {:>6} {:>6}{}",
+                    l["line"].as_str().unwrap_or("?"),
+                    label,
+                    period_start(p),
+                    n("counted"),
+                    n("sent"),
+                    n("delivered"),
+                    n("pending"),
+                    n("dead_lettered"),
+                    n("difference"),
+                    if p["bridged"] == true { "  (across an outage)" } else { "" },
+                );
+            }
+        }
+    }
     out
+}
+
+/// When a period started, as the hour and minute in UTC (the report gives
+/// the plant's zone).
+fn period_start(p: &serde_json::Value) -> String {
+    let start = p["start_ms"].as_u64().unwrap_or(0) / 1000;
+    format!("{:02}:{:02}", (start / 3600) % 24, (start / 60) % 60)
 }
 
 #[cfg(test)]
@@ -178,7 +216,12 @@ mod tests {
                          "schedule": {"configured_ms": 100, "achieved_ms": 100.2}}],
             "sinks": [{"sink": "erp", "configured": true, "holding": "HTTP 403: access revoked",
                        "retrying": null, "accepted_pending": null, "backlog": 120,
-                       "delivered": 5, "rejected": 2, "last_delivery": 700}]
+                       "delivered": 5, "rejected": 2, "last_delivery": 700}],
+            "lines": [{"source": "press1", "line": "L1",
+                       "current": {"start_ms": 21_600_000u64, "counted": 120.0, "sent": 120.0,
+                                   "delivered": 0.0, "pending": 120.0, "dead_lettered": 0.0,
+                                   "difference": 0.0, "bridged": false},
+                       "last": null}]
         });
         let text = summary(&v);
         assert!(
@@ -190,6 +233,10 @@ mod tests {
             text.contains("press1")
                 && text.contains("unreachable")
                 && text.contains("poll 100 ms / achieved 100.2 ms"),
+            "{text}"
+        );
+        assert!(
+            text.lines().any(|l| l.contains("L1") && l.contains("06:00") && l.contains("120")),
             "{text}"
         );
         assert!(

@@ -237,6 +237,12 @@ impl LineTally {
         self.counters.values().map(|c| c.counted).sum()
     }
 
+    /// What the PLC counted, counters and records together: the figure
+    /// the period's events must add up to.
+    pub fn counted_total(&self) -> f64 {
+        self.counted() as f64 + self.records.values().map(|r| r.quantity).sum::<f64>()
+    }
+
     /// Adds an event made in the period.
     pub fn add_event(&mut self, event: &CloudEvent) {
         let quantity = match event.data.quantity {
@@ -405,7 +411,11 @@ pub fn checkpoint_event(
         machine: machine.to_owned(),
         work_order: None,
         material: None,
-        quantity: Quantity::Count(tally.counted()),
+        quantity: if tally.counted_total().fract() == 0.0 {
+            Quantity::Count(tally.counted_total() as u64)
+        } else {
+            Quantity::Measure(tally.counted_total())
+        },
         unit: "EA".into(),
         lot: None,
         reason_code: None,

@@ -84,8 +84,52 @@ pub struct LedgerEvent {
 
 impl Journal {
     /// Every ledger event with `from_ms <= at_ms < to_ms`, in sequence
-    /// order, with its fate now.
+    /// order, with its fate now. Reads the whole ledger.
     pub fn ledger(&self, from_ms: u64, to_ms: u64) -> Result<Vec<LedgerEvent>, JournalError> {
+        self.ledger_scan(from_ms, to_ms, None)
+    }
+
+    /// As [`Journal::ledger`] for a recent window (a status page): reads
+    /// from the newest record back and stops at the first one made wholly
+    /// before `from_ms - slack_ms`. Events whose time lies further before
+    /// their commit than `slack_ms` (a MES backlog with its own old
+    /// timestamps) may be missed; `journal report` reads everything.
+    pub fn ledger_recent(
+        &self,
+        from_ms: u64,
+        to_ms: u64,
+        slack_ms: u64,
+    ) -> Result<Vec<LedgerEvent>, JournalError> {
+        self.ledger_scan(from_ms, to_ms, Some(from_ms.saturating_sub(slack_ms)))
+    }
+
+    fn ledger_scan(
+        &self,
+        from_ms: u64,
+        to_ms: u64,
+        stop_before: Option<u64>,
+    ) -> Result<Vec<LedgerEvent>, JournalError> {
+        let mut records = Vec::new();
+        let scan = self.inner.tree.scan_prefix([layout::LEDGER]);
+        let items: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> =
+            match stop_before {
+                Some(_) => Box::new(scan.rev()),
+                None => Box::new(scan),
+            };
+        for item in items {
+            let (key, value) = item?;
+            let record: LedgerRecord =
+                layout::decode(&value).map_err(|e| decode_err("ledger", &key, e))?;
+            if let Some(stop) = stop_before {
+                if record.rows.iter().all(|r| r.at_ms < stop) {
+                    break;
+                }
+            }
+            records.push(record);
+        }
+        if stop_before.is_some() {
+            records.reverse();
+        }
         let pending = self.pending_seqs()?;
         let dead: BTreeSet<[u8; 16]> = self
             .dead_letter_records()?
@@ -93,10 +137,7 @@ impl Journal {
             .map(|(_, r)| r.event.id)
             .collect();
         let mut out = Vec::new();
-        for item in self.inner.tree.scan_prefix([layout::LEDGER]) {
-            let (key, value) = item?;
-            let record: LedgerRecord =
-                layout::decode(&value).map_err(|e| decode_err("ledger", &key, e))?;
+        for record in records {
             for row in record.rows {
                 if row.at_ms < from_ms || row.at_ms >= to_ms {
                     continue;

@@ -472,6 +472,8 @@ async fn read_spans(
 /// only for its requests, never while its events wait for the journal.
 pub async fn run(ctx: SourceContext, config: ModbusConfig, stats: Arc<ModbusStats>) {
     let mut position = Positioned::<Position>::load(&ctx);
+    ctx.read
+        .periods_stored(&ctx.name, &position.get().periods, &[]);
     let mut shutdown = ctx.shutdown.clone();
     let device = Device::for_endpoint(&config.endpoint);
     let registration = device.register(config.poll_interval, !config.counters.is_empty());
