@@ -78,10 +78,9 @@ impl LineCache {
         match journal.ledger_recent(from, millis(SystemTime::now()) + 1, LEDGER_SLACK_MS) {
             Ok(events) => {
                 for e in events.iter().filter(|e| e.event_type != CHECKPOINT) {
-                    let Some(period) = periods
-                        .iter()
-                        .find(|p| p.0 == e.source && p.1 == e.line && p.2 <= e.at_ms && e.at_ms < p.3)
-                    else {
+                    let Some(period) = periods.iter().find(|p| {
+                        p.0 == e.source && p.1 == e.line && p.2 <= e.at_ms && e.at_ms < p.3
+                    }) else {
                         continue;
                     };
                     let entry = fates
@@ -124,7 +123,12 @@ pub fn lines(read: &ReadCounts, journal: &Journal, cache: &LineCache) -> Vec<Lin
     let periods = read.periods();
     let mut wanted = Vec::new();
     for ((source, line), p) in &periods {
-        wanted.push((source.clone(), line.clone(), p.current.start_ms, p.current.end_ms));
+        wanted.push((
+            source.clone(),
+            line.clone(),
+            p.current.start_ms,
+            p.current.end_ms,
+        ));
         if let Some(last) = &p.last {
             wanted.push((source.clone(), line.clone(), last.start_ms, last.end_ms));
         }

@@ -257,7 +257,10 @@ impl Metrics {
                 .get_or_create(&vec![("sink".into(), sink.name.clone())])
                 .set(sink.backlog as i64);
         }
-        let parts = Family::<Labels, prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        let parts = Family::<
+            Labels,
+            prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>,
+        >::default();
         for l in crate::line_status::lines(&self.read, &self.journal, &self.lines) {
             let periods = [("current", Some(&l.current)), ("last", l.last.as_ref())];
             for (period, figures) in periods {

@@ -160,7 +160,11 @@ pub fn summary(v: &serde_json::Value) -> String {
             let _ = writeln!(out, "  {:<16} {why}", "");
         }
     }
-    let lines = v["lines"].as_array().into_iter().flatten().collect::<Vec<_>>();
+    let lines = v["lines"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>();
     if !lines.is_empty() {
         let _ = writeln!(out, "\nlines (parts per period, from = start in UTC):");
         let _ = writeln!(
@@ -186,7 +190,11 @@ pub fn summary(v: &serde_json::Value) -> String {
                     n("pending"),
                     n("dead_lettered"),
                     n("difference"),
-                    if p["bridged"] == true { "  (across an outage)" } else { "" },
+                    if p["bridged"] == true {
+                        "  (across an outage)"
+                    } else {
+                        ""
+                    },
                 );
             }
         }
@@ -236,7 +244,8 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.lines().any(|l| l.contains("L1") && l.contains("06:00") && l.contains("120")),
+            text.lines()
+                .any(|l| l.contains("L1") && l.contains("06:00") && l.contains("120")),
             "{text}"
         );
         assert!(

@@ -243,6 +243,16 @@ impl LineTally {
         self.counted() as f64 + self.records.values().map(|r| r.quantity).sum::<f64>()
     }
 
+    /// The time the ledger reckons an event tallied here at `at` by: `at`,
+    /// held inside this period (a poll that began before the boundary and
+    /// stored after it still belongs to the period it was tallied in).
+    pub fn period_ms(&self, at: SystemTime) -> u64 {
+        millis(at).clamp(
+            self.start_ms,
+            self.end_ms.saturating_sub(1).max(self.start_ms),
+        )
+    }
+
     /// Adds an event made in the period.
     pub fn add_event(&mut self, event: &CloudEvent) {
         let quantity = match event.data.quantity {

@@ -180,10 +180,6 @@ async fn handle_record(
         // the checkpoint's tally is, not by the PLC's clock.
         let now = std::time::SystemTime::now();
         let mut stored_event = ctx.new_event(&event);
-        if let Some(entry) = &mut stored_event.ledger {
-            entry.at_ms = crate::period::millis(now);
-        }
-        let events = vec![stored_event];
         const THEN: &str = "record not acknowledged; taken again next poll";
         // A type code the map does not know: kept as a dead letter (durable,
         // with the position, so the record may be acknowledged), never
@@ -197,7 +193,11 @@ async fn handle_record(
             };
             tally.add_record(&record.signal, quantity, event.sequence.clone(), now);
             tally.add_event(&event);
+            if let Some(entry) = &mut stored_event.ledger {
+                entry.at_ms = tally.period_ms(now);
+            }
         }
+        let events = vec![stored_event];
         let stored = match &refused {
             None => position
                 .store(ctx, events, next_position, THEN)

@@ -570,9 +570,9 @@ async fn poll(
     Continuity { bridged, resumed }: Continuity,
 ) -> Result<(), PollError> {
     let poll_started = tokio::time::Instant::now();
-    close_periods(ctx, config, position, bridged || resumed).await?;
-    let states = &position.get().counters;
-    if !config.counters.is_empty() {
+    if config.counters.is_empty() {
+        close_periods(ctx, config, position, bridged || resumed, SystemTime::now()).await?;
+    } else {
         let spans: Vec<(Address, u16)> = config
             .counters
             .iter()
@@ -589,6 +589,10 @@ async fn poll(
             })
             .collect();
         let read_at = SystemTime::now();
+        // Closed at the reading's time: a reading is in the period its
+        // time says, its events with it.
+        close_periods(ctx, config, position, bridged || resumed, read_at).await?;
+        let states = &position.get().counters;
         let mut next_states = states.clone();
         let mut periods = position.get().periods.clone();
         let mut events = Vec::new();
@@ -679,12 +683,15 @@ async fn poll(
                         .insert("bridged_outage".into(), "true".into());
                 }
                 stamp_context(&mut event, &context);
+                let mut stored = ctx.new_event(&event);
                 if let Some(rule) = &ctx.periods {
-                    periods
-                        .line(rule, &event.data.line, read_at)
-                        .add_event(&event);
+                    let tally = periods.line(rule, &event.data.line, read_at);
+                    tally.add_event(&event);
+                    if let Some(entry) = &mut stored.ledger {
+                        entry.at_ms = tally.period_ms(read_at);
+                    }
                 }
-                events.push(ctx.new_event(&event));
+                events.push(stored);
             }
         }
         if next_states != *states || periods != position.get().periods {
@@ -723,12 +730,13 @@ async fn close_periods(
     config: &ModbusConfig,
     position: &mut Positioned<Position>,
     resumed: bool,
+    at: SystemTime,
 ) -> Result<(), PollError> {
     let Some(rule) = &ctx.periods else {
         return Ok(());
     };
     let mut next = position.get().clone();
-    let closed = next.periods.close_ended(rule, SystemTime::now(), resumed);
+    let closed = next.periods.close_ended(rule, at, resumed);
     if closed.is_empty() {
         return Ok(());
     }

@@ -200,7 +200,7 @@ async fn take(
             &values,
         );
         match unusable {
-            None => posted.push(ctx.new_event(&event)),
+            None => posted.push(event),
             Some(reason) => {
                 // What precedes it is stored first, in ring order.
                 let upto = RingPosition {
@@ -263,12 +263,30 @@ async fn store(
     stats: &ModbusStats,
     ring: &RingSpec,
     position: &mut Positioned<Position>,
-    events: Vec<buffer::NewEvent>,
+    records: Vec<buffer::CloudEvent>,
     at: &RingPosition,
 ) -> Result<bool, PollError> {
-    let count = events.len() as u64;
+    let count = records.len() as u64;
     let mut next = position.get().clone();
     next.rings.insert(ring.signal.clone(), at.clone());
+    let now = std::time::SystemTime::now();
+    let mut events = Vec::with_capacity(records.len());
+    for record in &records {
+        let mut event = ctx.new_event(record);
+        if let Some(rule) = &ctx.periods {
+            let quantity = match record.data.quantity {
+                buffer::Quantity::Count(n) => n as f64,
+                buffer::Quantity::Measure(x) => x,
+            };
+            let tally = next.periods.line(rule, &record.data.line, now);
+            tally.add_record(&ring.signal, quantity, record.sequence.clone(), now);
+            tally.add_event(record);
+            if let Some(entry) = &mut event.ledger {
+                entry.at_ms = tally.period_ms(now);
+            }
+        }
+        events.push(event);
+    }
     let stored = position
         .store(
             ctx,
@@ -281,6 +299,8 @@ async fn store(
     if stored.is_some() {
         stats.events.fetch_add(count, Ordering::Relaxed);
         stats.ring_records.fetch_add(count, Ordering::Relaxed);
+        ctx.read
+            .periods_stored(&ctx.name, &position.get().periods, &[]);
     }
     Ok(stored.is_some())
 }

@@ -125,8 +125,9 @@ impl Served<'_> {
                 },
             );
             if acknowledged {
-                staged.handshakes.insert(signal, handshake);
+                staged.handshakes.insert(signal.clone(), handshake);
             }
+            self.tally_record(&signal, &event, SystemTime::now());
             self.pending.events.push(event);
         }
         let id = id_text;

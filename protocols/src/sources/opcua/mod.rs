@@ -37,6 +37,7 @@
 
 mod config;
 mod exchange;
+mod periods;
 pub mod record;
 mod ring;
 pub mod session;
@@ -158,6 +159,9 @@ struct Cursor {
     /// Ring buffer positions, by signal.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     rings: BTreeMap<String, crate::ring::RingPosition>,
+    /// Open reconciliation periods by line (when checkpoints are on).
+    #[serde(default, skip_serializing_if = "crate::period::OpenPeriods::is_empty")]
+    periods: crate::period::OpenPeriods,
 }
 
 impl crate::runtime::Position for Cursor {
@@ -289,6 +293,10 @@ struct Pending {
     acks: Vec<AckDue>,
     /// Ring read indexes to write once the batch is durable.
     releases: Vec<ring::Release>,
+    /// The time each event's period is reckoned by, by id (ms).
+    period_ms: BTreeMap<uuid::Uuid, u64>,
+    /// Periods this batch closes, by line.
+    closed: Vec<(String, crate::period::LineTally)>,
 }
 
 /// An acknowledgement to send once its record is durable.
@@ -443,6 +451,9 @@ struct Served<'a> {
     malformed_seen: BTreeMap<String, String>,
     /// Processed but not yet durable.
     pending: Pending,
+    /// No batch stored yet in this session: what was made since the last
+    /// stored reading may span a period boundary.
+    resumed: bool,
 }
 
 async fn serve(
@@ -516,6 +527,7 @@ async fn serve(
         ack_failed: BTreeMap::new(),
         malformed_seen: BTreeMap::new(),
         pending: Pending::default(),
+        resumed: true,
     };
     let mut shutdown = ctx.shutdown.clone();
     let overflow = Arc::new(AtomicBool::new(false));
@@ -675,6 +687,13 @@ async fn serve(
                 None => return Stop::Lost("subscription closed".into()),
             },
             _ = tick.tick() => {
+                // An idle line's period still closes on time.
+                served.close_periods(SystemTime::now());
+                if !served.pending.events.is_empty() {
+                    if let Err(stop) = served.flush().await {
+                        return stop;
+                    }
+                }
                 let resync = std::mem::take(&mut served.resync);
                 if polling || overflow.swap(false, Ordering::SeqCst) || resync {
                     if let Err(stop) = served.full_read().await {
@@ -843,7 +862,16 @@ impl Served<'_> {
                 let events = pending
                     .events
                     .iter()
-                    .map(|e| self.ctx.new_event(e))
+                    .map(|e| {
+                        let mut stored = self.ctx.new_event(e);
+                        // The ledger reckons periods as the tally did.
+                        if let (Some(entry), Some(at)) =
+                            (&mut stored.ledger, pending.period_ms.get(&e.id))
+                        {
+                            entry.at_ms = *at;
+                        }
+                        stored
+                    })
                     .collect();
                 const THEN: &str = "the values are taken again on the next reading";
                 // The MES waits only for records with an acknowledgement
@@ -862,6 +890,12 @@ impl Served<'_> {
                     return Ok(());
                 }
                 self.stats.events.fetch_add(count, Ordering::Relaxed);
+                self.resumed = false;
+                self.ctx.read.periods_stored(
+                    &self.ctx.name,
+                    &self.cursor.get().periods,
+                    &pending.closed,
+                );
             }
         }
         for due in pending.acks {
@@ -894,6 +928,7 @@ impl Served<'_> {
         let (time, time_source) = record::value_time(&value, SystemTime::now());
         let origin = self.origin(node, &value);
         let previous = self.working().counters.get(&spec.signal).copied();
+        let mut observed = None;
         let (state, event) = match reading {
             CounterValue::Count(raw, width) => {
                 let rules = CounterRules {
@@ -901,6 +936,7 @@ impl Served<'_> {
                     ..signal.rules
                 };
                 let observation = rules.observe(previous, raw);
+                observed = Some(observation);
                 let event =
                     signal
                         .event_for(self.ctx, &observation, origin, time)
@@ -930,7 +966,18 @@ impl Served<'_> {
         }
         // Only this signal's state can have changed.
         if previous != Some(state) {
-            let signal = spec.signal.clone();
+            let (signal, line) = (
+                spec.signal.clone(),
+                self.counter_signals[index].line.clone(),
+            );
+            self.tally_reading(
+                &signal,
+                &line,
+                previous,
+                observed.as_ref(),
+                events.first(),
+                SystemTime::now(),
+            );
             self.staged().counters.insert(signal, state);
             self.pending.events.extend(events);
         }

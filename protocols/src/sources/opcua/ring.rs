@@ -130,6 +130,7 @@ impl Served<'_> {
             match parsed {
                 Ok(values) => {
                     let event = signal.event_for(self.ctx, id, &values, origin, time);
+                    self.tally_record(&spec.signal, &event, SystemTime::now());
                     self.pending.events.push(event);
                 }
                 Err(reason) => {
