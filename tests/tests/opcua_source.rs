@@ -118,6 +118,16 @@ fn start(dir: &Path, config: OpcUaConfig) -> Rig {
 
 /// [`start`] with the journal's disk bound set to `max_bytes`.
 fn start_with_bound(dir: &Path, config: OpcUaConfig, max_bytes: u64) -> Rig {
+    start_with(dir, config, max_bytes, None)
+}
+
+/// [`start`] with a disk bound and reconciliation periods.
+fn start_with(
+    dir: &Path,
+    config: OpcUaConfig,
+    max_bytes: u64,
+    periods: Option<Arc<protocols::period::PeriodRule>>,
+) -> Rig {
     // Shown by the test runner only when a test fails.
     let _ = tracing_subscriber::fmt()
         .with_env_filter("warn,protocols=debug")
@@ -141,7 +151,7 @@ fn start_with_bound(dir: &Path, config: OpcUaConfig, max_bytes: u64) -> Rig {
         initial_cursor: journal.source_cursor(SOURCE).expect("cursor"),
         shutdown,
         read: Default::default(),
-        periods: None,
+        periods,
     };
     let task = tokio::spawn(opcua::run(ctx, config, stats.clone()));
     Rig {
@@ -303,6 +313,97 @@ async fn subscription_turns_counter_changes_and_records_into_events_and_acks_aft
         stats.records_acked.load(Ordering::Relaxed) == 3
     })
     .await;
+    rig.stop().await;
+    mes.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_of_an_mes_line_balance_its_counter_and_records_per_period() {
+    const PERIOD_MS: u64 = 1000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mes = Mes::start(&options(dir.path())).await;
+    mes.set("Line1.Good", 100u32);
+    let rig = start_with(
+        dir.path(),
+        config(
+            connection(&mes, &dir.path().join("pki")),
+            vec![counter(&mes, "good", EventType::completion(), "Line1.Good")],
+            vec![json_record(&mes, true)],
+        ),
+        JournalConfig::DEFAULT_MAX_BYTES,
+        Some(Arc::new(protocols::period::PeriodRule::Every(
+            Duration::from_millis(PERIOD_MS),
+        ))),
+    );
+    rig.counted("good", 100).await;
+    let (mut good, mut made) = (100u32, 0.0);
+    for step in 1..=30u32 {
+        tokio::time::sleep(Duration::from_millis(90)).await;
+        good += step % 7;
+        made += f64::from(step % 7);
+        mes.set("Line1.Good", good);
+        if step % 5 == 0 {
+            let seq = step / 5;
+            mes.set("Line1.Record", record_json(seq, "WO-1", 2.5));
+            made += 2.5;
+            mes.wait_acks("ack", Duration::from_secs(10), |a| {
+                a.written.len() == seq as usize
+            })
+            .await;
+        }
+    }
+    rig.counted("good", u64::from(good)).await;
+    // The period holding the last parts closes on its own (no new values).
+    let last_made = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    rig.until("the last period closed", |_, events| {
+        of_type(events, "production.checkpoint")
+            .iter()
+            .any(|c| c["data"]["checkpoint"]["end_ms"].as_u64() > Some(last_made))
+    })
+    .await;
+    let events = rig.events();
+    let ledger = rig.journal.ledger(0, u64::MAX).expect("ledger");
+    let mut counted_total = 0.0;
+    let mut records_total = 0.0;
+    let checkpoints = of_type(&events, "production.checkpoint");
+    assert!(
+        checkpoints.len() >= 3,
+        "about 3 s of production in 1 s periods"
+    );
+    for c in checkpoints {
+        let t = &c["data"]["checkpoint"];
+        let (start, end) = (
+            t["start_ms"].as_u64().expect("start"),
+            t["end_ms"].as_u64().expect("end"),
+        );
+        let sent: f64 = ledger
+            .iter()
+            .filter(|e| {
+                e.event_type != "production.checkpoint" && e.at_ms >= start && e.at_ms < end
+            })
+            .map(|e| e.quantity)
+            .sum();
+        let counted = c["data"]["quantity"].as_f64().expect("quantity");
+        assert_eq!(
+            counted, sent,
+            "period {start}: counted vs the events in it: {c}"
+        );
+        let records: f64 = t["records"]["completion"]["quantity"]
+            .as_f64()
+            .unwrap_or(0.0);
+        let counter = t["counters"]["good"]["counted"].as_f64().unwrap_or(0.0);
+        assert_eq!(counted, counter + records, "{c}");
+        counted_total += counted;
+        records_total += records;
+    }
+    assert_eq!(
+        counted_total, made,
+        "the checkpoints add up to what the line made"
+    );
+    assert_eq!(records_total, 6.0 * 2.5, "every record in a checkpoint");
     rig.stop().await;
     mes.stop().await;
 }
