@@ -442,7 +442,7 @@ pub fn report_text(rows: &[PeriodRow], rule: &PeriodRule) -> String {
     let booked = rows.iter().any(|r| r.booked.is_some());
     let _ = write!(
         out,
-        "{:<12} {:<40} {:>9} {:>9} {:>9} {:>9} {:>7} {:>9}",
+        "{:<12} {:<49} {:>9} {:>9} {:>9} {:>9} {:>7} {:>9}",
         "line", "period", "counted", "sent", "delivered", "pending", "dead", "diff"
     );
     if booked {
@@ -454,7 +454,7 @@ pub fn report_text(rows: &[PeriodRow], rule: &PeriodRule) -> String {
         let counted = r.counted.map_or_else(|| "open".to_owned(), number);
         let _ = write!(
             out,
-            "{:<12} {:<40} {:>9} {:>9} {:>9} {:>9} {:>7} {:>9}",
+            "{:<12} {:<49} {:>9} {:>9} {:>9} {:>9} {:>7} {:>9}",
             r.line,
             period,
             counted,

@@ -8,7 +8,9 @@
 //! Run: `cargo bench -p plant-edge-tests --bench journal_flash`
 //! (`PLANT_EDGE_BENCH_SECONDS` sets each run's length, default 20;
 //! `PLANT_EDGE_BENCH_DIR` the directory, default the system temp dir;
-//! `PLANT_EDGE_BENCH_WINDOWS` which commit windows, e.g. `50`).
+//! `PLANT_EDGE_BENCH_WINDOWS` which commit windows, e.g. `50`;
+//! `PLANT_EDGE_BENCH_LEDGER=0` appends without ledger entries, to see
+//! what the ledger costs).
 //! Prints, per `journal.commit_window`: bytes written per event
 //! (`write_bytes` of /proc/self/io), commits per second, and the append
 //! latency a source waits for "stored" (p50, p99).
@@ -47,6 +49,11 @@ fn ack_every() -> Option<Duration> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
     (ms > 0).then(|| Duration::from_millis(ms))
+}
+
+/// Whether events carry a ledger entry, as the agent's sources' do.
+fn with_ledger() -> bool {
+    std::env::var("PLANT_EDGE_BENCH_LEDGER").map_or(true, |v| v != "0")
 }
 
 struct Figures {
@@ -96,7 +103,14 @@ async fn run(window: Duration) -> Figures {
                             class: EventClass::Business,
                             routes,
                             payload: realistic_event(line, n),
-                            ledger: None,
+                            ledger: with_ledger().then(|| buffer::LedgerEntry {
+                                at_ms: std::time::SystemTime::now()
+                                    .duration_since(std::time::UNIX_EPOCH)
+                                    .map_or(0, |d| d.as_millis() as u64),
+                                line: format!("L{line}"),
+                                event_type: "production.completion".into(),
+                                quantity: 1.0,
+                            }),
                         }
                     })
                     .collect();

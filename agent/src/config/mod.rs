@@ -193,6 +193,12 @@ struct RawJournal {
     commit_window: Duration,
     #[serde(default)]
     telemetry_types: Vec<String>,
+    #[serde(default = "default_ledger_keep", with = "humantime_serde")]
+    ledger_keep: Duration,
+}
+
+fn default_ledger_keep() -> Duration {
+    buffer::JournalConfig::DEFAULT_LEDGER_KEEP
 }
 
 impl Default for RawJournal {
@@ -206,6 +212,7 @@ impl Default for RawJournal {
             dedup_window_count: default_dedup_window_count(),
             commit_window: default_commit_window(),
             telemetry_types: Vec::new(),
+            ledger_keep: default_ledger_keep(),
         }
     }
 }
@@ -292,6 +299,8 @@ pub struct JournalSettings {
     pub cache_bytes: u64,
     /// Free space kept on the journal's filesystem (0: no check).
     pub min_free_disk: u64,
+    /// How long the ledger keeps delivered events for reports (0: off).
+    pub ledger_keep: Duration,
     /// Dedup window by age.
     pub dedup_window: Duration,
     /// Dedup window by count.
@@ -815,6 +824,12 @@ fn check(file: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
             "at most 1s (counter polls wait this long for their commit; 0s commits at once)".into(),
         ));
     }
+    if j.ledger_keep > Duration::from_secs(400 * 86_400) {
+        return Err(err(
+            "journal.ledger_keep",
+            "at most 400days (about 270 bytes of flash an event, kept that long), or \"0s\" for no ledger".into(),
+        ));
+    }
     if j.dedup_window_count == 0 || j.dedup_window_count > 10_000_000 {
         return Err(err(
             "journal.dedup_window_count",
@@ -1000,6 +1015,7 @@ fn check(file: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
             ttl: j.ttl,
             cache_bytes: j.cache.as_u64(),
             min_free_disk: j.min_free_disk.as_u64(),
+            ledger_keep: j.ledger_keep,
             dedup_window: j.dedup_window,
             dedup_window_count: j.dedup_window_count,
             commit_window: j.commit_window,

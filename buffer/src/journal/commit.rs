@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use super::dedup::Seen;
 use super::layout::{self, ChunkMeta, StoredEvent};
-use super::ledger::{LedgerRecord, LedgerRow};
+use super::ledger::{encode_rows, LedgerRow};
 use super::{encode_err, now_ms, Journal, JournalError, State};
 use crate::{CloudEvent, EventClass};
 
@@ -586,16 +586,22 @@ impl Journal {
                         source: job.request.source.clone(),
                         payload: event.payload.clone(),
                     };
-                    let mut row = event.ledger.as_ref().map(|entry| LedgerRow {
-                        seq: 0,
-                        id: *event.id.as_bytes(),
-                        at_ms: entry.at_ms,
-                        source: job.request.source.clone(),
-                        line: entry.line.clone(),
-                        event_type: entry.event_type.clone(),
-                        quantity: entry.quantity,
-                        dead_at_source: job.dead_letter.is_some(),
-                    });
+                    let keep_ledger = !self.inner.config.ledger_keep.is_zero();
+                    let mut row =
+                        event
+                            .ledger
+                            .as_ref()
+                            .filter(|_| keep_ledger)
+                            .map(|entry| LedgerRow {
+                                seq: 0,
+                                id: *event.id.as_bytes(),
+                                at_ms: entry.at_ms,
+                                source: job.request.source.clone(),
+                                line: entry.line.clone(),
+                                event_type: entry.event_type.clone(),
+                                quantity: entry.quantity,
+                                dead_at_source: job.dead_letter.is_some(),
+                            });
                     projected += stored.charge();
                     new_ids.push(*event.id.as_bytes());
                     if let Some(reason) = &job.dead_letter {
@@ -658,10 +664,7 @@ impl Journal {
             if let Some(first) = ledger_rows.first() {
                 let mut key = layout::seq_key(layout::LEDGER, start_seq).to_vec();
                 key.extend_from_slice(&first.id);
-                let record = LedgerRecord {
-                    rows: std::mem::take(&mut ledger_rows),
-                };
-                match layout::encode(&record) {
+                match encode_rows(&ledger_rows) {
                     Ok(bytes) => batch.insert(key, bytes),
                     Err(e) => {
                         drop(st);

@@ -26,10 +26,8 @@ pub(crate) const DEAD_LETTER: u8 = b'x';
 /// `q` + first seq: the raw bytes of a chunk that no longer decodes, kept
 /// for recovery by hand (its events are counted as quarantined).
 pub(crate) const QUARANTINE: u8 = b'q';
-/// `l` + first seq of a commit + first id: a [`LedgerRecord`] of what
-/// that commit stored (see [`super::ledger`]).
-///
-/// [`LedgerRecord`]: super::ledger::LedgerRecord
+/// `l` + first seq of a commit + first id: the ledger rows of what that
+/// commit stored (see [`super::ledger`]).
 pub(crate) const LEDGER: u8 = b'l';
 /// Next sequence to assign.
 pub(crate) const NEXT_SEQ: &[u8] = b"m:next_seq";

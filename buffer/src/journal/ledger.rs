@@ -31,7 +31,8 @@ pub struct LedgerEntry {
     pub quantity: f64,
 }
 
-#[derive(Clone, Debug, Encode, Decode)]
+/// One stored event as the writer hands it to the ledger.
+#[derive(Clone, Debug)]
 pub(crate) struct LedgerRow {
     pub seq: u64,
     pub id: [u8; 16],
@@ -44,9 +45,113 @@ pub(crate) struct LedgerRow {
     pub dead_at_source: bool,
 }
 
+/// A commit's rows as stored: names once in a table, numbers as small
+/// differences (varints), counts as integers. The ledger is written with
+/// every commit, and sled rewrites the leaf it lands in: every byte saved
+/// here is saved again at each rewrite.
 #[derive(Clone, Debug, Encode, Decode)]
-pub(crate) struct LedgerRecord {
-    pub rows: Vec<LedgerRow>,
+struct PackedRecord {
+    names: Vec<String>,
+    first_seq: u64,
+    first_ms: u64,
+    rows: Vec<PackedRow>,
+}
+
+#[derive(Clone, Debug, Encode, Decode)]
+struct PackedRow {
+    /// `seq - first_seq`; dead letters at the source have no sequence.
+    seq_after: u64,
+    id: [u8; 16],
+    ms_after: i64,
+    source: u32,
+    line: u32,
+    event_type: u32,
+    quantity: PackedQuantity,
+    dead_at_source: bool,
+}
+
+#[derive(Clone, Copy, Debug, Encode, Decode)]
+enum PackedQuantity {
+    Count(u64),
+    Measure(f64),
+}
+
+/// The value of one ledger record.
+pub(crate) fn encode_rows(rows: &[LedgerRow]) -> Result<Vec<u8>, bincode::error::EncodeError> {
+    let first_seq = rows
+        .iter()
+        .map(|r| r.seq)
+        .filter(|s| *s > 0)
+        .min()
+        .unwrap_or(0);
+    let first_ms = rows.first().map_or(0, |r| r.at_ms);
+    let mut names: Vec<String> = Vec::new();
+    let mut index = |name: &str| -> u32 {
+        match names.iter().position(|n| n == name) {
+            Some(i) => i as u32,
+            None => {
+                names.push(name.to_owned());
+                (names.len() - 1) as u32
+            }
+        }
+    };
+    let packed: Vec<PackedRow> = rows
+        .iter()
+        .map(|r| PackedRow {
+            seq_after: if r.dead_at_source {
+                0
+            } else {
+                r.seq - first_seq
+            },
+            id: r.id,
+            ms_after: r.at_ms as i64 - first_ms as i64,
+            source: index(&r.source),
+            line: index(&r.line),
+            event_type: index(&r.event_type),
+            quantity: if r.quantity.fract() == 0.0
+                && r.quantity >= 0.0
+                && r.quantity < 2f64.powi(53)
+            {
+                PackedQuantity::Count(r.quantity as u64)
+            } else {
+                PackedQuantity::Measure(r.quantity)
+            },
+            dead_at_source: r.dead_at_source,
+        })
+        .collect();
+    layout::encode(&PackedRecord {
+        names,
+        first_seq,
+        first_ms,
+        rows: packed,
+    })
+}
+
+/// The rows of one ledger record.
+pub(crate) fn decode_rows(bytes: &[u8]) -> Result<Vec<LedgerRow>, bincode::error::DecodeError> {
+    let packed: PackedRecord = layout::decode(bytes)?;
+    let name = |i: u32| packed.names.get(i as usize).cloned().unwrap_or_default();
+    Ok(packed
+        .rows
+        .iter()
+        .map(|r| LedgerRow {
+            seq: if r.dead_at_source {
+                0
+            } else {
+                packed.first_seq + r.seq_after
+            },
+            id: r.id,
+            at_ms: (packed.first_ms as i64 + r.ms_after).max(0) as u64,
+            source: name(r.source),
+            line: name(r.line),
+            event_type: name(r.event_type),
+            quantity: match r.quantity {
+                PackedQuantity::Count(n) => n as f64,
+                PackedQuantity::Measure(x) => x,
+            },
+            dead_at_source: r.dead_at_source,
+        })
+        .collect())
 }
 
 /// Where an event the ledger remembers is now.
@@ -118,14 +223,13 @@ impl Journal {
             };
         for item in items {
             let (key, value) = item?;
-            let record: LedgerRecord =
-                layout::decode(&value).map_err(|e| decode_err("ledger", &key, e))?;
+            let rows = decode_rows(&value).map_err(|e| decode_err("ledger", &key, e))?;
             if let Some(stop) = stop_before {
-                if record.rows.iter().all(|r| r.at_ms < stop) {
+                if rows.iter().all(|r| r.at_ms < stop) {
                     break;
                 }
             }
-            records.push(record);
+            records.push(rows);
         }
         if stop_before.is_some() {
             records.reverse();
@@ -137,8 +241,8 @@ impl Journal {
             .map(|(_, r)| r.event.id)
             .collect();
         let mut out = Vec::new();
-        for record in records {
-            for row in record.rows {
+        for rows in records {
+            for row in rows {
                 if row.at_ms < from_ms || row.at_ms >= to_ms {
                     continue;
                 }
@@ -170,9 +274,8 @@ impl Journal {
             return Ok(None);
         };
         let (key, value) = item?;
-        let record: LedgerRecord =
-            layout::decode(&value).map_err(|e| decode_err("ledger", &key, e))?;
-        Ok(record.rows.iter().map(|r| r.at_ms).min())
+        let rows = decode_rows(&value).map_err(|e| decode_err("ledger", &key, e))?;
+        Ok(rows.iter().map(|r| r.at_ms).min())
     }
 
     /// Sequences some sink still has to deliver.
@@ -216,8 +319,8 @@ impl Journal {
         let mut removed = 0;
         for item in self.inner.tree.scan_prefix([layout::LEDGER]).take(limit) {
             let (key, value) = item?;
-            let newest = layout::decode::<LedgerRecord>(&value)
-                .map(|r| r.rows.iter().map(|row| row.at_ms).max().unwrap_or(0))
+            let newest = decode_rows(&value)
+                .map(|rows| rows.iter().map(|row| row.at_ms).max().unwrap_or(0))
                 // An unreadable record is of no use to a report: pruned.
                 .unwrap_or(0);
             if newest >= cutoff_ms {
