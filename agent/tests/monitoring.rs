@@ -41,6 +41,9 @@ state_dir = "{state}"
 shutdown_timeout = "5s"
 metrics_listen = "127.0.0.1:{port}"
 
+[checkpoints]
+every = "1h"
+
 [sinks.archive]
 kind = "file"
 path = "{state}/archive/events.jsonl"
