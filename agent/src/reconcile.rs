@@ -123,7 +123,7 @@ pub fn rule_of(config: Option<&Path>) -> anyhow::Result<PeriodRule> {
     let rule = match config {
         Some(file) => Config::load_without_secrets(file)?
             .checkpoints
-            .map(|r| (*r).clone()),
+            .map(|c| (*c.rule).clone()),
         None => None,
     };
     Ok(rule.unwrap_or(PeriodRule::Every(Duration::from_secs(86_400))))

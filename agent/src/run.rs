@@ -229,7 +229,15 @@ impl RunningAgent {
                 initial_cursor: journal.source_cursor(&source.name)?,
                 shutdown: stop_src_rx.clone(),
                 read: read.clone(),
-                periods: config.checkpoints.clone(),
+                periods: match &config.checkpoints {
+                    Some(c) => Some(Arc::new(protocols::period::Checkpointing {
+                        rule: (*c.rule).clone(),
+                        routes: buffer::Routes(
+                            journal.routes_for(&source.sinks)?.0 & journal.routes_for(&c.sinks)?.0,
+                        ),
+                    })),
+                    None => None,
+                },
             };
             // Every start, the first included, takes the position the
             // journal holds now: a restart must not count from start-up's.

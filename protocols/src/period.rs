@@ -24,6 +24,18 @@ use crate::counter::CounterState;
 /// Event type of a period's totals.
 pub const CHECKPOINT: &str = "production.checkpoint";
 
+/// A source's checkpoints: its periods and the sinks its checkpoint
+/// events go to (a subset of the source's own).
+#[derive(Clone, Debug)]
+pub struct Checkpointing {
+    /// How time is cut into periods.
+    pub rule: PeriodRule,
+    /// Sinks that take checkpoint events: those sending CloudEvents, and
+    /// templated ones only when named (a template written for completions
+    /// must not post a period's total as one).
+    pub routes: buffer::Routes,
+}
+
 /// How time is cut into periods.
 #[derive(Clone, Debug)]
 pub enum PeriodRule {
@@ -148,6 +160,11 @@ pub struct CounterTally {
     /// Resets seen in the period.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub resets: u64,
+    /// The counter was read for the first time in this period (a new
+    /// gateway, a new signal, or a stored position lost): parts made before
+    /// that reading are not in `counted`.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub baseline: bool,
 }
 
 /// One record signal over a period.
@@ -298,6 +315,9 @@ impl LineTally {
             });
         tally.end = next.into();
         tally.counted += delta;
+        if previous.is_none() {
+            tally.baseline = true;
+        }
         if reset {
             tally.resets += 1;
         }

@@ -53,7 +53,7 @@ pub struct SourceContext {
     /// Events made, per source and type (metrics).
     pub read: ReadCounts,
     /// Reconciliation periods, when checkpoints are configured.
-    pub periods: Option<std::sync::Arc<crate::period::PeriodRule>>,
+    pub periods: Option<std::sync::Arc<crate::period::Checkpointing>>,
 }
 
 /// A source kind's own counters, as the agent's metrics and status show

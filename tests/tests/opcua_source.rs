@@ -126,7 +126,7 @@ fn start_with(
     dir: &Path,
     config: OpcUaConfig,
     max_bytes: u64,
-    periods: Option<Arc<protocols::period::PeriodRule>>,
+    periods: Option<protocols::period::PeriodRule>,
 ) -> Rig {
     // Shown by the test runner only when a test fails.
     let _ = tracing_subscriber::fmt()
@@ -151,7 +151,12 @@ fn start_with(
         initial_cursor: journal.source_cursor(SOURCE).expect("cursor"),
         shutdown,
         read: Default::default(),
-        periods,
+        periods: periods.map(|rule| {
+            Arc::new(protocols::period::Checkpointing {
+                rule,
+                routes: journal.routes_all(),
+            })
+        }),
     };
     let task = tokio::spawn(opcua::run(ctx, config, stats.clone()));
     Rig {
@@ -331,8 +336,8 @@ async fn checkpoints_of_an_mes_line_balance_its_counter_and_records_per_period()
             vec![json_record(&mes, true)],
         ),
         JournalConfig::DEFAULT_MAX_BYTES,
-        Some(Arc::new(protocols::period::PeriodRule::Every(
-            Duration::from_millis(PERIOD_MS),
+        Some(protocols::period::PeriodRule::Every(Duration::from_millis(
+            PERIOD_MS,
         ))),
     );
     rig.counted("good", 100).await;

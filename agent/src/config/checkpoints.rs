@@ -23,13 +23,30 @@ pub(super) struct RawCheckpoints {
     /// Fixed period instead of shifts (`"1h"`), aligned to UTC.
     #[serde(default, with = "humantime_serde")]
     every: Option<Duration>,
+    /// Sinks that take checkpoint events (default: those sending
+    /// CloudEvents).
+    #[serde(default)]
+    sinks: Option<Vec<String>>,
 }
 
-/// The period rule, `None` without a `[checkpoints]` table.
+/// Checkpoints as checked.
+#[derive(Clone, Debug)]
+pub struct Checkpoints {
+    /// The periods.
+    pub rule: Arc<PeriodRule>,
+    /// Sinks their events go to (each source's own sinks among them).
+    pub sinks: Vec<String>,
+}
+
+/// The checkpoints, `None` without a `[checkpoints]` table. `sinks` are
+/// the configured ones: a templated sink (an ERP's own body) takes
+/// checkpoints only when named, since a template written for completions
+/// would post a period's total as one more completion.
 pub(super) fn check(
     file: &Path,
     raw: Option<RawCheckpoints>,
-) -> Result<Option<Arc<PeriodRule>>, ConfigError> {
+    sinks: &[super::SinkConfig],
+) -> Result<Option<Checkpoints>, ConfigError> {
     let Some(raw) = raw else {
         return Ok(None);
     };
@@ -66,13 +83,74 @@ pub(super) fn check(
             })?
         }
     };
-    Ok(Some(Arc::new(rule)))
+    let names = match raw.sinks {
+        Some(names) => {
+            for name in &names {
+                if !sinks.iter().any(|s| &s.name == name) {
+                    return Err(err(
+                        "sinks",
+                        format!("names of configured sinks; {name:?} is not one"),
+                    ));
+                }
+            }
+            names
+        }
+        None => sinks
+            .iter()
+            .filter(|s| sends_cloudevents(&s.kind))
+            .map(|s| s.name.clone())
+            .collect(),
+    };
+    Ok(Some(Checkpoints {
+        rule: Arc::new(rule),
+        sinks: names,
+    }))
+}
+
+/// Whether a sink sends events as CloudEvents (no body template).
+fn sends_cloudevents(kind: &super::SinkKind) -> bool {
+    match kind {
+        super::SinkKind::File(_) => true,
+        super::SinkKind::Mqtt(m) => m.payload.is_none(),
+        super::SinkKind::Https(h) => !h.profile.templated_body,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::tests::parse;
     use super::super::tests::MINIMAL;
+
+    #[test]
+    fn an_erp_template_takes_checkpoints_only_when_named() {
+        let sinks = r#"
+[sinks.erp]
+kind = "https"
+url = "https://erp.example.com/confirmations"
+mode = "single"
+[sinks.erp.request]
+body = '{"id": {{ id }}, "qty": {{ quantity }}}'
+
+[sinks.cloud]
+kind = "https"
+url = "https://cloud.example.com/events"
+"#;
+        let default = parse(&format!(
+            "{MINIMAL}{sinks}\n[checkpoints]\nevery = \"1h\"\n"
+        ))
+        .expect("valid");
+        let names = default.checkpoints.expect("on").sinks;
+        assert!(names.contains(&"cloud".to_owned()), "{names:?}");
+        assert!(
+            !names.contains(&"erp".to_owned()),
+            "a templated sink is left out: {names:?}"
+        );
+        let named = parse(&format!(
+            "{MINIMAL}{sinks}\n[checkpoints]\nevery = \"1h\"\nsinks = [\"erp\"]\n"
+        ))
+        .expect("valid");
+        assert_eq!(named.checkpoints.expect("on").sinks, vec!["erp".to_owned()]);
+    }
 
     #[test]
     fn shifts_need_a_zone_and_bad_values_name_their_key() {
@@ -98,5 +176,10 @@ mod tests {
             assert_eq!(e.key, key, "{e}");
         }
         assert!(parse(MINIMAL).expect("valid").checkpoints.is_none());
+        let e = parse(&format!(
+            "{MINIMAL}\n[checkpoints]\nevery = \"1h\"\nsinks = [\"nope\"]\n"
+        ))
+        .expect_err("unknown sink");
+        assert_eq!(e.key, "checkpoints.sinks", "{e}");
     }
 }

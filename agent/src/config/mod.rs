@@ -399,8 +399,9 @@ pub struct Config {
     pub sinks: Vec<SinkConfig>,
     /// Sources, by name order.
     pub sources: Vec<SourceConfig>,
-    /// Reconciliation periods (`None`: no checkpoint events).
-    pub checkpoints: Option<std::sync::Arc<protocols::period::PeriodRule>>,
+    /// Reconciliation periods and the sinks of their events (`None`: no
+    /// checkpoint events).
+    pub checkpoints: Option<checkpoints::Checkpoints>,
 }
 
 impl Config {
@@ -755,7 +756,6 @@ type Spans = Vec<(Table, u32, u32)>;
 
 fn check(file: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
     let err = |key: &str, expected: String| keyed(file, "")(key, expected);
-    let checkpoints = checkpoints::check(file, raw.checkpoints)?;
     for (key, value) in [
         ("agent.site", &raw.agent.site),
         ("agent.gateway", &raw.agent.gateway),
@@ -913,6 +913,7 @@ fn check(file: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         sinks.push(SinkConfig { name, kind });
     }
     let sink_names: Vec<String> = sinks.iter().map(|s| s.name.clone()).collect();
+    let checkpoints = checkpoints::check(file, raw.checkpoints, &sinks)?;
 
     let mut sources = Vec::new();
     for (name, source) in raw.sources {

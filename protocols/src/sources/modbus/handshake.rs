@@ -185,7 +185,7 @@ async fn handle_record(
         // with the position, so the record may be acknowledged), never
         // posted with a guessed type.
         let refused = record_signal(config, record).event_type_for(&values).err();
-        if let (Some(rule), None) = (&ctx.periods, &refused) {
+        if let (Some(rule), None) = (ctx.periods.as_deref().map(|c| &c.rule), &refused) {
             let tally = next_position.periods.line(rule, &event.data.line, now);
             let quantity = match event.data.quantity {
                 buffer::Quantity::Count(n) => n as f64,

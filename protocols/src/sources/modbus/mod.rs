@@ -652,7 +652,10 @@ async fn poll(
             let previous = states.get(&spec.signal).copied();
             let observation = signal.rules.observe(previous, raw);
             next_states.insert(spec.signal.clone(), observation.next);
-            if let (Some(rule), true) = (&ctx.periods, observation.step != Step::Unchanged) {
+            if let (Some(rule), true) = (
+                ctx.periods.as_deref().map(|c| &c.rule),
+                observation.step != Step::Unchanged,
+            ) {
                 periods.line(rule, &signal.line, read_at).add_reading(
                     &spec.signal,
                     previous,
@@ -684,7 +687,7 @@ async fn poll(
                 }
                 stamp_context(&mut event, &context);
                 let mut stored = ctx.new_event(&event);
-                if let Some(rule) = &ctx.periods {
+                if let Some(rule) = ctx.periods.as_deref().map(|c| &c.rule) {
                     let tally = periods.line(rule, &event.data.line, read_at);
                     tally.add_event(&event);
                     if let Some(entry) = &mut stored.ledger {
@@ -732,9 +735,10 @@ async fn close_periods(
     resumed: bool,
     at: SystemTime,
 ) -> Result<(), PollError> {
-    let Some(rule) = &ctx.periods else {
+    let Some(checkpointing) = ctx.periods.as_deref() else {
         return Ok(());
     };
+    let rule = &checkpointing.rule;
     let mut next = position.get().clone();
     let closed = next.periods.close_ended(rule, at, resumed);
     if closed.is_empty() {
@@ -752,6 +756,7 @@ async fn close_periods(
             };
             let event = crate::period::checkpoint_event(ctx, line, &config.machine, origin, tally);
             let mut stored = ctx.new_event(&event);
+            stored.routes = checkpointing.routes;
             // In the ledger a checkpoint belongs to the period it closes.
             if let Some(entry) = &mut stored.ledger {
                 entry.at_ms = tally.start_ms;

@@ -273,7 +273,7 @@ async fn store(
     let mut events = Vec::with_capacity(records.len());
     for record in &records {
         let mut event = ctx.new_event(record);
-        if let Some(rule) = &ctx.periods {
+        if let Some(rule) = ctx.periods.as_deref().map(|c| &c.rule) {
             let quantity = match record.data.quantity {
                 buffer::Quantity::Count(n) => n as f64,
                 buffer::Quantity::Measure(x) => x,

@@ -297,6 +297,8 @@ struct Pending {
     period_ms: BTreeMap<uuid::Uuid, u64>,
     /// Periods this batch closes, by line.
     closed: Vec<(String, crate::period::LineTally)>,
+    /// Events routed other than the source's (checkpoints), by id.
+    routes: BTreeMap<uuid::Uuid, buffer::Routes>,
 }
 
 /// An acknowledgement to send once its record is durable.
@@ -869,6 +871,9 @@ impl Served<'_> {
                             (&mut stored.ledger, pending.period_ms.get(&e.id))
                         {
                             entry.at_ms = *at;
+                        }
+                        if let Some(routes) = pending.routes.get(&e.id) {
+                            stored.routes = *routes;
                         }
                         stored
                     })

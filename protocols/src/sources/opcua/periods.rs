@@ -14,15 +14,16 @@ use crate::period::{checkpoint_event, millis};
 impl Served<'_> {
     /// Stages a checkpoint for every line whose period ended by `now`.
     pub(super) fn close_periods(&mut self, now: SystemTime) {
-        let Some(rule) = self.ctx.periods.clone() else {
+        let Some(checkpointing) = self.ctx.periods.clone() else {
             return;
         };
+        let rule = &checkpointing.rule;
         let now_ms = millis(now);
         if self.working().periods.0.values().all(|t| t.end_ms > now_ms) {
             return;
         }
         let resumed = self.resumed;
-        let closed = self.staged().periods.close_ended(&rule, now, resumed);
+        let closed = self.staged().periods.close_ended(rule, now, resumed);
         for (line, tally) in closed {
             let origin = buffer::Origin {
                 protocol: "opcua".into(),
@@ -33,6 +34,7 @@ impl Served<'_> {
             };
             let event = checkpoint_event(self.ctx, &line, &self.config.machine, origin, &tally);
             self.pending.period_ms.insert(event.id, tally.start_ms);
+            self.pending.routes.insert(event.id, checkpointing.routes);
             self.pending.events.push(event);
             self.pending.closed.push((line, tally));
         }
@@ -48,12 +50,13 @@ impl Served<'_> {
         event: Option<&CloudEvent>,
         now: SystemTime,
     ) {
-        let Some(rule) = self.ctx.periods.clone() else {
+        let Some(checkpointing) = self.ctx.periods.clone() else {
             return;
         };
+        let rule = &checkpointing.rule;
         self.close_periods(now);
         let across_gap = self.resumed;
-        let tally = self.staged().periods.line(&rule, line, now);
+        let tally = self.staged().periods.line(rule, line, now);
         if let Some(o) = observation.filter(|o| o.step != Step::Unchanged) {
             tally.add_reading(
                 signal,
@@ -74,15 +77,16 @@ impl Served<'_> {
 
     /// Tallies a record stored with its event.
     pub(super) fn tally_record(&mut self, signal: &str, event: &CloudEvent, now: SystemTime) {
-        let Some(rule) = self.ctx.periods.clone() else {
+        let Some(checkpointing) = self.ctx.periods.clone() else {
             return;
         };
+        let rule = &checkpointing.rule;
         self.close_periods(now);
         let quantity = match event.data.quantity {
             Quantity::Count(n) => n as f64,
             Quantity::Measure(x) => x,
         };
-        let tally = self.staged().periods.line(&rule, &event.data.line, now);
+        let tally = self.staged().periods.line(rule, &event.data.line, now);
         tally.add_record(signal, quantity, event.sequence.clone(), now);
         tally.add_event(event);
         let at = tally.period_ms(now);
