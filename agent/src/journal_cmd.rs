@@ -262,6 +262,20 @@ pub fn run(target: Target, command: JournalCommand) -> anyhow::Result<bool> {
                 writeln!(out, "next sequence      {}", s.next_seq)?;
                 writeln!(
                     out,
+                    "ledger             {} bytes{}",
+                    s.ledger_bytes,
+                    journal
+                        .ledger_since()?
+                        .map(|ms| format!(
+                            ", since {}",
+                            buffer::event::rfc3339_millis(
+                                std::time::UNIX_EPOCH + Duration::from_millis(ms)
+                            )
+                        ))
+                        .unwrap_or_default()
+                )?;
+                writeln!(
+                    out,
                     "dead letters       {} ({} bytes)",
                     s.dead_letters, s.dead_letter_bytes
                 )?;

@@ -34,6 +34,7 @@ pub fn journal_config(config: &Config) -> JournalConfig {
     jc.cache_bytes = config.journal.cache_bytes;
     jc.min_free_disk = config.journal.min_free_disk;
     jc.ledger_keep = config.journal.ledger_keep;
+    jc.ledger_max_bytes = config.journal.ledger_max_bytes;
     jc.dedup_window = config.journal.dedup_window;
     jc.dedup_window_count = config.journal.dedup_window_count;
     jc.commit_window = config.journal.commit_window;

@@ -195,6 +195,12 @@ struct RawJournal {
     telemetry_types: Vec<String>,
     #[serde(default = "default_ledger_keep", with = "humantime_serde")]
     ledger_keep: Duration,
+    #[serde(default = "default_ledger_max_bytes")]
+    ledger_max_bytes: ByteSize,
+}
+
+fn default_ledger_max_bytes() -> ByteSize {
+    ByteSize::b(buffer::JournalConfig::DEFAULT_LEDGER_MAX_BYTES)
 }
 
 fn default_ledger_keep() -> Duration {
@@ -213,6 +219,7 @@ impl Default for RawJournal {
             commit_window: default_commit_window(),
             telemetry_types: Vec::new(),
             ledger_keep: default_ledger_keep(),
+            ledger_max_bytes: default_ledger_max_bytes(),
         }
     }
 }
@@ -301,6 +308,8 @@ pub struct JournalSettings {
     pub min_free_disk: u64,
     /// How long the ledger keeps delivered events for reports (0: off).
     pub ledger_keep: Duration,
+    /// Bound on the ledger's bytes.
+    pub ledger_max_bytes: u64,
     /// Dedup window by age.
     pub dedup_window: Duration,
     /// Dedup window by count.
@@ -830,6 +839,15 @@ fn check(file: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
             "at most 400days (about 270 bytes of flash an event, kept that long), or \"0s\" for no ledger".into(),
         ));
     }
+    if j.ledger_max_bytes.as_u64() < ByteSize::mib(1).as_u64() {
+        return Err(err(
+            "journal.ledger_max_bytes",
+            format!(
+                "at least 1MiB (or journal.ledger_keep = \"0s\" for no ledger), found {}",
+                j.ledger_max_bytes
+            ),
+        ));
+    }
     if j.dedup_window_count == 0 || j.dedup_window_count > 10_000_000 {
         return Err(err(
             "journal.dedup_window_count",
@@ -1017,6 +1035,7 @@ fn check(file: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
             cache_bytes: j.cache.as_u64(),
             min_free_disk: j.min_free_disk.as_u64(),
             ledger_keep: j.ledger_keep,
+            ledger_max_bytes: j.ledger_max_bytes.as_u64(),
             dedup_window: j.dedup_window,
             dedup_window_count: j.dedup_window_count,
             commit_window: j.commit_window,

@@ -665,18 +665,29 @@ impl Journal {
                 let mut key = layout::seq_key(layout::LEDGER, start_seq).to_vec();
                 key.extend_from_slice(&first.id);
                 match encode_rows(&ledger_rows) {
-                    Ok(bytes) => batch.insert(key, bytes),
+                    Ok(bytes) => {
+                        st.ledger_bytes += (key.len() + bytes.len()) as u64;
+                        batch.insert(key, bytes);
+                    }
                     Err(e) => {
                         drop(st);
                         return self.fail_commit(admitted, parked_out, encode_err("ledger", e));
                     }
                 }
             }
-            if now >= st.ledger_pruned_ms + LEDGER_PRUNE_EVERY_MS {
+            let ledger_max = self.inner.config.ledger_max_bytes;
+            if now >= st.ledger_pruned_ms + LEDGER_PRUNE_EVERY_MS || st.ledger_bytes > ledger_max {
                 st.ledger_pruned_ms = now;
                 let keep = self.inner.config.ledger_keep.as_millis() as u64;
-                if let Err(e) = self.prune_ledger(&mut batch, now.saturating_sub(keep), 1024) {
-                    tracing::warn!(error = %e, "ledger not pruned this time");
+                match self.prune_ledger(
+                    &mut batch,
+                    now.saturating_sub(keep),
+                    st.ledger_bytes,
+                    ledger_max,
+                    1024,
+                ) {
+                    Ok(freed) => st.ledger_bytes = st.ledger_bytes.saturating_sub(freed),
+                    Err(e) => tracing::warn!(error = %e, "ledger not pruned this time"),
                 }
             }
             batch.insert(layout::NEXT_SEQ, &next_seq.to_be_bytes());

@@ -48,6 +48,8 @@ pub struct JournalStats {
     /// Heap bytes the dedup window holds (bounded by
     /// `dedup_window_count`, under 100 bytes per id).
     pub dedup_bytes: usize,
+    /// Bytes of the ledger's records (bounded by `ledger_max_bytes`).
+    pub ledger_bytes: u64,
     /// Business appends waiting for space right now.
     pub full: bool,
     /// The filesystem is below `min_free_disk` (appends held for it).
@@ -168,6 +170,7 @@ impl Journal {
             dead_letter_bytes: st.dead_letter_bytes,
             dedup_ids: st.dedup.len(),
             dedup_bytes: st.dedup.memory_bytes(),
+            ledger_bytes: st.ledger_bytes,
             full: st.full,
             disk_low: st.disk_low,
             disk_free_bytes: self.disk_free(),

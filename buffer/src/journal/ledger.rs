@@ -78,10 +78,11 @@ enum PackedQuantity {
 
 /// The value of one ledger record.
 pub(crate) fn encode_rows(rows: &[LedgerRow]) -> Result<Vec<u8>, bincode::error::EncodeError> {
+    // Sequences start at 0; a dead letter at the source has none (0 too).
     let first_seq = rows
         .iter()
+        .filter(|r| !r.dead_at_source)
         .map(|r| r.seq)
-        .filter(|s| *s > 0)
         .min()
         .unwrap_or(0);
     let first_ms = rows.first().map_or(0, |r| r.at_ms);
@@ -101,7 +102,7 @@ pub(crate) fn encode_rows(rows: &[LedgerRow]) -> Result<Vec<u8>, bincode::error:
             seq_after: if r.dead_at_source {
                 0
             } else {
-                r.seq - first_seq
+                r.seq.saturating_sub(first_seq)
             },
             id: r.id,
             ms_after: r.at_ms as i64 - first_ms as i64,
@@ -138,10 +139,11 @@ pub(crate) fn decode_rows(bytes: &[u8]) -> Result<Vec<LedgerRow>, bincode::error
             seq: if r.dead_at_source {
                 0
             } else {
-                packed.first_seq + r.seq_after
+                packed.first_seq.saturating_add(r.seq_after)
             },
             id: r.id,
-            at_ms: (packed.first_ms as i64 + r.ms_after).max(0) as u64,
+            // Saturating: a damaged record must not panic a report.
+            at_ms: (packed.first_ms as i64).saturating_add(r.ms_after).max(0) as u64,
             source: name(r.source),
             line: name(r.line),
             event_type: name(r.event_type),
@@ -308,27 +310,42 @@ impl Journal {
         Ok(pending)
     }
 
-    /// Adds the removal of ledger records wholly older than `cutoff_ms` to
-    /// `batch` (from the front, at most `limit` records).
+    /// Adds to `batch` the removal of ledger records from the front that
+    /// are wholly older than `cutoff_ms`, or while the ledger holds more
+    /// than `max_bytes` (at most `limit` records); returns the bytes freed.
     pub(super) fn prune_ledger(
         &self,
         batch: &mut sled::Batch,
         cutoff_ms: u64,
+        mut bytes: u64,
+        max_bytes: u64,
         limit: usize,
-    ) -> Result<usize, JournalError> {
-        let mut removed = 0;
+    ) -> Result<u64, JournalError> {
+        let mut freed = 0;
         for item in self.inner.tree.scan_prefix([layout::LEDGER]).take(limit) {
             let (key, value) = item?;
             let newest = decode_rows(&value)
                 .map(|rows| rows.iter().map(|row| row.at_ms).max().unwrap_or(0))
                 // An unreadable record is of no use to a report: pruned.
                 .unwrap_or(0);
-            if newest >= cutoff_ms {
+            if newest >= cutoff_ms && bytes <= max_bytes {
                 break;
             }
+            let size = (key.len() + value.len()) as u64;
             batch.remove(key);
-            removed += 1;
+            bytes = bytes.saturating_sub(size);
+            freed += size;
         }
-        Ok(removed)
+        Ok(freed)
+    }
+
+    /// Bytes the ledger's records hold (keys and values), for its bound.
+    pub(super) fn ledger_bytes(tree: &sled::Tree) -> Result<u64, JournalError> {
+        let mut bytes = 0;
+        for item in tree.scan_prefix([layout::LEDGER]) {
+            let (key, value) = item?;
+            bytes += (key.len() + value.len()) as u64;
+        }
+        Ok(bytes)
     }
 }

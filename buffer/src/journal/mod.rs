@@ -200,6 +200,9 @@ pub struct JournalConfig {
     /// `journal report` and `reconcile`; zero writes no ledger. Costs about
     /// 270 bytes of flash writes an event (the `journal_flash` bench).
     pub ledger_keep: Duration,
+    /// Bound on the ledger's bytes (about 40 an event): the oldest records
+    /// go first when it is reached, whatever `ledger_keep` says.
+    pub ledger_max_bytes: u64,
 }
 
 impl JournalConfig {
@@ -226,6 +229,8 @@ impl JournalConfig {
     pub const DEFAULT_MIN_FREE_DISK: u64 = 32 * 1024 * 1024;
     /// Default ledger memory: a week's shifts and the weekend after.
     pub const DEFAULT_LEDGER_KEEP: Duration = Duration::from_secs(8 * 86_400);
+    /// Default ledger bound: about 1.5 million events, 8 days of 2 a second.
+    pub const DEFAULT_LEDGER_MAX_BYTES: u64 = 64 * 1024 * 1024;
 
     /// Defaults for a journal in `path`.
     pub fn new(path: impl Into<PathBuf>) -> Self {
@@ -243,6 +248,7 @@ impl JournalConfig {
             lock_wait: Duration::from_secs(5),
             min_free_disk: Self::DEFAULT_MIN_FREE_DISK,
             ledger_keep: Self::DEFAULT_LEDGER_KEEP,
+            ledger_max_bytes: Self::DEFAULT_LEDGER_MAX_BYTES,
         }
     }
 }
@@ -314,6 +320,8 @@ pub(crate) struct State {
     disk_low: bool,
     /// When the writer last pruned the ledger (ms).
     ledger_pruned_ms: u64,
+    /// Bytes of the ledger's records, against `ledger_max_bytes`.
+    ledger_bytes: u64,
     /// A sink cursor moved in memory and is not yet in sled: it goes with
     /// the next commit's batch, or within a second (see [`Journal::save_acks`]).
     acks_unsaved: bool,
@@ -815,6 +823,7 @@ impl Journal {
             full: false,
             disk_low: false,
             ledger_pruned_ms: 0,
+            ledger_bytes: Self::ledger_bytes(tree)?,
             acks_unsaved: false,
         })
     }
