@@ -26,6 +26,8 @@ use crate::config::{Config, ConfigError, LogFormat};
 
 /// Exit code for a bad configuration (EX_CONFIG); systemd does not restart.
 const EXIT_CONFIG: u8 = 78;
+/// The journal was written by a newer version (EX_DATAERR): not retried.
+const EXIT_JOURNAL_NEWER: u8 = 65;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -203,7 +205,17 @@ fn runtime_with(worker_threads: Option<usize>) -> std::io::Result<tokio::runtime
 
 fn failure(e: anyhow::Error) -> ExitCode {
     eprintln!("plant-edge: {e:#}");
-    ExitCode::FAILURE
+    let newer = e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<buffer::JournalError>(),
+            Some(buffer::JournalError::NewerFormat { .. })
+        )
+    });
+    if newer {
+        ExitCode::from(EXIT_JOURNAL_NEWER)
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 fn main() -> ExitCode {

@@ -128,10 +128,19 @@ impl RunningAgent {
     /// Opens the journal and starts everything.
     pub async fn start(config: &Config) -> anyhow::Result<Self> {
         let jc = journal_config(config);
-        let (journal, moved) = tokio::task::spawn_blocking(move || Journal::open_or_move_aside(jc))
-            .await
-            .context("journal open task")?
-            .context("the journal was left as it is; fix the cause (systemd retries)")?;
+        let (journal, moved) =
+            match tokio::task::spawn_blocking(move || Journal::open_or_move_aside(jc))
+                .await
+                .context("journal open task")?
+            {
+                Ok(opened) => opened,
+                // Exits 65, which systemd does not retry: retrying cannot help.
+                Err(e @ buffer::JournalError::NewerFormat { .. }) => return Err(e.into()),
+                Err(e) => {
+                    return Err(anyhow::Error::from(e)
+                        .context("the journal was left as it is; fix the cause (systemd retries)"))
+                }
+            };
         if let Some(old) = moved {
             tracing::error!(old = %old.display(), "started with a FRESH journal; the unreadable one was kept at this path");
         }

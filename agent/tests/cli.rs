@@ -85,6 +85,59 @@ fn run_with_a_bad_config_exits_78_without_starting() {
 }
 
 #[test]
+fn a_journal_from_a_newer_version_is_refused_with_exit_65_and_left_as_it_is() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let journal_dir = state.join("journal");
+    // A journal a newer version wrote (its sled files and its stamp).
+    let journal = buffer::Journal::open(buffer::JournalConfig::new(&journal_dir)).expect("open");
+    journal.close().expect("close");
+    drop(journal);
+    buffer::journal::format::write(
+        &journal_dir,
+        &buffer::journal::format::FormatStamp {
+            format: buffer::journal::format::FORMAT + 1,
+            writer: "plant-edge 9.9.9".into(),
+            written: "2027-01-01T00:00:00.000Z".into(),
+        },
+    )
+    .expect("stamp");
+    let before: Vec<(std::path::PathBuf, Vec<u8>)> = {
+        let mut files: Vec<_> = std::fs::read_dir(&journal_dir)
+            .expect("dir")
+            .flatten()
+            .filter(|e| e.path().is_file())
+            .map(|e| (e.path(), std::fs::read(e.path()).expect("read")))
+            .collect();
+        files.sort();
+        files
+    };
+    let file = write_config(dir.path(), &pipeline_config(&state, "100ms"));
+    let out = run(&["run", "-c", file.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    let text = stderr(&out);
+    assert!(
+        text.contains("plant-edge 9.9.9") && text.contains("reads format 1"),
+        "{text}"
+    );
+    let mut after: Vec<_> = std::fs::read_dir(&journal_dir)
+        .expect("dir")
+        .flatten()
+        .filter(|e| e.path().is_file())
+        .map(|e| (e.path(), std::fs::read(e.path()).expect("read")))
+        .collect();
+    after.sort();
+    assert_eq!(after, before, "nothing on disk changed");
+    assert!(
+        !std::fs::read_dir(&state)
+            .expect("state")
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().contains("unreadable")),
+        "never moved aside for a version"
+    );
+}
+
+#[test]
 fn printed_default_config_validates() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = run(&["print-config"]);

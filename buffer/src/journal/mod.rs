@@ -40,6 +40,7 @@
 
 mod commit;
 mod dedup;
+pub mod format;
 mod inspect;
 pub(crate) mod layout;
 mod ledger;
@@ -161,6 +162,21 @@ pub enum JournalError {
     /// No dead letter with that number.
     #[error("no dead letter {0}")]
     NoDeadLetter(u64),
+    /// The journal was written in a newer format than this build reads
+    /// (an agent rolled back to an older image): refused, nothing changed.
+    #[error("journal at {path} is format {found} (written by {found_writer}); {writer} reads format {supported} and older. Nothing was changed: start the newer version again, or export the backlog with it (plant-edge journal export)")]
+    NewerFormat {
+        /// The directory.
+        path: PathBuf,
+        /// The format found.
+        found: u32,
+        /// Who wrote it.
+        found_writer: String,
+        /// The newest format this build reads.
+        supported: u32,
+        /// This build.
+        writer: String,
+    },
 }
 
 /// Journal settings; [`JournalConfig::new`] gives gateway-sized defaults.
@@ -630,6 +646,8 @@ impl Journal {
             }
             other => open_error(other.to_string()),
         };
+        // Before sled touches anything: a newer journal is not ours to open.
+        format::check(&config.path)?;
         settle_settings_file(&config.path).map_err(|e| open_error(e.to_string()))?;
         // A damaged log can make sled panic instead of returning an error;
         // the caller must get an error it can act on (move aside), not a crash.
