@@ -486,12 +486,7 @@ fn reconcile(made: &Made, erp: &Erp) -> BTreeMap<(String, String, String), Recon
     for (key, parts) in made.lock().unwrap_or_else(|p| p.into_inner()).iter() {
         rows.entry(key.clone()).or_default().produced = *parts;
     }
-    let events = erp
-        .state
-        .events
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let events = received(erp);
     let mut seen = BTreeSet::new();
     for event in events {
         // Periods' totals, checked by `checkpoints`, not parts.
@@ -521,15 +516,19 @@ fn reconcile(made: &Made, erp: &Erp) -> BTreeMap<(String, String, String), Recon
     rows
 }
 
-/// Checkpoints the ERP received (distinct), and how many of them do not
-/// balance: counted at the PLC differs from the sum of the period's events.
-fn checkpoints(erp: &Erp) -> (usize, usize) {
-    let events = erp
-        .state
+/// Every event the simulated ERP received, repeats included.
+fn received(erp: &Erp) -> Vec<serde_json::Value> {
+    erp.state
         .events
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .clone();
+        .clone()
+}
+
+/// Checkpoints the ERP received (distinct), and how many of them do not
+/// balance: counted at the PLC differs from the sum of the period's events.
+fn checkpoints(erp: &Erp) -> (usize, usize) {
+    let events = received(erp);
     let mut seen = BTreeSet::new();
     let mut unbalanced = 0;
     for event in events

@@ -102,8 +102,9 @@ fn a_journal_from_a_newer_version_is_refused_with_exit_65_and_left_as_it_is() {
         },
     )
     .expect("stamp");
-    let before: Vec<(std::path::PathBuf, Vec<u8>)> = {
-        let mut files: Vec<_> = std::fs::read_dir(&journal_dir)
+    // Every file of the journal with its bytes.
+    let files = || {
+        let mut files: Vec<(std::path::PathBuf, Vec<u8>)> = std::fs::read_dir(&journal_dir)
             .expect("dir")
             .flatten()
             .filter(|e| e.path().is_file())
@@ -112,6 +113,7 @@ fn a_journal_from_a_newer_version_is_refused_with_exit_65_and_left_as_it_is() {
         files.sort();
         files
     };
+    let before = files();
     let file = write_config(dir.path(), &pipeline_config(&state, "100ms"));
     let out = run(&["run", "-c", file.to_str().expect("utf8")]);
     assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
@@ -120,14 +122,7 @@ fn a_journal_from_a_newer_version_is_refused_with_exit_65_and_left_as_it_is() {
         text.contains("plant-edge 9.9.9") && text.contains("reads format 1"),
         "{text}"
     );
-    let mut after: Vec<_> = std::fs::read_dir(&journal_dir)
-        .expect("dir")
-        .flatten()
-        .filter(|e| e.path().is_file())
-        .map(|e| (e.path(), std::fs::read(e.path()).expect("read")))
-        .collect();
-    after.sort();
-    assert_eq!(after, before, "nothing on disk changed");
+    assert_eq!(files(), before, "nothing on disk changed");
     assert!(
         !std::fs::read_dir(&state)
             .expect("state")

@@ -195,9 +195,21 @@ async fn checkpoints_match_the_plc_through_a_wrap_a_reset_and_sigkills_at_the_bo
     agent.wait().expect("reap");
     let mut agent = spawn_agent(&file);
     line.produce_for(Duration::from_millis(1500)).await;
-    // The line stops; the period with its last parts closes.
+    // The line stops; the period with its last parts closes, and its
+    // checkpoint reaches the archive.
     line.polled().await;
-    until_after_boundary(400).await;
+    let stopped = now_ms();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !archived_events(&state).iter().any(|e| {
+        e["type"] == "production.checkpoint"
+            && e["data"]["checkpoint"]["end_ms"].as_u64() > Some(stopped)
+    }) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the last period's checkpoint never reached the archive"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     wait_for_metric(
         metrics,
         "plant_edge_sink_backlog_events{sink=\"archive\"}",

@@ -236,7 +236,16 @@ impl Journal {
         if stop_before.is_some() {
             records.reverse();
         }
-        let pending = self.pending_seqs()?;
+        // Only chunks holding the window's events are read for their routes.
+        let seqs = records
+            .iter()
+            .flatten()
+            .filter(|r| !r.dead_at_source && r.at_ms >= from_ms && r.at_ms < to_ms)
+            .map(|r| r.seq);
+        let pending = match (seqs.clone().min(), seqs.max()) {
+            (Some(lo), Some(hi)) => self.pending_seqs(lo, hi)?,
+            _ => BTreeSet::new(),
+        };
         let dead: BTreeSet<[u8; 16]> = self
             .dead_letter_records()?
             .into_iter()
@@ -281,10 +290,18 @@ impl Journal {
     }
 
     /// Sequences some sink still has to deliver.
-    fn pending_seqs(&self) -> Result<BTreeSet<u64>, JournalError> {
+    /// Sequences in `lo..=hi` some sink still has to deliver. Chunks every
+    /// sink's cursor has passed are not read: a status page asks this
+    /// every few seconds, with a backlog of any size.
+    fn pending_seqs(&self, lo: u64, hi: u64) -> Result<BTreeSet<u64>, JournalError> {
         let metas: Vec<(u64, layout::ChunkMeta)> = {
             let st = self.state();
-            st.chunks.iter().map(|(k, m)| (*k, *m)).collect()
+            let floor = st.floor();
+            st.chunks
+                .range(..=hi)
+                .filter(|(_, m)| m.last >= lo.max(floor))
+                .map(|(k, m)| (*k, *m))
+                .collect()
         };
         let mut pending = BTreeSet::new();
         for (first, meta) in metas {
