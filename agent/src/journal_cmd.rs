@@ -58,12 +58,30 @@ pub enum JournalCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Pending events as JSON lines (CloudEvents), to stdout or a file.
+    /// The backlog (with the sinks each event still goes to), dead letters
+    /// and source positions in the versioned interchange format (NDJSON,
+    /// README "Moving a journal"), to stdout or a file; read back with
+    /// `import` by this or any later version.
     Export {
         /// Output file (default stdout).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Only the pending events' CloudEvents JSON, one per line (for
+        /// other tools; `import` does not read it).
+        #[arg(long)]
+        events: bool,
     },
+    /// Reads an export into this journal (created if there is none):
+    /// events appended unless their id is already here, dead letters kept,
+    /// positions replaced. Safe to run twice.
+    Import {
+        /// The export file.
+        file: PathBuf,
+    },
+    /// Confirms a format upgrade: removes the journal kept from before it
+    /// (from then on the previous version refuses this journal instead of
+    /// rolling back to the kept one). Runs beside a running agent.
+    CommitUpgrade,
     /// Rejected and expired events.
     #[command(subcommand)]
     DeadLetters(DeadLetterCommand),
@@ -206,15 +224,23 @@ fn act_as_owner(dir: &std::path::Path) -> anyhow::Result<()> {
     }
 }
 
-fn open(target: &Target) -> anyhow::Result<Journal> {
-    let dir = match (&target.config, &target.state) {
+fn journal_dir(target: &Target) -> anyhow::Result<PathBuf> {
+    Ok(match (&target.config, &target.state) {
         (Some(file), _) => Config::load_without_secrets(file)?.journal_dir(),
         (None, Some(state)) => state.join("journal"),
         (None, None) => bail!("say which journal: -c CONFIG or --state DIR"),
-    };
+    })
+}
+
+fn open(target: &Target) -> anyhow::Result<Journal> {
+    let dir = journal_dir(target)?;
     if !dir.join("db").exists() {
         bail!("no journal at {}", dir.display());
     }
+    open_dir(dir)
+}
+
+fn open_dir(dir: PathBuf) -> anyhow::Result<Journal> {
     act_as_owner(&dir)?;
     let mut jc = JournalConfig::new(&dir);
     jc.lock_wait = Duration::from_millis(500);
@@ -228,16 +254,65 @@ fn open(target: &Target) -> anyhow::Result<Journal> {
     }
 }
 
+fn commit_upgrade(target: &Target) -> anyhow::Result<bool> {
+    let dir = journal_dir(target)?;
+    match buffer::journal::upgrade::commit(&dir).context("committing the upgrade")? {
+        Some((marker, freed)) => println!(
+            "upgrade committed: format {} (from {}, format {}); removed the kept journal {} ({} bytes). The previous version now refuses this journal instead of rolling back.",
+            marker.to_format, marker.from_writer, marker.from_format, marker.kept, freed
+        ),
+        None => println!("no upgrade to commit at {}", dir.display()),
+    }
+    Ok(true)
+}
+
+fn import(target: &Target, file: &std::path::Path) -> anyhow::Result<bool> {
+    let dir = journal_dir(target)?;
+    let mut input = std::io::BufReader::new(
+        std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?,
+    );
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let journal = open_dir(dir)?;
+    let counts = journal
+        .import_from(&mut input)
+        .with_context(|| format!("importing {}", file.display()))?;
+    journal.close()?;
+    println!(
+        "imported {} events, {} dead letters, {} positions; {} already here (same id), skipped{}",
+        counts.events,
+        counts.dead_letters,
+        counts.positions,
+        counts.duplicates,
+        if counts.complete {
+            ""
+        } else {
+            "; THE FILE HAS NO END RECORD: it was cut short, what it held is imported"
+        }
+    );
+    Ok(counts.complete)
+}
+
 /// Runs a journal command; `Ok(false)` means "ran, found problems".
 pub fn run(target: Target, command: JournalCommand) -> anyhow::Result<bool> {
     if let JournalCommand::Report { window, json } = &command {
         return crate::reconcile::run_report(target.config, target.state, window, *json);
     }
+    if let JournalCommand::CommitUpgrade = &command {
+        return commit_upgrade(&target);
+    }
+    if let JournalCommand::Import { file } = &command {
+        return import(&target, file);
+    }
     let journal = open(&target)?;
     let mut out = std::io::stdout().lock();
     match command {
         // Answered above, before the journal was opened.
-        JournalCommand::Report { .. } => {}
+        JournalCommand::Report { .. }
+        | JournalCommand::CommitUpgrade
+        | JournalCommand::Import { .. } => {}
         JournalCommand::Stats { json } => {
             let s = journal.stats();
             if json {
@@ -365,7 +440,34 @@ pub fn run(target: Target, command: JournalCommand) -> anyhow::Result<bool> {
             }
             return Ok(report.is_ok());
         }
-        JournalCommand::Export { out: file } => {
+        JournalCommand::Export {
+            out: file,
+            events: false,
+        } => {
+            let mut sink: Box<dyn Write> = match &file {
+                Some(path) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(path)
+                        .with_context(|| format!("creating {}", path.display()))?,
+                )),
+                None => Box::new(std::io::stdout().lock()),
+            };
+            let counts = journal.export_to(&mut sink)?;
+            sink.flush()?;
+            drop(sink);
+            if let Some(path) = &file {
+                std::fs::File::open(path)
+                    .and_then(|f| f.sync_all())
+                    .with_context(|| format!("syncing {}", path.display()))?;
+            }
+            eprintln!(
+                "exported {} events, {} dead letters, {} positions",
+                counts.events, counts.dead_letters, counts.positions
+            );
+        }
+        JournalCommand::Export {
+            out: file,
+            events: true,
+        } => {
             let mut sink: Box<dyn Write> = match file {
                 Some(path) => Box::new(std::io::BufWriter::new(
                     std::fs::File::create(&path)

@@ -162,6 +162,38 @@ impl RunningAgent {
             next_seq = stats.next_seq,
             "journal open"
         );
+        if let Some(upgrade) = journal.upgrade_pending() {
+            let grace = config.journal.upgrade_grace;
+            tracing::warn!(
+                from_format = upgrade.from_format,
+                to_format = upgrade.to_format,
+                kept = %upgrade.kept,
+                commits_after = %humantime::format_duration(grace),
+                "journal upgrade not yet committed: the previous version can still roll back to the kept journal; `plant-edge journal commit-upgrade` commits it"
+            );
+            if !grace.is_zero() {
+                let journal = journal.clone();
+                // The clock restarts with every start: an agent that keeps
+                // failing never commits, and a rollback stays possible.
+                tokio::spawn(async move {
+                    tokio::time::sleep(grace).await;
+                    if journal.is_poisoned() {
+                        return;
+                    }
+                    match journal.commit_upgrade() {
+                        Ok(Some((marker, freed))) => tracing::info!(
+                            kept = %marker.kept,
+                            freed_bytes = freed,
+                            "journal upgrade committed after its grace period"
+                        ),
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::error!(error = %e, "committing the journal upgrade failed; it stays uncommitted")
+                        }
+                    }
+                });
+            }
+        }
 
         let (stop_forwarders, stop_fw_rx) = watch::channel(false);
         let mut forwarders = BTreeMap::new();

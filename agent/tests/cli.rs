@@ -205,7 +205,7 @@ fn run_stop_and_read_the_state(worker_threads: Option<usize>) {
         "the archive holds exactly the delivered ids"
     );
 
-    let out = run(&["journal", "--state", state_arg, "export"]);
+    let out = run(&["journal", "--state", state_arg, "export", "--events"]);
     assert!(out.status.success());
     assert_eq!(
         stdout(&out).lines().count() as u64,

@@ -197,6 +197,12 @@ struct RawJournal {
     ledger_keep: Duration,
     #[serde(default = "default_ledger_max_bytes")]
     ledger_max_bytes: ByteSize,
+    #[serde(default = "default_upgrade_grace", with = "humantime_serde")]
+    upgrade_grace: Duration,
+}
+
+fn default_upgrade_grace() -> Duration {
+    Duration::from_secs(24 * 3600)
 }
 
 fn default_ledger_max_bytes() -> ByteSize {
@@ -220,6 +226,7 @@ impl Default for RawJournal {
             telemetry_types: Vec::new(),
             ledger_keep: default_ledger_keep(),
             ledger_max_bytes: default_ledger_max_bytes(),
+            upgrade_grace: default_upgrade_grace(),
         }
     }
 }
@@ -310,6 +317,9 @@ pub struct JournalSettings {
     pub ledger_keep: Duration,
     /// Bound on the ledger's bytes.
     pub ledger_max_bytes: u64,
+    /// A format upgrade commits itself after the agent ran this long
+    /// (0: only `plant-edge journal commit-upgrade` commits it).
+    pub upgrade_grace: Duration,
     /// Dedup window by age.
     pub dedup_window: Duration,
     /// Dedup window by count.
@@ -839,6 +849,12 @@ fn check(file: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
             "at most 400days (about 270 bytes of flash an event, kept that long), or \"0s\" for no ledger".into(),
         ));
     }
+    if j.upgrade_grace > Duration::from_secs(90 * 86_400) {
+        return Err(err(
+            "journal.upgrade_grace",
+            "at most 90days (the kept journal and the rollback spool grow until the upgrade is committed), or \"0s\" to commit only with plant-edge journal commit-upgrade".into(),
+        ));
+    }
     if j.ledger_max_bytes.as_u64() < ByteSize::mib(1).as_u64() {
         return Err(err(
             "journal.ledger_max_bytes",
@@ -1036,6 +1052,7 @@ fn check(file: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
             min_free_disk: j.min_free_disk.as_u64(),
             ledger_keep: j.ledger_keep,
             ledger_max_bytes: j.ledger_max_bytes.as_u64(),
+            upgrade_grace: j.upgrade_grace,
             dedup_window: j.dedup_window,
             dedup_window_count: j.dedup_window_count,
             commit_window: j.commit_window,

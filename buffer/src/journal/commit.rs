@@ -459,6 +459,39 @@ impl Journal {
             .map(Some)
     }
 
+    /// Commits `requests` in one group and returns their outcomes; fails
+    /// when the journal has no room for all of them (those that fitted are
+    /// stored, the rest are not).
+    pub(super) fn commit_all(
+        &self,
+        requests: Vec<AppendRequest>,
+    ) -> Result<Vec<AppendOutcome>, JournalError> {
+        let mut answers = Vec::with_capacity(requests.len());
+        let jobs = requests
+            .into_iter()
+            .map(|request| {
+                let (reply, answer) = oneshot::channel();
+                answers.push(answer);
+                Job {
+                    request,
+                    reply: Some(reply),
+                    parked: false,
+                    dead_letter: None,
+                    urgent: true,
+                }
+            })
+            .collect();
+        if !self.commit_jobs(jobs).is_empty() {
+            return Err(JournalError::Interchange(
+                "the journal is full: what was imported so far is stored; free space (deliver, or raise journal.max_bytes) and import again".into(),
+            ));
+        }
+        answers
+            .into_iter()
+            .map(|mut answer| answer.try_recv().map_err(|_| JournalError::Closed)?)
+            .collect()
+    }
+
     /// Commits the jobs that fit; returns the business jobs that must wait.
     fn commit_jobs(&self, jobs: Vec<Job>) -> Vec<Job> {
         let _commit = self.commit_guard();
@@ -490,6 +523,10 @@ impl Journal {
         let mut batch = sled::Batch::default();
         let mut parked_out = Vec::new();
         let mut admitted: Vec<(Job, AppendOutcome)> = Vec::new();
+        // While an upgrade is uncommitted, what this commit stores also goes
+        // to the rollback spool, in the interchange format.
+        let spooling = self.spooling();
+        let mut spool_lines: Vec<Vec<u8>> = Vec::new();
         let next_seq;
         let freed;
         {
@@ -513,6 +550,7 @@ impl Journal {
             let mut ledger_rows: Vec<LedgerRow> = Vec::new();
             let mut new_ids: Vec<[u8; 16]> = Vec::new();
             let mut blocked = false;
+            let spool_slots = spooling.then(|| st.sink_slots());
             for mut job in jobs {
                 if let Some(size) = job
                     .request
@@ -605,7 +643,7 @@ impl Journal {
                     projected += stored.charge();
                     new_ids.push(*event.id.as_bytes());
                     if let Some(reason) = &job.dead_letter {
-                        if let Err(e) = dead_letter_at_source(
+                        match dead_letter_at_source(
                             &mut st,
                             &mut batch,
                             stored,
@@ -613,15 +651,42 @@ impl Journal {
                             reason,
                             now,
                         ) {
-                            drop(st);
-                            return self.fail_commit(admitted, parked_out, e);
+                            Ok(records) if spooling => {
+                                for record in &records {
+                                    match super::interchange::dead_letter_line(record) {
+                                        Ok(line) => spool_lines.push(line),
+                                        Err(e) => {
+                                            drop(st);
+                                            return self.fail_commit(admitted, parked_out, e);
+                                        }
+                                    }
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                drop(st);
+                                return self.fail_commit(admitted, parked_out, e);
+                            }
                         }
                         // Sequence 0: never queued for delivery.
                         seqs.push(Some(0));
                         ledger_rows.extend(row);
                         continue;
                     }
+                    let spooled = spool_slots.as_ref().map(|slots| {
+                        let names = super::upgrade::sink_names(slots, stored.routes);
+                        (names, stored.clone())
+                    });
                     let seq = plan.push(event.class, stored);
+                    if let Some((names, stored)) = spooled {
+                        match super::interchange::event_line(seq, event.class, names, &stored) {
+                            Ok(line) => spool_lines.push(line),
+                            Err(e) => {
+                                drop(st);
+                                return self.fail_commit(admitted, parked_out, e);
+                            }
+                        }
+                    }
                     if let Some(row) = &mut row {
                         row.seq = seq;
                     }
@@ -629,6 +694,15 @@ impl Journal {
                     seqs.push(Some(seq));
                 }
                 if let Some(cursor) = &job.request.cursor {
+                    if spooling {
+                        match super::interchange::position_line(&job.request.source, cursor) {
+                            Ok(line) => spool_lines.push(line),
+                            Err(e) => {
+                                drop(st);
+                                return self.fail_commit(admitted, parked_out, e);
+                            }
+                        }
+                    }
                     batch.insert(
                         layout::named_key(layout::SOURCE_CURSOR, &job.request.source),
                         layout::encode_cursor(cursor),
@@ -737,6 +811,13 @@ impl Journal {
         if let Err(e) = self.sync() {
             return self.fail_commit(admitted, parked_out, e);
         }
+        if !spool_lines.is_empty() {
+            // Stored but not answered: a failure here poisons like a failed
+            // sync, and the next open writes the spool's missing tail.
+            if let Err(e) = self.spool_commit(&spool_lines) {
+                return self.fail_commit(admitted, parked_out, e);
+            }
+        }
         self.publish_durable(next_seq);
         for (mut job, outcome) in admitted {
             job.answer(Ok(outcome));
@@ -801,8 +882,9 @@ fn dead_letter_at_source(
     class: EventClass,
     reason: &str,
     now: u64,
-) -> Result<(), JournalError> {
+) -> Result<Vec<layout::DeadLetterRecord>, JournalError> {
     let sinks: Vec<(String, u8)> = st.sink_slots();
+    let mut stored = Vec::new();
     for (sink, slot) in sinks {
         if event.routes & (1u64 << slot) == 0 {
             continue;
@@ -819,11 +901,12 @@ fn dead_letter_at_source(
             class: class.code(),
             event: routed,
         };
-        Journal::put_dead_letter(st, batch, record)?;
+        Journal::put_dead_letter(st, batch, record.clone())?;
+        stored.push(record);
         st.counters.rejected += 1;
         tracing::warn!(source = %event.source, sink, reason, "event refused at its source: stored in dead letters");
     }
-    Ok(())
+    Ok(stored)
 }
 
 /// Drops the oldest telemetry chunks until `needed` bytes are free (or no

@@ -42,9 +42,11 @@ mod commit;
 mod dedup;
 pub mod format;
 mod inspect;
+pub mod interchange;
 pub(crate) mod layout;
 mod ledger;
 mod sinks;
+pub mod upgrade;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -162,6 +164,10 @@ pub enum JournalError {
     /// No dead letter with that number.
     #[error("no dead letter {0}")]
     NoDeadLetter(u64),
+    /// An interchange file (export, import, rollback spool) could not be
+    /// written or read.
+    #[error("journal interchange: {0}")]
+    Interchange(String),
     /// The journal was written in a newer format than this build reads
     /// (an agent rolled back to an older image): refused, nothing changed.
     #[error("journal at {path} is format {found} (written by {found_writer}); {writer} reads format {supported} and older. Nothing was changed: start the newer version again, or export the backlog with it (plant-edge journal export)")]
@@ -469,6 +475,8 @@ pub(crate) struct Inner {
     durable_tx: watch::Sender<u64>,
     /// Signalled when space is freed, to wake parked business appends.
     space_freed: Notify,
+    /// The rollback spool while an upgrade is uncommitted.
+    spool: Mutex<Option<upgrade::Spool>>,
 }
 
 impl Drop for Inner {
@@ -616,8 +624,18 @@ fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
 }
 
 impl Journal {
-    /// Opens (or creates) the journal and resumes every cursor.
+    /// Opens (or creates) the journal and resumes every cursor; upgrades an
+    /// older format, or rolls back to a journal kept from before an
+    /// uncommitted upgrade (see [`upgrade`]).
     pub fn open(config: JournalConfig) -> Result<Self, JournalError> {
+        upgrade::prepare(&config)?;
+        let journal = Self::open_dir(config)?;
+        journal.attach_upgrade_state()?;
+        Ok(journal)
+    }
+
+    /// Opens the journal in `config.path` as it is.
+    fn open_dir(config: JournalConfig) -> Result<Self, JournalError> {
         std::fs::create_dir_all(&config.path).map_err(|error| JournalError::CreateDir {
             path: config.path.clone(),
             error,
@@ -697,6 +715,7 @@ impl Journal {
                 gc_pending: AtomicBool::new(false),
                 durable_tx,
                 space_freed: Notify::new(),
+                spool: Mutex::new(None),
             }),
         };
         let sinks = journal.inner.config.sinks.clone();
