@@ -271,10 +271,7 @@ fn import(target: &Target, file: &std::path::Path) -> anyhow::Result<bool> {
     let mut input = std::io::BufReader::new(
         std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?,
     );
-    if let Some(parent) = dir.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
-    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let journal = open_dir(dir)?;
     let counts = journal
         .import_from(&mut input)

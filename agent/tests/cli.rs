@@ -850,3 +850,90 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn a_backlog_exported_and_imported_elsewhere_is_the_same_backlog_and_a_second_import_adds_nothing()
+{
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let sinks = archive_and_dead_broker(&state, free_port());
+    let file = write_config(
+        dir.path(),
+        &pipeline_config_with_sinks(&state, "20ms", &sinks),
+    );
+    let mut child = bin()
+        .args(["run", "-c", file.to_str().expect("utf8")])
+        .spawn()
+        .expect("spawn");
+    wait_for("archived events", Duration::from_secs(20), || {
+        archived_events(&state).len() >= 20
+    });
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    assert_eq!(child.wait().expect("wait").code(), Some(0));
+
+    let stats = |state: &std::path::Path| -> serde_json::Value {
+        let out = run(&[
+            "journal",
+            "--state",
+            state.to_str().expect("utf8"),
+            "stats",
+            "--json",
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_str(&stdout(&out)).expect("stats JSON")
+    };
+    let backlog = |stats: &serde_json::Value, sink: &str| -> u64 {
+        stats["sinks"]
+            .as_array()
+            .expect("sinks")
+            .iter()
+            .find(|s| s["name"] == sink)
+            .and_then(|s| s["backlog"].as_u64())
+            .unwrap_or(0)
+    };
+    let before = stats(&state);
+    assert!(backlog(&before, "cloud") >= 20, "{before}");
+
+    let export = dir.path().join("backlog.ndjson");
+    let out = run(&[
+        "journal",
+        "--state",
+        state.to_str().expect("utf8"),
+        "export",
+        "--out",
+        export.to_str().expect("utf8"),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let other = dir.path().join("other");
+    let import = |expect: &str| {
+        let out = run(&[
+            "journal",
+            "--state",
+            other.to_str().expect("utf8"),
+            "import",
+            export.to_str().expect("utf8"),
+        ]);
+        assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+        assert!(stdout(&out).contains(expect), "{}", stdout(&out));
+    };
+    import(&format!("imported {} events", backlog(&before, "cloud")));
+    let after = stats(&other);
+    assert_eq!(backlog(&after, "cloud"), backlog(&before, "cloud"));
+    assert_eq!(backlog(&after, "archive"), backlog(&before, "archive"));
+    assert_eq!(after["pending_events"], before["pending_events"]);
+    import("imported 0 events");
+    assert_eq!(stats(&other)["pending_events"], before["pending_events"]);
+
+    let out = run(&[
+        "journal",
+        "--state",
+        other.to_str().expect("utf8"),
+        "commit-upgrade",
+    ]);
+    assert!(out.status.success());
+    assert!(
+        stdout(&out).contains("no upgrade to commit"),
+        "{}",
+        stdout(&out)
+    );
+}

@@ -285,7 +285,7 @@ impl Journal {
                 .chunks
                 .iter()
                 .filter(|(_, meta)| !meta.dropped)
-                .map(|(first, meta)| (*first, meta.clone()))
+                .map(|(first, meta)| (*first, *meta))
                 .collect();
             let sinks: Vec<_> = st
                 .sinks
