@@ -357,6 +357,13 @@ pub fn run(target: Target, command: JournalCommand) -> anyhow::Result<bool> {
                     s.dedup_ids,
                     s.dedup_bytes / 1024
                 )?;
+                if let Some(upgrade) = journal.upgrade_pending() {
+                    writeln!(
+                        out,
+                        "upgrade            format {} -> {}, not committed (kept: {}; plant-edge journal commit-upgrade)",
+                        upgrade.from_format, upgrade.to_format, upgrade.kept
+                    )?;
+                }
                 for sink in &s.sinks {
                     writeln!(
                         out,

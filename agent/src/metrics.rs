@@ -191,7 +191,7 @@ impl Metrics {
         for (name, help, value) in counters {
             registry.register(name, help, ConstCounter::new(value));
         }
-        let gauges: [(&str, &str, i64); 11] = [
+        let gauges: [(&str, &str, i64); 12] = [
             (
                 "journal_dedup_ids",
                 "Ids in the dedup window",
@@ -241,6 +241,11 @@ impl Metrics {
                 "journal_disk_low",
                 "1 while the journal's filesystem is below journal.min_free_disk (sources held)",
                 i64::from(s.disk_low),
+            ),
+            (
+                "journal_upgrade_uncommitted",
+                "1 while a journal format upgrade is not committed (the previous version can roll back; the rollback spool grows)",
+                i64::from(self.journal.upgrade_pending().is_some()),
             ),
             (
                 "journal_disk_free_bytes",

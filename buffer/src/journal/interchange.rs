@@ -63,6 +63,11 @@ struct Header {
     format: u32,
     writer: String,
     exported: String,
+    /// The exporter's next sequence: numbering goes on above it, so no
+    /// sequence names two events (absent in a rollback spool, whose event
+    /// records carry every sequence).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    next_seq: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -230,13 +235,14 @@ pub(super) fn dead_letter_line(record: &DeadLetterRecord) -> Result<Vec<u8>, Jou
 }
 
 /// The header line, without its newline.
-pub(super) fn header_line(format: u32) -> Result<Vec<u8>, JournalError> {
+pub(super) fn header_line(format: u32, next_seq: Option<u64>) -> Result<Vec<u8>, JournalError> {
     serde_json::to_vec(&Header {
         record: "header".into(),
         plant_edge_journal: INTERCHANGE_VERSION,
         format,
         writer: super::format::this_writer(),
         exported: rfc3339(super::now_ms()),
+        next_seq,
     })
     .map_err(failed)
 }
@@ -278,7 +284,10 @@ impl Journal {
                 .and_then(|_| out.write_all(b"\n"))
                 .map_err(|e| failed(format!("writing the export: {e}")))
         };
-        put(header_line(super::format::current())?)?;
+        put(header_line(
+            super::format::current(),
+            Some(self.state().next_seq),
+        )?)?;
         let (metas, sinks) = {
             let st = self.state();
             let metas: Vec<_> = st
@@ -378,6 +387,7 @@ impl Journal {
         let mut line = String::new();
         let mut number = 0u64;
         let mut header_seen = false;
+        let mut numbering_from = None;
         loop {
             line.clear();
             let read = input
@@ -410,6 +420,7 @@ impl Journal {
                     )));
                 }
                 header_seen = true;
+                numbering_from = header.next_seq;
                 continue;
             }
             match kind.record.as_str() {
@@ -427,6 +438,15 @@ impl Journal {
                     }
                     let routes = self.routes_for(&record.sinks)?;
                     let ledger = ledger_entry_of(&payload);
+                    // Each event keeps its sequence where numbering allows
+                    // (its `journalseq` stays what the ERP may have seen):
+                    // the events before a gap are committed, and the
+                    // numbering jumps over it.
+                    let next = self.state().next_seq + pending.len() as u64;
+                    if record.seq > next {
+                        self.import_events(std::mem::take(&mut pending), &mut counts)?;
+                        self.number_from(record.seq)?;
+                    }
                     pending.push((
                         record.source,
                         NewEvent {
@@ -493,6 +513,9 @@ impl Journal {
         if !header_seen {
             return Err(failed("empty file: no header record"));
         }
+        if let Some(next) = numbering_from {
+            self.number_from(next)?;
+        }
         Ok(counts)
     }
 
@@ -542,6 +565,26 @@ impl Journal {
         }
         self.inner.tree.apply_batch(batch)?;
         self.sync()
+    }
+
+    /// Makes the next sequence at least `seq` (the ones skipped are a gap
+    /// every sink passes over), durably.
+    fn number_from(&self, seq: u64) -> Result<(), JournalError> {
+        self.check_poisoned()?;
+        let _commit = self.commit_guard();
+        {
+            let mut st = self.state();
+            if st.next_seq >= seq {
+                return Ok(());
+            }
+            st.next_seq = seq;
+        }
+        self.inner
+            .tree
+            .insert(layout::NEXT_SEQ, &seq.to_be_bytes())?;
+        self.sync()?;
+        self.publish_durable(seq);
+        Ok(())
     }
 
     /// Replaces a source's stored position, durably.

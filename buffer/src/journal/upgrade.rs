@@ -426,7 +426,7 @@ impl Journal {
         };
         let mut lines = Vec::new();
         if spool.bytes == 0 {
-            lines.push(interchange::header_line(marker.from_format)?);
+            lines.push(interchange::header_line(marker.from_format, None)?);
         }
         let from = highest.map_or(marker.spool_from_seq, |h| h + 1);
         lines.extend(self.spool_lines_from(from)?);
