@@ -254,11 +254,16 @@ fn an_upgrade_keeps_the_old_journal_until_committed_and_a_rollback_gets_all_the_
     assert!(!kept(&path).exists() && !path.with_file_name("journal.rolled-back").exists());
     assert!(journal.upgrade_pending().is_none());
     assert_eq!(
-        pending_seqs(&journal, "erp"),
+        pending_seqs(&journal, "mqtt"),
         newer,
-        "everything, in order, with the sequences the newer version gave; what it delivered goes again with the same ids"
+        "everything, in order, with the sequences the newer version gave"
     );
-    assert_eq!(pending(&journal, "erp"), ids(0..6));
+    // erp got 0..4 from the newer version: 3, which it stored itself, is
+    // not sent again; 0..3 came from before the upgrade and go again with
+    // the same ids (the spool knows deliveries of what it stored only).
+    let mut expected = ids(0..3);
+    expected.extend(ids(4..6));
+    assert_eq!(pending(&journal, "erp"), expected);
     assert_eq!(
         journal.source_cursor("press1").expect("c"),
         Some(b"c6".to_vec())

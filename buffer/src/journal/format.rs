@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 
 use super::JournalError;
 
-/// The format this build writes and reads. Raised only with a migration
-/// from the one before.
+/// The format this build writes and reads. Raised only with a reader of
+/// the one before, which [`super::upgrade`] exports from.
 pub const FORMAT: u32 = 1;
 
 /// The stamp's file name inside the journal directory.

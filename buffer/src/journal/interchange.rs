@@ -22,7 +22,7 @@
 //!   newer one writes (the rollback spool relies on it), and a record kind
 //!   it does not know is an error, not skipped.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, Write};
 
 use base64::Engine as _;
@@ -54,6 +54,9 @@ pub struct InterchangeCounts {
     pub duplicates: u64,
     /// The file ended with its `end` record (a cut-short file did not).
     pub complete: bool,
+    /// Events stored without the sinks the newer version had already
+    /// delivered them to (a rollback spool).
+    pub already_delivered: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -381,6 +384,16 @@ impl Journal {
     /// holds are skipped and counted. Not atomic as a whole, but safe to
     /// run again: what a first run stored is skipped the second time.
     pub fn import_from(&self, input: &mut dyn BufRead) -> Result<InterchangeCounts, JournalError> {
+        self.import_with(input, &HashMap::new())
+    }
+
+    /// [`Self::import_from`], with the sinks each event (by its sequence in
+    /// the file) was already delivered to: those are left out of its routes.
+    pub(super) fn import_with(
+        &self,
+        input: &mut dyn BufRead,
+        delivered: &HashMap<u64, Vec<String>>,
+    ) -> Result<InterchangeCounts, JournalError> {
         let mut counts = InterchangeCounts::default();
         let mut known = self.known_ids()?;
         let mut pending: Vec<(String, NewEvent)> = Vec::new();
@@ -436,7 +449,12 @@ impl Journal {
                     for sink in &record.sinks {
                         self.register_sink(sink)?;
                     }
-                    let routes = self.routes_for(&record.sinks)?;
+                    let mut sinks = record.sinks;
+                    if let Some(done) = delivered.get(&record.seq) {
+                        sinks.retain(|sink| !done.contains(sink));
+                        counts.already_delivered += 1;
+                    }
+                    let routes = self.routes_for(&sinks)?;
                     let ledger = ledger_entry_of(&payload);
                     // Each event keeps its sequence where numbering allows
                     // (its `journalseq` stays what the ERP may have seen):
@@ -505,6 +523,8 @@ impl Journal {
                     let _ = (end.events, end.dead_letters, end.positions, end.record);
                     counts.complete = true;
                 }
+                // Applied before the import (a rollback spool's deliveries).
+                "delivered" => {}
                 "header" => return Err(bad(&"a second header")),
                 other => return Err(bad(&format!("unknown record kind {other:?}"))),
             }

@@ -192,13 +192,15 @@ impl Journal {
         let mut st = self.state();
         let index = st.sink_index(sink)?;
         let s = &mut st.sinks[index];
-        let mut delivered = 0;
+        let mut delivered = Vec::new();
         for &seq in seqs {
             if seq >= s.cursor && seq < s.read_upto && s.done.insert(seq) {
-                delivered += 1;
+                delivered.push(seq);
             }
         }
-        st.counters.delivered += delivered;
+        st.counters.delivered += delivered.len() as u64;
+        // After a rollback the previous version need not send these again.
+        self.spool_delivered(sink, delivered);
         self.advance_and_persist(&mut st, index)
     }
 
@@ -405,6 +407,7 @@ impl Journal {
 
     /// [`Self::save_acks`] for a caller holding the commit lock.
     pub(super) fn save_acks_locked(&self) -> Result<(), JournalError> {
+        self.write_spooled_deliveries()?;
         let mut st = self.state();
         if !st.acks_unsaved && !self.inner.gc_pending.load(Ordering::SeqCst) {
             return Ok(());

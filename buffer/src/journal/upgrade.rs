@@ -16,7 +16,11 @@
 //!   directory becomes `P` again, and at open the spool is imported (ids
 //!   deduplicated, positions replaced), then removed with `P.rolled-back`.
 //!   The kept journal plus the spool hold everything the newer version
-//!   captured; what it had delivered is sent again with the same ids.
+//!   captured. The spool also notes its deliveries (unsynced, with the next
+//!   commit or within a second): what it stored and delivered is not sent
+//!   again; the rest of what it delivered goes again with the same ids.
+//! - A later format's migration reads the earlier format to export it: a
+//!   build keeps the reader of the format before its own.
 //!
 //! Invariants: every step is a rename or a file that is written whole; a
 //! crash between the two renames of an upgrade or a rollback is finished at
@@ -24,6 +28,7 @@
 //! started again from `P`, which nothing changed. Nothing is quarantined
 //! because of a version.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
@@ -300,23 +305,36 @@ pub(super) struct Spool {
     file: File,
     path: PathBuf,
     bytes: u64,
+    /// Deliveries not yet written: (sink, sequences).
+    delivered: Vec<(String, Vec<u64>)>,
 }
 
 impl Spool {
-    /// Appends whole lines and fdatasyncs them. `Ok(false)`: the upgrade
+    /// Appends the deliveries noted since the last write, then whole
+    /// `lines`, and fdatasyncs them if `sync`. `Ok(false)`: the upgrade
     /// was committed meanwhile (the spool is gone), nothing to write.
-    pub(super) fn append(&mut self, lines: &[Vec<u8>]) -> Result<bool, JournalError> {
+    pub(super) fn append(&mut self, lines: &[Vec<u8>], sync: bool) -> Result<bool, JournalError> {
         let io = io_error(&self.path, "appending to the rollback spool");
         if self.file.metadata().map_err(&io)?.nlink() == 0 {
             return Ok(false);
         }
         let mut buffer = Vec::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
+        for (sink, seqs) in self.delivered.drain(..) {
+            let line = serde_json::json!({"record": "delivered", "sink": sink, "seqs": seqs});
+            buffer.extend_from_slice(line.to_string().as_bytes());
+            buffer.push(b'\n');
+        }
         for line in lines {
             buffer.extend_from_slice(line);
             buffer.push(b'\n');
         }
+        if buffer.is_empty() {
+            return Ok(true);
+        }
         self.file.write_all(&buffer).map_err(&io)?;
-        self.file.sync_data().map_err(&io)?;
+        if sync {
+            self.file.sync_data().map_err(&io)?;
+        }
         self.bytes += buffer.len() as u64;
         Ok(true)
     }
@@ -377,11 +395,7 @@ impl Journal {
         let path = self.inner.config.path.clone();
         let spool_here = path.join(SPOOL_FILE);
         if spool_here.exists() {
-            let mut input = BufReader::new(
-                File::open(&spool_here)
-                    .map_err(io_error(&spool_here, "reading the rollback spool"))?,
-            );
-            let counts = self.import_from(&mut input)?;
+            let counts = self.import_spool(&spool_here)?;
             tracing::warn!(
                 journal = %path.display(),
                 events = counts.events,
@@ -423,6 +437,7 @@ impl Journal {
             bytes: file.metadata().map_err(&io)?.len(),
             file,
             path: spool_path,
+            delivered: Vec::new(),
         };
         let mut lines = Vec::new();
         if spool.bytes == 0 {
@@ -433,9 +448,40 @@ impl Journal {
         for (source, plain) in self.source_cursors()? {
             lines.push(interchange::position_line(&source, &plain)?);
         }
-        spool.append(&lines)?;
+        spool.append(&lines, true)?;
         *self.inner.spool.lock().unwrap_or_else(|p| p.into_inner()) = Some(spool);
         Ok(())
+    }
+
+    /// Imports a rollback spool: what the newer version delivered is
+    /// stored as done for those sinks (its deliveries are read first, a
+    /// spool lists them after the events).
+    fn import_spool(&self, path: &Path) -> Result<interchange::InterchangeCounts, JournalError> {
+        #[derive(Deserialize)]
+        struct Delivered {
+            record: String,
+            #[serde(default)]
+            sink: String,
+            #[serde(default)]
+            seqs: Vec<u64>,
+        }
+        let io = io_error(path, "reading the rollback spool");
+        let mut delivered: HashMap<u64, Vec<String>> = HashMap::new();
+        for line in BufReader::new(File::open(path).map_err(&io)?).lines() {
+            let line = line.map_err(&io)?;
+            if !line.contains("\"delivered\"") {
+                continue;
+            }
+            if let Ok(found) = serde_json::from_str::<Delivered>(&line) {
+                if found.record == "delivered" {
+                    for seq in found.seqs {
+                        delivered.entry(seq).or_default().push(found.sink.clone());
+                    }
+                }
+            }
+        }
+        let mut input = BufReader::new(File::open(path).map_err(&io)?);
+        self.import_with(&mut input, &delivered)
     }
 
     /// Event lines of every pending event at or after `from`.
@@ -489,7 +535,7 @@ impl Journal {
         let Some(spool) = guard.as_mut() else {
             return Ok(());
         };
-        if !spool.append(lines)? {
+        if !spool.append(lines, true)? {
             tracing::info!("the upgrade was committed; the rollback spool is no longer written");
             *guard = None;
             return Ok(());
@@ -503,6 +549,33 @@ impl Journal {
             *guard = None;
             drop(guard);
             commit(&self.inner.config.path)?;
+        }
+        Ok(())
+    }
+
+    /// Notes deliveries for the spool (written with the next commit or
+    /// within a second; one lost to a crash is only sent again).
+    pub(super) fn spool_delivered(&self, sink: &str, seqs: Vec<u64>) {
+        if seqs.is_empty() {
+            return;
+        }
+        let mut guard = self.inner.spool.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(spool) = guard.as_mut() {
+            match spool.delivered.last_mut() {
+                Some((last, noted)) if last == sink => noted.extend(seqs),
+                _ => spool.delivered.push((sink.to_owned(), seqs)),
+            }
+        }
+    }
+
+    /// Writes the noted deliveries to the spool, unsynced.
+    pub(super) fn write_spooled_deliveries(&self) -> Result<(), JournalError> {
+        let mut guard = self.inner.spool.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(spool) = guard.as_mut() else {
+            return Ok(());
+        };
+        if !spool.delivered.is_empty() && !spool.append(&[], false)? {
+            *guard = None;
         }
         Ok(())
     }
