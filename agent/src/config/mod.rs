@@ -5,12 +5,14 @@
 //! it into exit code 78 (EX_CONFIG) so systemd's `RestartPreventExitStatus`
 //! stops a restart loop on a bad config.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytesize::ByteSize;
+pub use journal::JournalSettings;
+use journal::RawJournal;
 use protocols::counter::CounterWidth;
 use protocols::sinks::file::FileSinkConfig;
 use protocols::sinks::https::{HttpsAuth, HttpsMode, HttpsSinkConfig};
@@ -33,6 +35,7 @@ use serde::Deserialize;
 
 mod checkpoints;
 mod https;
+mod journal;
 mod modbus;
 mod mqtt;
 mod opcua;
@@ -77,24 +80,6 @@ fn default_state_dir() -> PathBuf {
 }
 fn default_shutdown_timeout() -> Duration {
     Duration::from_secs(10)
-}
-fn default_max_bytes() -> ByteSize {
-    ByteSize::gib(1)
-}
-fn default_cache() -> ByteSize {
-    ByteSize::mib(32)
-}
-fn default_min_free_disk() -> ByteSize {
-    ByteSize::b(buffer::JournalConfig::DEFAULT_MIN_FREE_DISK)
-}
-fn default_dedup_window() -> Duration {
-    Duration::from_secs(24 * 3600)
-}
-fn default_commit_window() -> Duration {
-    Duration::from_millis(50)
-}
-fn default_dedup_window_count() -> usize {
-    buffer::JournalConfig::DEFAULT_DEDUP_WINDOW_COUNT
 }
 fn default_batch_size() -> usize {
     256
@@ -176,63 +161,6 @@ fn default_ready_max_age() -> Duration {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawJournal {
-    #[serde(default = "default_max_bytes")]
-    max_bytes: ByteSize,
-    #[serde(default, with = "humantime_serde")]
-    ttl: Option<Duration>,
-    #[serde(default = "default_cache")]
-    cache: ByteSize,
-    #[serde(default = "default_min_free_disk")]
-    min_free_disk: ByteSize,
-    #[serde(default = "default_dedup_window", with = "humantime_serde")]
-    dedup_window: Duration,
-    #[serde(default = "default_dedup_window_count")]
-    dedup_window_count: usize,
-    #[serde(default = "default_commit_window", with = "humantime_serde")]
-    commit_window: Duration,
-    #[serde(default)]
-    telemetry_types: Vec<String>,
-    #[serde(default = "default_ledger_keep", with = "humantime_serde")]
-    ledger_keep: Duration,
-    #[serde(default = "default_ledger_max_bytes")]
-    ledger_max_bytes: ByteSize,
-    #[serde(default = "default_upgrade_grace", with = "humantime_serde")]
-    upgrade_grace: Duration,
-}
-
-fn default_upgrade_grace() -> Duration {
-    Duration::from_secs(24 * 3600)
-}
-
-fn default_ledger_max_bytes() -> ByteSize {
-    ByteSize::b(buffer::JournalConfig::DEFAULT_LEDGER_MAX_BYTES)
-}
-
-fn default_ledger_keep() -> Duration {
-    buffer::JournalConfig::DEFAULT_LEDGER_KEEP
-}
-
-impl Default for RawJournal {
-    fn default() -> Self {
-        Self {
-            max_bytes: default_max_bytes(),
-            ttl: None,
-            cache: default_cache(),
-            min_free_disk: default_min_free_disk(),
-            dedup_window: default_dedup_window(),
-            dedup_window_count: default_dedup_window_count(),
-            commit_window: default_commit_window(),
-            telemetry_types: Vec::new(),
-            ledger_keep: default_ledger_keep(),
-            ledger_max_bytes: default_ledger_max_bytes(),
-            upgrade_grace: default_upgrade_grace(),
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawForwarder {
     #[serde(default = "default_batch_size")]
     batch_size: usize,
@@ -300,34 +228,6 @@ struct RawSimulated {
     sinks: Option<Vec<String>>,
     #[serde(default)]
     attributes: BTreeMap<String, String>,
-}
-
-/// Journal settings after checking.
-#[derive(Clone, Debug)]
-pub struct JournalSettings {
-    /// Bound on stored bytes.
-    pub max_bytes: u64,
-    /// Time-to-live of pending events.
-    pub ttl: Option<Duration>,
-    /// sled cache bound.
-    pub cache_bytes: u64,
-    /// Free space kept on the journal's filesystem (0: no check).
-    pub min_free_disk: u64,
-    /// How long the ledger keeps delivered events for reports (0: off).
-    pub ledger_keep: Duration,
-    /// Bound on the ledger's bytes.
-    pub ledger_max_bytes: u64,
-    /// A format upgrade commits itself after the agent ran this long
-    /// (0: only `plant-edge journal commit-upgrade` commits it).
-    pub upgrade_grace: Duration,
-    /// Dedup window by age.
-    pub dedup_window: Duration,
-    /// Dedup window by count.
-    pub dedup_window_count: usize,
-    /// Counter polls within this share one commit (handshakes never wait).
-    pub commit_window: Duration,
-    /// Event types treated as telemetry.
-    pub telemetry_types: BTreeSet<String>,
 }
 
 /// Forwarder settings after checking.
@@ -815,70 +715,7 @@ fn check(file: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
             )
         })?),
     };
-    let j = &raw.journal;
-    if j.max_bytes.as_u64() < ByteSize::mib(1).as_u64() {
-        return Err(err(
-            "journal.max_bytes",
-            format!("at least 1MiB, found {}", j.max_bytes),
-        ));
-    }
-    if j.cache.as_u64() < ByteSize::mib(1).as_u64() || j.cache.as_u64() > ByteSize::gib(4).as_u64()
-    {
-        return Err(err(
-            "journal.cache",
-            format!("between 1MiB and 4GiB, found {}", j.cache),
-        ));
-    }
-    if let Some(ttl) = j.ttl {
-        if ttl < Duration::from_secs(60) {
-            return Err(err(
-                "journal.ttl",
-                "at least 1m (or leave it out for no expiry)".into(),
-            ));
-        }
-    }
-    if j.commit_window > Duration::from_secs(1) {
-        return Err(err(
-            "journal.commit_window",
-            "at most 1s (counter polls wait this long for their commit; 0s commits at once)".into(),
-        ));
-    }
-    if j.ledger_keep > Duration::from_secs(400 * 86_400) {
-        return Err(err(
-            "journal.ledger_keep",
-            "at most 400days (about 270 bytes of flash an event, kept that long), or \"0s\" for no ledger".into(),
-        ));
-    }
-    if j.upgrade_grace > Duration::from_secs(90 * 86_400) {
-        return Err(err(
-            "journal.upgrade_grace",
-            "at most 90days (the kept journal and the rollback spool grow until the upgrade is committed), or \"0s\" to commit only with plant-edge journal commit-upgrade".into(),
-        ));
-    }
-    if j.ledger_max_bytes.as_u64() < ByteSize::mib(1).as_u64() {
-        return Err(err(
-            "journal.ledger_max_bytes",
-            format!(
-                "at least 1MiB (or journal.ledger_keep = \"0s\" for no ledger), found {}",
-                j.ledger_max_bytes
-            ),
-        ));
-    }
-    if j.dedup_window_count == 0 || j.dedup_window_count > 10_000_000 {
-        return Err(err(
-            "journal.dedup_window_count",
-            "between 1 and 10000000".into(),
-        ));
-    }
-    for t in &j.telemetry_types {
-        if t == buffer::EventType::COMPLETION || t == buffer::EventType::SCRAP {
-            return Err(err(
-                "journal.telemetry_types",
-                format!("event types that may be dropped when full; {t} is a business event and is never dropped"),
-            ));
-        }
-    }
-
+    let journal = journal::settings(&raw.journal, &err)?;
     let f = &raw.forwarder;
     if f.batch_size == 0 || f.batch_size > 10_000 {
         return Err(err(
@@ -1045,19 +882,7 @@ fn check(file: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         worker_threads,
         metrics_listen,
         ready_max_backlog_age: raw.agent.ready_max_backlog_age,
-        journal: JournalSettings {
-            max_bytes: j.max_bytes.as_u64(),
-            ttl: j.ttl,
-            cache_bytes: j.cache.as_u64(),
-            min_free_disk: j.min_free_disk.as_u64(),
-            ledger_keep: j.ledger_keep,
-            ledger_max_bytes: j.ledger_max_bytes.as_u64(),
-            upgrade_grace: j.upgrade_grace,
-            dedup_window: j.dedup_window,
-            dedup_window_count: j.dedup_window_count,
-            commit_window: j.commit_window,
-            telemetry_types: j.telemetry_types.iter().cloned().collect(),
-        },
+        journal,
         forwarder: ForwarderSettings {
             batch_size: f.batch_size,
             retry_initial: f.retry_initial,
