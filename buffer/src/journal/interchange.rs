@@ -536,6 +536,7 @@ impl Journal {
         if let Some(next) = numbering_from {
             self.number_from(next)?;
         }
+        self.settle_cursors()?;
         Ok(counts)
     }
 
@@ -582,6 +583,76 @@ impl Journal {
             Self::put_dead_letter(&mut st, &mut batch, record)?;
             let counters = Self::counters_value(&st)?;
             batch.insert(layout::COUNTERS, counters);
+        }
+        self.inner.tree.apply_batch(batch)?;
+        self.sync()
+    }
+
+    /// Moves each sink's cursor over the sequences that hold nothing for
+    /// it (gaps, events routed elsewhere) up to its first pending event,
+    /// so that its backlog counts what it still has to send.
+    fn settle_cursors(&self) -> Result<(), JournalError> {
+        self.check_poisoned()?;
+        let _commit = self.commit_guard();
+        let (sinks, firsts, next) = {
+            let st = self.state();
+            let sinks: Vec<(usize, u8, u64)> = st
+                .sinks
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.done.is_empty())
+                .map(|(i, s)| (i, s.slot, s.cursor))
+                .collect();
+            let firsts: Vec<(u64, u64, bool)> = st
+                .chunks
+                .iter()
+                .map(|(first, meta)| (*first, meta.last, meta.dropped))
+                .collect();
+            (sinks, firsts, st.next_seq)
+        };
+        let mut moved = Vec::new();
+        for (index, slot, cursor) in sinks {
+            let mut settled = cursor;
+            'chunks: for &(first, last, dropped) in &firsts {
+                if last < settled {
+                    continue;
+                }
+                if dropped {
+                    settled = last + 1;
+                    continue;
+                }
+                let events = self.load_chunk(first)?.unwrap_or_default();
+                settled = settled.max(first);
+                for (offset, event) in events.iter().enumerate() {
+                    let seq = first + offset as u64;
+                    if seq < settled {
+                        continue;
+                    }
+                    if event.routes & (1u64 << slot) != 0 {
+                        break 'chunks;
+                    }
+                    settled = seq + 1;
+                }
+            }
+            if firsts.iter().all(|&(_, last, _)| last < settled) {
+                settled = next;
+            }
+            if settled > cursor {
+                moved.push((index, slot, settled));
+            }
+        }
+        if moved.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        {
+            let mut st = self.state();
+            for (index, slot, settled) in moved {
+                let sink = &mut st.sinks[index];
+                sink.cursor = settled;
+                sink.read_upto = sink.read_upto.max(settled);
+                batch.insert(&[layout::SINK_CURSOR, slot], &settled.to_be_bytes());
+            }
         }
         self.inner.tree.apply_batch(batch)?;
         self.sync()
