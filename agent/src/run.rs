@@ -175,10 +175,21 @@ impl RunningAgent {
                 let journal = journal.clone();
                 // The clock restarts with every start: an agent that keeps
                 // failing never commits, and a rollback stays possible.
+                let delivered_at_start = journal.counters().delivered;
                 tokio::spawn(async move {
                     tokio::time::sleep(grace).await;
-                    if journal.is_poisoned() {
-                        return;
+                    // Healthy: the journal writes, has room, and the new
+                    // version has delivered something (or owes nothing).
+                    // Until then the previous version stays one boot away.
+                    loop {
+                        let stats = journal.stats();
+                        let delivering = journal.counters().delivered > delivered_at_start
+                            || stats.pending_events == 0;
+                        if !journal.is_poisoned() && !stats.full && !stats.disk_low && delivering
+                        {
+                            break;
+                        }
+                        tokio::time::sleep(grace.min(Duration::from_secs(60))).await;
                     }
                     match journal.commit_upgrade() {
                         Ok(Some((marker, freed))) => tracing::info!(

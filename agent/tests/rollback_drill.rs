@@ -265,3 +265,54 @@ async fn upgrade_rollback_and_upgrade_again_lose_and_double_nothing() {
     assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
     assert_eq!(format_of(&journal), 2);
 }
+
+#[test]
+fn an_upgrade_commits_itself_after_its_grace_period_once_the_new_version_delivers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let journal = state.join("journal");
+    let text = format!(
+        "{}\n[journal]\nupgrade_grace = \"2s\"\n",
+        pipeline_config(&state, "50ms")
+    );
+    let file = write_config(dir.path(), &text);
+    let config = file.to_str().expect("utf8").to_owned();
+    let run = |newer: bool| {
+        let mut command = bin();
+        command
+            .args(["run", "-c", &config])
+            .stderr(std::process::Stdio::null());
+        if newer {
+            command.env(NEWER, "2");
+        } else {
+            command.env_remove(NEWER);
+        }
+        command.spawn().expect("spawn agent")
+    };
+    let stop = |child: std::process::Child| {
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+        let mut child = child;
+        assert_eq!(child.wait().expect("wait").code(), Some(0));
+    };
+    let child = run(false);
+    wait_for("archived events", Duration::from_secs(20), || {
+        archived_events(&state).len() >= 10
+    });
+    stop(child);
+
+    let child = run(true);
+    wait_for("the upgrade", Duration::from_secs(20), || {
+        journal.join("UPGRADE").exists() && state.join("journal.format-1").exists()
+    });
+    let archived = archived_events(&state).len();
+    // Not before its grace period.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(journal.join("UPGRADE").exists(), "committed before the grace period");
+    wait_for("the upgrade to commit itself", Duration::from_secs(30), || {
+        !journal.join("UPGRADE").exists()
+    });
+    assert_eq!(journal_dirs(&state), ["journal"], "the kept journal is gone");
+    assert!(archived_events(&state).len() > archived, "it delivered meanwhile");
+    stop(child);
+    assert_eq!(format_of(&journal), 2);
+}
