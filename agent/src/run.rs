@@ -185,8 +185,7 @@ impl RunningAgent {
                         let stats = journal.stats();
                         let delivering = journal.counters().delivered > delivered_at_start
                             || stats.pending_events == 0;
-                        if !journal.is_poisoned() && !stats.full && !stats.disk_low && delivering
-                        {
+                        if !journal.is_poisoned() && !stats.full && !stats.disk_low && delivering {
                             break;
                         }
                         tokio::time::sleep(grace.min(Duration::from_secs(60))).await;

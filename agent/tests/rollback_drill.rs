@@ -307,12 +307,24 @@ fn an_upgrade_commits_itself_after_its_grace_period_once_the_new_version_deliver
     let archived = archived_events(&state).len();
     // Not before its grace period.
     std::thread::sleep(Duration::from_millis(500));
-    assert!(journal.join("UPGRADE").exists(), "committed before the grace period");
-    wait_for("the upgrade to commit itself", Duration::from_secs(30), || {
-        !journal.join("UPGRADE").exists()
-    });
-    assert_eq!(journal_dirs(&state), ["journal"], "the kept journal is gone");
-    assert!(archived_events(&state).len() > archived, "it delivered meanwhile");
+    assert!(
+        journal.join("UPGRADE").exists(),
+        "committed before the grace period"
+    );
+    wait_for(
+        "the upgrade to commit itself",
+        Duration::from_secs(30),
+        || !journal.join("UPGRADE").exists(),
+    );
+    assert_eq!(
+        journal_dirs(&state),
+        ["journal"],
+        "the kept journal is gone"
+    );
+    assert!(
+        archived_events(&state).len() > archived,
+        "it delivered meanwhile"
+    );
     stop(child);
     assert_eq!(format_of(&journal), 2);
 }
