@@ -453,6 +453,11 @@ fn validate_names_the_signal_of_an_overlapping_or_out_of_range_modbus_map() {
             "sources.press.records[0].fields.at.format",
             "epoch ms",
         ),
+        (
+            source(&("counter_window = \"300ms\"\n".to_owned() + &counter("good", "holding:1", "u16"))),
+            "sources.press.counter_window",
+            "dividing a second",
+        ),
     ];
     for (i, (text, key, signal)) in cases.into_iter().enumerate() {
         let file = dir.path().join(format!("modbus-{i}.toml"));

@@ -36,6 +36,10 @@ endpoint = "tcp://127.0.0.1:{plc_port}"
 unit = 1
 poll_interval = "20ms"
 timeout = "500ms"
+# Every poll stored: the test pins down which period each part lands in
+# across kills (a counter window moves up to one window of parts into the
+# next period's bridged count when the agent is killed; none is lost).
+counter_window = "0s"
 line = "L1"
 machine = "press1"
 

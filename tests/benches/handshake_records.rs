@@ -116,6 +116,7 @@ async fn run(lines: u16, delay: Duration) -> (f64, f64) {
         poll_interval: Duration::from_millis(100),
         timeout: Duration::from_millis(500),
         max_gap: 8,
+        counter_window: std::time::Duration::ZERO,
         line: "L0".into(),
         machine: "plc".into(),
         counters: vec![],

@@ -89,6 +89,7 @@ fn base_config(plc: &Plc, line: u16) -> ModbusConfig {
         poll_interval: Duration::from_millis(100),
         timeout: Duration::from_millis(500),
         max_gap: 8,
+        counter_window: std::time::Duration::ZERO,
         line: format!("L{line}"),
         machine: format!("m{line}"),
         counters: vec![],

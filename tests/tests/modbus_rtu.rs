@@ -75,6 +75,7 @@ fn device(path: &str, unit: u8) -> ModbusConfig {
         poll_interval: Duration::from_millis(30),
         timeout: Duration::from_millis(300),
         max_gap: 8,
+        counter_window: std::time::Duration::ZERO,
         line: format!("L{unit}"),
         machine: format!("m{unit}"),
         counters: vec![CounterSpec {

@@ -49,6 +49,7 @@ fn device(
         poll_interval: Duration::from_millis(20),
         timeout: Duration::from_millis(500),
         max_gap: 8,
+        counter_window: std::time::Duration::ZERO,
         line: "L1".into(),
         machine: "press1".into(),
         counters,
@@ -204,6 +205,72 @@ async fn counter_increases_become_events_across_16_and_32_bit_wraps_and_resets()
         .as_str()
         .expect("endpoint")
         .starts_with("tcp://127.0.0.1:"));
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counter_polls_within_a_window_are_one_event_per_counter_with_both_readings() {
+    let plc = Plc::start().await;
+    plc.mem().holding.insert(0, 65_000);
+    let mut config = device(
+        plc.addr,
+        vec![counter(
+            "good",
+            EventType::completion(),
+            "holding:0",
+            Format::U16,
+        )],
+        vec![],
+    );
+    config.counter_window = Duration::from_millis(500);
+    let window_ms = 500u64;
+    let rig = start(config, None);
+    rig.counted_up_to("good", 65_000).await;
+    // 2.5 s of production, 7 parts every 10 ms: across the 16-bit top.
+    let mut raw: u64 = 65_000;
+    let mut made = 0u64;
+    let end = std::time::Instant::now() + Duration::from_millis(2500);
+    while std::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        raw = (raw + 7) % 65_536;
+        made += 7;
+        plc.mem().holding.insert(0, raw as u16);
+    }
+    rig.counted_up_to("good", raw).await;
+    let polls = rig.stats.polls.load(std::sync::atomic::Ordering::Relaxed);
+    let events: Vec<serde_json::Value> = rig
+        .events()
+        .into_iter()
+        .filter(|e| e["type"] == "production.completion")
+        .collect();
+    let counted: u64 = events
+        .iter()
+        .map(|e| e["data"]["quantity"].as_u64().expect("quantity"))
+        .sum();
+    assert_eq!(counted, made, "every part once");
+    // Each event covers consecutive readings: it starts where the last ended.
+    let mut previous = 65_000;
+    let mut windows = std::collections::BTreeSet::new();
+    for event in &events {
+        let counter = &event["data"]["counter"];
+        assert_eq!(counter["previous"].as_u64(), Some(previous), "{event}");
+        previous = counter["value"].as_u64().expect("value");
+        let time: humantime::Timestamp =
+            event["time"].as_str().expect("time").parse().expect("time");
+        let ms = std::time::SystemTime::from(time)
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_millis() as u64;
+        assert!(
+            windows.insert(ms / window_ms),
+            "two events in one window: {events:?}"
+        );
+    }
+    assert!(
+        (events.len() as u64) * 3 <= polls,
+        "{} events from {polls} polls: the polls of a window are one event",
+        events.len()
+    );
     rig.stop().await;
 }
 

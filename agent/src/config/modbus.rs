@@ -10,6 +10,10 @@ pub(super) fn default_max_gap() -> u16 {
     8
 }
 
+pub(super) fn default_counter_window() -> Duration {
+    Duration::from_secs(1)
+}
+
 pub(super) fn default_unit_id() -> u8 {
     1
 }
@@ -46,6 +50,8 @@ pub(super) struct RawModbus {
     timeout: Duration,
     #[serde(default = "default_max_gap")]
     max_gap: u16,
+    #[serde(default = "default_counter_window", with = "humantime_serde")]
+    counter_window: Duration,
     line: String,
     machine: String,
     #[serde(default = "default_word_order")]
@@ -319,6 +325,19 @@ pub(super) fn check_modbus(
     }
     if m.timeout.is_zero() || m.timeout > Duration::from_secs(60) {
         return Err(err("timeout".into(), "between 1ms and 60s".into()));
+    }
+    let window_ms = m.counter_window.as_millis();
+    if !m.counter_window.subsec_nanos().is_multiple_of(1_000_000)
+        || window_ms > 1000
+        || (window_ms > 0 && !1000u128.is_multiple_of(window_ms))
+    {
+        return Err(err(
+            "counter_window".into(),
+            format!(
+                "\"0s\" (every poll stored) or a whole number of milliseconds dividing a second (100ms, 200ms, 250ms, 500ms, 1s), found {}",
+                humantime::format_duration(m.counter_window)
+            ),
+        ));
     }
     order_of(&m.word_order, m.byte_swap).map_err(|e| err("word_order".into(), e))?;
     if m.counters.is_empty() && m.records.is_empty() && m.rings.is_empty() {
@@ -603,6 +622,7 @@ pub(super) fn check_modbus(
         poll_interval: m.poll_interval,
         timeout: m.timeout,
         max_gap: m.max_gap.min(64),
+        counter_window: m.counter_window,
         line: m.line,
         machine: m.machine,
         counters,

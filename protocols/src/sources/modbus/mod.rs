@@ -39,6 +39,7 @@
 
 mod device;
 mod handshake;
+mod held;
 pub mod map;
 mod ring;
 
@@ -46,6 +47,7 @@ pub use device::{Device, DeviceCounters};
 pub use ring::RingSpec;
 
 use handshake::drain_records;
+use held::{Held, HeldReading};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -190,6 +192,10 @@ pub struct ModbusConfig {
     /// Registers read in the same poll as the counters and stamped into
     /// their events: `work_order`, `material`, `lot`.
     pub context: Vec<FieldSpec>,
+    /// Counter polls within one window (aligned to the clock, dividing a
+    /// second) are stored as one event per counter at its end; zero
+    /// stores every poll. Records are never held.
+    pub counter_window: Duration,
 }
 
 /// What a Modbus source counts (shared with status output).
@@ -487,6 +493,8 @@ pub async fn run(ctx: SourceContext, config: ModbusConfig, stats: Arc<ModbusStat
     let mut resumed = true;
     // Record signals whose pending record this process acknowledged.
     let mut acked: BTreeMap<String, bool> = BTreeMap::new();
+    // Counter events of the current counter window, not yet stored.
+    let mut held: Option<Held> = None;
     let mut ticks = crate::schedule::Ticks::aligned(config.poll_interval, &stats.schedule);
     loop {
         tokio::select! {
@@ -494,6 +502,9 @@ pub async fn run(ctx: SourceContext, config: ModbusConfig, stats: Arc<ModbusStat
             _ = shutdown.changed() => {}
         }
         if *shutdown.borrow() {
+            // What the counter window holds is stored on the way out (not
+            // needed for counting: the PLC still has it).
+            let _ = store_held(&ctx, &config, &stats, &mut position, &mut held).await;
             return;
         }
         if tokio::time::Instant::now() < retry_at {
@@ -507,6 +518,7 @@ pub async fn run(ctx: SourceContext, config: ModbusConfig, stats: Arc<ModbusStat
             &stats,
             &mut position,
             &mut acked,
+            &mut held,
             Continuity { bridged, resumed },
         )
         .await;
@@ -560,6 +572,8 @@ struct Continuity {
     resumed: bool,
 }
 
+// One poll touches each of these; a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 async fn poll(
     device: &Device,
     ctx: &SourceContext,
@@ -567,6 +581,7 @@ async fn poll(
     stats: &ModbusStats,
     position: &mut Positioned<Position>,
     acked: &mut BTreeMap<String, bool>,
+    held: &mut Option<Held>,
     Continuity { bridged, resumed }: Continuity,
 ) -> Result<(), PollError> {
     let poll_started = tokio::time::Instant::now();
@@ -589,13 +604,23 @@ async fn poll(
             })
             .collect();
         let read_at = SystemTime::now();
+        let window = (!config.counter_window.is_zero())
+            .then(|| held::window_of(config.counter_window, read_at));
+        // A window that ended is stored before its period may close.
+        if held.as_ref().is_some_and(|h| Some(h.window) != window) {
+            store_held(ctx, config, stats, position, held).await?;
+        }
         // Closed at the reading's time: a reading is in the period its
         // time says, its events with it.
         close_periods(ctx, config, position, bridged || resumed, read_at).await?;
-        let states = &position.get().counters;
+        let states = held
+            .as_ref()
+            .map_or(&position.get().counters, |h| &h.counters)
+            .clone();
         let mut next_states = states.clone();
-        let mut periods = position.get().periods.clone();
-        let mut events = Vec::new();
+        let mut readings = Vec::new();
+        let mut events: Vec<(String, CloudEvent)> = Vec::new();
+        let mut measured = false;
         for spec in &config.counters {
             if matches!(spec.format, Format::F32 | Format::F64) {
                 match snapshot.value(spec.address, spec.format, spec.order) {
@@ -625,7 +650,10 @@ async fn poll(
                                     .insert("bridged_outage".into(), "true".into());
                             }
                             stamp_context(&mut event, &context);
-                            events.push(ctx.new_event(&event));
+                            // A measured counter's id is its reading: its
+                            // events are stored poll by poll.
+                            measured = true;
+                            events.push((spec.signal.clone(), event));
                         }
                     }
                     Ok(None) => {}
@@ -652,19 +680,17 @@ async fn poll(
             let previous = states.get(&spec.signal).copied();
             let observation = signal.rules.observe(previous, raw);
             next_states.insert(spec.signal.clone(), observation.next);
-            if let (Some(rule), true) = (
-                ctx.periods.as_deref().map(|c| &c.rule),
-                observation.step != Step::Unchanged,
-            ) {
-                periods.line(rule, &signal.line, read_at).add_reading(
-                    &spec.signal,
+            if ctx.periods.is_some() && observation.step != Step::Unchanged {
+                readings.push(HeldReading {
+                    line: signal.line.clone(),
+                    signal: spec.signal.clone(),
                     previous,
-                    observation.next,
-                    observation.delta,
-                    observation.step == Step::Reset,
-                    bridged || resumed,
-                    read_at,
-                );
+                    next: observation.next,
+                    delta: observation.delta,
+                    reset: observation.step == Step::Reset,
+                    across_gap: bridged || resumed,
+                    at: read_at,
+                });
             }
             let origin = Origin {
                 protocol: "modbus".into(),
@@ -686,43 +712,100 @@ async fn poll(
                         .insert("bridged_outage".into(), "true".into());
                 }
                 stamp_context(&mut event, &context);
-                let mut stored = ctx.new_event(&event);
-                if let Some(rule) = ctx.periods.as_deref().map(|c| &c.rule) {
-                    let tally = periods.line(rule, &event.data.line, read_at);
-                    tally.add_event(&event);
-                    if let Some(entry) = &mut stored.ledger {
-                        entry.at_ms = tally.period_ms(read_at);
-                    }
-                }
-                events.push(stored);
+                events.push((spec.signal.clone(), event));
             }
         }
-        if next_states != *states || periods != position.get().periods {
-            let count = events.len() as u64;
-            let next = Position {
-                counters: next_states,
-                records: position.get().records.clone(),
-                rings: position.get().rings.clone(),
-                periods,
-            };
-            const THEN: &str = "counting again next poll";
-            // Handshakes are looked at right after the counters: with
-            // records to drain, the poll does not wait out the commit window.
-            let stored = if config.records.is_empty() {
-                position.store_batched(ctx, events, next, THEN).await
-            } else {
-                position.store(ctx, events, next, THEN).await
+        if next_states != states || !readings.is_empty() {
+            let context: BTreeMap<String, String> = context
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect();
+            // After an outage or a restart, and for measured counters, the
+            // poll is stored as it is, after what is held.
+            let hold_in = window.filter(|_| !bridged && !resumed && !measured);
+            if !held
+                .as_ref()
+                .is_some_and(|h| hold_in.is_some_and(|w| h.accepts(w, &context, &events)))
+            {
+                store_held(ctx, config, stats, position, held).await?;
             }
-            .map_err(|Closed| PollError::Stopped)?;
-            if stored.is_some() {
-                stats.events.fetch_add(count, Ordering::Relaxed);
-                ctx.read
-                    .periods_stored(&ctx.name, &position.get().periods, &[]);
+            let poll = held.get_or_insert_with(|| Held::new(hold_in.unwrap_or(0), context));
+            poll.counters = next_states;
+            poll.readings.extend(readings);
+            for (signal, event) in events {
+                poll.add(signal, event, read_at);
+            }
+            if hold_in.is_none() {
+                store_held(ctx, config, stats, position, held).await?;
             }
         }
     }
     drain_records(device, ctx, config, stats, position, acked, poll_started).await?;
     ring::drain_rings(device, ctx, config, stats, position, poll_started).await
+}
+
+/// Stores what is held (one event per counter for the polls it covers)
+/// with the position it brings the counters to; the records' and rings'
+/// parts of the position are the stored ones. Not stored (the journal is
+/// full): dropped, and the next poll counts again from the stored position.
+async fn store_held(
+    ctx: &SourceContext,
+    config: &ModbusConfig,
+    stats: &ModbusStats,
+    position: &mut Positioned<Position>,
+    held: &mut Option<Held>,
+) -> Result<(), PollError> {
+    let Some(held) = held.take() else {
+        return Ok(());
+    };
+    let mut periods = position.get().periods.clone();
+    let mut events = Vec::with_capacity(held.events.len());
+    if let Some(rule) = ctx.periods.as_deref().map(|c| &c.rule) {
+        for r in &held.readings {
+            periods.line(rule, &r.line, r.at).add_reading(
+                &r.signal,
+                r.previous,
+                r.next,
+                r.delta,
+                r.reset,
+                r.across_gap,
+                r.at,
+            );
+        }
+    }
+    for (_, event, at) in &held.events {
+        let mut stored = ctx.new_event(event);
+        if let Some(rule) = ctx.periods.as_deref().map(|c| &c.rule) {
+            let tally = periods.line(rule, &event.data.line, *at);
+            tally.add_event(event);
+            if let Some(entry) = &mut stored.ledger {
+                entry.at_ms = tally.period_ms(*at);
+            }
+        }
+        events.push(stored);
+    }
+    let count = events.len() as u64;
+    let next = Position {
+        counters: held.counters,
+        records: position.get().records.clone(),
+        rings: position.get().rings.clone(),
+        periods,
+    };
+    const THEN: &str = "counting again next poll";
+    // Handshakes are looked at right after the counters: with records to
+    // drain, the poll does not wait out the commit window.
+    let stored = if config.records.is_empty() {
+        position.store_batched(ctx, events, next, THEN).await
+    } else {
+        position.store(ctx, events, next, THEN).await
+    }
+    .map_err(|Closed| PollError::Stopped)?;
+    if stored.is_some() {
+        stats.events.fetch_add(count, Ordering::Relaxed);
+        ctx.read
+            .periods_stored(&ctx.name, &position.get().periods, &[]);
+    }
+    Ok(())
 }
 
 /// Closes the periods that ended with one checkpoint event per line,
