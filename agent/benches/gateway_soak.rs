@@ -11,7 +11,8 @@
 //! `PLANT_EDGE_BENCH_SAMPLE` seconds between samples, default 60;
 //! `PLANT_EDGE_BENCH_ONE_CORE=1` pins the agent to core 0 with
 //! `agent.worker_threads = 1`; `PLANT_EDGE_BENCH_JOURNAL` adds lines to
-//! `[journal]`, e.g. `cache = "4MiB"`.)
+//! `[journal]`, e.g. `cache = "4MiB"`; `PLANT_EDGE_BENCH_COUNTER_WINDOW`
+//! each source's `counter_window`, default `1s`, `0s` stores every poll.)
 
 // Bench harness entry points are not public API.
 #![allow(missing_docs)]
@@ -100,10 +101,13 @@ fn main() {
             std::env::var("PLANT_EDGE_BENCH_JOURNAL").unwrap_or_default(),
             broker.port,
         );
+        let counter_window =
+            std::env::var("PLANT_EDGE_BENCH_COUNTER_WINDOW").unwrap_or_else(|_| "1s".into());
         for (line, plc) in plcs.iter().enumerate() {
             write!(
                 config,
                 "[sources.line{line}]\nkind = \"modbus\"\nendpoint = \"tcp://{}\"\npoll_interval = \"100ms\"\ntimeout = \"500ms\"\n\
+                 counter_window = \"{counter_window}\"\n\
                  line = \"L{line}\"\nmachine = \"press{line}\"\nattributes = {{ cost_center = \"CC-{}\", work_center = \"WC-PRESS-{line:02}\" }}\n\
                  [[sources.line{line}.counters]]\nsignal = \"good\"\ntype = \"production.completion\"\naddress = \"holding:0\"\n\
                  [[sources.line{line}.counters]]\nsignal = \"scrap\"\ntype = \"production.scrap\"\naddress = \"holding:1\"\n",
