@@ -65,8 +65,16 @@ pub(super) fn check(
             ))
         }
         (true, Some(every)) => {
-            if every < Duration::from_secs(1) || every > Duration::from_secs(7 * 86_400) {
-                return Err(err("every", "a period between 1s and 7days".into()));
+            // Whole seconds: a counter window (which divides a second)
+            // then never spans a period's end.
+            if every < Duration::from_secs(1)
+                || every > Duration::from_secs(7 * 86_400)
+                || every.subsec_nanos() != 0
+            {
+                return Err(err(
+                    "every",
+                    "a whole number of seconds between 1s and 7days".into(),
+                ));
             }
             PeriodRule::Every(every)
         }
@@ -170,6 +178,7 @@ url = "https://cloud.example.com/events"
                 "checkpoints.time_zone",
             ),
             ("every = \"0s\"", "checkpoints.every"),
+            ("every = \"1500ms\"", "checkpoints.every"),
             ("", "checkpoints.shifts"),
         ] {
             let e = parse(&format!("{MINIMAL}\n[checkpoints]\n{table}\n")).expect_err(table);
