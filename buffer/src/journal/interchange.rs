@@ -22,7 +22,7 @@
 //!   newer one writes (the rollback spool relies on it), and a record kind
 //!   it does not know is an error, not skipped.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, Write};
 
 use base64::Engine as _;
@@ -401,6 +401,10 @@ impl Journal {
         let mut number = 0u64;
         let mut header_seen = false;
         let mut numbering_from = None;
+        // Written once, after every event: a rollback spool holds one
+        // position per commit, and a position stored after its events is
+        // the safe order (a crash in between re-reads, same ids).
+        let mut positions: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         loop {
             line.clear();
             let read = input
@@ -514,8 +518,7 @@ impl Journal {
                     let record: PositionRecord = serde_json::from_str(text).map_err(|e| bad(&e))?;
                     let plain = bytes_of(record.state, record.state_base64.as_deref(), "state")
                         .map_err(|e| bad(&e))?;
-                    self.import_events(std::mem::take(&mut pending), &mut counts)?;
-                    self.store_position(&record.source, &plain)?;
+                    positions.insert(record.source, plain);
                     counts.positions += 1;
                 }
                 "end" => {
@@ -530,6 +533,7 @@ impl Journal {
             }
         }
         self.import_events(pending, &mut counts)?;
+        self.store_positions(&positions)?;
         if !header_seen {
             return Err(failed("empty file: no header record"));
         }
@@ -678,14 +682,21 @@ impl Journal {
         Ok(())
     }
 
-    /// Replaces a source's stored position, durably.
-    fn store_position(&self, source: &str, plain: &[u8]) -> Result<(), JournalError> {
+    /// Replaces the sources' stored positions, durably, in one batch.
+    fn store_positions(&self, positions: &BTreeMap<String, Vec<u8>>) -> Result<(), JournalError> {
+        if positions.is_empty() {
+            return Ok(());
+        }
         self.check_poisoned()?;
         let _commit = self.commit_guard();
-        self.inner.tree.insert(
-            layout::named_key(layout::SOURCE_CURSOR, source),
-            layout::encode_cursor(plain),
-        )?;
+        let mut batch = sled::Batch::default();
+        for (source, plain) in positions {
+            batch.insert(
+                layout::named_key(layout::SOURCE_CURSOR, source),
+                layout::encode_cursor(plain),
+            );
+        }
+        self.inner.tree.apply_batch(batch)?;
         self.sync()
     }
 }
