@@ -6,7 +6,6 @@
 //! stops a restart loop on a bad config.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -34,6 +33,8 @@ use protocols::NodeId;
 use serde::Deserialize;
 
 mod checkpoints;
+mod error;
+mod files;
 mod https;
 mod journal;
 mod modbus;
@@ -41,6 +42,9 @@ mod mqtt;
 mod opcua;
 mod signals;
 
+pub use error::ConfigError;
+use error::{keyed, line_of, toml_error};
+use files::*;
 use https::*;
 use modbus::*;
 use mqtt::*;
@@ -49,31 +53,6 @@ use signals::*;
 
 /// The commented default configuration (`plant-edge print-config`).
 pub const DEFAULT_CONFIG: &str = include_str!("../../../packaging/plant-edge.toml");
-
-/// A configuration problem: which file, which key, what was expected.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    /// The config file.
-    pub file: PathBuf,
-    /// Dotted key path (`journal.max_bytes`), or `-` for the whole file.
-    pub key: String,
-    /// What the key should hold, or what went wrong.
-    pub expected: String,
-    /// 1-based line, when known.
-    pub line: Option<usize>,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.line {
-            Some(line) => write!(f, "{}:{}: ", self.file.display(), line)?,
-            None => write!(f, "{}: ", self.file.display())?,
-        }
-        write!(f, "key `{}`: {}", self.key, self.expected)
-    }
-}
-
-impl std::error::Error for ConfigError {}
 
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/plant-edge")
@@ -363,291 +342,12 @@ impl Config {
     }
 }
 
-/// The line (1-based) that sets `key` (dotted, `name[n]` for the n-th of
-/// an array of tables) in TOML `text`, or the nearest table or inline
-/// table above it; `None` when nothing of the key is in the text (a
-/// default).
-fn line_of(text: &str, key: &str) -> Option<usize> {
-    let wanted: Vec<&str> = key.split('.').collect();
-    let mut table: Vec<String> = Vec::new();
-    // Arrays of tables seen so far, by their path: how many entries.
-    let mut arrays: BTreeMap<String, usize> = BTreeMap::new();
-    let mut best: Option<(usize, usize)> = None;
-    for (i, line) in text.lines().enumerate() {
-        let t = line.trim();
-        if t.starts_with('#') || t.is_empty() {
-            continue;
-        }
-        let path: Vec<String> = if let Some(header) = t.strip_prefix("[[") {
-            let name = header.split("]]").next().unwrap_or("").trim();
-            let mut parts = resolve_arrays(name, &arrays);
-            let full = name.to_owned();
-            let index = arrays.get(&full).copied().unwrap_or(0);
-            arrays.insert(full, index + 1);
-            if let Some(last) = parts.last_mut() {
-                *last = format!("{last}[{index}]");
-            }
-            table = parts.clone();
-            parts
-        } else if let Some(header) = t.strip_prefix('[') {
-            let name = header.split(']').next().unwrap_or("").trim();
-            table = resolve_arrays(name, &arrays);
-            table.clone()
-        } else if let Some((name, _)) = t.split_once('=') {
-            let mut path = table.clone();
-            path.extend(
-                name.trim()
-                    .split('.')
-                    .map(|p| p.trim().trim_matches('"').to_owned()),
-            );
-            path
-        } else {
-            continue;
-        };
-        // `records = [...]` (an inline array) holds `records[0]`.
-        let matched = path
-            .iter()
-            .zip(&wanted)
-            .take_while(|(have, want)| {
-                want.strip_prefix(have.as_str())
-                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('['))
-            })
-            .count();
-        // Only a line on the key's own path counts (not a sibling that
-        // shares its table), and the deepest one wins.
-        if matched == path.len() && matched > 0 && best.is_none_or(|(depth, _)| matched > depth) {
-            best = Some((matched, i + 1));
-        }
-    }
-    best.map(|(_, line)| line)
-}
-
-/// `sources.mes1.records` inside the current entry of an array of tables
-/// above it (`sources.mes1` is not one; `x.items` in `[[x.items]]` is).
-fn resolve_arrays(name: &str, arrays: &BTreeMap<String, usize>) -> Vec<String> {
-    let parts: Vec<&str> = name.split('.').map(str::trim).collect();
-    let mut resolved = Vec::with_capacity(parts.len());
-    for (i, part) in parts.iter().enumerate() {
-        let prefix = parts[..=i].join(".");
-        match arrays.get(&prefix) {
-            // Not the header's own last part: that one is indexed by the caller.
-            Some(count) if i + 1 < parts.len() => {
-                resolved.push(format!("{part}[{}]", count.saturating_sub(1)))
-            }
-            _ => resolved.push((*part).to_owned()),
-        }
-    }
-    resolved
-}
-
-/// Turns a TOML/serde error into file, dotted key, line and message.
-fn toml_error(file: &Path, text: &str, error: &toml::de::Error) -> ConfigError {
-    let message = error.message().trim().to_owned();
-    let Some(span) = error.span() else {
-        return ConfigError {
-            file: file.to_owned(),
-            key: "-".into(),
-            expected: message,
-            line: None,
-        };
-    };
-    let before = &text[..span.start.min(text.len())];
-    let line_no = before.matches('\n').count() + 1;
-    let mut table = String::new();
-    for line in before.lines() {
-        let t = line.trim();
-        if t.starts_with('[') {
-            table = t.trim_matches(|c| c == '[' || c == ']').trim().to_owned();
-        }
-    }
-    let current = text.lines().nth(line_no - 1).unwrap_or("").trim();
-    if current.starts_with('[') {
-        // Errors inside a tagged table (a sink's or source's kind) point at
-        // its header: that header is the table the field belongs to.
-        table = current
-            .trim_matches(|c| c == '[' || c == ']')
-            .trim()
-            .to_owned();
-    }
-    let mut key = if current.starts_with('[') {
-        table.clone()
-    } else {
-        let name = current.split('=').next().unwrap_or("").trim();
-        match (table.is_empty(), name.is_empty()) {
-            (_, true) => table.clone(),
-            (true, false) => name.to_owned(),
-            (false, false) => format!("{table}.{name}"),
-        }
-    };
-    // serde names the offending field itself for unknown and missing ones.
-    if let Some(field) = message
-        .strip_prefix("unknown field `")
-        .and_then(|rest| rest.split('`').next())
-    {
-        if !key.ends_with(field) {
-            key = if table.is_empty() {
-                field.to_owned()
-            } else {
-                format!("{table}.{field}")
-            };
-        }
-    }
-    if let Some(field) = message
-        .strip_prefix("missing field `")
-        .and_then(|rest| rest.split('`').next())
-    {
-        key = if key.is_empty() {
-            field.to_owned()
-        } else {
-            format!("{key}.{field}")
-        };
-    }
-    if key.is_empty() {
-        key = "-".into();
-    }
-    ConfigError {
-        file: file.to_owned(),
-        key,
-        expected: message,
-        line: Some(line_no),
-    }
-}
-
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-}
-
-/// Whether `dir` (or, if absent, its nearest existing ancestor) accepts a
-/// new file. Probes with a real file: permission bits do not tell the whole
-/// truth (read-only mounts, ACLs, systemd's ProtectSystem).
-fn writable(dir: &Path) -> Result<(), String> {
-    let mut probe_dir = dir;
-    while !probe_dir.exists() {
-        match probe_dir.parent() {
-            Some(parent) if !parent.as_os_str().is_empty() => probe_dir = parent,
-            _ => return Ok(()),
-        }
-    }
-    if !probe_dir.is_dir() {
-        return Err(format!("{} is not a directory", probe_dir.display()));
-    }
-    let probe = probe_dir.join(format!(".plant-edge-probe-{}", std::process::id()));
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&probe)
-    {
-        Ok(_) => {
-            let _ = std::fs::remove_file(&probe);
-            Ok(())
-        }
-        Err(e) => Err(format!("{} is not writable: {e}", probe_dir.display())),
-    }
-}
-
-fn is_loopback(host: &str) -> bool {
-    host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
-fn readable_file(path: &Path) -> Result<(), String> {
-    std::fs::File::open(path)
-        .map(|_| ())
-        .map_err(|e| format!("{}: {e}", path.display()))
-}
-
-thread_local! {
-    /// Set while a command that never logs in anywhere (`status`,
-    /// `journal`) loads the configuration: it must work without access to
-    /// the secrets (they are root-only, and not there outside the unit).
-    static SKIP_SECRETS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Where a secret named by a relative path is looked for, in order: the
-/// path itself (relative to the working directory), the unit's
-/// `$CREDENTIALS_DIRECTORY`, then `credentials/` beside the configuration
-/// file (`/etc/plant-edge/credentials/`, where `LoadCredential=` takes them
-/// from), so `validate` by hand finds what the unit will get.
-fn secret_candidates(config_file: &Path, path: &Path) -> Vec<PathBuf> {
-    let mut out = vec![path.to_owned()];
-    if path.is_relative() {
-        if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
-            out.push(PathBuf::from(dir).join(path));
-        }
-        let beside = config_file
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join("credentials")
-            .join(path);
-        out.push(beside);
-    }
-    out
-}
-
-/// Reads a secret (a file, a systemd credential, or one in `credentials/`
-/// beside the config; see [`secret_candidates`]); trailing newlines are not
-/// part of it.
-fn read_secret(config_file: &Path, path: &Path) -> Result<String, String> {
-    if SKIP_SECRETS.with(|s| s.get()) {
-        return Ok(String::new());
-    }
-    let candidates = secret_candidates(config_file, path);
-    let Some(found) = candidates.iter().find(|c| c.exists()) else {
-        let tried: Vec<String> = candidates.iter().map(|c| c.display().to_string()).collect();
-        return Err(format!("not found; looked in {}", tried.join(", ")));
-    };
-    std::fs::read_to_string(found)
-        .map(|s| s.trim_end_matches(['\n', '\r']).to_owned())
-        .map_err(|e| format!("{}: {e}", found.display()))
-}
-
-/// CA file, client certificate and key: readable, and cert and key together.
-fn check_tls_files(
-    ca_file: &Option<PathBuf>,
-    client_cert: &Option<PathBuf>,
-    client_key: &Option<PathBuf>,
-) -> Result<(), (&'static str, String)> {
-    if client_cert.is_some() != client_key.is_some() {
-        return Err((
-            "client_key",
-            "set together with client_cert (mutual TLS needs both)".into(),
-        ));
-    }
-    for (sub, path) in [
-        ("ca_file", ca_file),
-        ("client_cert", client_cert),
-        ("client_key", client_key),
-    ] {
-        if let Some(path) = path {
-            readable_file(path).map_err(|why| (sub, format!("a readable PEM file ({why})")))?;
-        }
-    }
-    Ok(())
-}
-
-/// Errors for the keys of one table: `keyed(file, "sources.mes1")`
-/// makes `err("endpoint", ...)` name `sources.mes1.endpoint` (an empty
-/// table: the key as given). The line is found later, from the text.
-fn keyed<'a, K: fmt::Display>(
-    file: &'a Path,
-    table: &'a str,
-) -> impl Fn(K, String) -> ConfigError + 'a {
-    move |sub, expected| ConfigError {
-        file: file.to_owned(),
-        key: if table.is_empty() {
-            sub.to_string()
-        } else {
-            format!("{table}.{sub}")
-        },
-        expected,
-        line: None,
-    }
 }
 
 fn check_routes(
