@@ -2,7 +2,8 @@
 //! (one simulated PLC each, a completion counter rising by 2 every 100 ms,
 //! a scrap counter by 1 every 2 s: about 20 parts/s per line), polled every
 //! 100 ms, forwarding to a local Mosquitto at QoS 1, for half an hour.
-//! Every sample prints the agent's RSS, CPU over the interval, bytes it
+//! Every sample prints the agent's RSS (and of it the heap, the rest
+//! being pages of the binary and libraries), CPU over the interval, bytes it
 //! wrote to storage per event (`write_bytes` of /proc/<pid>/io), the
 //! journal's size on disk, the dedup window's memory and the backlog.
 //!
@@ -41,7 +42,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use plant_edge_tests::measure::{
-    cpu_seconds_of, peak_rss_mib_of, rss_mib_of, storage_bytes_written_of,
+    anonymous_mib_of, cpu_seconds_of, peak_rss_mib_of, rss_mib_of, storage_bytes_written_of,
 };
 use plant_edge_tests::mosquitto::{Broker, BrokerOptions};
 use plant_edge_tests::plc::Plc;
@@ -201,6 +202,7 @@ fn watch_broker(
 /// One contender's figures over its run.
 struct Summary {
     rss_end: f64,
+    heap_end: f64,
     rss_peak: f64,
     cpu_median: f64,
     flash_kib_per_s: f64,
@@ -231,7 +233,7 @@ async fn observe(
     );
     let (mut cpu_before, mut written_before, mut events_before) =
         (cpu_seconds_of(pid), first_written, first_events);
-    println!("  minute |  RSS MiB | CPU % | events/s | bytes written/event | journal MB | dedup MiB | backlog");
+    println!("  minute |  RSS MiB | of it heap | CPU % | events/s | bytes written/event | journal MB | dedup MiB | backlog");
     let (mut rss_samples, mut cpu_samples) = (Vec::new(), Vec::new());
     while started.elapsed().as_secs() < seconds {
         tokio::time::sleep(Duration::from_secs(sample)).await;
@@ -256,8 +258,9 @@ async fn observe(
             None => format!("{:>10} | {:>9} | {:>7}", "-", "-", "-"),
         };
         println!(
-            "  {:6.1} | {rss:8.1} | {cpu_pct:5.1} | {:8.0} | {:18.0} | {journal}",
+            "  {:6.1} | {rss:8.1} | {:10.1} | {cpu_pct:5.1} | {:8.0} | {:18.0} | {journal}",
             started.elapsed().as_secs_f64() / 60.0,
+            anonymous_mib_of(pid),
             new_events / sample as f64,
             (written - written_before) as f64 / new_events.max(1.0),
         );
@@ -270,6 +273,7 @@ async fn observe(
     latencies.sort_by(f64::total_cmp);
     Summary {
         rss_end: rss_samples.last().copied().unwrap_or(f64::NAN),
+        heap_end: anonymous_mib_of(pid),
         rss_peak: peak_rss_mib_of(pid),
         cpu_median: median(cpu_samples),
         flash_kib_per_s: (storage_bytes_written_of(pid) - first_written) as f64 / 1024.0 / elapsed,
@@ -484,8 +488,9 @@ fn main() {
         .await;
         let text = metrics(metrics_port);
         println!(
-            "end: RSS {:.1} MiB (peak {:.1} MiB), median CPU {:.1} % of one core, {} events appended, {} delivered",
+            "end: RSS {:.1} MiB (heap {:.1}, peak {:.1} MiB), median CPU {:.1} % of one core, {} events appended, {} delivered",
             ours.rss_end,
+            ours.heap_end,
             ours.rss_peak,
             ours.cpu_median,
             metric(&text, "plant_edge_journal_appended_total"),
@@ -519,6 +524,7 @@ fn main() {
             for (figure, a, b) in [
                 ("CPU of one core, median %", ours.cpu_median, theirs.cpu_median),
                 ("RSS at the end, MiB", ours.rss_end, theirs.rss_end),
+                ("of it heap (anonymous), MiB", ours.heap_end, theirs.heap_end),
                 ("peak RSS, MiB", ours.rss_peak, theirs.rss_peak),
                 ("written to storage, KiB/s", ours.flash_kib_per_s, theirs.flash_kib_per_s),
                 ("events delivered/s", ours.events_per_s, theirs.events_per_s),

@@ -145,6 +145,19 @@ pub mod measure {
         status_mib(&pid.to_string(), "VmRSS:")
     }
 
+    /// Private anonymous memory (heap, stacks) of another process, MiB:
+    /// the part of RSS that is not pages of files (the binary, libraries),
+    /// which the kernel can drop and read again.
+    pub fn anonymous_mib_of(pid: u32) -> f64 {
+        std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("Anonymous:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+            .unwrap_or(f64::NAN)
+    }
+
     /// User + system CPU seconds of this process.
     pub fn cpu_seconds() -> f64 {
         stat_ticks("self") as f64 / 100.0
