@@ -49,6 +49,21 @@ port = {broker_port}
     )
 }
 
+/// Starts `run` on `config`, as the newer build (journal format 2) or as
+/// this one.
+fn spawn_agent(config: &str, newer: bool) -> std::process::Child {
+    let mut command = bin();
+    command
+        .args(["run", "-c", config])
+        .stderr(std::process::Stdio::null());
+    if newer {
+        command.env(NEWER, "2");
+    } else {
+        command.env_remove(NEWER);
+    }
+    command.spawn().expect("spawn agent")
+}
+
 fn format_of(journal: &Path) -> u32 {
     buffer::journal::format::read(journal)
         .expect("stamp readable")
@@ -88,18 +103,7 @@ async fn upgrade_rollback_and_upgrade_again_lose_and_double_nothing() {
     broker.stop();
     let file = write_config(dir.path(), &config(&state, plc.addr.port(), broker.port));
     let config = file.to_str().expect("utf8").to_owned();
-    let spawn = |newer: bool| {
-        let mut command = bin();
-        command
-            .args(["run", "-c", &config])
-            .stderr(std::process::Stdio::null());
-        if newer {
-            command.env(NEWER, "2");
-        } else {
-            command.env_remove(NEWER);
-        }
-        command.spawn().expect("spawn agent")
-    };
+    let spawn = |newer: bool| spawn_agent(&config, newer);
     /// Runs with the line producing, then holds the PLC's records back so
     /// that the kill finds records waiting for their handshake.
     async fn run_then_kill(mut child: std::process::Child, plc: &Plc, line: &Line) {
@@ -277,18 +281,7 @@ fn an_upgrade_commits_itself_after_its_grace_period_once_the_new_version_deliver
     );
     let file = write_config(dir.path(), &text);
     let config = file.to_str().expect("utf8").to_owned();
-    let run = |newer: bool| {
-        let mut command = bin();
-        command
-            .args(["run", "-c", &config])
-            .stderr(std::process::Stdio::null());
-        if newer {
-            command.env(NEWER, "2");
-        } else {
-            command.env_remove(NEWER);
-        }
-        command.spawn().expect("spawn agent")
-    };
+    let run = |newer: bool| spawn_agent(&config, newer);
     let stop = |child: std::process::Child| {
         kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
         let mut child = child;
