@@ -59,6 +59,11 @@ pub struct ForwarderStatus {
 /// Reason kinds kept apart in [`ForwarderStatus::rejected_reasons`].
 pub const MAX_REASONS: usize = 16;
 
+/// How long a delivery in flight when the agent stops may still finish.
+/// Without a bound, an MQTT sink waiting for a broker that is down held
+/// every stop for its 5 s connection patience.
+const STOP_GRACE: Duration = Duration::from_secs(1);
+
 impl Default for ForwarderStatus {
     fn default() -> Self {
         Self {
@@ -205,6 +210,13 @@ impl Drop for Lease<'_> {
     }
 }
 
+/// Returns once the agent is stopping.
+async fn stopping(stop: &mut watch::Receiver<bool>) {
+    // The borrow `wait_for` returns is not Send: dropped here, not held
+    // across the caller's awaits.
+    let _ = stop.wait_for(|stopping| *stopping).await;
+}
+
 /// How a batch ended.
 enum Finished {
     /// Every event delivered or dead-lettered (or the journal must be read
@@ -237,7 +249,25 @@ async fn deliver_batch(
     let mut first_round = true;
     let mut pending_after: Option<Duration> = None;
     loop {
-        let verdicts = sink.deliver(&owed).await;
+        let verdicts = {
+            let delivering = sink.deliver(&owed);
+            tokio::pin!(delivering);
+            tokio::select! {
+                verdicts = &mut delivering => verdicts,
+                _ = stopping(stop) => {
+                    // A delivery that answers within the grace is recorded
+                    // (a request the ERP took is not sent again at the next
+                    // start); one waiting for a broker that is down, or a
+                    // slow endpoint, is dropped: its events stay in the
+                    // journal and go again with the same ids, as after a
+                    // crash.
+                    match tokio::time::timeout(STOP_GRACE, &mut delivering).await {
+                        Ok(verdicts) => verdicts,
+                        Err(_) => return Finished::Stopped,
+                    }
+                }
+            }
+        };
         let (mut n_pending, mut n_overdue, mut oldest, mut pending_state) =
             (0u64, 0u64, None::<std::time::SystemTime>, None::<String>);
         let mut delivered = Vec::new();
@@ -395,6 +425,9 @@ async fn deliver_batch(
                 _ => Finished::Done,
             };
         }
+        if *stop.borrow() {
+            return Finished::Stopped;
+        }
         let wait = backoff(settings, attempt - 1, peer_delay);
         if !hold_seen {
             tracing::debug!(sink = %sink_name, events = retry.len(), attempt, wait_ms = wait.as_millis() as u64, reason = %reason, "delivery failed; retrying");
@@ -429,6 +462,91 @@ mod tests {
                 })
                 .collect()
         }
+    }
+
+    /// A sink that answers every event delivered after `answer_after`
+    /// (never, with `None`: a broker that is down), counting calls.
+    struct Slow {
+        answer_after: Option<Duration>,
+        calls: Arc<Mutex<u32>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Sink for Slow {
+        async fn deliver(&mut self, batch: &[PendingEvent]) -> Vec<Verdict> {
+            *self.calls.lock().expect("calls") += 1;
+            match self.answer_after {
+                Some(after) => tokio::time::sleep(after).await,
+                None => std::future::pending::<()>().await,
+            }
+            batch.iter().map(|_| Verdict::Delivered).collect()
+        }
+    }
+
+    /// Runs a forwarder on 5 events into `sink`, stops it once the sink
+    /// has the batch, and returns the journal after the forwarder ended.
+    async fn stop_during_delivery(
+        dir: &std::path::Path,
+        answer_after: Option<Duration>,
+    ) -> Journal {
+        let journal = journal_with_events(dir, 5);
+        let calls = Arc::new(Mutex::new(0));
+        let sink = Slow {
+            answer_after,
+            calls: calls.clone(),
+        };
+        let (stop_tx, stop) = watch::channel(false);
+        let task = tokio::spawn(run(
+            journal.clone(),
+            "erp".into(),
+            Box::new(sink),
+            ForwarderSettings {
+                batch_size: 10,
+                retry_initial: Duration::from_millis(1),
+                retry_max: Duration::from_millis(5),
+                max_attempts: None,
+            },
+            stop,
+            Arc::default(),
+        ));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while *calls.lock().expect("calls") == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the sink never got the batch"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let _ = stop_tx.send(true);
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("the forwarder stops while its sink waits")
+            .expect("forwarder");
+        journal
+    }
+
+    #[tokio::test]
+    async fn a_stop_does_not_wait_for_a_delivery_that_never_answers_and_keeps_its_events() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let journal = stop_during_delivery(dir.path(), None).await;
+        assert_eq!(journal.backlog("erp").expect("backlog"), 5);
+        assert!(journal.dead_letters().expect("dead").is_empty());
+        assert_eq!(
+            journal.read_batch("erp", 10).expect("read").len(),
+            5,
+            "handed out again"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_delivery_answering_within_the_grace_is_recorded_at_a_stop() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let journal = stop_during_delivery(dir.path(), Some(Duration::from_millis(100))).await;
+        assert_eq!(
+            journal.backlog("erp").expect("backlog"),
+            0,
+            "what the endpoint took is not sent again at the next start"
+        );
     }
 
     fn journal_with_events(dir: &std::path::Path, n: u64) -> Journal {
