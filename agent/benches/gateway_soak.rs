@@ -14,6 +14,7 @@
 //! `agent.worker_threads = 1`; `PLANT_EDGE_BENCH_JOURNAL` adds lines to
 //! `[journal]`, e.g. `cache = "4MiB"`; `PLANT_EDGE_BENCH_COUNTER_WINDOW`
 //! each source's `counter_window`, default `1s`, `0s` stores every poll;
+//! `PLANT_EDGE_BENCH_AGENT` another agent binary, to compare builds;
 //! `PLANT_EDGE_BENCH_NODE_RED=1` then runs Node-RED 5.0.7 on the same job,
 //! same PLCs and broker, for as long, and prints both side by side.)
 //!
@@ -92,6 +93,23 @@ fn metric(text: &str, name: &str) -> f64 {
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// Bytes written to the block device holding `path` so far, by anyone
+/// (sectors written in /sys/dev/block/MAJ:MIN/stat): what the flash sees,
+/// the file system's own journal included, which a process's
+/// `write_bytes` leaves out. Only meaningful with nothing else writing.
+fn device_bytes_written(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return 0;
+    };
+    let dev = meta.dev();
+    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/stat"))
+        .ok()
+        .and_then(|stat| stat.split_whitespace().nth(6)?.parse::<u64>().ok())
+        .map_or(0, |sectors| sectors * 512)
 }
 
 fn free_port() -> u16 {
@@ -206,6 +224,7 @@ struct Summary {
     rss_peak: f64,
     cpu_median: f64,
     flash_kib_per_s: f64,
+    device_kib_per_s: f64,
     events_per_s: f64,
     latency_p50_ms: f64,
     latency_p99_ms: f64,
@@ -220,6 +239,7 @@ async fn observe(
     sample: u64,
     delivered: &Delivered,
     agent_metrics: Option<(u16, &Path)>,
+    device_of: &Path,
 ) -> Summary {
     let pid = child.id();
     // Start-up (Node-RED writes its runtime settings, connections open)
@@ -227,6 +247,7 @@ async fn observe(
     tokio::time::sleep(Duration::from_secs(WARM_UP_SECONDS)).await;
     delivered.latencies_ms.lock().expect("latencies").clear();
     let started = Instant::now();
+    let first_device = device_bytes_written(device_of);
     let (first_written, first_events) = (
         storage_bytes_written_of(pid),
         delivered.events.load(Ordering::Relaxed),
@@ -277,6 +298,9 @@ async fn observe(
         rss_peak: peak_rss_mib_of(pid),
         cpu_median: median(cpu_samples),
         flash_kib_per_s: (storage_bytes_written_of(pid) - first_written) as f64 / 1024.0 / elapsed,
+        device_kib_per_s: (device_bytes_written(device_of) - first_device) as f64
+            / 1024.0
+            / elapsed,
         events_per_s: (delivered.events.load(Ordering::Relaxed) - first_events) as f64 / elapsed,
         latency_p50_ms: percentile(&latencies, 0.5),
         latency_p99_ms: percentile(&latencies, 0.99),
@@ -460,12 +484,14 @@ fn main() {
                 }
             })
         };
+        let binary = std::env::var("PLANT_EDGE_BENCH_AGENT")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_plant-edge").to_owned());
         let mut command = if one_core {
             let mut c = std::process::Command::new("taskset");
-            c.args(["-c", "0", env!("CARGO_BIN_EXE_plant-edge")]);
+            c.args(["-c", "0", &binary]);
             c
         } else {
-            std::process::Command::new(env!("CARGO_BIN_EXE_plant-edge"))
+            std::process::Command::new(&binary)
         };
         let mut agent = command
             // As the systemd unit runs it.
@@ -484,6 +510,7 @@ fn main() {
             sample,
             &plant_edge_delivered,
             Some((metrics_port, &state)),
+            dir.path(),
         )
         .await;
         let text = metrics(metrics_port);
@@ -518,7 +545,7 @@ fn main() {
                 .spawn()
                 .expect("node-red");
             println!("Node-RED {NODE_RED_VERSION}: the same lines, PLCs and broker, a sample every {sample} s for {seconds} s");
-            let theirs = observe(&mut red, seconds, sample, &node_red_delivered, None).await;
+            let theirs = observe(&mut red, seconds, sample, &node_red_delivered, None, &home).await;
             stop(&mut red);
             println!("figure | plant-edge | Node-RED | plant-edge / Node-RED");
             for (figure, a, b) in [
@@ -527,6 +554,7 @@ fn main() {
                 ("of it heap (anonymous), MiB", ours.heap_end, theirs.heap_end),
                 ("peak RSS, MiB", ours.rss_peak, theirs.rss_peak),
                 ("written to storage, KiB/s", ours.flash_kib_per_s, theirs.flash_kib_per_s),
+                ("written to the device by anyone, KiB/s", ours.device_kib_per_s, theirs.device_kib_per_s),
                 ("events delivered/s", ours.events_per_s, theirs.events_per_s),
                 ("part made -> at the broker, p50 ms", ours.latency_p50_ms, theirs.latency_p50_ms),
                 ("part made -> at the broker, p99 ms", ours.latency_p99_ms, theirs.latency_p99_ms),
@@ -535,8 +563,13 @@ fn main() {
             }
         } else {
             println!(
-                "completions: part made -> at the broker p50 {:.0} ms, p99 {:.0} ms; {:.1} events/s delivered",
-                ours.latency_p50_ms, ours.latency_p99_ms, ours.events_per_s
+                "completions: part made -> at the broker p50 {:.0} ms, p99 {:.0} ms; {:.1} events/s delivered; \
+                 written {:.1} KiB/s by the agent, {:.1} KiB/s to the device by anyone",
+                ours.latency_p50_ms,
+                ours.latency_p99_ms,
+                ours.events_per_s,
+                ours.flash_kib_per_s,
+                ours.device_kib_per_s
             );
         }
         making.abort();
