@@ -44,6 +44,7 @@ use std::time::{Duration, Instant};
 
 use plant_edge_tests::measure::{
     anonymous_mib_of, cpu_seconds_of, peak_rss_mib_of, rss_mib_of, storage_bytes_written_of,
+    unit_environment,
 };
 use plant_edge_tests::mosquitto::{Broker, BrokerOptions};
 use plant_edge_tests::plc::Plc;
@@ -494,8 +495,7 @@ fn main() {
             std::process::Command::new(&binary)
         };
         let mut agent = command
-            // As the systemd unit runs it.
-            .env("MALLOC_ARENA_MAX", "2")
+            .envs(unit_environment())
             .args(["run", "-c", file.to_str().expect("utf8")])
             .stderr(std::process::Stdio::null())
             .spawn()

@@ -13,7 +13,7 @@
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use plant_edge_tests::measure::{cpu_seconds_of, peak_rss_mib_of};
+use plant_edge_tests::measure::{cpu_seconds_of, peak_rss_mib_of, unit_environment};
 use plant_edge_tests::plc::Plc;
 
 const DEVICES: usize = 50;
@@ -62,6 +62,7 @@ fn main() {
         let file = dir.path().join("bench.toml");
         std::fs::write(&file, config).expect("config");
         let mut agent = std::process::Command::new(env!("CARGO_BIN_EXE_plant-edge"))
+            .envs(unit_environment())
             .args(["run", "-c", file.to_str().expect("utf8")])
             .stderr(std::process::Stdio::null())
             .spawn()

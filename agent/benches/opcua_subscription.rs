@@ -14,7 +14,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use plant_edge_tests::measure::{cpu_seconds_of, peak_rss_mib_of};
+use plant_edge_tests::measure::{cpu_seconds_of, peak_rss_mib_of, unit_environment};
 use plant_edge_tests::mes::{Mes, MesOptions};
 
 const NODES: usize = 1000;
@@ -69,6 +69,7 @@ fn main() {
         let mut agent = std::process::Command::new(words.next().unwrap_or(env!("CARGO_BIN_EXE_plant-edge")));
         let mut agent = agent
             .args(words)
+            .envs(unit_environment())
             .args(["run", "-c", file.to_str().expect("utf8")])
             .stderr(std::fs::File::create(dir.path().join("agent.log")).expect("log file"))
             .spawn()

@@ -178,6 +178,22 @@ pub mod measure {
         hwm_mib(&pid.to_string())
     }
 
+    /// `Environment=` pairs of `systemd/plant-edge.service`, so that a bench
+    /// measures the agent as a gateway runs it (the allocator settings
+    /// there change its RSS by a sixth). A variable already set in the
+    /// bench's own environment wins, so a run can compare
+    /// (`GLIBC_TUNABLES= cargo bench ...` measures without the unit's).
+    pub fn unit_environment() -> Vec<(String, String)> {
+        let unit = concat!(env!("CARGO_MANIFEST_DIR"), "/../systemd/plant-edge.service");
+        let text = std::fs::read_to_string(unit).expect("systemd/plant-edge.service");
+        text.lines()
+            .filter_map(|line| line.trim().strip_prefix("Environment="))
+            .filter_map(|pair| pair.split_once('='))
+            .filter(|(name, _)| std::env::var_os(name).is_none())
+            .map(|(name, value)| (name.to_owned(), value.to_owned()))
+            .collect()
+    }
+
     /// The JSON of a production completion as a Modbus counter source
     /// writes it (work order, material, lot, counter, origin, three
     /// attributes; about 700 bytes), for benchmarks whose figures depend
