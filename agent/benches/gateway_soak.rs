@@ -14,7 +14,8 @@
 //! `agent.worker_threads = 1`; `PLANT_EDGE_BENCH_JOURNAL` adds lines to
 //! `[journal]`, e.g. `cache = "4MiB"`; `PLANT_EDGE_BENCH_COUNTER_WINDOW`
 //! each source's `counter_window`, default `1s`, `0s` stores every poll;
-//! `PLANT_EDGE_BENCH_AGENT` another agent binary, to compare builds;
+//! `PLANT_EDGE_BENCH_AGENT` another agent binary, to compare builds (default:
+//! the .deb's build, see `measure::gateway_agent`);
 //! `PLANT_EDGE_BENCH_NODE_RED=1` then runs Node-RED 5.0.7 on the same job,
 //! same PLCs and broker, for as long, and prints both side by side.)
 //!
@@ -485,8 +486,7 @@ fn main() {
                 }
             })
         };
-        let binary = std::env::var("PLANT_EDGE_BENCH_AGENT")
-            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_plant-edge").to_owned());
+        let binary = plant_edge_tests::measure::gateway_agent();
         let mut command = if one_core {
             let mut c = std::process::Command::new("taskset");
             c.args(["-c", "0", &binary]);

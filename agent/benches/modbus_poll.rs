@@ -61,7 +61,7 @@ fn main() {
         }
         let file = dir.path().join("bench.toml");
         std::fs::write(&file, config).expect("config");
-        let mut agent = std::process::Command::new(env!("CARGO_BIN_EXE_plant-edge"))
+        let mut agent = std::process::Command::new(plant_edge_tests::measure::gateway_agent())
             .envs(unit_environment())
             .args(["run", "-c", file.to_str().expect("utf8")])
             .stderr(std::process::Stdio::null())

@@ -62,11 +62,12 @@ fn main() {
         let file = dir.path().join("bench.toml");
         std::fs::write(&file, config).expect("config");
         // `PLANT_EDGE_BENCH_WRAP="heaptrack -o /tmp/agent /path/to/plant-edge"`
-        // runs that command instead of this build's binary (a profiler, a
+        // runs that command instead of the gateway binary (a profiler, a
         // build with symbols); CPU and RSS are then the wrapper's.
         let wrap = std::env::var("PLANT_EDGE_BENCH_WRAP").unwrap_or_default();
         let mut words = wrap.split_whitespace();
-        let mut agent = std::process::Command::new(words.next().unwrap_or(env!("CARGO_BIN_EXE_plant-edge")));
+        let gateway = plant_edge_tests::measure::gateway_agent();
+        let mut agent = std::process::Command::new(words.next().unwrap_or(&gateway));
         let mut agent = agent
             .args(words)
             .envs(unit_environment())

@@ -6,7 +6,8 @@
 //! working out topic and properties from each event.
 //!
 //! Run: `cargo bench -p plant-edge-tests --bench mqtt_drain`
-//! (`PLANT_EDGE_BENCH_EVENTS` overrides the count.)
+//! (`PLANT_EDGE_BENCH_EVENTS` overrides the count; `PLANT_EDGE_BENCH_CACHE`
+//! sets the journal's cache in MiB, default the journal's own.)
 
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,12 @@ fn open(dir: &std::path::Path) -> Journal {
     let mut config = JournalConfig::new(dir.join("journal"));
     config.sinks = vec![SINK.into()];
     config.max_bytes = 4 << 30;
+    if let Some(mib) = std::env::var("PLANT_EDGE_BENCH_CACHE")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        config.cache_bytes = mib << 20;
+    }
     Journal::open(config).expect("journal")
 }
 

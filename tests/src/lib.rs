@@ -194,6 +194,31 @@ pub mod measure {
             .collect()
     }
 
+    /// The agent binary as the .deb ships it, for benchmarks of a gateway's
+    /// footprint: `cargo bench` hands benches the binary built with the
+    /// default `demo` feature (simulated PLC, MES and ERP servers), 32 MB
+    /// on x86_64, and its extra code pages showed up as 4–5 MiB of RSS.
+    /// Builds `--release --no-default-features` into `target/shipped`
+    /// (a separate directory, so the bench's own build is not redone),
+    /// or takes `PLANT_EDGE_BENCH_AGENT` when set.
+    pub fn gateway_agent() -> String {
+        if let Ok(path) = std::env::var("PLANT_EDGE_BENCH_AGENT") {
+            return path;
+        }
+        let workspace = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+        let target = format!("{workspace}/target/shipped");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        eprintln!("building the gateway's agent binary (cargo build --release -p plant-edge --no-default-features) into {target}");
+        let status = std::process::Command::new(cargo)
+            .current_dir(workspace)
+            .args(["build", "--release", "-p", "plant-edge", "--no-default-features", "--target-dir"])
+            .arg(&target)
+            .status()
+            .expect("cargo build of the gateway agent");
+        assert!(status.success(), "cargo build of the gateway agent failed");
+        format!("{target}/release/plant-edge")
+    }
+
     /// The JSON of a production completion as a Modbus counter source
     /// writes it (work order, material, lot, counter, origin, three
     /// attributes; about 700 bytes), for benchmarks whose figures depend
