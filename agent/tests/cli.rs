@@ -120,7 +120,8 @@ fn a_journal_from_a_newer_version_is_refused_with_exit_65_and_left_as_it_is() {
     assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
     let text = stderr(&out);
     assert!(
-        text.contains("plant-edge 9.9.9") && text.contains("reads format 1"),
+        text.contains("plant-edge 9.9.9")
+            && text.contains(&format!("reads format {}", buffer::journal::format::FORMAT)),
         "{text}"
     );
     assert_eq!(files(), before, "nothing on disk changed");

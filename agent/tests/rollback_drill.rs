@@ -3,9 +3,11 @@
 //! parts and hands over completion records, and the cloud broker is down
 //! until the end. Each run ends with a SIGKILL (a crash anywhere).
 //!
-//! The "newer image" is this binary with `PLANT_EDGE_TEST_JOURNAL_FORMAT=2`
-//! (buffer's `test-format` feature, on in test builds only): it writes a
-//! journal format the current one cannot read. Reconciled at the end
+//! The "previous image" is this binary with `PLANT_EDGE_TEST_JOURNAL_FORMAT=1`
+//! (buffer's `test-format` feature, on in test builds only): it writes
+//! journal format 1 (chunks inline in sled) and cannot read this build's
+//! format 2 (chunk bytes in segment files), which the "newer image", this
+//! binary as it is, writes. Reconciled at the end
 //! against what the PLC itself saw: every part counted once, every record
 //! the PLC saw acknowledged stored once, everything delivered to the
 //! broker, repeats only with the same id, nothing quarantined.
@@ -49,17 +51,17 @@ port = {broker_port}
     )
 }
 
-/// Starts `run` on `config`, as the newer build (journal format 2) or as
-/// this one.
+/// Starts `run` on `config`, as the newer build (this one, journal format
+/// 2) or as the previous one (format 1).
 fn spawn_agent(config: &str, newer: bool) -> std::process::Child {
     let mut command = bin();
     command
         .args(["run", "-c", config])
         .stderr(std::process::Stdio::null());
     if newer {
-        command.env(NEWER, "2");
-    } else {
         command.env_remove(NEWER);
+    } else {
+        command.env(NEWER, "1");
     }
     command.spawn().expect("spawn agent")
 }
@@ -232,7 +234,7 @@ async fn upgrade_rollback_and_upgrade_again_lose_and_double_nothing() {
     );
 
     // The newer journal: nothing quarantined, nothing dead, nothing owed.
-    std::env::set_var(NEWER, "2");
+    std::env::remove_var(NEWER);
     let mut jc = buffer::JournalConfig::new(&journal);
     jc.lock_wait = Duration::from_secs(5);
     let opened = buffer::Journal::open(jc).expect("journal reopens");
@@ -263,7 +265,7 @@ async fn upgrade_rollback_and_upgrade_again_lose_and_double_nothing() {
     assert_eq!(journal_dirs(&state), ["journal"]);
     let out = bin()
         .args(["run", "-c", &config])
-        .env_remove(NEWER)
+        .env(NEWER, "1")
         .output()
         .expect("run");
     assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));

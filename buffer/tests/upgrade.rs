@@ -3,9 +3,11 @@
 //! and import, an upgrade keeps the old journal until committed, and a
 //! rollback to it gets everything the newer version stored meanwhile.
 //!
-//! The "newer build" is this build with `PLANT_EDGE_TEST_JOURNAL_FORMAT`
-//! (feature `test-format`); nextest runs each test in its own process, so
-//! setting it here touches no other test.
+//! The "previous build" is this build with `PLANT_EDGE_TEST_JOURNAL_FORMAT=1`
+//! (feature `test-format`): it writes format 1, chunks inline in sled; the
+//! newer one is this build's own format 2, chunk bytes in segment files.
+//! nextest runs each test in its own process, so setting the variable here
+//! touches no other test.
 
 use std::path::{Path, PathBuf};
 
@@ -211,14 +213,14 @@ fn an_upgrade_keeps_the_old_journal_until_committed_and_a_rollback_gets_all_the_
     let path = dir.path().join("journal");
 
     // The current version: a backlog of 3.
-    let journal = open(&path, None).expect("open");
+    let journal = open(&path, Some(1)).expect("open");
     append(&journal, 0..3, "c3");
     close(journal);
     assert_eq!(stamp(&path), 1);
 
     // The newer version migrates into a new directory, keeps the old one.
     let before = {
-        let journal = open(&path, None).expect("open");
+        let journal = open(&path, Some(1)).expect("open");
         let read = pending_seqs(&journal, "erp");
         close(journal);
         read
@@ -249,7 +251,7 @@ fn an_upgrade_keeps_the_old_journal_until_committed_and_a_rollback_gets_all_the_
     assert!(kept(&path).join(upgrade::SPOOL_FILE).exists());
 
     // Rolled back: the kept journal plus everything the newer one stored.
-    let journal = open(&path, None).expect("rollback");
+    let journal = open(&path, Some(1)).expect("rollback");
     assert_eq!(stamp(&path), 1);
     assert!(!kept(&path).exists() && !path.with_file_name("journal.rolled-back").exists());
     assert!(journal.upgrade_pending().is_none());
@@ -295,7 +297,7 @@ fn an_upgrade_keeps_the_old_journal_until_committed_and_a_rollback_gets_all_the_
         .flatten()
         .map(|e| (e.file_name(), std::fs::read(e.path()).ok()))
         .collect();
-    let refused = open(&path, None).err().expect("refused");
+    let refused = open(&path, Some(1)).err().expect("refused");
     assert!(
         matches!(
             refused,
@@ -319,7 +321,7 @@ fn an_upgrade_keeps_the_old_journal_until_committed_and_a_rollback_gets_all_the_
 fn a_crash_anywhere_in_an_upgrade_or_rollback_is_finished_at_the_next_open() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("journal");
-    let journal = open(&path, None).expect("open");
+    let journal = open(&path, Some(1)).expect("open");
     append(&journal, 0..3, "c3");
     close(journal);
 
@@ -347,12 +349,12 @@ fn a_crash_anywhere_in_an_upgrade_or_rollback_is_finished_at_the_next_open() {
     assert!(text.ends_with('\n') && !text.contains("\"id\":\"00000000-00\n"));
 
     // Crashed between the two renames of the rollback.
-    let journal = open(&path, None).expect("rollback");
+    let journal = open(&path, Some(1)).expect("rollback");
     close(journal);
     let journal = open(&path, Some(2)).expect("upgrade");
     close(journal);
     std::fs::rename(&path, path.with_file_name("journal.rolled-back")).expect("rename");
-    let journal = open(&path, None).expect("finished rollback");
+    let journal = open(&path, Some(1)).expect("finished rollback");
     assert_eq!(stamp(&path), 1);
     assert_eq!(pending(&journal, "erp"), ids(0..5));
     assert_eq!(

@@ -211,7 +211,14 @@ pub mod measure {
         eprintln!("building the gateway's agent binary (cargo build --release -p plant-edge --no-default-features) into {target}");
         let status = std::process::Command::new(cargo)
             .current_dir(workspace)
-            .args(["build", "--release", "-p", "plant-edge", "--no-default-features", "--target-dir"])
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "plant-edge",
+                "--no-default-features",
+                "--target-dir",
+            ])
             .arg(&target)
             .status()
             .expect("cargo build of the gateway agent");

@@ -143,9 +143,15 @@ impl Rig {
     }
 
     async fn stop(self) -> Journal {
+        self.stop_keeping_dir().await.0
+    }
+
+    /// Stops the source; the journal and the directory it lives in (whose
+    /// deletion would take the journal's segment files with it).
+    async fn stop_keeping_dir(self) -> (Journal, tempfile::TempDir) {
         let _ = self.stop.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
-        self.journal
+        (self.journal, self._dir)
     }
 }
 
@@ -683,9 +689,8 @@ async fn records_a_restarted_plc_repeats_field_for_field_are_new_facts_with_new_
     let distinct: std::collections::HashSet<&String> = ids.iter().collect();
     assert_eq!(distinct.len(), 6, "a different fact never gets an old id");
     assert_eq!(rig.stats.records_acked.load(Ordering::Relaxed), 6);
-    let journal = rig.stop().await;
+    let (journal, dir) = rig.stop_keeping_dir().await;
     // The same holds after the agent restarts between two equal records.
-    let dir = tempfile::tempdir().expect("tempdir");
     let rig = start_on(journal, device(plc.addr, vec![], vec![record_spec()]), dir);
     plc_hands_over(&plc, 1).await;
     let ids = record_ids(&rig);
@@ -722,10 +727,9 @@ async fn a_record_stored_but_not_acknowledged_before_a_stop_is_acknowledged_once
         1,
         "stored once, however often retried"
     );
-    let journal = rig.stop().await;
+    let (journal, dir) = rig.stop_keeping_dir().await;
     // The agent restarts; the PLC still presents the same record.
     plc.mem().refuse_writes = false;
-    let dir = tempfile::tempdir().expect("tempdir");
     let rig = start_on(journal, device(plc.addr, vec![], vec![record_spec()]), dir);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !plc.mem().coils.get(&1).copied().unwrap_or(false) {
@@ -813,7 +817,7 @@ async fn a_lost_counter_position_starts_ids_the_erp_has_never_seen() {
         .map(|e| e["id"].as_str().expect("id").to_owned())
         .collect();
     assert_eq!(first.len(), 1);
-    let journal = rig.stop().await;
+    let (journal, dir) = rig.stop_keeping_dir().await;
     // The stored position is damaged; the PLC's counter was reset and
     // counts the same values again (a shift reset).
     journal
@@ -825,7 +829,6 @@ async fn a_lost_counter_position_starts_ids_the_erp_has_never_seen() {
         .expect("append")
         .expect("fits");
     plc.mem().holding.insert(0, 100);
-    let dir = tempfile::tempdir().expect("tempdir");
     let read = protocols::source::ReadCounts::default();
     let rig = start_on_with(journal, config(), dir, read.clone());
     rig.counted_up_to("good", 100).await;

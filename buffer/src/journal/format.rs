@@ -22,7 +22,12 @@ use super::JournalError;
 
 /// The format this build writes and reads. Raised only with a reader of
 /// the one before, which [`super::upgrade`] exports from.
-pub const FORMAT: u32 = 1;
+///
+/// - 1: chunks inline in sled.
+/// - 2: chunk bytes in segment files, sled holding pointers (see
+///   [`super::segments`]); chunk metas name their segment. Format 1 is
+///   still read (inline chunks, metas without segment).
+pub const FORMAT: u32 = 2;
 
 /// The stamp's file name inside the journal directory.
 pub const FORMAT_FILE: &str = "FORMAT";
@@ -199,7 +204,13 @@ mod tests {
         config.lock_wait = std::time::Duration::from_secs(5);
         let journal = crate::Journal::open(config).expect("opens");
         drop(journal);
+        // Taken for format 1, so upgraded, and kept as it was found.
         let stamp = read(&path).expect("read").expect("stamped");
-        assert_eq!(stamp.format, 1);
+        assert_eq!(stamp.format, FORMAT);
+        let kept = read(&dir.path().join("journal.format-1"))
+            .expect("read")
+            .expect("kept journal stamped");
+        assert_eq!(kept.format, 1);
+        assert_eq!(kept.writer, "plant-edge before format stamps");
     }
 }

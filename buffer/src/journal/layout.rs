@@ -94,6 +94,51 @@ pub(crate) struct ChunkMeta {
     /// Set when telemetry was dropped for space: the sequences stay
     /// accounted for (verify sees no hole) but the payload is gone.
     pub dropped: bool,
+    /// The segment file holding the chunk's bytes ([`NO_SEGMENT`]: inline
+    /// in sled, as format 1 stored them, or gone).
+    pub segment: u64,
+}
+
+/// [`ChunkMeta::segment`] of a chunk without a segment.
+pub(crate) const NO_SEGMENT: u64 = u64::MAX;
+
+/// A chunk meta as format 1 wrote it (no segment).
+#[derive(Clone, Copy, Debug, Encode, Decode)]
+struct ChunkMetaV1 {
+    last: u64,
+    class: u8,
+    appended_ms: u64,
+    bytes: u64,
+    dropped: bool,
+}
+
+/// A chunk meta as format 1 wrote it, for the test builds that play an
+/// older version (`test-format`).
+#[cfg(feature = "test-format")]
+pub(crate) fn encode_meta_v1(meta: &ChunkMeta) -> Result<Vec<u8>, bincode::error::EncodeError> {
+    encode(&ChunkMetaV1 {
+        last: meta.last,
+        class: meta.class,
+        appended_ms: meta.appended_ms,
+        bytes: meta.bytes,
+        dropped: meta.dropped,
+    })
+}
+
+/// Reads a chunk meta of this format or of format 1.
+pub(crate) fn decode_meta(bytes: &[u8]) -> Result<ChunkMeta, bincode::error::DecodeError> {
+    decode::<ChunkMeta>(bytes).or_else(|e| {
+        decode::<ChunkMetaV1>(bytes)
+            .map(|v1| ChunkMeta {
+                last: v1.last,
+                class: v1.class,
+                appended_ms: v1.appended_ms,
+                bytes: v1.bytes,
+                dropped: v1.dropped,
+                segment: NO_SEGMENT,
+            })
+            .map_err(|_| e)
+    })
 }
 
 impl ChunkMeta {

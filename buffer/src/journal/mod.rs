@@ -46,6 +46,7 @@ pub mod interchange;
 pub(crate) mod layout;
 mod ledger;
 mod open;
+mod segments;
 mod sinks;
 pub mod upgrade;
 
@@ -348,6 +349,8 @@ pub(crate) struct State {
     /// A sink cursor moved in memory and is not yet in sled: it goes with
     /// the next commit's batch, or within a second (see [`Journal::save_acks`]).
     acks_unsaved: bool,
+    /// The segment files holding chunk bytes.
+    segments: segments::Segments,
 }
 
 impl State {
@@ -463,6 +466,9 @@ impl Journal {
 
     /// Flush sled and fdatasync its files; poisons the journal on failure.
     fn sync(&self) -> Result<(), JournalError> {
+        // Taken before the flush: their pointers' removal is in a batch
+        // already applied, so this flush makes it durable.
+        let dead = self.state().segments.take_dead();
         let result = self
             .inner
             .tree
@@ -479,6 +485,8 @@ impl Journal {
         if let Err(e) = &result {
             self.inner.poisoned.store(true, Ordering::SeqCst);
             tracing::error!(error = %e, "journal sync failed; refusing further writes");
+        } else {
+            segments::delete(&self.inner.config.path, &dead);
         }
         result
     }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 
 use super::dedup::DedupWindow;
-use super::layout::{self, ChunkMeta, DeadLetterRecord};
+use super::layout::{self, DeadLetterRecord};
 use super::{
     decode_err, format, hex, now_ms, upgrade, Counters, Inner, Journal, JournalConfig,
     JournalError, SinkState, State,
@@ -351,13 +351,14 @@ impl Journal {
         };
 
         let mut chunks = BTreeMap::new();
+        let mut live_segments = BTreeMap::new();
         let mut pending_bytes = 0;
         for item in tree.scan_prefix([layout::CHUNK_META]) {
             let (key, value) = item?;
             let decoded = layout::key_seq(&key)
                 .ok_or_else(|| decode_err("chunk meta", &key, "short key"))
                 .and_then(|first| {
-                    layout::decode::<ChunkMeta>(&value)
+                    layout::decode_meta(&value)
                         .map(|meta| (first, meta))
                         .map_err(|e| decode_err("chunk meta", &key, e))
                 });
@@ -373,6 +374,9 @@ impl Journal {
             };
             pending_bytes += meta.bytes;
             next_seq = next_seq.max(meta.last + 1);
+            if meta.segment != layout::NO_SEGMENT {
+                *live_segments.entry(meta.segment).or_insert(0u64) += 1;
+            }
             chunks.insert(first, meta);
         }
 
@@ -420,6 +424,13 @@ impl Journal {
             };
         }
 
+        let segments =
+            super::segments::Segments::open(&config.path, live_segments).map_err(|e| {
+                JournalError::Open {
+                    path: config.path.clone(),
+                    reason: format!("opening the chunk segment files: {e}"),
+                }
+            })?;
         Ok(State {
             next_seq,
             durable_seq: next_seq,
@@ -436,6 +447,7 @@ impl Journal {
             ledger_pruned_ms: 0,
             ledger_bytes: Self::ledger_bytes(tree)?,
             acks_unsaved: false,
+            segments,
         })
     }
 }

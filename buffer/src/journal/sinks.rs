@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use uuid::Uuid;
 
 use super::layout::{self, ChunkMeta, DeadLetterRecord, StoredEvent};
-use super::{decode_err, encode_err, now_ms, Journal, JournalError, State};
+use super::{decode_err, encode_err, now_ms, segments, Journal, JournalError, State};
 use crate::EventClass;
 
 /// An event handed to a sink: its journal sequence and the bytes to send.
@@ -38,12 +38,34 @@ const COLLECT_AT_ONCE: usize = 256;
 impl Journal {
     pub(super) fn load_chunk(&self, first: u64) -> Result<Option<Vec<StoredEvent>>, JournalError> {
         let key = layout::seq_key(layout::CHUNK, first);
-        match self.inner.tree.get(key)? {
-            None => Ok(None),
-            Some(bytes) => layout::decode_chunk(&bytes)
+        let Some(value) = self.inner.tree.get(key)? else {
+            return Ok(None);
+        };
+        let Some(pointer) = segments::Pointer::decode(&value) else {
+            return layout::decode_chunk(&value)
                 .map(Some)
-                .map_err(|e| decode_err("chunk", &key, e)),
-        }
+                .map_err(|e| decode_err("chunk", &key, e));
+        };
+        let bytes = match segments::read(&self.inner.config.path, &pointer) {
+            Ok(Some(bytes)) => bytes,
+            // Delivered and its segment deleted between reading the
+            // pointer and the file: gone, like a chunk key already removed.
+            Ok(None) if self.inner.tree.get(key)?.is_none() => return Ok(None),
+            Ok(None) => {
+                return Err(decode_err(
+                    "chunk",
+                    &key,
+                    format!(
+                        "segment file {} is missing",
+                        segments::segment_path(&self.inner.config.path, pointer.segment).display()
+                    ),
+                ))
+            }
+            Err(e) => return Err(decode_err("chunk", &key, e)),
+        };
+        layout::decode_chunk(&bytes)
+            .map(Some)
+            .map_err(|e| decode_err("chunk", &key, e))
     }
 
     /// Chunk metas overlapping `[from, to)`, in order.
@@ -160,15 +182,23 @@ impl Journal {
     /// value cannot stall every sink forever.
     fn quarantine_chunk(&self, first: u64, error: &JournalError) -> Result<(), JournalError> {
         let key = layout::seq_key(layout::CHUNK, first);
-        let Some(raw) = self.inner.tree.get(key)? else {
+        let Some(mut raw) = self.inner.tree.get(key)?.map(|v| v.to_vec()) else {
             return Ok(());
         };
+        // Keep the segment's bytes, not just the pointer: the segment goes
+        // once its other chunks are delivered.
+        if let Some(pointer) = segments::Pointer::decode(&raw) {
+            if let Ok(Some(bytes)) = segments::read_raw(&self.inner.config.path, &pointer) {
+                raw = bytes;
+            }
+        }
         let mut st = self.state();
         let mut batch = sled::Batch::default();
         batch.insert(&layout::seq_key(layout::QUARANTINE, first), raw);
         batch.remove(&key);
         if let Some(meta) = st.chunks.get_mut(&first) {
             meta.dropped = true;
+            let segment = std::mem::replace(&mut meta.segment, layout::NO_SEGMENT);
             let bytes = meta.bytes;
             meta.bytes = 0;
             if let Ok(encoded) = layout::encode(&*meta) {
@@ -176,6 +206,7 @@ impl Journal {
             }
             st.pending_bytes -= bytes;
             st.counters.quarantined += meta_count(&st, first);
+            st.segments.released(segment);
         }
         self.inner.tree.apply_batch(batch)?;
         tracing::error!(
@@ -445,6 +476,7 @@ impl Journal {
             batch.remove(&layout::seq_key(layout::CHUNK_META, first));
             if let Some(meta) = st.chunks.remove(&first) {
                 freed += meta.bytes;
+                st.segments.released(meta.segment);
             }
         }
         st.pending_bytes -= freed;
