@@ -395,6 +395,8 @@ pub(crate) struct Inner {
     space_freed: Notify,
     /// The rollback spool while an upgrade is uncommitted.
     spool: Mutex<Option<upgrade::Spool>>,
+    /// Reads chunk bytes from the segment files.
+    segment_reader: segments::Reader,
 }
 
 impl Drop for Inner {

@@ -98,46 +98,75 @@ pub(crate) fn segment_path(journal: &Path, segment: u64) -> PathBuf {
     journal.join(SEGMENT_DIR).join(format!("{segment:020}.seg"))
 }
 
-/// Reads the bytes `pointer` names; a short file or a CRC mismatch is
-/// an `InvalidData` error. `Ok(None)`: the segment file is gone.
-pub(crate) fn read(journal: &Path, pointer: &Pointer) -> io::Result<Option<Vec<u8>>> {
-    let bytes = match read_raw(journal, pointer)? {
-        Some(bytes) => bytes,
-        None => return Ok(None),
-    };
-    let crc = crc32fast::hash(&bytes);
-    if crc != pointer.crc {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "segment {} at {}: CRC {crc:08x}, the pointer says {:08x}",
-                pointer.segment, pointer.offset, pointer.crc
-            ),
-        ));
-    }
-    Ok(Some(bytes))
+/// The readers' side: reads chunks through the last segment file it
+/// opened (a drain reads one segment after another, and a read batch
+/// often ends inside a chunk that the next one reads again).
+#[derive(Debug)]
+pub(crate) struct Reader {
+    journal: PathBuf,
+    open: std::sync::Mutex<Option<(u64, File)>>,
 }
 
-/// The bytes `pointer` names, unchecked (for quarantine).
-pub(crate) fn read_raw(journal: &Path, pointer: &Pointer) -> io::Result<Option<Vec<u8>>> {
-    // A damaged pointer must not make the reader allocate gigabytes.
-    if pointer.len > MAX_CHUNK_BYTES {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "pointer into segment {} says {} bytes",
-                pointer.segment, pointer.len
-            ),
-        ));
+impl Reader {
+    /// A reader of the segments of the journal in `journal`.
+    pub fn new(journal: &Path) -> Reader {
+        Reader {
+            journal: journal.to_owned(),
+            open: std::sync::Mutex::new(None),
+        }
     }
-    let file = match File::open(segment_path(journal, pointer.segment)) {
-        Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let mut bytes = vec![0u8; pointer.len as usize];
-    file.read_exact_at(&mut bytes, pointer.offset)?;
-    Ok(Some(bytes))
+
+    /// Reads the bytes `pointer` names; a short file or a CRC mismatch is
+    /// an `InvalidData` error. `Ok(None)`: the segment file is gone.
+    pub fn read(&self, pointer: &Pointer) -> io::Result<Option<Vec<u8>>> {
+        let bytes = match self.read_raw(pointer)? {
+            Some(bytes) => bytes,
+            None => return Ok(None),
+        };
+        let crc = crc32fast::hash(&bytes);
+        if crc != pointer.crc {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "segment {} at {}: CRC {crc:08x}, the pointer says {:08x}",
+                    pointer.segment, pointer.offset, pointer.crc
+                ),
+            ));
+        }
+        Ok(Some(bytes))
+    }
+
+    /// The bytes `pointer` names, unchecked (for quarantine).
+    pub fn read_raw(&self, pointer: &Pointer) -> io::Result<Option<Vec<u8>>> {
+        // A damaged pointer must not make the reader allocate gigabytes.
+        if pointer.len > MAX_CHUNK_BYTES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "pointer into segment {} says {} bytes",
+                    pointer.segment, pointer.len
+                ),
+            ));
+        }
+        // A file deleted after it was opened still reads: only chunks whose
+        // pointer was just removed (delivered) could be read from it.
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if open.as_ref().is_none_or(|(id, _)| *id != pointer.segment) {
+            *open = None;
+            let file = match File::open(segment_path(&self.journal, pointer.segment)) {
+                Ok(file) => file,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            *open = Some((pointer.segment, file));
+        }
+        let Some((_, file)) = open.as_ref() else {
+            return Err(io::Error::other("no segment open"));
+        };
+        let mut bytes = vec![0u8; pointer.len as usize];
+        file.read_exact_at(&mut bytes, pointer.offset)?;
+        Ok(Some(bytes))
+    }
 }
 
 /// The segment being appended to.
@@ -325,10 +354,8 @@ mod tests {
         let a = segments
             .append(&[(0, b"one".to_vec()), (1, b"two".to_vec())])
             .expect("append");
-        assert_eq!(
-            read(dir.path(), &a[1]).expect("read"),
-            Some(b"two".to_vec())
-        );
+        let reader = Reader::new(dir.path());
+        assert_eq!(reader.read(&a[1]).expect("read"), Some(b"two".to_vec()));
         segments.released(0);
         segments.released(0);
         assert!(segments.take_dead().is_empty(), "the active segment stays");
@@ -340,7 +367,7 @@ mod tests {
         let mut bad = b[0];
         bad.crc ^= 1;
         assert!(
-            read(dir.path(), &bad).is_err(),
+            Reader::new(dir.path()).read(&bad).is_err(),
             "a CRC mismatch is an error"
         );
     }

@@ -46,7 +46,7 @@ impl Journal {
                 .map(Some)
                 .map_err(|e| decode_err("chunk", &key, e));
         };
-        let bytes = match segments::read(&self.inner.config.path, &pointer) {
+        let bytes = match self.inner.segment_reader.read(&pointer) {
             Ok(Some(bytes)) => bytes,
             // Delivered and its segment deleted between reading the
             // pointer and the file: gone, like a chunk key already removed.
@@ -188,7 +188,7 @@ impl Journal {
         // Keep the segment's bytes, not just the pointer: the segment goes
         // once its other chunks are delivered.
         if let Some(pointer) = segments::Pointer::decode(&raw) {
-            if let Ok(Some(bytes)) = segments::read_raw(&self.inner.config.path, &pointer) {
+            if let Ok(Some(bytes)) = self.inner.segment_reader.read_raw(&pointer) {
                 raw = bytes;
             }
         }
