@@ -28,12 +28,20 @@ fn event(n: u64, class: EventClass, routes: Routes) -> NewEvent {
 
 fn append(journal: &Journal, source: &str, range: std::ops::Range<u64>) -> Vec<Option<u64>> {
     let routes = journal.routes_all();
+    append_events(
+        journal,
+        source,
+        range
+            .map(|n| event(n, EventClass::Business, routes))
+            .collect(),
+    )
+}
+
+fn append_events(journal: &Journal, source: &str, events: Vec<NewEvent>) -> Vec<Option<u64>> {
     journal
         .append_blocking(AppendRequest {
             source: source.into(),
-            events: range
-                .map(|n| event(n, EventClass::Business, routes))
-                .collect(),
+            events,
             cursor: None,
         })
         .expect("append")
@@ -835,14 +843,7 @@ fn append_incompressible(journal: &Journal, range: std::ops::Range<u64>) {
             }
         })
         .collect();
-    journal
-        .append_blocking(AppendRequest {
-            source: "press1".into(),
-            events,
-            cursor: None,
-        })
-        .expect("append")
-        .expect("fits");
+    append_events(journal, "press1", events);
 }
 
 #[test]
@@ -919,4 +920,44 @@ fn a_damaged_segment_is_quarantined_with_its_bytes_not_skipped() {
         &bytes[..],
         "the damaged chunk's bytes, not its pointer"
     );
+}
+
+#[test]
+fn a_segment_that_cannot_be_read_is_an_error_to_retry_not_a_quarantine() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = Journal::open(config(dir.path(), &["file"])).expect("open");
+    append_incompressible(&journal, 0..10);
+    journal.close().expect("close");
+    drop(journal);
+    // Reading a directory fails with EISDIR: an I/O error that says nothing
+    // about the bytes, like EIO on a flaky card or running out of file
+    // descriptors.
+    let segment = segment_files(dir.path()).pop().expect("a segment");
+    let bytes = std::fs::read(&segment).expect("read");
+    std::fs::remove_file(&segment).expect("remove");
+    std::fs::create_dir(&segment).expect("a directory in its place");
+
+    let journal = Journal::open(config(dir.path(), &["file"])).expect("reopen");
+    let error = journal.read_batch("file", 100).expect_err("an error");
+    assert!(
+        matches!(error, buffer::JournalError::SegmentRead { .. }),
+        "{error}"
+    );
+    assert_eq!(
+        journal.stats().counters.quarantined,
+        0,
+        "nothing quarantined"
+    );
+    assert_eq!(journal.stats().pending_events, 10);
+
+    // Once the file reads again, the sink gets every event.
+    std::fs::remove_dir(&segment).expect("remove directory");
+    std::fs::write(&segment, &bytes).expect("restore");
+    let got: Vec<u64> = journal
+        .read_batch("file", 100)
+        .expect("read")
+        .iter()
+        .map(|e| payload_n(&e.payload))
+        .collect();
+    assert_eq!(got, (0..10).collect::<Vec<_>>());
 }

@@ -298,45 +298,34 @@ impl ChunkPlan {
         batch: &mut sled::Batch,
     ) -> Result<u64, JournalError> {
         self.close();
-        #[cfg(feature = "test-format")]
-        if super::format::current() < 2 {
-            return self.write_format_1(st, batch);
-        }
-        let mut encoded = Vec::with_capacity(self.closed.len());
+        let mut values = Vec::with_capacity(self.closed.len());
         for (first, _, events) in &self.closed {
             let chunk = layout::encode_chunk(events).map_err(|e| encode_err("chunk", e))?;
-            encoded.push((*first, chunk));
+            values.push((*first, chunk));
         }
-        // Durable before the batch holding the pointers is applied: sled's
-        // own flusher may make that batch durable at any moment after.
-        let pointers = st.segments.append(&encoded).map_err(JournalError::Sync)?;
-        for ((first, mut meta, _), pointer) in self.closed.into_iter().zip(pointers) {
-            meta.segment = pointer.segment;
-            let meta_bytes = layout::encode(&meta).map_err(|e| encode_err("chunk meta", e))?;
-            batch.insert(
-                &layout::seq_key(layout::CHUNK, first),
-                &pointer.encode()[..],
-            );
-            batch.insert(&layout::seq_key(layout::CHUNK_META, first), meta_bytes);
-            st.pending_bytes += meta.bytes;
-            st.counters.appended += meta.count(first);
-            st.chunks.insert(first, meta);
+        // Test builds playing format 1 keep chunks inline in sled.
+        #[cfg(feature = "test-format")]
+        let to_segments = super::format::current() >= 2;
+        #[cfg(not(feature = "test-format"))]
+        let to_segments = true;
+        let mut segments = vec![layout::NO_SEGMENT; values.len()];
+        if to_segments {
+            // Durable before the batch holding the pointers is applied:
+            // sled's own flusher may make that batch durable at any moment.
+            let pointers = st.segments.append(&values).map_err(JournalError::Sync)?;
+            for (((_, value), segment), pointer) in
+                values.iter_mut().zip(&mut segments).zip(pointers)
+            {
+                *value = pointer.encode().to_vec();
+                *segment = pointer.segment;
+            }
         }
-        st.next_seq = self.next_seq;
-        Ok(self.next_seq)
-    }
-}
-
-impl ChunkPlan {
-    /// Chunks inline in sled, as format 1 stored them: the test builds
-    /// that play the version before segment files (`test-format`).
-    #[cfg(feature = "test-format")]
-    fn write_format_1(self, st: &mut State, batch: &mut sled::Batch) -> Result<u64, JournalError> {
-        for (first, meta, events) in self.closed {
-            let chunk = layout::encode_chunk(&events).map_err(|e| encode_err("chunk", e))?;
-            let meta_bytes =
-                layout::encode_meta_v1(&meta).map_err(|e| encode_err("chunk meta", e))?;
-            batch.insert(&layout::seq_key(layout::CHUNK, first), chunk);
+        for (((first, mut meta, _), (_, value)), segment) in
+            self.closed.into_iter().zip(values).zip(segments)
+        {
+            meta.segment = segment;
+            let meta_bytes = layout::encode_meta(&meta).map_err(|e| encode_err("chunk meta", e))?;
+            batch.insert(&layout::seq_key(layout::CHUNK, first), value);
             batch.insert(&layout::seq_key(layout::CHUNK_META, first), meta_bytes);
             st.pending_bytes += meta.bytes;
             st.counters.appended += meta.count(first);
@@ -971,7 +960,7 @@ fn drop_oldest_telemetry(st: &mut State, batch: &mut sled::Batch, needed: u64) -
         let meta = *meta;
         st.segments.released(segment);
         batch.remove(&layout::seq_key(layout::CHUNK, first));
-        if let Ok(bytes) = layout::encode(&meta) {
+        if let Ok(bytes) = layout::encode_meta(&meta) {
             batch.insert(&layout::seq_key(layout::CHUNK_META, first), bytes);
         }
         st.counters.dropped_telemetry += count;

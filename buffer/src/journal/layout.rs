@@ -112,10 +112,14 @@ struct ChunkMetaV1 {
     dropped: bool,
 }
 
-/// A chunk meta as format 1 wrote it, for the test builds that play an
-/// older version (`test-format`).
-#[cfg(feature = "test-format")]
-pub(crate) fn encode_meta_v1(meta: &ChunkMeta) -> Result<Vec<u8>, bincode::error::EncodeError> {
+/// A chunk meta's stored value. A chunk without a segment (inline, or
+/// its bytes dropped or quarantined) is written as format 1 wrote it:
+/// [`decode_meta`] reads both, and a test build playing format 1 writes
+/// what format 1 reads.
+pub(crate) fn encode_meta(meta: &ChunkMeta) -> Result<Vec<u8>, bincode::error::EncodeError> {
+    if meta.segment != NO_SEGMENT {
+        return encode(meta);
+    }
     encode(&ChunkMetaV1 {
         last: meta.last,
         class: meta.class,

@@ -119,6 +119,16 @@ pub enum JournalError {
     /// fdatasync of sled's files failed.
     #[error("syncing journal files: {0}")]
     Sync(std::io::Error),
+    /// A segment file could not be read for a reason other than damage
+    /// (EIO, permissions, no file descriptors left): an error the reader
+    /// retries, never a reason to quarantine what the file holds.
+    #[error("reading journal segment file {path}: {error}")]
+    SegmentRead {
+        /// The segment file.
+        path: PathBuf,
+        /// The OS error.
+        error: std::io::Error,
+    },
     /// A stored record did not decode.
     #[error("decoding {what} at key {key:?}: {message}")]
     Decode {

@@ -278,7 +278,7 @@ impl Journal {
             other => other,
         })?;
         let (durable_tx, _) = watch::channel(loaded.durable_seq);
-        let config_path = config.path.clone();
+        let segment_reader = super::segments::Reader::new(&config.path);
         let journal = Self {
             inner: Arc::new(Inner {
                 config,
@@ -291,7 +291,7 @@ impl Journal {
                 durable_tx,
                 space_freed: Notify::new(),
                 spool: Mutex::new(None),
-                segment_reader: super::segments::Reader::new(&config_path),
+                segment_reader,
             }),
         };
         let sinks = journal.inner.config.sinks.clone();

@@ -164,7 +164,12 @@ impl Reader {
             return Err(io::Error::other("no segment open"));
         };
         let mut bytes = vec![0u8; pointer.len as usize];
-        file.read_exact_at(&mut bytes, pointer.offset)?;
+        if let Err(e) = file.read_exact_at(&mut bytes, pointer.offset) {
+            // The next read opens the file again: the one that failed may
+            // be a stale handle (the file was replaced, restored from a copy).
+            *open = None;
+            return Err(e);
+        }
         Ok(Some(bytes))
     }
 }
@@ -317,9 +322,6 @@ impl Segments {
 /// Deletes the segment files of `dead` (their pointers' removal is
 /// durable); a failure is logged, the file is an orphan for the next open.
 pub(crate) fn delete(journal: &Path, dead: &[u64]) {
-    if dead.is_empty() {
-        return;
-    }
     for segment in dead {
         let path = segment_path(journal, *segment);
         if let Err(e) = std::fs::remove_file(&path) {

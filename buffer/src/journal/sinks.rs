@@ -1,6 +1,7 @@
 //! The sink side: reading in order, acknowledging, rejecting, expiring, and
 //! collecting chunks every sink is done with.
 
+use std::io::ErrorKind;
 use std::sync::atomic::Ordering;
 
 use uuid::Uuid;
@@ -46,6 +47,7 @@ impl Journal {
                 .map(Some)
                 .map_err(|e| decode_err("chunk", &key, e));
         };
+        let path = || segments::segment_path(&self.inner.config.path, pointer.segment);
         let bytes = match self.inner.segment_reader.read(&pointer) {
             Ok(Some(bytes)) => bytes,
             // Delivered and its segment deleted between reading the
@@ -55,13 +57,21 @@ impl Journal {
                 return Err(decode_err(
                     "chunk",
                     &key,
-                    format!(
-                        "segment file {} is missing",
-                        segments::segment_path(&self.inner.config.path, pointer.segment).display()
-                    ),
+                    format!("segment file {} is missing", path().display()),
                 ))
             }
-            Err(e) => return Err(decode_err("chunk", &key, e)),
+            // Damage (a CRC mismatch, a file shorter than the pointer says)
+            // is quarantined by the reader; anything else may pass and the
+            // bytes are still there, so it is an error to retry.
+            Err(e) if matches!(e.kind(), ErrorKind::InvalidData | ErrorKind::UnexpectedEof) => {
+                return Err(decode_err("chunk", &key, e))
+            }
+            Err(error) => {
+                return Err(JournalError::SegmentRead {
+                    path: path(),
+                    error,
+                })
+            }
         };
         layout::decode_chunk(&bytes)
             .map(Some)
@@ -125,10 +135,13 @@ impl Journal {
                 Ok(Some(events)) => events,
                 // Dropped as telemetry between our look and our read.
                 Ok(None) => continue,
-                Err(e) => {
+                Err(e @ JournalError::Decode { .. }) => {
                     quarantine.push((*first, e));
                     continue;
                 }
+                // sled or the file system failed to read: nothing is known
+                // to be damaged, so nothing is quarantined; the sink retries.
+                Err(e) => return Err(e),
             };
             let done = {
                 let st = self.state();
@@ -201,7 +214,7 @@ impl Journal {
             let segment = std::mem::replace(&mut meta.segment, layout::NO_SEGMENT);
             let bytes = meta.bytes;
             meta.bytes = 0;
-            if let Ok(encoded) = layout::encode(&*meta) {
+            if let Ok(encoded) = layout::encode_meta(meta) {
                 batch.insert(&layout::seq_key(layout::CHUNK_META, first), encoded);
             }
             st.pending_bytes -= bytes;
