@@ -10,7 +10,9 @@
 //! `PLANT_EDGE_BENCH_DIR` the directory, default the system temp dir;
 //! `PLANT_EDGE_BENCH_WINDOWS` which commit windows, e.g. `50`;
 //! `PLANT_EDGE_BENCH_LEDGER=0` appends without ledger entries, to see
-//! what the ledger costs).
+//! what the ledger costs; `PLANT_EDGE_BENCH_LINES` and
+//! `PLANT_EDGE_BENCH_POLL_MS` another plant's shape, e.g. `1` and `1000`
+//! for one line whose counter window stores once a second).
 //! Prints, per `journal.commit_window`: bytes written per event
 //! (`write_bytes` of /proc/self/io), commits per second, and the append
 //! latency a source waits for "stored" (p50, p99).
@@ -22,7 +24,19 @@ use std::time::{Duration, Instant};
 use buffer::{AppendRequest, EventClass, Journal, JournalConfig, NewEvent};
 use plant_edge_tests::measure::{realistic_event, storage_bytes_written};
 
-const LINES: u64 = 20;
+fn line_count() -> u64 {
+    std::env::var("PLANT_EDGE_BENCH_LINES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20)
+}
+
+fn poll_ms() -> u64 {
+    std::env::var("PLANT_EDGE_BENCH_POLL_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100)
+}
 const SINK: &str = "cloud";
 
 fn seconds() -> u64 {
@@ -79,7 +93,7 @@ async fn run(window: Duration) -> Figures {
     let (events, commits) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let latencies = Arc::new(Mutex::new(Vec::new()));
     let mut lines = Vec::new();
-    for line in 0..LINES {
+    for line in 0..line_count() {
         let (appender, routes) = (appender.clone(), journal.routes_all());
         let (stop, measuring, events, latencies) = (
             stop.clone(),
@@ -90,7 +104,7 @@ async fn run(window: Duration) -> Figures {
         lines.push(tokio::spawn(async move {
             // Lines poll out of step with each other, as real ones do.
             tokio::time::sleep(Duration::from_millis(line * 5)).await;
-            let mut poll = tokio::time::interval(Duration::from_millis(100));
+            let mut poll = tokio::time::interval(Duration::from_millis(poll_ms()));
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 poll.tick().await;
@@ -195,7 +209,9 @@ fn main() {
         .build()
         .expect("runtime");
     println!(
-        "journal writes per event: {LINES} lines polled every 100 ms, {}-byte events, acked every 100 ms, {} s each",
+        "journal writes per event: {} lines polled every {} ms, {}-byte events, acked every 100 ms, {} s each",
+        line_count(),
+        poll_ms(),
         realistic_event(1, 1).len(),
         seconds()
     );
